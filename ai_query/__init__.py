@@ -1,0 +1,83 @@
+"""ai-query's engine-free core: endpoint configs, providers, concurrency, retries, usage.
+
+Nothing here imports pyspark or vllm, so the same code runs in Spark tasks, batch jobs and the
+serving endpoint. Quick use::
+
+    from ai_query import AIQueryClient
+    client = AIQueryClient()                       # built-in endpoints + $AIQ_ENDPOINTS
+    [r] = client.map("local-chat", ["Say hello"], {"max_tokens": 16, "temperature": 0.0})
+    r.status, r.value, r.total_tokens
+"""
+
+from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
+from ._concurrency import AdaptiveConcurrencyLimiter
+from ._config import (
+    TASKS,
+    ClientConfig,
+    EndpointConfig,
+    EndpointRegistry,
+    ExternalModel,
+    LocalModel,
+    OpenAIConfig,
+    RateLimit,
+    ServedEntity,
+)
+from ._errors import (
+    AIQueryError,
+    ArgumentError,
+    ConfigError,
+    EndpointError,
+    LocalEngineError,
+    PermanentEndpointError,
+    RateLimitedError,
+    RetryableEndpointError,
+    RowFailedError,
+    SecretNotFoundError,
+    SystemicEndpointError,
+    UnknownEndpointError,
+)
+from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
+from ._retry import make_retrying
+from ._schemas import ModelParameters, ModelResponse, Usage
+from ._secrets import resolve_secret
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AIQueryClient",
+    "AIQueryError",
+    "AdaptiveConcurrencyLimiter",
+    "ArgumentError",
+    "CallResult",
+    "ClientConfig",
+    "ConfigError",
+    "EndpointClient",
+    "EndpointConfig",
+    "EndpointError",
+    "EndpointRegistry",
+    "ExternalModel",
+    "LocalEngineError",
+    "LocalModel",
+    "ModelParameters",
+    "ModelResponse",
+    "OpenAIConfig",
+    "PermanentEndpointError",
+    "ProgressCollector",
+    "ProgressCounts",
+    "ProgressReporter",
+    "RateLimit",
+    "RateLimitedError",
+    "RetryableEndpointError",
+    "RowFailedError",
+    "SecretNotFoundError",
+    "ServedEntity",
+    "SystemicEndpointError",
+    "TASKS",
+    "UnknownEndpointError",
+    "Usage",
+    "check_exactly_once",
+    "make_retrying",
+    "resolve_secret",
+    "shared_client",
+    "__version__",
+]

@@ -1,0 +1,97 @@
+"""Adaptive concurrency: find how many requests an endpoint takes in flight, and keep to it.
+
+``AdaptiveConcurrencyLimiter`` does AIMD (additive increase, multiplicative decrease): each
+success adds ``1/limit`` (about +1 per round trip of a full window); an overload signal (429, 503,
+a timeout) multiplies the limit by ``backoff``, at most once per observed round trip, so a burst
+of 429s from one window counts as one signal. The clock is injected so tests need no real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Literal
+
+Outcome = Literal["ok", "overload", "error"]
+
+
+class AdaptiveConcurrencyLimiter:
+    """AIMD limit on requests in flight, between ``minimum`` and ``maximum``."""
+
+    def __init__(
+        self,
+        initial: int = 8,
+        *,
+        minimum: int = 1,
+        maximum: int = 256,
+        backoff: float = 0.7,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= minimum <= initial <= maximum:
+            raise ValueError(f"need 1 <= minimum ({minimum}) <= initial ({initial}) <= maximum ({maximum})")
+        if not 0.0 < backoff < 1.0:
+            raise ValueError(f"backoff must be in (0, 1), got {backoff}")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.backoff = backoff
+        self._clock = clock
+        self._limit = float(initial)
+        self._in_flight = 0
+        self._last_decrease = -float("inf")
+        self._rtt = 0.0  # smoothed latency of recent requests, the spacing between two decreases
+        self._condition: asyncio.Condition | None = None
+        self.overload_signals = 0
+        self.decreases = 0
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now."""
+        return max(self.minimum, int(self._limit))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _cond(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the clock reading at admission (pass it to ``release``)."""
+        cond = self._cond()
+        async with cond:
+            while self._in_flight >= self.limit:
+                await cond.wait()
+            self._in_flight += 1
+        return self._clock()
+
+    def try_acquire(self) -> float | None:
+        """Take a slot if one is free now (no waiting); ``None`` otherwise."""
+        if self._in_flight >= self.limit:
+            return None
+        self._in_flight += 1
+        return self._clock()
+
+    def on_outcome(self, outcome: Outcome, started: float | None = None) -> None:
+        """Adjust the limit for one finished request (without releasing a slot)."""
+        now = self._clock()
+        if started is not None and outcome == "ok":
+            latency = max(0.0, now - started)
+            self._rtt = latency if self._rtt == 0.0 else 0.8 * self._rtt + 0.2 * latency
+        if outcome == "ok":
+            self._limit = min(float(self.maximum), self._limit + 1.0 / max(self._limit, 1.0))
+        elif outcome == "overload":
+            self.overload_signals += 1
+            if now - self._last_decrease >= max(self._rtt, 1e-3):
+                self._limit = max(float(self.minimum), self._limit * self.backoff)
+                self._last_decrease = now
+                self.decreases += 1
+
+    async def release(self, outcome: Outcome, started: float | None = None) -> None:
+        """Free the slot and adapt the limit to the outcome."""
+        self.on_outcome(outcome, started)
+        cond = self._cond()
+        async with cond:
+            self._in_flight -= 1
+            cond.notify_all()

@@ -1,0 +1,237 @@
+"""Provider adapters: how one request of a task is put on the wire and how the answer is read.
+
+Each served-entity kind gets a ``Provider``: ``build()`` turns (task, input, parameters) into an
+HTTP request, ``parse()`` turns the HTTP answer into a ``ModelResponse`` or raises the
+``EndpointError`` subclass that tells the retry policy what to do. Providers do no I/O of their
+own, so the same code serves Spark tasks, batch jobs and the serving endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+from ._config import LocalModel, ServedEntity
+from ._errors import (
+    EndpointError,
+    LocalEngineError,
+    PermanentEndpointError,
+    RateLimitedError,
+    RetryableEndpointError,
+    SystemicEndpointError,
+)
+from ._schemas import ModelParameters, ModelResponse, Usage
+from ._secrets import resolve_secret
+
+_PATHS = {"llm/v1/chat": "/chat/completions", "llm/v1/completions": "/completions", "llm/v1/embeddings": "/embeddings"}
+
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    json: Mapping[str, Any]
+
+
+class Provider(Protocol):
+    """Builds requests for, and parses answers from, one served entity."""
+
+    entity: ServedEntity
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest: ...
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse: ...
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:300] or "(empty body)"
+    if isinstance(data, Mapping):
+        err = data.get("error", data.get("message", data))
+        if isinstance(err, Mapping):
+            err = err.get("message", err)
+        return str(err)[:300]
+    return str(data)[:300]
+
+
+def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpoint_hint: str) -> None:
+    """Map an HTTP status to the error the retry policy acts on; 2xx passes."""
+    if 200 <= status < 300:
+        return
+    request_id = headers.get("x-request-id")
+    detail = _error_detail(body)
+    message = f"HTTP {status} from {endpoint_hint}: {detail}"
+    if status == 429 or (status == 503 and "retry-after" in headers):
+        raise RateLimitedError(message, status_code=status, request_id=request_id, retry_after=parse_retry_after(headers))
+    if status in (408, 409, 425) or status >= 500:
+        raise RetryableEndpointError(message, status_code=status, request_id=request_id)
+    if status in (401, 403):
+        raise SystemicEndpointError(
+            f"{message}. Check the API key (the secret the endpoint config references) and its permissions.",
+            status_code=status,
+            request_id=request_id,
+        )
+    if status == 404:
+        raise SystemicEndpointError(
+            f"{message}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
+        )
+    raise PermanentEndpointError(message, status_code=status, request_id=request_id)
+
+
+class OpenAICompatibleProvider:
+    """Any server that speaks the OpenAI REST API (OpenAI, vLLM, many gateways)."""
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and entity.external_model.openai_config is not None
+        self.entity = entity
+        self._config = entity.external_model.openai_config
+        self._model = entity.external_model.name
+
+    async def base_url(self) -> str:
+        return self._config.openai_api_base
+
+    async def model(self) -> str:
+        return self._model
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        key = self._config.openai_api_key_plaintext
+        if self._config.openai_api_key is not None:
+            key = resolve_secret(self._config.openai_api_key)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        if self._config.openai_organization:
+            headers["openai-organization"] = self._config.openai_organization
+        return headers
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
+        body: dict[str, Any] = {"model": await self.model()}
+        if task == "llm/v1/chat":
+            messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
+            body["messages"] = messages
+        elif task == "llm/v1/completions":
+            body["prompt"] = value
+        else:
+            body["input"] = value
+        if task != "llm/v1/embeddings":
+            body.update(params.as_dict())
+            if response_format is not None:
+                body["response_format"] = dict(response_format)
+        return HTTPRequest("POST", (await self.base_url()) + _PATHS[task], self._headers(), body)
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
+        raise_for_status(status, headers, body, f"served entity {self.entity.name!r}")
+        try:
+            data = json.loads(body)
+            if task == "llm/v1/embeddings":
+                value: Any = [float(x) for x in data["data"][0]["embedding"]]
+                completion_text = ""
+                finish = None
+            else:
+                choice = data["choices"][0]
+                value = choice["message"]["content"] if task == "llm/v1/chat" else choice["text"]
+                if value is None:
+                    value = ""
+                if not isinstance(value, str):
+                    raise TypeError(f"content is {type(value).__name__}")
+                completion_text = value
+                finish = choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RetryableEndpointError(
+                f"HTTP {status} from served entity {self.entity.name!r} with a body that is not a valid {task} response "
+                f"({type(exc).__name__}: {exc}): {body[:200]!r}",
+                status_code=status,
+                request_id=headers.get("x-request-id"),
+            ) from exc
+        usage = Usage.from_payload(data.get("usage"), prompt_text, completion_text)
+        return ModelResponse(
+            value=value,
+            usage=usage,
+            model=data.get("model") or self._model,
+            request_id=headers.get("x-request-id") or data.get("id"),
+            finish_reason=finish,
+            raw=data,
+        )
+
+
+class LocalModelProvider(OpenAICompatibleProvider):
+    """A model served on this machine by ``gpu_workers`` over the OpenAI-compatible API.
+
+    The server is found (or started) on first use in each process; ``gpu_workers`` shares one
+    server per model between the driver and the Spark Python workers of the node.
+    """
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.local_model is not None
+        self.entity = entity
+        self._local: LocalModel = entity.local_model
+        self._base_url: str | None = None
+        self._model = self._local.model
+        self._lock: asyncio.Lock | None = None
+
+    async def base_url(self) -> str:
+        if self._base_url is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._base_url is None:
+                    loop = asyncio.get_running_loop()
+                    self._base_url = await loop.run_in_executor(None, resolve_local_server, self._local)
+        return self._base_url
+
+    def _headers(self) -> dict[str, str]:
+        return {"content-type": "application/json"}
+
+
+def resolve_local_server(local: LocalModel) -> str:
+    """Base URL of the local server for ``local`` (started by ``gpu_workers`` if needed)."""
+    try:
+        import gpu_workers
+    except ImportError as exc:  # pragma: no cover - the package ships together
+        raise LocalEngineError("the local engine needs the gpu_workers package: pip install 'ai-query[local]'") from exc
+    try:
+        return gpu_workers.ensure_local_server(local.model, local.task, dict(local.options))
+    except LocalEngineError:
+        raise
+    except Exception as exc:
+        raise LocalEngineError(f"could not start the local model {local.model!r}: {exc}") from exc
+
+
+def provider_for(entity: ServedEntity) -> Provider:
+    """The provider adapter for a served entity."""
+    if entity.local_model is not None:
+        return LocalModelProvider(entity)
+    assert entity.external_model is not None
+    if entity.external_model.provider == "openai":
+        return OpenAICompatibleProvider(entity)
+    raise EndpointError(f"no provider adapter for {entity.external_model.provider!r}")  # pragma: no cover

@@ -1,0 +1,72 @@
+"""The retry policy, composed from tenacity: what is retried, how long to wait, when to stop.
+
+- retried: ``RetryableEndpointError`` (429, 5xx, timeouts, resets, unparseable 200 bodies);
+  never ``PermanentEndpointError`` (400, 401, 403, 404, ...).
+- wait: the server's ``Retry-After`` when it gives one, else jittered exponential backoff, capped.
+- stop: after ``max_attempts`` failures that were not rate limits; rate-limited rows keep waiting
+  for the next quota window until ``rate_limit_wait_s`` has passed since their first attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+import tenacity
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from ._errors import RateLimitedError, RetryableEndpointError
+
+
+class wait_retry_after(wait_base):
+    """Wait what the server asked for (``Retry-After``) or, failing that, ``fallback``; capped."""
+
+    def __init__(self, fallback: wait_base, cap: float = 60.0) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            return min(self.cap, exc.retry_after)
+        return min(self.cap, self.fallback(retry_state))
+
+
+class stop_for_endpoint(stop_base):
+    """Stop after ``max_attempts`` non-rate-limit failures, or when rate limits outlast ``rate_limit_wait_s``."""
+
+    def __init__(self, max_attempts: int, rate_limit_wait_s: float, clock: Callable[[], float]) -> None:
+        self.max_attempts = max_attempts
+        self.rate_limit_wait_s = rate_limit_wait_s
+        self.clock = clock
+        self.started = clock()
+        self.other_failures = 0
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RateLimitedError):
+            return self.clock() - self.started >= self.rate_limit_wait_s
+        self.other_failures += 1
+        return self.other_failures >= self.max_attempts
+
+
+def make_retrying(
+    *,
+    max_attempts: int,
+    rate_limit_wait_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    initial_backoff: float = 0.5,
+    max_backoff: float = 30.0,
+) -> AsyncRetrying:
+    """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts)."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(RetryableEndpointError),
+        wait=wait_retry_after(wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff), cap=max_backoff * 2),
+        stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock),
+        sleep=sleep,
+        reraise=True,
+    )

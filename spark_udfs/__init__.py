@@ -1,0 +1,226 @@
+"""The Spark face of ai-query: ``ai_query`` as a Spark SQL function, and Delta I/O.
+
+    import spark_udfs
+    spark_udfs.register(spark)          # ai_query + the Delta data source
+    spark.sql(\"\"\"SELECT ai_query('local-chat', CONCAT('Summarize: ', review),
+                                   failOnError => false,
+                                   modelParameters => named_struct('max_tokens', 64, 'temperature', 0.0)) AS r
+                 FROM reviews\"\"\")
+
+``ai_query``'s result type depends on its arguments, while a UDF's is fixed at registration, so
+``register`` wraps this session's ``spark.sql`` to rewrite each call into a variant registered
+for its type (STRING, ``STRUCT<response, errorMessage>`` for ``failOnError => false``,
+``ARRAY<FLOAT>`` for an embeddings endpoint, any ``returnType``). The same rewrite is available
+explicitly as ``spark_udfs.sql(spark, query)``; without it, the registered ``ai_query`` returns
+STRING. Arguments are checked on the driver before any task runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from ai_query import ArgumentError, EndpointRegistry, ModelParameters
+from ai_query._providers import resolve_local_server
+
+from ._delta import DeltaWriteError, read_delta, register_delta, write_delta
+from ._rewrite import bind_arguments, find_calls, replace_names
+from ._session import build_session
+from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
+from ._udf import SIGNATURE, UDFSpec, build_udf
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger("spark_udfs")
+
+__all__ = [
+    "AUDIT_COLUMNS",
+    "DeltaWriteError",
+    "build_session",
+    "prepare_endpoints",
+    "read_delta",
+    "register",
+    "register_delta",
+    "rewrite",
+    "set_progress_address",
+    "sql",
+    "write_delta",
+]
+
+
+@dataclass
+class _SessionState:
+    registry: EndpointRegistry
+    original_sql: Any
+    variants: dict[UDFSpec, str] = field(default_factory=dict)
+    progress_address: tuple[str, int] | None = None
+    prepared: set[str] = field(default_factory=set)
+
+
+_STATES: dict[int, _SessionState] = {}
+_DEFAULT_SPEC_TYPE = '"string"'
+
+
+def _state(spark: "SparkSession") -> _SessionState:
+    state = _STATES.get(id(spark))
+    if state is None:
+        raise ArgumentError("spark_udfs.register(spark) has not been called for this session")
+    return state
+
+
+def register(
+    spark: "SparkSession",
+    endpoints: EndpointRegistry | str | os.PathLike[str] | None = None,
+    *,
+    rewrite_sql: bool = True,
+) -> EndpointRegistry:
+    """Register ``ai_query`` and the Delta data source on ``spark``; return the endpoint registry.
+
+    ``endpoints`` is a registry or an endpoints JSON file added to the built-ins (and to the file
+    named by ``AIQ_ENDPOINTS``). With ``rewrite_sql`` (the default) this session's ``spark.sql``
+    rewrites ``ai_query`` calls into typed variants and validates their arguments first.
+    """
+    if isinstance(endpoints, EndpointRegistry):
+        registry = endpoints
+    else:
+        registry = EndpointRegistry.default(endpoints)
+    state = _STATES.get(id(spark))
+    original = state.original_sql if state is not None else spark.sql
+    state = _STATES[id(spark)] = _SessionState(registry, original)
+    register_delta(spark)
+    spark.udf.register("ai_query", build_udf(UDFSpec(_DEFAULT_SPEC_TYPE), registry))
+    if rewrite_sql:
+        def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
+            return original(rewrite(spark, sqlQuery), args, **kwargs)
+
+        sql_with_ai_query.__doc__ = original.__doc__
+        spark.sql = sql_with_ai_query  # type: ignore[method-assign]
+    elif spark.sql is not original:
+        spark.sql = original  # type: ignore[method-assign]
+    return registry
+
+
+def set_progress_address(spark: "SparkSession", address: tuple[str, int] | None) -> None:
+    """Send live row counts from tasks to a ``ai_query.ProgressCollector`` at ``address``."""
+    _state(spark).progress_address = address
+
+
+def _response_format(text: Any, call_name: str) -> tuple[str | None, Any]:
+    """(OpenAI response_format JSON, the Spark struct type it implies or None)."""
+    if text is None:
+        return None, None
+    if not isinstance(text, str) or not text.strip():
+        raise ArgumentError(f"{call_name}: responseFormat must be a string literal: a JSON schema or a STRUCT<...> type")
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            schema = json.loads(stripped)
+        except ValueError as exc:
+            raise ArgumentError(f"{call_name}: responseFormat is not valid JSON ({exc}); give a JSON schema or a STRUCT<...> type") from None
+        if not isinstance(schema, dict):
+            raise ArgumentError(f"{call_name}: responseFormat must be a JSON object")
+        if schema.get("type") == "json_schema" and "json_schema" in schema:
+            fmt = schema
+        elif schema.get("type") == "json_object":
+            fmt = schema
+        else:
+            fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": True}}
+        return json.dumps(fmt, sort_keys=True), None
+    struct = parse_return_type(stripped)
+    from pyspark.sql.types import StructType
+
+    if not isinstance(struct, StructType):
+        raise ArgumentError(f"{call_name}: responseFormat {stripped!r} must be a STRUCT<...> type or a JSON schema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": struct_to_json_schema(struct), "strict": True}}
+    return json.dumps(fmt, sort_keys=True), struct
+
+
+def _variant_name(spec: UDFSpec) -> str:
+    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:12]
+    return f"ai_query__{digest}"
+
+
+def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set[str] | None = None) -> None:
+    """Start (or attach to) the local servers behind ``names`` on the driver, before any task runs."""
+    for name in sorted(names):
+        if prepared is not None and name in prepared:
+            continue
+        entity = registry.get(name).entity
+        if entity.local_model is not None:
+            log.info("preparing local endpoint %r (model %s)", name, entity.local_model.model)
+            resolve_local_server(entity.local_model)
+        if prepared is not None:
+            prepared.add(name)
+
+
+def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
+    """Validate every ``ai_query`` call in ``query`` and point it at a UDF of the right type.
+
+    With ``audit`` every call returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>``
+    and row errors are data (the batch runner uses this).
+    """
+    state = _state(spark)
+    calls = find_calls(query, {"ai_query"})
+    if not calls:
+        return query
+    replacements: dict[int, str] = {}
+    used: set[str] = set()
+    for call in calls:
+        bound = bind_arguments(call, SIGNATURE, required=2)
+        label = f"ai_query({bound['endpoint'].text}, ...)"
+        endpoint = bound["endpoint"].literal
+        task = None
+        if endpoint is None or (endpoint is not NotImplemented and not isinstance(endpoint, str)):
+            raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}")
+        if isinstance(endpoint, str):
+            task = state.registry.get(endpoint).task
+            used.add(endpoint)
+        return_type = bound["returnType"].literal if "returnType" in bound else None
+        if return_type is NotImplemented:
+            raise ArgumentError(f"{label}: returnType must be a string literal like 'STRING', got {bound['returnType'].text}")
+        fail_on_error = bound["failOnError"].literal if "failOnError" in bound else True
+        if not isinstance(fail_on_error, bool):
+            raise ArgumentError(f"{label}: failOnError must be true or false, got {bound['failOnError'].text}")
+        if "modelParameters" in bound:
+            params = bound["modelParameters"].literal
+            if isinstance(params, dict):
+                ModelParameters.from_mapping(params)
+            elif params is not NotImplemented and params is not None:
+                raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
+        fmt_json, fmt_struct = _response_format(bound["responseFormat"].literal, label) if "responseFormat" in bound else (None, None)
+        if fmt_json is not None and task == "llm/v1/embeddings":
+            raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
+        if return_type is not None:
+            value_type = parse_return_type(return_type)
+        elif fmt_struct is not None:
+            value_type = fmt_struct
+        else:
+            value_type = default_value_type(task or "llm/v1/chat")
+        spec = UDFSpec(
+            value_type.json(),
+            with_error=(fail_on_error is False) and not audit,
+            audit=audit,
+            response_format_json=fmt_json,
+            progress_address=state.progress_address,
+        )
+        if spec == UDFSpec(_DEFAULT_SPEC_TYPE):
+            continue
+        name = state.variants.get(spec)
+        if name is None:
+            name = _variant_name(spec)
+            spark.udf.register(name, build_udf(spec, state.registry))
+            state.variants[spec] = name
+        replacements[call.start] = name
+    prepare_endpoints(state.registry, used, state.prepared)
+    return replace_names(query, replacements, calls)
+
+
+def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None) -> "DataFrame":
+    """``spark.sql`` with ``ai_query`` calls rewritten (see ``rewrite``)."""
+    state = _state(spark)
+    return state.original_sql(rewrite(spark, query, audit=audit), args)

@@ -1,0 +1,39 @@
+"""A Spark session sized for this project: the venv's Python on the workers, loopback, no UI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def build_session(master: str | None = None, app_name: str = "ai-query", **conf: str) -> "SparkSession":
+    """Return a (possibly existing) SparkSession for ``master`` (default ``local[2]``).
+
+    The Python workers must run the interpreter that has this project installed, so
+    ``PYSPARK_PYTHON`` defaults to ``sys.executable``; Spark binds to 127.0.0.1 unless
+    ``SPARK_LOCAL_IP`` says otherwise.
+    """
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = (
+        SparkSession.builder.master(master or os.environ.get("AIQ_SPARK_MASTER", "local[2]"))
+        .appName(app_name)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
+        .config("spark.sql.session.timeZone", "UTC")
+    )
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session

@@ -1,0 +1,184 @@
+"""The Arrow UDFs behind ``ai_query``: each Arrow batch goes to the process's shared client."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from ai_query import ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
+from ai_query._progress import reporter_for
+
+from ._types import AUDIT_COLUMNS, convert, result_type
+
+SIGNATURE = ["endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat"]
+
+
+@dataclass(frozen=True)
+class UDFSpec:
+    """What one registered variant of ``ai_query`` returns (fixed at registration)."""
+
+    value_type_json: str
+    """The Spark type of ``response``, as ``DataType.json()`` (pickles and hashes)."""
+    with_error: bool = False
+    """``STRUCT<response, errorMessage>`` instead of failing the query on a row error."""
+    audit: bool = False
+    """``STRUCT<response, aiq_*...>``: the audit columns, row errors as data."""
+    response_format_json: str | None = None
+    """The OpenAI-style ``response_format`` object, computed on the driver from ``responseFormat``."""
+    progress_address: tuple[str, int] | None = None
+
+    def value_type(self):
+        from pyspark.sql.types import _parse_datatype_json_string
+
+        return _parse_datatype_json_string(self.value_type_json)
+
+    def return_type(self):
+        return result_type(self.value_type(), with_error=self.with_error, audit=self.audit)
+
+
+def _column(values: pa.Array | None, n: int) -> list[Any]:
+    return [None] * n if values is None else values.to_pylist()
+
+
+def _row_label(position: int) -> str:
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        if ctx is not None:
+            return f"row {position} of the Arrow batch in partition {ctx.partitionId()}"
+    except Exception:  # noqa: BLE001 - only a label
+        pass
+    return f"row {position} of the batch"
+
+
+def evaluate_batch(
+    spec: UDFSpec,
+    registry: EndpointRegistry,
+    endpoint: pa.Array,
+    request: pa.Array,
+    fail_on_error: pa.Array | None,
+    model_parameters: pa.Array | None,
+) -> tuple[list[CallResult], list[Any], list[str | None]]:
+    """Send the batch; return per-row results, typed values, and row errors (conversion included)."""
+    n = len(request)
+    endpoints = endpoint.to_pylist()
+    requests = request.to_pylist()
+    params_col = _column(model_parameters, n)
+    fails = _column(fail_on_error, n)
+    if not spec.with_error and not spec.audit and any(f is False for f in fails):
+        raise ArgumentError(
+            "failOnError => false returns STRUCT<response, errorMessage>, which this plain ai_query UDF cannot: "
+            "run the statement through spark.sql after spark_udfs.register(spark) (it rewrites the call), "
+            "or spark_udfs.sql(spark, query)"
+        )
+    response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
+    client = shared_client(registry)
+    reporter = reporter_for(spec.progress_address)
+
+    groups: dict[tuple[Any, str], list[int]] = {}
+    for i in range(n):
+        key = (endpoints[i], json.dumps(params_col[i], sort_keys=True, default=str))
+        groups.setdefault(key, []).append(i)
+
+    results: list[CallResult | None] = [None] * n
+    for (name, _), rows in groups.items():
+        if name is None:
+            for i in rows:
+                results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
+            continue
+        params = ModelParameters.from_mapping(params_col[rows[0]])
+        ep_client = client.endpoint(name)
+        on_result: Callable[[CallResult], None] | None = None
+        if reporter is not None:
+            def on_result(r: CallResult, _ep=ep_client, _name=name) -> None:
+                reporter.add(r.ok, r.total_tokens, _name, _ep.limiter.limit)
+
+        for i, result in zip(rows, client.map(name, [requests[i] for i in rows], params, response_format, on_result=on_result)):
+            result.index = i
+            results[i] = result
+    if reporter is not None:
+        reporter.flush()
+    if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
+        missing = [i for i, r in enumerate(results) if r is None]
+        raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
+
+    value_type = spec.value_type()
+    values: list[Any] = []
+    errors: list[str | None] = []
+    for result in results:  # type: ignore[union-attr]
+        assert result is not None
+        if not result.ok:
+            values.append(None)
+            errors.append(result.error)
+            continue
+        try:
+            values.append(convert(result.value, value_type))
+            errors.append(None)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            values.append(None)
+            errors.append(f"could not read the response as {value_type.simpleString().upper()}: {exc}")
+            result.status = "error"
+            result.error = errors[-1]
+    if not spec.with_error and not spec.audit:
+        for position, (result, error) in enumerate(zip(results, errors)):
+            if error is not None and fails[position] is not False:
+                assert result is not None
+                preview = str(requests[position])[:60]
+                raise RowFailedError(
+                    f"ai_query({result.endpoint!r}) failed for {_row_label(position)} (request {preview!r}): {error}. "
+                    "Use failOnError => false to get the error per row instead of failing the query."
+                )
+    return results, values, errors  # type: ignore[return-value]
+
+
+def build_udf(spec: UDFSpec, registry: EndpointRegistry):
+    """An ``arrow_udf`` with ``ai_query``'s signature and ``spec``'s return type."""
+    from pyspark.sql.functions import arrow_udf
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return_type = spec.return_type()
+    arrow_type = to_arrow_type(return_type, timezone="UTC")
+
+    def ai_query(
+        endpoint: pa.Array,
+        request: pa.Array,
+        returnType: pa.Array = None,  # type: ignore[assignment]  # noqa: N803 - SQL argument names
+        failOnError: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
+        modelParameters: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
+        responseFormat: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
+    ) -> pa.Array:
+        results, values, errors = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters)
+        if spec.audit:
+            rows = [
+                {
+                    "response": value,
+                    "aiq_endpoint": r.endpoint,
+                    "aiq_model": r.model,
+                    "aiq_prompt_tokens": r.prompt_tokens,
+                    "aiq_completion_tokens": r.completion_tokens,
+                    "aiq_total_tokens": r.total_tokens,
+                    "aiq_latency_ms": round(r.latency_ms, 3),
+                    "aiq_attempts": r.attempts,
+                    "aiq_status": "ok" if error is None else "error",
+                    "aiq_error": error,
+                    "aiq_request_id": r.request_id,
+                    "aiq_completed_at": r.completed_at,
+                }
+                for r, value, error in zip(results, values, errors)
+            ]
+            return pa.array(rows, type=arrow_type)
+        if spec.with_error:
+            return pa.array([{"response": v, "errorMessage": e} for v, e in zip(values, errors)], type=arrow_type)
+        return pa.array(values, type=arrow_type)
+
+    ai_query.__doc__ = f"ai_query returning {return_type.simpleString()}"
+    # Nondeterministic: otherwise the optimizer may inline the call once per use of its result
+    # (``SELECT r.a, r.b FROM (SELECT ai_query(...) AS r)``) and pay for every row twice.
+    return arrow_udf(ai_query, returnType=return_type).asNondeterministic()
+
+
+__all__ = ["AUDIT_COLUMNS", "SIGNATURE", "UDFSpec", "build_udf", "evaluate_batch"]

@@ -1,0 +1,57 @@
+import asyncio
+
+import pytest
+
+from ai_query import AdaptiveConcurrencyLimiter
+
+from .fakes import FakeClock
+
+
+def simulate(limiter: AdaptiveConcurrencyLimiter, clock: FakeClock, capacity: int, rounds: int) -> list[int]:
+    """Each round: fill the window; requests beyond the server's capacity get 429."""
+    limits = []
+    for _ in range(rounds):
+        window = limiter.limit
+        starts = [limiter.try_acquire() for _ in range(window)]
+        clock.now += 0.2
+        for i, started in enumerate(starts):
+            assert started is not None
+            outcome = "ok" if i < capacity else "overload"
+            asyncio.run(limiter.release(outcome, started))
+        limits.append(limiter.limit)
+    return limits
+
+
+def test_aimd_converges_below_an_unknown_capacity_and_oscillates_near_it():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(4, maximum=256, clock=clock)
+    limits = simulate(limiter, clock, capacity=48, rounds=300)
+    tail = limits[-100:]
+    assert max(tail) <= 60, tail
+    assert min(tail) >= 48 * 0.7 * 0.7, tail
+    assert sum(tail) / len(tail) >= 48 * 0.75
+
+
+def test_recovers_after_capacity_returns():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(32, maximum=64, clock=clock)
+    simulate(limiter, clock, capacity=4, rounds=40)
+    assert limiter.limit <= 6
+    limits = simulate(limiter, clock, capacity=1000, rounds=200)
+    assert limits[-1] == 64
+
+
+def test_a_burst_of_429s_in_one_round_trip_is_one_decrease():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(40, maximum=64, clock=clock)
+    starts = [limiter.try_acquire() for _ in range(40)]
+    clock.now += 0.5
+    asyncio.run(limiter.release("ok", starts[0]))
+    for s in starts[1:]:
+        asyncio.run(limiter.release("overload", s))
+    assert limiter.decreases == 1 and limiter.limit == 28
+
+
+def test_bounds_are_validated():
+    with pytest.raises(ValueError, match="initial"):
+        AdaptiveConcurrencyLimiter(10, maximum=5)
