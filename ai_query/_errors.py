@@ -11,7 +11,8 @@
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
     ├── RowFailedError              a row failed and ``failOnError`` is true
-    └── LocalEngineError            the embedded local engine could not be prepared or started
+    ├── LocalEngineError            the embedded local engine could not be prepared or started
+    └── (spark_udfs) DeltaWriteError / DeltaReadError   a Delta table cannot be written or read
 
 Row failures are data (``errorMessage``); only systemic failures and ``failOnError`` raise.
 """

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._providers import resolve_local_server
 
-from ._delta import DeltaWriteError, read_delta, register_delta, write_delta
+from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, replace_names
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
@@ -40,8 +40,10 @@ log = logging.getLogger("spark_udfs")
 
 __all__ = [
     "AUDIT_COLUMNS",
+    "DeltaReadError",
     "DeltaWriteError",
     "build_session",
+    "delta_txn_version",
     "prepare_endpoints",
     "read_delta",
     "register",

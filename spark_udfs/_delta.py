@@ -27,23 +27,27 @@ Spark only hands a Python data source the ``append``/``overwrite`` save modes; `
 you. Raw ``df.write.format("delta").save(p)`` without ``.mode(...)`` therefore fails in Spark itself
 (its default mode is ``errorifexists``).
 
-Limits, each failing loudly rather than silently: no partitioned writes, no deletion vectors or
-column mapping on read, ``mergeSchema`` only adds top-level columns (as a separate commit before
-the data commit on append), local and ``file://`` paths are what the tests cover.
+Limits, each failing loudly rather than silently: no partitioned writes (partitioned tables are
+read, not written), no deletion vectors or column mapping, ``mergeSchema`` only adds top-level
+columns (on append as a separate metadata-only commit before the data commit: delta-rs cannot
+change the schema inside an append), local and ``file://`` paths are what the tests cover.
+A skipped write (same app transaction, or ``ignore`` on an existing table) still lets Spark
+compute the DataFrame, since the data source only sees it as tasks run: check
+:func:`delta_txn_version` before starting expensive work.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from ai_query import AIQueryError
 from pyspark.sql.datasource import (
     DataSource,
     DataSourceArrowWriter,
@@ -76,11 +80,11 @@ _DEFAULT_MAX_PARTITION_BYTES = 128 * 1024 * 1024
 _READ_BATCH_ROWS = 65_536
 
 
-class DeltaWriteError(Exception):
+class DeltaWriteError(AIQueryError):
     """A Delta write was refused or failed: mode, schema, options or the commit itself."""
 
 
-class DeltaReadError(Exception):
+class DeltaReadError(AIQueryError):
     """A Delta table cannot be read by the delta-rs data source (missing, or an unsupported feature)."""
 
 
@@ -191,7 +195,7 @@ class _WrittenFile:
 
 
 @dataclass
-class DeltaFilesWritten(WriterCommitMessage):
+class _FilesWritten(WriterCommitMessage):
     """A task's commit message: the files it wrote under the table path."""
 
     files: list[_WrittenFile] = field(default_factory=list)
@@ -316,13 +320,16 @@ def _plan_write(options: Any, data_schema: StructType, overwrite: bool) -> _Writ
             problems = conflicts + (
                 [f"columns not in the table: {', '.join(f.name for f in extra)}"] if extra else []
             )
-            fix = (
-                "Cast the columns to the table's types"
-                + ("" if conflicts else ", or pass .option('mergeSchema', 'true') to add the new columns")
-                + (", or overwrite with .option('overwriteSchema', 'true')" if mode == "overwrite" else "")
+            fixes = (["cast the columns to the table's types"] if conflicts else []) + (
+                ["drop the new columns or add them with .option('mergeSchema', 'true')"] if extra else []
             )
+            if mode == "overwrite":
+                fixes.append("replace the table's schema with .option('overwriteSchema', 'true')")
             if skip_reason is None:
-                raise DeltaWriteError(f"schema mismatch with the Delta table at {uri}: {'; '.join(problems)}. {fix}.")
+                raise DeltaWriteError(
+                    f"schema mismatch with the Delta table at {uri}: {'; '.join(problems)}. "
+                    f"To fix: {'; or '.join(fixes)}."
+                )
         else:
             table_schema = StructType(list(existing.fields) + list(extra))
             new_columns = tuple(extra)
@@ -495,12 +502,12 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
         self.plan = plan
 
     # ---- executors
-    def write(self, iterator: Iterator["pa.RecordBatch"]) -> DeltaFilesWritten:
+    def write(self, iterator: Iterator["pa.RecordBatch"]) -> _FilesWritten:
         plan = self.plan
         if plan.skip_reason is not None:
             for _ in iterator:  # Spark still runs the plan; just write nothing
                 pass
-            return DeltaFilesWritten([])
+            return _FilesWritten([])
         fs, root = _filesystem(plan.uri)
         fs.create_dir(root, recursive=True)
         prefix = _task_file_prefix()
@@ -535,7 +542,7 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
             for done in written:
                 _delete_quietly(fs, _join(root, done.path))
             raise
-        return DeltaFilesWritten(written)
+        return _FilesWritten(written)
 
     # ---- driver
     def commit(self, messages: list[WriterCommitMessage | None]) -> None:
@@ -632,7 +639,7 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
 
 
 def _files_of(messages: Sequence[WriterCommitMessage | None]) -> list[_WrittenFile]:
-    return [f for m in messages if isinstance(m, DeltaFilesWritten) for f in m.files]
+    return [f for m in messages if isinstance(m, _FilesWritten) for f in m.files]
 
 
 def _any_committed(uri: str, files: list[_WrittenFile]) -> bool:
@@ -684,7 +691,10 @@ def _check_readable_layout(table: Any, uri: str, *, for_write: bool = False) -> 
     # Appending plain files next to deletion vectors is fine; only reads would return deleted rows.
     if not for_write and "deletionVectors" in features:
         try:
-            has_dvs = table.deletion_vectors().read_all().num_rows > 0
+            import pyarrow as pa
+
+            vectors = pa.RecordBatchReader.from_stream(table.deletion_vectors())
+            has_dvs = any(batch.num_rows for batch in vectors)
         except Exception:  # noqa: BLE001 - cannot tell: refuse rather than return deleted rows
             has_dvs = True
         if has_dvs:
@@ -842,16 +852,19 @@ class DeltaDataSource(DataSource):
 # public helpers
 
 
-def _jvm_has_delta(spark: "SparkSession") -> bool:
-    """True when the JVM can load Spark's native Delta connector (never on Spark Connect here)."""
+def _jvm_has_class(spark: "SparkSession", class_name: str) -> bool:
+    """True when Spark's JVM can load ``class_name`` (always False on Spark Connect: no JVM access)."""
     try:
         jvm = spark._jvm  # type: ignore[attr-defined]
-        if jvm is None:
-            return False
-        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
-        loader.loadClass(_JVM_DELTA_CLASS)
+    except Exception:  # noqa: BLE001 - Spark Connect raises instead of exposing the JVM
+        return False
+    if jvm is None:
+        return False
+    try:
+        # Spark's own loader sees --jars / spark.jars.packages, which py4j's thread loader may not.
+        jvm.org.apache.spark.util.Utils.classForName(class_name, False, False)
         return True
-    except Exception:  # noqa: BLE001 - no JVM access, or the class is absent: both mean "no"
+    except Exception:  # noqa: BLE001 - ClassNotFoundException arrives as a Py4JJavaError
         return False
 
 
@@ -862,20 +875,23 @@ def register_delta(spark: "SparkSession") -> str:
     so the jars keep serving it), else registers :class:`DeltaDataSource` and returns
     ``"delta-rs"``. Safe to call repeatedly.
     """
-    if _jvm_has_delta(spark):
+    if _jvm_has_class(spark, _JVM_DELTA_CLASS):
         return "jvm"
     spark.dataSource.register(DeltaDataSource)
     return "delta-rs"
 
 
-def _unwrap_spark_error(exc: Exception) -> DeltaWriteError | None:
-    """Spark runs commit() in a Python worker, so our typed error arrives as text inside its own."""
+def _unwrap_spark_error(exc: Exception, error_type: type[Exception]) -> Exception | None:
+    """Spark runs the data source in Python workers, so our typed error arrives as text inside its own.
+
+    Re-raising it typed (message only, no worker traceback) lets callers catch ``DeltaWriteError``.
+    """
+    marker = f"{error_type.__name__}: "
     text = str(exc)
-    marker = "DeltaWriteError: "
     if marker not in text:
         return None
     message = text.split(marker, 1)[1].strip().splitlines()[0].strip()
-    return DeltaWriteError(message)
+    return error_type(message)
 
 
 def write_delta(
@@ -918,19 +934,31 @@ def write_delta(
     except DeltaWriteError:
         raise
     except Exception as exc:
-        typed = _unwrap_spark_error(exc)
+        typed = _unwrap_spark_error(exc, DeltaWriteError)
         if typed is None:
             raise
         raise typed from exc
 
 
 def read_delta(spark: "SparkSession", path: str, version: int | None = None) -> "DataFrame":
-    """Read the Delta table at ``path`` (its latest version, or ``version`` for time travel)."""
+    """Read the Delta table at ``path`` (its latest version, or ``version`` for time travel).
+
+    Raises :class:`DeltaReadError` when there is no table, the version does not exist, or the table
+    uses a feature the delta-rs reader does not support (deletion vectors, column mapping).
+    """
     register_delta(spark)
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", str(int(version)))
-    return reader.load(path)
+    try:
+        return reader.load(path)  # resolves the schema now, so a bad path or version fails here
+    except DeltaReadError:
+        raise
+    except Exception as exc:
+        typed = _unwrap_spark_error(exc, DeltaReadError)
+        if typed is None:
+            raise
+        raise typed from exc
 
 
 def delta_txn_version(path: str, app_id: str) -> int | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +24,9 @@ def build_session(master: str | None = None, app_name: str = "ai-query", **conf:
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    # pandas 3 works for everything ai-query does; pyspark's blanket warning is only noise.
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
+    log4j = Path(__file__).with_name("log4j2.properties")
     builder = (
         SparkSession.builder.master(master or os.environ.get("AIQ_SPARK_MASTER", "local[2]"))
         .appName(app_name)
@@ -31,6 +36,8 @@ def build_session(master: str | None = None, app_name: str = "ai-query", **conf:
         .config("spark.python.worker.reuse", "true")
         .config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
         .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
+        .config("spark.executor.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
     )
     for key, value in conf.items():
         builder = builder.config(key, value)

