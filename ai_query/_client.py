@@ -279,15 +279,16 @@ class AIQueryClient:
         if not tasks:
             return []
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failure = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None), None)
+            if failure is not None:
+                raise failure
         finally:
             for task in tasks:
                 if not task.done():
                     task.cancel()
+            # Collect every outcome (also of cancelled rows) so no exception goes unretrieved.
+            await asyncio.gather(*tasks, return_exceptions=True)
         results = [t.result() for t in tasks]
         check_exactly_once(results, len(values))
         return results

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -400,7 +399,7 @@ class EndpointRegistry:
     @classmethod
     def builtin(cls) -> "EndpointRegistry":
         """The embedded defaults (``local-chat``, ``local-embed``, ...): ordinary registry entries."""
-        text = resources.files("ai_query").joinpath("builtin_endpoints.json").read_text()
+        text = (Path(__file__).parent / "builtin_endpoints.json").read_text()
         return cls.from_data(json.loads(text), "builtin_endpoints.json")
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -14,7 +14,7 @@ def sample_reviews(rows: int = 240, seed: int = 7) -> pa.Table:
     """``rows`` product reviews with a known sentiment label, the same on every machine."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    data: dict[str, Any] = json.loads(resources.files("batch_runner").joinpath("data/reviews_seed.json").read_text())
+    data: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "reviews_seed.json").read_text())
     rng = random.Random(seed)
     ids, products, ratings, reviews, labels = [], [], [], [], []
     for i in range(rows):

