@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeV
 import httpx
 
 from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
-from ._config import EndpointConfig, EndpointRegistry
+from ._config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
     EndpointError,
@@ -34,10 +34,13 @@ from ._errors import (
     SystemicEndpointError,
 )
 from ._providers import Provider, provider_for
-from ._retry import make_retrying
-from ._schemas import ModelParameters, ModelResponse
+from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
+from ._retry import RetryBudget, make_retrying, retry_within_budget
+from ._schemas import ModelParameters, ModelResponse, Usage
 
 T = TypeVar("T")
+DEFAULT_MAX_TOKENS_RESERVED = 256
+"""Tokens reserved for the answer when a request sets no max_tokens (quota admission only)."""
 
 # Failures that no row can get past: they stop the whole batch instead of becoming row errors.
 SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (SystemicEndpointError, SecretNotFoundError, LocalEngineError)
@@ -57,6 +60,7 @@ class CallResult:
     completion_tokens: int = 0
     total_tokens: int = 0
     usage_estimated: bool = False
+    cost_usd: float | None = None
     latency_ms: float = 0.0
     attempts: int = 0
     request_id: str | None = None
@@ -76,8 +80,18 @@ def _prompt_text(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class _Route:
+    """One served entity of an endpoint, with its own adapter and concurrency limiter."""
+
+    entity: ServedEntity
+    provider: Provider
+    limiter: AdaptiveConcurrencyLimiter
+    weight: int
+
+
 class EndpointClient:
-    """Calls to one endpoint: provider, adaptive limiter and retry policy."""
+    """Calls to one endpoint: routes over its served entities, concurrency, quota and retries."""
 
     def __init__(
         self,
@@ -86,47 +100,105 @@ class EndpointClient:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        quota: Quota | None = None,
     ) -> None:
         self.config = config
-        self.provider: Provider = provider_for(config.entity)
         cc = config.client_config
-        self.limiter = AdaptiveConcurrencyLimiter(cc.initial_concurrency, maximum=cc.max_concurrency, clock=clock)
+        weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
+        self.routes = [
+            _Route(e, provider_for(e), AdaptiveConcurrencyLimiter(cc.initial_concurrency, maximum=cc.max_concurrency, clock=clock),
+                   weights.get(e.name, 0))
+            for e in config.served_entities
+        ]
+        self.quota = quota
+        self.budget = RetryBudget(cc.retry_budget)
         self._http = http
         self._clock = clock
         self._sleep = sleep
         self.requests_sent = 0
+        self.fallbacks = 0
 
-    async def _attempt(self, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None, prompt_text: str) -> ModelResponse:
+    @property
+    def provider(self) -> Provider:
+        return self.routes[0].provider
+
+    @property
+    def limiter(self) -> AdaptiveConcurrencyLimiter:
+        return self.routes[0].limiter
+
+    def _order(self, prompt_text: str) -> list[_Route]:
+        """The routes to try, first the one the traffic split picks for this request.
+
+        The pick is a hash of the request, not a random draw, so that the same row goes to the
+        same entity in batch and online (and on a retried task).
+        """
+        weighted = [r for r in self.routes if r.weight > 0]
+        if len(weighted) <= 1:
+            first = weighted[0] if weighted else self.routes[0]
+        else:
+            point = int.from_bytes(hashlib.blake2b(prompt_text.encode(), digest_size=8).digest(), "big") % sum(r.weight for r in weighted)
+            for first in weighted:
+                point -= first.weight
+                if point < 0:
+                    break
+        if not self.config.fallback_enabled:
+            return [first]
+        return [first, *[r for r in self.routes if r is not first]]
+
+    def _reservation(self, prompt_text: str, params: ModelParameters) -> float:
+        """Tokens to reserve at admission: the prompt (estimated) plus the most the answer may take."""
+        prompt = Usage.estimate(prompt_text, "").prompt_tokens
+        if self.config.task == "llm/v1/embeddings":
+            return float(prompt)
+        return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
+
+    async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None, prompt_text: str) -> ModelResponse:
         task = self.config.task
-        request = await self.provider.build(task, value, params, response_format)
+        provider = route.provider
+        invoke = getattr(provider, "invoke", None)  # in-process providers (MLflow pyfunc) skip HTTP
+        request = None if invoke is not None else await provider.build(task, value, params, response_format)
         timeout = self.config.client_config.request_timeout_s
-        started = await self.limiter.acquire()
+        reserved = 0.0
+        if self.quota is not None:  # wait for quota before taking a concurrency slot
+            reserved = self._reservation(prompt_text, params)
+            await self.quota.admit(reserved)
+        started = await route.limiter.acquire()
         outcome: Outcome = "error"
+        charged = 0.0
         try:
             self.requests_sent += 1
-            try:
-                response = await self._http.request(
-                    request.method, request.url, json=request.json, headers=dict(request.headers), timeout=timeout
-                )
-            except httpx.TimeoutException as exc:
-                outcome = "overload"
-                raise RetryableEndpointError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
-            except httpx.TransportError as exc:
-                raise RetryableEndpointError(
-                    f"connection error calling {self.config.name!r}: {type(exc).__name__}: {exc or 'connection lost'}"
-                ) from exc
-            try:
-                result = self.provider.parse(task, response.status_code, response.headers, response.content, prompt_text)
-            except RateLimitedError:
-                outcome = "overload"
-                raise
-            except RetryableEndpointError as exc:
-                outcome = "overload" if exc.status_code == 503 else "error"
-                raise
+            if invoke is not None:
+                result = await invoke(task, value, params, response_format, prompt_text)
+            else:
+                assert request is not None
+                try:
+                    response = await self._http.request(
+                        request.method, request.url, json=request.json, headers=dict(request.headers), timeout=timeout
+                    )
+                except httpx.TimeoutException as exc:
+                    outcome = "overload"
+                    raise RetryableEndpointError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
+                except httpx.TransportError as exc:
+                    raise RetryableEndpointError(
+                        f"connection error calling {self.config.name!r}: {type(exc).__name__}: {exc or 'connection lost'}"
+                    ) from exc
+                try:
+                    result = provider.parse(task, response.status_code, response.headers, response.content, prompt_text)
+                except RateLimitedError as exc:
+                    outcome = "overload"
+                    if self.quota is not None and exc.retry_after:
+                        self.quota.pause_for(exc.retry_after)  # every worker waits, not just this row
+                    raise
+                except RetryableEndpointError as exc:
+                    outcome = "overload" if exc.status_code == 503 else "error"
+                    raise
             outcome = "ok"
+            charged = float(result.usage.total_tokens)
             return result
         finally:
-            await self.limiter.release(outcome, started)
+            if self.quota is not None:
+                self.quota.settle(reserved, charged)
+            await route.limiter.release(outcome, started)
 
     async def call(
         self,
@@ -136,51 +208,81 @@ class EndpointClient:
         *,
         index: int = 0,
     ) -> CallResult:
-        """One row, retried per policy. Row failures come back as ``status='error'``; systemic ones raise."""
-        name = self.config.name
+        """One row, retried per policy, falling back to the next entity if the endpoint allows.
+
+        Row failures come back as ``status='error'``; systemic ones raise.
+        """
         if value is None:
-            return CallResult(index, name, "error", error="the request is NULL: nothing to send", model=self.config.entity.model_name)
+            return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
+                              model=self.config.entity.model_name)
         prompt_text = _prompt_text(value)
+        t0 = self._clock()
+        attempts = 0
+        errors: list[str] = []
+        order = self._order(prompt_text)
+        for position, route in enumerate(order):
+            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0)
+            attempts += result.attempts
+            result.attempts = attempts
+            if result.ok or not transient or position == len(order) - 1:
+                if errors and not result.ok:
+                    result.error = "; then ".join([*errors, result.error or ""])
+                return result
+            errors.append(f"{route.entity.name}: {result.error}")
+            self.fallbacks += 1
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call_route(
+        self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
+        prompt_text: str, index: int, t0: float,
+    ) -> tuple[CallResult, bool]:
+        name = self.config.name
         cc = self.config.client_config
         retrying = make_retrying(
-            max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep
+            max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
+            budget=self.budget,
         )
+        self.budget.record_first_attempt()
         attempts = 0
-        t0 = self._clock()
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    response = await self._attempt(value, params, response_format, prompt_text)
+                    response = await self._attempt(route, value, params, response_format, prompt_text)
         except SYSTEMIC_ERRORS:
             raise
         except EndpointError as exc:
+            why = "gave up"
+            if isinstance(retrying.retry, retry_within_budget) and retrying.retry.exhausted:
+                why = "the endpoint's retry budget is spent (too many failures across rows), gave up"
             return CallResult(
                 index,
                 name,
                 "error",
-                error=f"{exc} (gave up after {attempts} attempt{'s' if attempts != 1 else ''})",
-                model=self.config.entity.model_name,
+                error=f"{exc} ({why} after {attempts} attempt{'s' if attempts != 1 else ''})",
+                model=route.entity.model_name,
                 latency_ms=(self._clock() - t0) * 1000.0,
                 attempts=attempts,
                 request_id=exc.request_id,
-            )
+            ), isinstance(exc, RetryableEndpointError)
         usage = response.usage
+        pricing = route.entity.pricing
         return CallResult(
             index,
             name,
             "ok",
             value=response.value,
-            model=response.model or self.config.entity.model_name,
+            model=response.model or route.entity.model_name,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
             usage_estimated=usage.estimated,
+            cost_usd=pricing.cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
             latency_ms=(self._clock() - t0) * 1000.0,
             attempts=attempts,
             request_id=response.request_id,
             finish_reason=response.finish_reason,
-        )
+        ), False
 
 
 class _LoopThread:
@@ -214,8 +316,14 @@ class AIQueryClient:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        quota_broker: tuple[str, int] | None = None,
+        quota_share: float = 1.0,
+        quota_clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry if registry is not None else EndpointRegistry.default()
+        self.quota_broker = quota_broker
+        self.quota_share = quota_share
+        self._quota_clock = quota_clock
         self._transport = transport
         self._clock = clock
         self._sleep = sleep
@@ -240,9 +348,19 @@ class AIQueryClient:
         client = self._endpoints.get(name)
         if client is None:
             config = self.registry.get(name)
-            client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep)
+            client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep, quota=self._quota(config))
             self._endpoints[name] = client
         return client
+
+    def _quota(self, config: EndpointConfig) -> Quota | None:
+        """Quota for an endpoint with limits: leased from the broker, or this process's static share."""
+        share = QuotaLimits.of(config, self.quota_share)
+        if share is None:
+            return None
+        local = LocalQuota(share, clock=self._quota_clock, sleep=self._sleep)
+        if self.quota_broker is None:
+            return local
+        return BrokeredQuota(config.name, self.quota_broker, local, sleep=self._sleep)
 
     async def acall(
         self, endpoint: str, value: Any, params: ModelParameters | Mapping[str, Any] | None = None,
@@ -355,17 +473,19 @@ def registry_fingerprint(registry: EndpointRegistry) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def shared_client(registry: EndpointRegistry) -> AIQueryClient:
+def shared_client(
+    registry: EndpointRegistry, quota_broker: tuple[str, int] | None = None, quota_share: float = 1.0
+) -> AIQueryClient:
     """The process-wide client for ``registry``: one long-lived client per Python worker."""
     global _SHARED_PID
-    key = registry_fingerprint(registry)
+    key = f"{registry_fingerprint(registry)}|{quota_broker}|{quota_share}"
     with _SHARED_LOCK:
         if os.getpid() != _SHARED_PID:  # forked: the parent's loop thread does not exist here
             _SHARED.clear()
             _SHARED_PID = os.getpid()
         client = _SHARED.get(key)
         if client is None:
-            client = _SHARED[key] = AIQueryClient(registry)
+            client = _SHARED[key] = AIQueryClient(registry, quota_broker=quota_broker, quota_share=quota_share)
         return client
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -28,7 +28,6 @@ from ._secrets import is_secret_ref
 
 Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
 TASKS: tuple[str, ...] = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings")
-PROVIDERS: tuple[str, ...] = ("openai",)
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -67,11 +66,38 @@ def _number(data: Mapping[str, Any], key: str, path: str, default: float, *, min
     return value
 
 
+def _optional_int(data: Mapping[str, Any], key: str, path: str) -> int | None:
+    return _number(data, key, path, 0, minimum=1, integer=True) if data.get(key) is not None else None
+
+
 def _task(data: Mapping[str, Any], path: str) -> str:
     task = _string(data, "task", path)
     if task not in TASKS:
         raise ConfigError(f"{path}.task is {task!r}; use one of {', '.join(TASKS)}")
     return task  # type: ignore[return-value]
+
+
+def _credential(data: Mapping[str, Any], ref_key: str, plain_key: str, path: str) -> tuple[str | None, str | None]:
+    """(secret reference, plain value) of a credential; at most one of them."""
+    ref = _string(data, ref_key, path, required=False)
+    plain = _string(data, plain_key, path, required=False)
+    if ref is not None and not is_secret_ref(ref):
+        raise ConfigError(
+            f"{path}.{ref_key} must be a secret reference like '{{{{secrets/my_scope/my_key}}}}' "
+            "(the value itself must not live in a config file); put the value in the environment variable "
+            f"that reference names, or use {plain_key} if you really must"
+        )
+    if ref is not None and plain is not None:
+        raise ConfigError(f"{path}: set only one of {ref_key} and {plain_key}")
+    return ref, plain
+
+
+def _url(data: Mapping[str, Any], key: str, path: str, default: str | None) -> str:
+    url = _string(data, key, path, required=default is None, default=default)
+    assert url is not None
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}.{key} must be an http(s) URL, got {url!r}")
+    return url.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -89,21 +115,12 @@ class OpenAIConfig:
     def from_dict(cls, data: Any, path: str) -> "OpenAIConfig":
         data = _mapping(data, path)
         _check_keys(data, ("openai_api_key", "openai_api_key_plaintext", "openai_api_base", "openai_organization", "openai_api_type"), path)
-        key = _string(data, "openai_api_key", path, required=False)
-        plain = _string(data, "openai_api_key_plaintext", path, required=False)
-        if key is not None and not is_secret_ref(key):
-            raise ConfigError(
-                f"{path}.openai_api_key must be a secret reference like '{{{{secrets/my_scope/openai_key}}}}' "
-                "(the value itself must not live in a config file); put the key in the environment variable "
-                "that reference names, or use openai_api_key_plaintext if you really must"
-            )
-        if key is not None and plain is not None:
-            raise ConfigError(f"{path}: set only one of openai_api_key and openai_api_key_plaintext")
-        base = _string(data, "openai_api_base", path, required=False, default=cls.openai_api_base)
-        assert base is not None
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}.openai_api_base must be an http(s) URL, got {base!r}")
-        return cls(key, plain, base.rstrip("/"), _string(data, "openai_organization", path, required=False))
+        key, plain = _credential(data, "openai_api_key", "openai_api_key_plaintext", path)
+        base = _url(data, "openai_api_base", path, cls.openai_api_base)
+        return cls(key, plain, base, _string(data, "openai_organization", path, required=False))
+
+    def credential(self) -> tuple[str | None, str | None]:
+        return self.openai_api_key, self.openai_api_key_plaintext
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"openai_api_base": self.openai_api_base}
@@ -117,33 +134,110 @@ class OpenAIConfig:
 
 
 @dataclass(frozen=True)
+class AnthropicConfig:
+    """Credentials of the Anthropic Messages API."""
+
+    anthropic_api_key: str | None = None
+    anthropic_api_key_plaintext: str | None = field(default=None, repr=False)
+    anthropic_api_base: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> "AnthropicConfig":
+        data = _mapping(data, path)
+        _check_keys(data, ("anthropic_api_key", "anthropic_api_key_plaintext", "anthropic_api_base", "anthropic_version"), path)
+        key, plain = _credential(data, "anthropic_api_key", "anthropic_api_key_plaintext", path)
+        base = _url(data, "anthropic_api_base", path, cls.anthropic_api_base)
+        version = _string(data, "anthropic_version", path, required=False, default=cls.anthropic_version)
+        assert version is not None
+        return cls(key, plain, base, version)
+
+    def credential(self) -> tuple[str | None, str | None]:
+        return self.anthropic_api_key, self.anthropic_api_key_plaintext
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"anthropic_api_base": self.anthropic_api_base, "anthropic_version": self.anthropic_version}
+        if self.anthropic_api_key is not None:
+            out["anthropic_api_key"] = self.anthropic_api_key
+        if self.anthropic_api_key_plaintext is not None:
+            out["anthropic_api_key_plaintext"] = "********"
+        return out
+
+
+@dataclass(frozen=True)
+class ServingEndpointConfig:
+    """A serving endpoint of a workspace: ``POST {workspace_url}/serving-endpoints/{name}/invocations``."""
+
+    databricks_workspace_url: str
+    databricks_api_token: str | None = None
+    databricks_api_token_plaintext: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> "ServingEndpointConfig":
+        data = _mapping(data, path)
+        _check_keys(data, ("databricks_workspace_url", "databricks_api_token", "databricks_api_token_plaintext"), path)
+        token, plain = _credential(data, "databricks_api_token", "databricks_api_token_plaintext", path)
+        return cls(_url(data, "databricks_workspace_url", path, None), token, plain)
+
+    def credential(self) -> tuple[str | None, str | None]:
+        return self.databricks_api_token, self.databricks_api_token_plaintext
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"databricks_workspace_url": self.databricks_workspace_url}
+        if self.databricks_api_token is not None:
+            out["databricks_api_token"] = self.databricks_api_token
+        if self.databricks_api_token_plaintext is not None:
+            out["databricks_api_token_plaintext"] = "********"
+        return out
+
+
+ProviderConfig = OpenAIConfig | AnthropicConfig | ServingEndpointConfig
+# provider name -> (its config key, its config class, the tasks it serves)
+PROVIDER_CONFIGS: dict[str, tuple[str, type, tuple[str, ...]]] = {
+    "openai": ("openai_config", OpenAIConfig, TASKS),
+    "anthropic": ("anthropic_config", AnthropicConfig, ("llm/v1/chat", "llm/v1/completions")),
+    "databricks-model-serving": ("databricks_model_serving_config", ServingEndpointConfig, TASKS),
+}
+
+
+@dataclass(frozen=True)
 class ExternalModel:
     """A model hosted by a provider, reached over its HTTP API."""
 
     name: str
     provider: str
     task: str
-    openai_config: OpenAIConfig | None = None
+    config: ProviderConfig | None = None
+
+    @property
+    def openai_config(self) -> OpenAIConfig | None:
+        return self.config if isinstance(self.config, OpenAIConfig) else None
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "ExternalModel":
         data = _mapping(data, path)
-        _check_keys(data, ("name", "provider", "task", "openai_config"), path)
+        config_keys = [key for key, _, _ in PROVIDER_CONFIGS.values()]
+        _check_keys(data, ("name", "provider", "task", *config_keys), path)
         name = _string(data, "name", path)
         provider = _string(data, "provider", path)
-        if provider not in PROVIDERS:
-            raise ConfigError(f"{path}.provider is {provider!r}; supported providers are {', '.join(PROVIDERS)}")
+        if provider not in PROVIDER_CONFIGS:
+            raise ConfigError(f"{path}.provider is {provider!r}; supported providers are {', '.join(PROVIDER_CONFIGS)}")
+        config_key, config_cls, tasks = PROVIDER_CONFIGS[provider]  # type: ignore[index]
         task = _task(data, path)
-        config_key = f"{provider}_config"
+        if task not in tasks:
+            raise ConfigError(f"{path}.task is {task!r}, which provider {provider!r} does not serve; use one of {', '.join(tasks)}")
         if config_key not in data:
-            raise ConfigError(f"{path}.{config_key} is required for provider {provider!r} (it holds the API key and base URL)")
-        openai_config = OpenAIConfig.from_dict(data[config_key], f"{path}.{config_key}")
-        return cls(name, provider, task, openai_config)  # type: ignore[arg-type]
+            raise ConfigError(f"{path}.{config_key} is required for provider {provider!r} (it holds the credentials and the URL)")
+        others = [k for k in config_keys if k in data and k != config_key]
+        if others:
+            raise ConfigError(f"{path}: {', '.join(others)} does not go with provider {provider!r}; use {config_key}")
+        config = config_cls.from_dict(data[config_key], f"{path}.{config_key}")
+        return cls(name, provider, task, config)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "provider": self.provider, "task": self.task}
-        if self.openai_config is not None:
-            out["openai_config"] = self.openai_config.to_dict()
+        if self.config is not None:
+            out[PROVIDER_CONFIGS[self.provider][0]] = self.config.to_dict()
         return out
 
 
@@ -169,12 +263,45 @@ class LocalModel:
 
 
 @dataclass(frozen=True)
+class Pricing:
+    """Dollars per million input and output tokens; fills ``aiq_cost_usd``."""
+
+    input_usd_per_million_tokens: float
+    output_usd_per_million_tokens: float
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> "Pricing":
+        data = _mapping(data, path)
+        _check_keys(data, ("input_usd_per_million_tokens", "output_usd_per_million_tokens"), path)
+        for key in ("input_usd_per_million_tokens", "output_usd_per_million_tokens"):
+            if key not in data:
+                raise ConfigError(f"{path}.{key} is required (dollars per million tokens, e.g. 0.15)")
+        return cls(
+            float(_number(data, "input_usd_per_million_tokens", path, 0.0, minimum=0)),
+            float(_number(data, "output_usd_per_million_tokens", path, 0.0, minimum=0)),
+        )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_usd_per_million_tokens + completion_tokens * self.output_usd_per_million_tokens) / 1e6
+
+    def to_dict(self) -> dict[str, float]:
+        return {"input_usd_per_million_tokens": self.input_usd_per_million_tokens,
+                "output_usd_per_million_tokens": self.output_usd_per_million_tokens}
+
+
+@dataclass(frozen=True)
 class ServedEntity:
     """One model behind an endpoint: exactly one of ``external_model`` or ``local_model``."""
 
     name: str
     external_model: ExternalModel | None = None
     local_model: LocalModel | None = None
+    pricing: Pricing | None = None
+    """Cost per token; also taken from the endpoints file's ``prices`` table by model name."""
+    min_provisioned_throughput: int | None = None
+    max_provisioned_throughput: int | None = None
+    """Provisioned throughput in tokens/s: the client paces requests to this rate."""
+    throughput_chunk_size: int | None = None
 
     @property
     def task(self) -> str:
@@ -193,7 +320,8 @@ class ServedEntity:
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "ServedEntity":
         data = _mapping(data, path)
-        _check_keys(data, ("name", "external_model", "local_model"), path)
+        _check_keys(data, ("name", "external_model", "local_model", "pricing", "min_provisioned_throughput",
+                           "max_provisioned_throughput", "throughput_chunk_size"), path)
         kinds = [k for k in ("external_model", "local_model") if k in data]
         if len(kinds) != 1:
             raise ConfigError(f"{path} must have exactly one of external_model or local_model, found {kinds or 'neither'}")
@@ -202,7 +330,27 @@ class ServedEntity:
         default_name = (external.name if external else local.model) if (external or local) else None  # type: ignore[union-attr]
         name = _string(data, "name", path, required=False, default=default_name)
         assert name is not None
-        return cls(name, external, local)
+        pricing = Pricing.from_dict(data["pricing"], f"{path}.pricing") if "pricing" in data else None
+        pt = {}
+        for key in ("min_provisioned_throughput", "max_provisioned_throughput", "throughput_chunk_size"):
+            if key in data:
+                pt[key] = _number(data, key, path, 0, minimum=1 if key == "throughput_chunk_size" else 0, integer=True)
+        low, high, chunk = pt.get("min_provisioned_throughput"), pt.get("max_provisioned_throughput"), pt.get("throughput_chunk_size")
+        if low is not None and high is None:
+            raise ConfigError(f"{path}: min_provisioned_throughput needs max_provisioned_throughput (tokens/s)")
+        if high is not None:
+            if high < 1:
+                raise ConfigError(f"{path}.max_provisioned_throughput must be >= 1 token/s, got {high}")
+            if low is not None and low > high:
+                raise ConfigError(f"{path}: min_provisioned_throughput ({low}) is larger than max_provisioned_throughput ({high})")
+            if chunk is not None:
+                for key, value in (("min_provisioned_throughput", low), ("max_provisioned_throughput", high)):
+                    if value is not None and value % chunk:
+                        raise ConfigError(
+                            f"{path}.{key} ({value}) must be a multiple of throughput_chunk_size ({chunk}); "
+                            f"use {value // chunk * chunk or chunk} or {(value // chunk + 1) * chunk}"
+                        )
+        return cls(name, external, local, pricing, low, high, chunk)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -210,6 +358,11 @@ class ServedEntity:
             out["external_model"] = self.external_model.to_dict()
         if self.local_model is not None:
             out["local_model"] = self.local_model.to_dict()
+        if self.pricing is not None:
+            out["pricing"] = self.pricing.to_dict()
+        for key in ("min_provisioned_throughput", "max_provisioned_throughput", "throughput_chunk_size"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -248,6 +401,13 @@ class ClientConfig:
     """Attempts per row for 5xx, timeouts, resets and malformed bodies."""
     rate_limit_wait_s: float = 600.0
     """How long a row may keep waiting through 429s (quota windows) before it is failed."""
+    requests_per_minute: int | None = None
+    """The endpoint's request quota (pay-per-token limits); the client keeps under it."""
+    tokens_per_minute: int | None = None
+    """The endpoint's token quota; prompt + max_tokens is reserved at admission, refunded from usage."""
+    queries_per_hour: int | None = None
+    retry_budget: float = 0.5
+    """Retries of 5xx / timeouts / resets earn this many per row sent (from a floor of 10, up to 100 banked)."""
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "ClientConfig":
@@ -259,6 +419,10 @@ class ClientConfig:
             request_timeout_s=float(_number(data, "request_timeout_s", path, cls.request_timeout_s, minimum=0.001)),
             max_attempts=_number(data, "max_attempts", path, cls.max_attempts, minimum=1, integer=True),
             rate_limit_wait_s=float(_number(data, "rate_limit_wait_s", path, cls.rate_limit_wait_s, minimum=0)),
+            requests_per_minute=_optional_int(data, "requests_per_minute", path),
+            tokens_per_minute=_optional_int(data, "tokens_per_minute", path),
+            queries_per_hour=_optional_int(data, "queries_per_hour", path),
+            retry_budget=float(_number(data, "retry_budget", path, cls.retry_budget, minimum=0)),
         )
         if out.initial_concurrency > out.max_concurrency:
             raise ConfigError(
@@ -277,6 +441,10 @@ class EndpointConfig:
     rate_limits: tuple[RateLimit, ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
     client_config: ClientConfig = ClientConfig()
+    traffic_routes: tuple[tuple[str, int], ...] = ()
+    """(served entity name, traffic percentage); empty: all traffic to the first entity."""
+    fallback_enabled: bool = False
+    """On 429 / 5xx / timeouts after retries, try the next served entity (``ai_gateway.fallback_config``)."""
 
     @property
     def task(self) -> str:
@@ -290,7 +458,7 @@ class EndpointConfig:
     @classmethod
     def from_dict(cls, data: Any, path: str = "endpoint") -> "EndpointConfig":
         data = _mapping(data, path)
-        _check_keys(data, ("name", "config", "rate_limits", "tags", "client_config", "route_optimized"), path)
+        _check_keys(data, ("name", "config", "rate_limits", "tags", "client_config", "route_optimized", "ai_gateway"), path)
         name = _string(data, "name", path)
         assert name is not None
         path = f"{path}[{name!r}]"
@@ -302,8 +470,13 @@ class EndpointConfig:
         if not isinstance(entities_raw, list) or not entities_raw:
             raise ConfigError(f"{path}.config.served_entities must be a non-empty list of served entities")
         entities = tuple(ServedEntity.from_dict(e, f"{path}.config.served_entities[{i}]") for i, e in enumerate(entities_raw))
-        if any(e.external_model for e in entities) and len(entities) != 1:
-            raise ConfigError(f"{path}: an endpoint with an external_model must have exactly one served entity")
+        routes = _traffic_routes(config.get("traffic_config"), [e.name for e in entities], f"{path}.config.traffic_config")
+        fallback = _fallback_enabled(data.get("ai_gateway"), f"{path}.ai_gateway")
+        if any(e.external_model for e in entities) and len(entities) != 1 and not (routes or fallback):
+            raise ConfigError(
+                f"{path}: an endpoint with an external_model has exactly one served entity, unless it splits traffic "
+                "(config.traffic_config.routes) or falls back (ai_gateway.fallback_config.enabled)"
+            )
         tasks = {e.task for e in entities}
         if len(tasks) != 1:
             raise ConfigError(f"{path}: all served entities must share one task, found {sorted(tasks)}")
@@ -323,21 +496,65 @@ class EndpointConfig:
             _check_keys(tag, ("key", "value"), f"{path}.tags[{i}]")
             tags.append((_string(tag, "key", f"{path}.tags[{i}]"), str(tag.get("value", ""))))
         client = ClientConfig.from_dict(data.get("client_config", {}), f"{path}.client_config")
-        return cls(name, entities, limits, tuple(tags), client)  # type: ignore[arg-type]
+        return cls(name, entities, limits, tuple(tags), client, routes, fallback)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         """The endpoint as JSON-able data; secrets appear only as references or masked."""
+        config: dict[str, Any] = {"served_entities": [e.to_dict() for e in self.served_entities]}
+        if self.traffic_routes:
+            config["traffic_config"] = {"routes": [{"served_model_name": n, "traffic_percentage": p} for n, p in self.traffic_routes]}
+        extra: dict[str, Any] = {"ai_gateway": {"fallback_config": {"enabled": True}}} if self.fallback_enabled else {}
         return {
             "name": self.name,
-            "config": {"served_entities": [e.to_dict() for e in self.served_entities]},
+            "config": config,
+            **extra,
             "rate_limits": [{"calls": r.calls, "key": r.key, "renewal_period": r.renewal_period} for r in self.rate_limits],
             "tags": [{"key": k, "value": v} for k, v in self.tags],
             "client_config": dict(self.client_config.__dict__),
         }
 
 
+def _traffic_routes(data: Any, names: list[str], path: str) -> tuple[tuple[str, int], ...]:
+    if data is None:
+        return ()
+    data = _mapping(data, path)
+    _check_keys(data, ("routes",), path)
+    routes_raw = data.get("routes")
+    if not isinstance(routes_raw, list) or not routes_raw:
+        raise ConfigError(f"{path}.routes must be a non-empty list of {{\"served_model_name\": ..., \"traffic_percentage\": ...}}")
+    routes = []
+    for i, route in enumerate(routes_raw):
+        rpath = f"{path}.routes[{i}]"
+        route = _mapping(route, rpath)
+        _check_keys(route, ("served_model_name", "served_entity_name", "traffic_percentage"), rpath)
+        name = route.get("served_model_name", route.get("served_entity_name"))
+        if name not in names:
+            raise ConfigError(f"{rpath} names {name!r}, which is not a served entity of this endpoint ({', '.join(names)})")
+        routes.append((name, _number(route, "traffic_percentage", rpath, 0, minimum=0, integer=True)))
+    total = sum(p for _, p in routes)
+    if total != 100:
+        raise ConfigError(f"{path}.routes: traffic percentages add up to {total}, not 100")
+    return tuple(routes)
+
+
+def _fallback_enabled(data: Any, path: str) -> bool:
+    if data is None:
+        return False
+    data = _mapping(data, path)
+    _check_keys(data, ("fallback_config",), path)
+    fallback = _mapping(data.get("fallback_config", {}), f"{path}.fallback_config")
+    _check_keys(fallback, ("enabled",), f"{path}.fallback_config")
+    enabled = fallback.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}.fallback_config.enabled must be true or false, got {enabled!r}")
+    return enabled
+
+
 def _endpoint_list(data: Any, source: str) -> list[Any]:
     if isinstance(data, Mapping) and "endpoints" in data:
+        unknown = sorted(set(data) - {"endpoints", "prices"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; allowed are endpoints, prices")
         data = data["endpoints"]
     if isinstance(data, Mapping):
         data = [data]
@@ -379,8 +596,21 @@ class EndpointRegistry:
 
     @classmethod
     def from_data(cls, data: Any, source: str = "endpoints") -> "EndpointRegistry":
+        """Endpoints from parsed JSON; a top-level ``prices`` table ({model: pricing}) fills entities without one."""
+        prices: dict[str, Pricing] = {}
+        if isinstance(data, Mapping) and "prices" in data:
+            table = _mapping(data["prices"], f"{source}.prices")
+            prices = {model: Pricing.from_dict(p, f"{source}.prices[{model!r}]") for model, p in table.items()}
         items = _endpoint_list(data, source)
-        return cls(EndpointConfig.from_dict(item, f"{source}[{i}]") for i, item in enumerate(items))
+        endpoints = [EndpointConfig.from_dict(item, f"{source}[{i}]") for i, item in enumerate(items)]
+        if prices:
+            endpoints = [
+                replace(ep, served_entities=tuple(
+                    e if e.pricing is not None or e.model_name not in prices else replace(e, pricing=prices[e.model_name])
+                    for e in ep.served_entities))
+                for ep in endpoints
+            ]
+        return cls(endpoints)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "EndpointRegistry":

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from ._config import LocalModel, ServedEntity
+from ._config import AnthropicConfig, LocalModel, ServedEntity, ServingEndpointConfig
 from ._errors import (
     EndpointError,
     LocalEngineError,
@@ -91,7 +91,7 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
     request_id = headers.get("x-request-id")
     detail = _error_detail(body)
     message = f"HTTP {status} from {endpoint_hint}: {detail}"
-    if status == 429 or (status == 503 and "retry-after" in headers):
+    if status in (429, 529) or (status == 503 and "retry-after" in headers):
         raise RateLimitedError(message, status_code=status, request_id=request_id, retry_after=parse_retry_after(headers))
     if status in (408, 409, 425) or status >= 500:
         raise RetryableEndpointError(message, status_code=status, request_id=request_id)
@@ -106,6 +106,69 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
             f"{message}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
         )
     raise PermanentEndpointError(message, status_code=status, request_id=request_id)
+
+
+def llm_v1_body(task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request body of the ``llm/v1/*`` schemas (OpenAI's, without ``model``)."""
+    body: dict[str, Any] = {}
+    if task == "llm/v1/chat":
+        body["messages"] = value if isinstance(value, list) else [{"role": "user", "content": value}]
+    elif task == "llm/v1/completions":
+        body["prompt"] = value
+    else:
+        body["input"] = value
+    if task != "llm/v1/embeddings":
+        body.update(params.as_dict())
+        if response_format is not None:
+            body["response_format"] = dict(response_format)
+    return body
+
+
+def _bearer(credential: tuple[str | None, str | None]) -> str | None:
+    ref, plain = credential
+    return resolve_secret(ref) if ref is not None else plain
+
+
+def _parse_openai_shape(
+    entity: ServedEntity, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str, model: str
+) -> ModelResponse:
+    """Read an OpenAI-shaped answer (also the ``llm/v1/*`` serving-endpoint schemas)."""
+    raise_for_status(status, headers, body, f"served entity {entity.name!r}")
+    try:
+        data = json.loads(body)
+        if task == "llm/v1/embeddings":
+            value: Any = [float(x) for x in data["data"][0]["embedding"]]
+            completion_text = ""
+            finish = None
+        else:
+            choice = data["choices"][0]
+            value = choice["message"]["content"] if task == "llm/v1/chat" else choice["text"]
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise TypeError(f"content is {type(value).__name__}")
+            completion_text = value
+            finish = choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _malformed(entity, task, status, headers, body, exc) from exc
+    usage = Usage.from_payload(data.get("usage"), prompt_text, completion_text)
+    return ModelResponse(
+        value=value,
+        usage=usage,
+        model=data.get("model") or model,
+        request_id=headers.get("x-request-id") or data.get("id"),
+        finish_reason=finish,
+        raw=data,
+    )
+
+
+def _malformed(entity: ServedEntity, task: str, status: int, headers: Mapping[str, str], body: bytes, exc: Exception) -> RetryableEndpointError:
+    return RetryableEndpointError(
+        f"HTTP {status} from served entity {entity.name!r} with a body that is not a valid {task} response "
+        f"({type(exc).__name__}: {exc}): {body[:200]!r}",
+        status_code=status,
+        request_id=headers.get("x-request-id"),
+    )
 
 
 class OpenAICompatibleProvider:
@@ -125,9 +188,7 @@ class OpenAICompatibleProvider:
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json"}
-        key = self._config.openai_api_key_plaintext
-        if self._config.openai_api_key is not None:
-            key = resolve_secret(self._config.openai_api_key)
+        key = _bearer(self._config.credential())
         if key:
             headers["authorization"] = f"Bearer {key}"
         if self._config.openai_organization:
@@ -135,50 +196,85 @@ class OpenAICompatibleProvider:
         return headers
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
-        body: dict[str, Any] = {"model": await self.model()}
-        if task == "llm/v1/chat":
-            messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
-            body["messages"] = messages
-        elif task == "llm/v1/completions":
-            body["prompt"] = value
-        else:
-            body["input"] = value
-        if task != "llm/v1/embeddings":
-            body.update(params.as_dict())
-            if response_format is not None:
-                body["response_format"] = dict(response_format)
+        body = {"model": await self.model(), **llm_v1_body(task, value, params, response_format)}
         return HTTPRequest("POST", (await self.base_url()) + _PATHS[task], self._headers(), body)
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
+        return _parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)
+
+
+class ServingEndpointProvider:
+    """A serving endpoint: ``POST {workspace}/serving-endpoints/{name}/invocations`` with a bearer token.
+
+    Bodies and answers follow the ``llm/v1/chat``, ``llm/v1/completions`` and ``llm/v1/embeddings``
+    schemas (OpenAI-shaped, without a ``model`` field: the URL names the endpoint).
+    """
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and isinstance(entity.external_model.config, ServingEndpointConfig)
+        self.entity = entity
+        self._config: ServingEndpointConfig = entity.external_model.config
+        self._name = entity.external_model.name
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
+        body = llm_v1_body(task, value, params, response_format)
+        headers = {"content-type": "application/json"}
+        token = _bearer(self._config.credential())
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        url = f"{self._config.databricks_workspace_url}/serving-endpoints/{self._name}/invocations"
+        return HTTPRequest("POST", url, headers, body)
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
+        return _parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._name)
+
+
+class AnthropicProvider:
+    """The Anthropic Messages API; chat (and completions, sent as one user message) map to messages."""
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and isinstance(entity.external_model.config, AnthropicConfig)
+        self.entity = entity
+        self._config: AnthropicConfig = entity.external_model.config
+        self._model = entity.external_model.name
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
+        messages = value if isinstance(value, list) else [{"role": "user", "content": value}]
+        system = [m["content"] for m in messages if isinstance(m, Mapping) and m.get("role") == "system"]
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": [m for m in messages if not (isinstance(m, Mapping) and m.get("role") == "system")],
+        }
+        if system:
+            body["system"] = "\n\n".join(str(x) for x in system)
+        p = params.as_dict()
+        body["max_tokens"] = p.pop("max_tokens", 1024)  # required by the Messages API
+        if "stop" in p:
+            body["stop_sequences"] = p.pop("stop")
+        for key in ("temperature", "top_p", "top_k"):
+            if key in p:
+                body[key] = p[key]
+        headers = {"content-type": "application/json", "anthropic-version": self._config.anthropic_version}
+        key = _bearer(self._config.credential())
+        if key:
+            headers["x-api-key"] = key
+        return HTTPRequest("POST", f"{self._config.anthropic_api_base}/v1/messages", headers, body)
 
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         raise_for_status(status, headers, body, f"served entity {self.entity.name!r}")
         try:
             data = json.loads(body)
-            if task == "llm/v1/embeddings":
-                value: Any = [float(x) for x in data["data"][0]["embedding"]]
-                completion_text = ""
-                finish = None
-            else:
-                choice = data["choices"][0]
-                value = choice["message"]["content"] if task == "llm/v1/chat" else choice["text"]
-                if value is None:
-                    value = ""
-                if not isinstance(value, str):
-                    raise TypeError(f"content is {type(value).__name__}")
-                completion_text = value
-                finish = choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise RetryableEndpointError(
-                f"HTTP {status} from served entity {self.entity.name!r} with a body that is not a valid {task} response "
-                f"({type(exc).__name__}: {exc}): {body[:200]!r}",
-                status_code=status,
-                request_id=headers.get("x-request-id"),
-            ) from exc
-        usage = Usage.from_payload(data.get("usage"), prompt_text, completion_text)
+            parts = data["content"]
+            text = "".join(p.get("text", "") for p in parts if isinstance(p, Mapping) and p.get("type") == "text")
+            usage_raw = data.get("usage")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise _malformed(self.entity, task, status, headers, body, exc) from exc
+        finish = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}.get(data.get("stop_reason"), data.get("stop_reason"))
         return ModelResponse(
-            value=value,
-            usage=usage,
+            value=text,
+            usage=Usage.from_payload(usage_raw, prompt_text, text),
             model=data.get("model") or self._model,
-            request_id=headers.get("x-request-id") or data.get("id"),
+            request_id=headers.get("request-id") or data.get("id"),
             finish_reason=finish,
             raw=data,
         )
@@ -232,6 +328,11 @@ def provider_for(entity: ServedEntity) -> Provider:
     if entity.local_model is not None:
         return LocalModelProvider(entity)
     assert entity.external_model is not None
-    if entity.external_model.provider == "openai":
+    provider = entity.external_model.provider
+    if provider == "openai":
         return OpenAICompatibleProvider(entity)
+    if provider == "anthropic":
+        return AnthropicProvider(entity)
+    if provider == "databricks-model-serving":
+        return ServingEndpointProvider(entity)
     raise EndpointError(f"no provider adapter for {entity.external_model.provider!r}")  # pragma: no cover

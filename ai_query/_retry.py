@@ -14,7 +14,7 @@ import time
 from typing import Awaitable, Callable
 
 import tenacity
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
@@ -53,6 +53,54 @@ class stop_for_endpoint(stop_base):
         return self.other_failures >= self.max_attempts
 
 
+class RetryBudget:
+    """A bucket of retries for failures other than rate limits, so a dead endpoint cannot cause a storm.
+
+    It starts with ``floor`` retries, gains ``ratio`` per first attempt and holds at most
+    ``cap``; each retry spends one. A healthy endpoint with sporadic faults never runs dry;
+    one that fails everything gets about ``ratio`` retries per new row once the bucket is
+    spent, instead of ``max_attempts - 1``.
+    """
+
+    def __init__(self, ratio: float = 0.5, floor: float = 10.0, cap: float = 100.0) -> None:
+        self.ratio = ratio
+        self.cap = max(cap, floor)
+        self.balance = float(floor)
+        self.first_attempts = 0
+        self.retries = 0
+
+    def record_first_attempt(self) -> None:
+        self.first_attempts += 1
+        self.balance = min(self.cap, self.balance + self.ratio)
+
+    def can_retry(self) -> bool:
+        return self.balance >= 1.0
+
+    def spend(self) -> None:
+        self.retries += 1
+        self.balance -= 1.0
+
+
+class retry_within_budget(tenacity.retry_base):
+    """Retry ``RetryableEndpointError``; rate limits always, other failures while the budget lasts."""
+
+    def __init__(self, budget: RetryBudget | None) -> None:
+        self.budget = budget
+        self.exhausted = False
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if not isinstance(exc, RetryableEndpointError):
+            return False
+        if isinstance(exc, RateLimitedError) or self.budget is None:
+            return True
+        if not self.budget.can_retry():
+            self.exhausted = True
+            return False
+        self.budget.spend()
+        return True
+
+
 def make_retrying(
     *,
     max_attempts: int,
@@ -61,10 +109,11 @@ def make_retrying(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     initial_backoff: float = 0.5,
     max_backoff: float = 30.0,
+    budget: RetryBudget | None = None,
 ) -> AsyncRetrying:
     """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts)."""
     return AsyncRetrying(
-        retry=retry_if_exception_type(RetryableEndpointError),
+        retry=retry_within_budget(budget),
         wait=wait_retry_after(wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff), cap=max_backoff * 2),
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock),
         sleep=sleep,

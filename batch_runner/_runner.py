@@ -35,6 +35,7 @@ class RunSummary:
     completion_tokens: int
     seconds: float
     response_column: str
+    cost_usd: float | None = None
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -55,6 +56,7 @@ class RunSummary:
             f"  rows ok      {self.rows_ok:>10}",
             f"  rows failed  {self.rows_failed:>10}",
             f"  tokens       {self.total_tokens:>10}  (prompt {self.prompt_tokens}, completion {self.completion_tokens})",
+            f"  cost         {'unknown (no pricing)' if self.cost_usd is None else f'{self.cost_usd:>10.4f} USD'}",
             f"  time         {self.seconds:>10.1f} s",
             f"  rows/s       {self.rows_per_s:>10.2f}",
         ]
@@ -238,5 +240,6 @@ def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int
         completion_tokens=pc.sum(table.column("aiq_completion_tokens")).as_py() or 0,
         seconds=seconds,
         response_column=response_column,
+        cost_usd=pc.sum(table.column("aiq_cost_usd")).as_py() if table.column("aiq_cost_usd").null_count < table.num_rows else None,
         examples=sample,
     )

@@ -90,23 +90,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    import time
+    from ai_query.testing import simulator_main
 
-    from ai_query.testing import ProviderSimulator
-
-    sim = ProviderSimulator(port=args.port, latency_s=args.latency, max_concurrency=args.max_concurrency, api_key=args.api_key)
-    sim.start()
-    print(f"provider simulator on {sim.base_url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sim.stop()
-        print(json.dumps({"requests": sim.stats.requests, "prompt_tokens": sim.stats.prompt_tokens,
-                          "completion_tokens": sim.stats.completion_tokens}))
-    return EXIT_OK
+    return simulator_main(args.simulator_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("models", nargs="*", default=["smollm2-135m-instruct", "tiny-llama", "all-minilm-l6-v2"], help="model aliases")
     prepare.set_defaults(func=_cmd_prepare)
 
-    simulate = sub.add_parser("simulate", help="run an OpenAI-compatible provider simulator", description="Serve /v1/chat/completions, /v1/completions and /v1/embeddings with deterministic answers.")
-    simulate.add_argument("--port", type=int, default=8000)
-    simulate.add_argument("--latency", type=float, default=0.0, help="seconds per request")
-    simulate.add_argument("--max-concurrency", type=int, default=None, help="answer 429 above this many requests in flight")
-    simulate.add_argument("--api-key", default=None, help="require this bearer token")
+    simulate = sub.add_parser(
+        "simulate",
+        help="run a provider simulator (OpenAI, Anthropic, serving-endpoint wire formats)",
+        description="Run the provider simulator; every option after 'simulate' goes to it (ai-query simulate --help).",
+        add_help=False,
+    )
+    simulate.add_argument("simulator_args", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=_cmd_simulate)
     return parser
 

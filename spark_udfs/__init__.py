@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._providers import resolve_local_server
+from ai_query._quota import QuotaBroker, QuotaLimits
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, replace_names
@@ -62,6 +63,8 @@ class _SessionState:
     variants: dict[UDFSpec, str] = field(default_factory=dict)
     progress_address: tuple[str, int] | None = None
     prepared: set[str] = field(default_factory=set)
+    quota_broker: QuotaBroker | None = None
+    quota_share: float = 1.0
 
 
 _STATES: dict[int, _SessionState] = {}
@@ -93,9 +96,21 @@ def register(
         registry = EndpointRegistry.default(endpoints)
     state = _STATES.get(id(spark))
     original = state.original_sql if state is not None else spark.sql
+    if state is not None and state.quota_broker is not None:
+        state.quota_broker.close()
     state = _STATES[id(spark)] = _SessionState(registry, original)
+    # Quotas (requests/min, tokens/min, provisioned tokens/s) hold for the whole job: tasks lease
+    # them from a broker on the driver; each worker's fallback share assumes every slot is busy.
+    if any(QuotaLimits.of(ep) is not None for ep in registry):
+        state.quota_broker = QuotaBroker(list(registry), host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+    state.quota_share = 1.0 / max(1, spark.sparkContext.defaultParallelism)
     register_delta(spark)
-    spark.udf.register("ai_query", build_udf(UDFSpec(_DEFAULT_SPEC_TYPE), registry))
+    default = UDFSpec(
+        _DEFAULT_SPEC_TYPE,
+        quota_broker=state.quota_broker.address if state.quota_broker is not None else None,
+        quota_share=state.quota_share,
+    )
+    spark.udf.register("ai_query", build_udf(default, registry))
     if rewrite_sql:
         def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
             return original(rewrite(spark, sqlQuery), args, **kwargs)
@@ -209,8 +224,10 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
             audit=audit,
             response_format_json=fmt_json,
             progress_address=state.progress_address,
+            quota_broker=state.quota_broker.address if state.quota_broker is not None else None,
+            quota_share=state.quota_share,
         )
-        if spec == UDFSpec(_DEFAULT_SPEC_TYPE):
+        if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
             continue
         name = state.variants.get(spec)
         if name is None:

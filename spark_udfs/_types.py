@@ -36,6 +36,8 @@ AUDIT_FIELDS: list[StructField] = [
     StructField("aiq_prompt_tokens", LongType()),
     StructField("aiq_completion_tokens", LongType()),
     StructField("aiq_total_tokens", LongType()),
+    StructField("aiq_usage_estimated", BooleanType()),
+    StructField("aiq_cost_usd", DoubleType()),
     StructField("aiq_latency_ms", DoubleType()),
     StructField("aiq_attempts", IntegerType()),
     StructField("aiq_status", StringType()),

@@ -29,6 +29,10 @@ class UDFSpec:
     response_format_json: str | None = None
     """The OpenAI-style ``response_format`` object, computed on the driver from ``responseFormat``."""
     progress_address: tuple[str, int] | None = None
+    quota_broker: tuple[str, int] | None = None
+    """The driver's ``QuotaBroker``: quotas hold for the whole job, not per worker."""
+    quota_share: float = 1.0
+    """This worker's static share of each quota when the broker cannot be reached."""
 
     def value_type(self):
         from pyspark.sql.types import _parse_datatype_json_string
@@ -76,7 +80,7 @@ def evaluate_batch(
             "or spark_udfs.sql(spark, query)"
         )
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
-    client = shared_client(registry)
+    client = shared_client(registry, spec.quota_broker, spec.quota_share)
     reporter = reporter_for(spec.progress_address)
 
     groups: dict[tuple[Any, str], list[int]] = {}
@@ -161,6 +165,8 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
                     "aiq_prompt_tokens": r.prompt_tokens,
                     "aiq_completion_tokens": r.completion_tokens,
                     "aiq_total_tokens": r.total_tokens,
+                    "aiq_usage_estimated": r.usage_estimated,
+                    "aiq_cost_usd": r.cost_usd,
                     "aiq_latency_ms": round(r.latency_ms, 3),
                     "aiq_attempts": r.attempts,
                     "aiq_status": "ok" if error is None else "error",

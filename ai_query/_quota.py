@@ -1,0 +1,323 @@
+"""Request and token quotas (requests/min, tokens/min, queries/hour, provisioned tokens/s).
+
+``SlidingWindowLimit`` admits an amount only if the amounts admitted over the last ``window_s``
+stay within ``limit``: stricter than a server's fixed window, so it never trips one, however the
+two clocks' windows are aligned. ``EndpointQuota`` holds an endpoint's limits; ``admit()``
+reserves one request and ``prompt + max_tokens`` tokens, ``settle()`` refunds (or charges) the
+difference once the real usage is known, and ``pause_until()`` stops all admissions after a
+``Retry-After``.
+
+Quotas are shared across Spark executors through a ``QuotaBroker`` on the driver (a small
+HTTP server, stdlib only): every process asks it for leases, so the limit holds for the whole
+job instead of being multiplied by the number of workers. When the broker is unreachable a
+process falls back to a static share (``1 / workers``) of each limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import socket
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Awaitable, Callable, Protocol
+
+from ._config import ClientConfig, EndpointConfig
+
+
+class SlidingWindowLimit:
+    """At most ``limit`` units in any ``window_s`` span."""
+
+    def __init__(self, limit: float, window_s: float) -> None:
+        if limit <= 0 or window_s <= 0:
+            raise ValueError(f"limit and window_s must be > 0, got {limit}, {window_s}")
+        self.limit = float(limit)
+        self.window_s = float(window_s)
+        self._events: deque[list[float]] = deque()  # [time, amount]
+        self._used = 0.0
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            self._used -= self._events.popleft()[1]
+
+    def wait_time(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` fits (0 if it fits now). An amount above the limit waits for an empty window."""
+        self._expire(now)
+        amount = min(amount, self.limit)
+        if self._used + amount <= self.limit + 1e-9:
+            return 0.0
+        excess = self._used + amount - self.limit
+        for t, a in self._events:
+            excess -= a
+            if excess <= 1e-9:
+                return max(0.0, t + self.window_s - now)
+        return self.window_s
+
+    def take(self, amount: float, now: float) -> None:
+        self._events.append([now, amount])
+        self._used += amount
+
+    def adjust(self, delta: float, now: float) -> None:
+        """Refund (negative) or charge (positive) the newest admissions once real usage is known."""
+        self._expire(now)
+        if delta >= 0:
+            self.take(delta, now)
+            return
+        refund = -delta
+        for event in reversed(self._events):
+            give = min(refund, event[1])
+            event[1] -= give
+            self._used -= give
+            refund -= give
+            if refund <= 0:
+                break
+
+    @property
+    def used(self) -> float:
+        return self._used
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """The limits of one endpoint, already scaled to this process's share."""
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    queries_per_hour: float | None = None
+    tokens_per_second: float | None = None  # provisioned throughput
+
+    @classmethod
+    def of(cls, endpoint: EndpointConfig, share: float = 1.0) -> "QuotaLimits | None":
+        cc: ClientConfig = endpoint.client_config
+        pt = endpoint.entity.max_provisioned_throughput
+        limits = cls(
+            cc.requests_per_minute * share if cc.requests_per_minute else None,
+            cc.tokens_per_minute * share if cc.tokens_per_minute else None,
+            cc.queries_per_hour * share if cc.queries_per_hour else None,
+            pt * share if pt else None,
+        )
+        return None if limits == cls() else limits
+
+    def windows(self) -> list[tuple[str, SlidingWindowLimit]]:
+        out = []
+        if self.requests_per_minute:
+            out.append(("requests", SlidingWindowLimit(self.requests_per_minute, 60.0)))
+        if self.queries_per_hour:
+            out.append(("requests", SlidingWindowLimit(self.queries_per_hour, 3600.0)))
+        if self.tokens_per_minute:
+            out.append(("tokens", SlidingWindowLimit(self.tokens_per_minute, 60.0)))
+        if self.tokens_per_second:
+            # Provisioned throughput: pace to tokens/s with at most a quarter second's burst, so
+            # the jitter between admission here and arrival there cannot bunch two bursts into
+            # one second of the server's.
+            out.append(("tokens", SlidingWindowLimit(max(self.tokens_per_second * 0.25, 1.0), 0.25)))
+        return out
+
+
+class QuotaState:
+    """The admission logic over a set of windows; shared by the local quota and the broker."""
+
+    def __init__(self, limits: QuotaLimits) -> None:
+        self.limits = limits
+        self._windows = limits.windows()
+        self.paused_until = 0.0
+        self._lock = threading.Lock()
+
+    def try_admit(self, requests: int, tokens: float, now: float) -> float:
+        """Take the amounts and return 0, or take nothing and return the seconds to wait."""
+        with self._lock:
+            if now < self.paused_until:
+                return self.paused_until - now
+            wait = max((w.wait_time(requests if kind == "requests" else tokens, now) for kind, w in self._windows), default=0.0)
+            if wait > 0:
+                return wait
+            for kind, w in self._windows:
+                w.take(requests if kind == "requests" else tokens, now)
+            return 0.0
+
+    def settle(self, token_delta: float, now: float) -> None:
+        with self._lock:
+            for kind, w in self._windows:
+                if kind == "tokens" and token_delta:
+                    w.adjust(token_delta, now)
+
+    def pause_until(self, until: float) -> None:
+        with self._lock:
+            self.paused_until = max(self.paused_until, until)
+
+
+class Quota(Protocol):
+    async def admit(self, tokens: float) -> None: ...
+
+    def settle(self, reserved: float, actual: float) -> None: ...
+
+    def pause_for(self, seconds: float) -> None: ...
+
+
+class LocalQuota:
+    """An endpoint's quota enforced in this process alone (a static share of the limits)."""
+
+    def __init__(self, limits: QuotaLimits, *, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.state = QuotaState(limits)
+        self._clock = clock
+        self._sleep = sleep
+        self.waited_s = 0.0
+
+    async def admit(self, tokens: float) -> None:
+        while True:
+            wait = self.state.try_admit(1, tokens, self._clock())
+            if wait <= 0:
+                return
+            self.waited_s += wait
+            await self._sleep(min(wait, 5.0))
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.state.settle(actual - reserved, self._clock())
+
+    def pause_for(self, seconds: float) -> None:
+        self.state.pause_until(self._clock() + seconds)
+
+
+# -- the broker: one quota for every executor of a job ---------------------------------------
+
+
+class QuotaBroker:
+    """Serves ``/admit``, ``/settle`` and ``/pause`` on the driver for the endpoints of a registry.
+
+    Wall-clock time (``time.time``) is the shared clock: executors of one job run on machines
+    whose clocks agree far better than a quota window.
+    """
+
+    def __init__(self, endpoints: list[EndpointConfig], host: str = "127.0.0.1") -> None:
+        self.states: dict[str, QuotaState] = {}
+        for endpoint in endpoints:
+            limits = QuotaLimits.of(endpoint)
+            if limits is not None:
+                self.states[endpoint.name] = QuotaState(limits)
+        broker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # no per-request logging
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("content-length", 0))
+                try:
+                    msg = json.loads(self.rfile.read(length))
+                    reply = broker.handle(self.path, msg)
+                    status = 200
+                except (ValueError, KeyError) as exc:
+                    reply, status = {"error": str(exc)}, 400
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server.daemon_threads = True
+        self.address: tuple[str, int] = self._server.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="ai-query-quota-broker", daemon=True)
+        self._thread.start()
+
+    def handle(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
+        state = self.states.get(msg["endpoint"])
+        now = time.time()
+        if state is None:
+            return {"wait_s": 0.0}
+        if path == "/admit":
+            return {"wait_s": state.try_admit(int(msg.get("requests", 1)), float(msg.get("tokens", 0)), now)}
+        if path == "/settle":
+            state.settle(float(msg["token_delta"]), now)
+            return {}
+        if path == "/pause":
+            state.pause_until(now + float(msg["seconds"]))
+            return {}
+        raise KeyError(f"unknown broker path {path}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class BrokeredQuota:
+    """An endpoint's quota leased from the driver's broker; a static share if it cannot be reached."""
+
+    def __init__(self, endpoint: str, address: tuple[str, int], fallback: LocalQuota, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, timeout_s: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.url = f"http://{address[0]}:{address[1]}"
+        self.fallback = fallback
+        self._sleep = sleep
+        self._timeout = timeout_s
+        self.broker_failed = False
+
+    def _post(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            return json.loads(response.read())
+
+    async def _call(self, path: str, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """The broker's answer; ``None`` once it is known to be unreachable.
+
+        Only a refused or unroutable connection counts as unreachable: a slow answer on a busy
+        driver is retried, because the broker may already have granted it, and falling back
+        then would admit the request twice.
+        """
+        loop = asyncio.get_running_loop()
+        while not self.broker_failed:
+            try:
+                return await loop.run_in_executor(None, self._post, path, msg)
+            except (TimeoutError, socket.timeout):
+                continue
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                    continue
+                self.broker_failed = True  # from now on this process keeps to its static share
+            except OSError:
+                self.broker_failed = True
+        return None
+
+    async def admit(self, tokens: float) -> None:
+        msg = {"endpoint": self.endpoint, "requests": 1, "tokens": tokens}
+        while True:
+            reply = await self._call("/admit", msg)
+            if reply is None:
+                return await self.fallback.admit(tokens)
+            wait = float(reply.get("wait_s", 0.0))
+            if wait <= 0:
+                return
+            await self._sleep(min(wait, 5.0))
+
+    def _send_later(self, path: str, msg: dict[str, Any]) -> None:
+        """Fire and forget (off the event loop): settling and pausing need no answer."""
+        def send() -> None:
+            try:
+                self._post(path, msg)
+            except OSError:
+                self.broker_failed = True
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, send)
+        except RuntimeError:  # no loop: called from plain code
+            send()
+
+    def settle(self, reserved: float, actual: float) -> None:
+        if self.broker_failed:
+            self.fallback.settle(reserved, actual)
+        elif actual != reserved:
+            self._send_later("/settle", {"endpoint": self.endpoint, "token_delta": actual - reserved})
+
+    def pause_for(self, seconds: float) -> None:
+        self.fallback.pause_for(seconds)
+        if not self.broker_failed:
+            self._send_later("/pause", {"endpoint": self.endpoint, "seconds": seconds})
