@@ -147,7 +147,8 @@ class EndpointClient:
 
     def _reservation(self, prompt_text: str, params: ModelParameters) -> float:
         """Tokens to reserve at admission: the prompt (estimated) plus the most the answer may take."""
-        prompt = Usage.estimate(prompt_text, "").prompt_tokens
+        # Never under-count: every word is at least one token for any tokenizer in use.
+        prompt = max(Usage.estimate(prompt_text, "").prompt_tokens, len(prompt_text.split()))
         if self.config.task == "llm/v1/embeddings":
             return float(prompt)
         return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
@@ -197,7 +198,10 @@ class EndpointClient:
             return result
         finally:
             if self.quota is not None:
-                self.quota.settle(reserved, charged)
+                # Servers that keep the whole reservation (no refund of unused max_tokens) get
+                # none back from us either; otherwise we would run ahead of their count.
+                refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
+                self.quota.settle(reserved, charged if refund else reserved)
             await route.limiter.release(outcome, started)
 
     async def call(

@@ -66,6 +66,13 @@ def _number(data: Mapping[str, Any], key: str, path: str, default: float, *, min
     return value
 
 
+def _bool(data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key} must be true or false, got {value!r}")
+    return value
+
+
 def _optional_int(data: Mapping[str, Any], key: str, path: str) -> int | None:
     return _number(data, key, path, 0, minimum=1, integer=True) if data.get(key) is not None else None
 
@@ -406,6 +413,9 @@ class ClientConfig:
     tokens_per_minute: int | None = None
     """The endpoint's token quota; prompt + max_tokens is reserved at admission, refunded from usage."""
     queries_per_hour: int | None = None
+    quota_refunds_unused: bool = True
+    """Whether the endpoint gives unused ``max_tokens`` back to the tokens/min window (OpenAI-style
+    gateways differ): if false, the client keeps the full reservation on its books too."""
     retry_budget: float = 0.5
     """Retries of 5xx / timeouts / resets earn this many per row sent (from a floor of 10, up to 100 banked)."""
 
@@ -423,6 +433,7 @@ class ClientConfig:
             tokens_per_minute=_optional_int(data, "tokens_per_minute", path),
             queries_per_hour=_optional_int(data, "queries_per_hour", path),
             retry_budget=float(_number(data, "retry_budget", path, cls.retry_budget, minimum=0)),
+            quota_refunds_unused=_bool(data, "quota_refunds_unused", path, cls.quota_refunds_unused),
         )
         if out.initial_concurrency > out.max_concurrency:
             raise ConfigError(

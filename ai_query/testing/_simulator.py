@@ -1,115 +1,309 @@
-"""A real HTTP server on 127.0.0.1 that answers like an OpenAI-compatible provider.
+"""A real HTTP server on 127.0.0.1 that answers like an OpenAI, Anthropic or serving-endpoint provider.
 
-Responses are deterministic functions of the request, so tests can assert exact values, and the
-server keeps counters of requests and tokens served to compare with what the client recorded.
-Per-prompt directives inject failures without any patching of the client:
+>>> with ProviderSimulator(api_key="sk-sim", latency_s=0.05, rpm_limit=600) as sim:
+...     sim.base_url            # http://127.0.0.1:PORT/v1, for OpenAI clients
+...     sim.url                 # http://127.0.0.1:PORT, for Anthropic clients and serving endpoints
+...     sim.stats.requests      # server-side counters
+
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``GET /v1/models``
+(OpenAI); ``POST /v1/messages`` (Anthropic); ``POST /serving-endpoints/{name}/invocations``
+(Databricks-style serving endpoints); ``GET /_sim/stats`` and ``POST /_sim/reset`` (counters, for
+another process).
+
+**Answers are deterministic.** A generative answer is ``"echo: " + prompt`` (directives removed),
+where the prompt is the message contents joined by newlines (Anthropic: the system prompt first),
+cut at the first stop sequence, then at ``max_tokens`` (else ``default_max_tokens``) words
+(``finish_reason: "length"``, Anthropic ``stop_reason: "max_tokens"``). Tokens are
+whitespace-separated words (:func:`count_tokens`) of the prompt as sent, directives included, so
+tests can predict usage exactly. An embedding is a unit vector drawn from a hash of its input.
+
+**Pipeline of one request**, in order: count it; auth (401); format checks (Anthropic's
+``anthropic-version``, 400); serving-endpoint name (404); the concurrency cap (429 with
+``Retry-After: concurrency_retry_after_s``); the body (400); the quota (429 with ``Retry-After`` =
+seconds until the next window); then, admitted: a random fault from ``error_rates``, else the
+prompt's directives; the latency; the answer.
+
+**Quota rule** (``rpm_limit`` / ``tpm_limit`` per ``window_s``): windows are consecutive fixed
+windows aligned to start/reset. At admission a request is charged 1 request and
+``prompt_tokens + max_tokens * number_of_prompts`` tokens (``max_tokens`` as sent, else
+``default_max_tokens``; embeddings: prompt tokens only), as OpenAI does; nothing is given back
+unless ``tpm_refund_unused`` (then a successful answer returns its unused ``max_tokens`` to the
+window that paid, if that window is still current). A request whose charge alone exceeds
+``tpm_limit`` can never pass and is refused 400, not 429. Every answer past the quota check
+carries the rate-limit headers (OpenAI and serving: ``x-ratelimit-{limit,remaining,reset}-
+{requests,tokens}``, reset as ``"250ms"``/``"1.5s"``/``"1m0s"``; Anthropic: ``anthropic-ratelimit-
+{requests,tokens}-{limit,remaining,reset}``, reset as an RFC 3339 time); a 429 adds
+``Retry-After`` (seconds, fractional, rounded up to the ms) and ``retry-after-ms``.
+
+**Faults** (``error_rates``, one seeded draw per admitted request, so the i-th admitted request
+gets the same fault for the same seed): ``"500"``; ``"503"`` (overloaded: 503, Anthropic 529);
+``"reset"`` (the TCP connection is aborted with an RST, no response); ``"malformed"`` (200 with a
+truncated JSON body, or a truncated SSE frame); ``"timeout"`` (the answer is held ``hang_s`` longer,
+then sent normally if the client is still there). Faults come after the latency.
+
+**Directives** in a prompt inject failures per row, without patching the client:
 
 - ``[[status:500]]`` (any status): always answer that status;
-- ``[[flaky:N]]``: answer 503 the first N times this exact prompt is seen, then succeed;
+- ``[[flaky:N]]``: answer 503 (Anthropic 529) the first N times this exact prompt is seen;
 - ``[[ratelimit:N]]``: answer 429 with ``Retry-After: 0`` the first N times;
 - ``[[malformed:N]]``: answer 200 with a broken JSON body the first N times;
+- ``[[reset:N]]``: abort the connection the first N times;
+- ``[[delay:S]]``: add S seconds of latency, every time;
 - ``[[reply:TEXT]]``: answer TEXT (``\\n`` allowed) instead of the default echo.
-
-Server-wide knobs: ``latency_s``, ``max_concurrency`` (429 above it), ``api_key`` (401 without it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import itertools
+import math
+import random
 import re
+import socket
+import struct
 import threading
+import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, NoReturn, Sequence
 
 from aiohttp import web
 
-_DIRECTIVE = re.compile(r"\[\[(status|flaky|ratelimit|malformed|reply):(.*?)\]\]", re.S)
+from ._latency import Latency
+from ._limits import FixedWindowQuota
+from ._stats import SimulatorStats
+from ._wire import ANTHROPIC, OPENAI, SERVING, Answer, BadRequest, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
+
+__all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
+
+_DIRECTIVE = re.compile(r"\[\[(status|flaky|ratelimit|malformed|reset|delay|reply):(.*?)\]\]", re.S)
+
+FAULT_KINDS = ("500", "503", "reset", "malformed", "timeout")
+"""The kinds ``error_rates`` accepts, in the order a draw tests them."""
+
+_JSON = "application/json"
 
 
-def count_tokens(text: str) -> int:
-    """The simulator's tokenizer: one token per whitespace-separated word (at least 1 for non-empty)."""
-    return len(text.split()) or (1 if text else 0)
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
-@dataclass
-class SimulatorStats:
-    requests: int = 0
-    ok: int = 0
-    errors: Counter = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    peak_concurrency: int = 0
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _fault_table(error_rates: Mapping[Any, float] | None) -> tuple[tuple[float, str], ...]:
+    """Cumulative thresholds, so one uniform draw picks at most one fault."""
+    rates = {str(kind): rate for kind, rate in (error_rates or {}).items()}
+    unknown = sorted(set(rates) - set(FAULT_KINDS))
+    _check(not unknown, f"error_rates has unknown kinds {unknown}; use {list(FAULT_KINDS)}, e.g. error_rates={{'500': 0.05, 'reset': 0.02}}")
+    for kind, rate in rates.items():
+        _check(_is_number(rate) and 0 <= rate <= 1, f"error_rates[{kind!r}]={rate!r} must be a share between 0 and 1")
+    total = sum(rates.values())
+    _check(total <= 1 + 1e-9, f"error_rates add up to {total:g}; their sum must be at most 1")
+    table, cumulative = [], 0.0
+    for kind in FAULT_KINDS:
+        if rates.get(kind):
+            cumulative += rates[kind]
+            table.append((cumulative, kind))
+    return tuple(table)
 
 
 class ProviderSimulator:
-    """Start with ``with ProviderSimulator() as sim: sim.base_url`` (``.../v1``)."""
+    """A provider on 127.0.0.1 speaking the OpenAI, Anthropic and serving-endpoint wire formats.
+
+    Start it with ``with ProviderSimulator(...) as sim:`` (or ``start()`` / ``stop()``); the server
+    runs on its own event loop in a daemon thread. Every knob is keyword-only and checked here.
+    """
 
     def __init__(
         self,
         *,
-        latency_s: float = 0.0,
-        max_concurrency: int | None = None,
         api_key: str | None = None,
-        model: str = "sim-model",
+        served_model: str = "sim-model",
+        endpoint_names: Sequence[str] | None = None,
         embedding_dim: int = 8,
+        latency_s: float | None = None,
+        latency: Latency | tuple | str | None = None,
+        per_token_latency_s: float = 0.0,
+        max_concurrency: int | None = None,
+        concurrency_retry_after_s: float = 0.05,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        window_s: float = 60.0,
+        default_max_tokens: int = 256,
+        tpm_refund_unused: bool = False,
+        error_rates: Mapping[Any, float] | None = None,
+        hang_s: float = 30.0,
+        seed: int = 0,
+        host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.latency_s = latency_s
-        self.max_concurrency = max_concurrency
+        """
+        Args:
+            api_key: the key every request must carry (``Authorization: Bearer``, Anthropic
+                ``x-api-key``); ``None`` accepts any.
+            served_model: the model name in every answer and in ``GET /v1/models``.
+            endpoint_names: serving-endpoint names served under ``/serving-endpoints/{name}``
+                (default: ``[served_model]``; ``["*"]`` serves any name).
+            embedding_dim: length of embedding vectors (a request's ``dimensions`` overrides it).
+            latency_s: a fixed latency per admitted request; or ``latency``: a :class:`Latency`,
+                ``("uniform", (low_s, high_s))``, ``("lognormal", (mean_s, p99_s))`` or ``"kind:params"``.
+            per_token_latency_s: added per completion token (streams pace their chunks with it).
+            max_concurrency: requests in flight above this are refused 429 with
+                ``Retry-After: concurrency_retry_after_s``.
+            rpm_limit, tpm_limit, window_s: requests and tokens admitted per fixed window of
+                ``window_s`` seconds (named per minute after the usual 60 s window).
+            default_max_tokens: the ``max_tokens`` of a generative request that sends none (it
+                caps the answer and sets the quota charge).
+            tpm_refund_unused: give unused ``max_tokens`` back to the window after a success.
+            error_rates: shares of admitted requests that get a fault, by kind in
+                :data:`FAULT_KINDS`, e.g. ``{"500": 0.05, "503": 0.05, "reset": 0.02}``.
+            hang_s: how much longer a ``"timeout"`` fault holds its answer.
+            seed: seeds the fault and latency draws; the same seed gives the same sequences.
+            host, port: where to listen (port 0: a free port, read ``sim.port`` after start).
+        """
+        _check(api_key is None or (isinstance(api_key, str) and api_key), f"api_key={api_key!r} must be a non-empty string or None")
+        _check(isinstance(served_model, str) and bool(served_model), f"served_model={served_model!r} must be a non-empty string")
+        names = tuple(endpoint_names) if endpoint_names is not None else (served_model,)
+        _check(all(isinstance(n, str) and n for n in names) and bool(names), f"endpoint_names={endpoint_names!r} must be non-empty names")
+        _check(_is_count(embedding_dim), f"embedding_dim={embedding_dim!r} must be an integer >= 1")
+        _check(latency_s is None or latency is None, "give latency_s (fixed) or latency (a distribution), not both")
+        if latency is None:
+            _check(latency_s is None or (_is_number(latency_s) and latency_s >= 0), f"latency_s={latency_s!r} must be seconds >= 0")
+            latency = Latency(float(latency_s or 0.0))
+        self.latency = Latency.parse(latency)
+        _check(_is_number(per_token_latency_s) and per_token_latency_s >= 0, f"per_token_latency_s={per_token_latency_s!r} must be seconds >= 0")
+        _check(max_concurrency is None or _is_count(max_concurrency), f"max_concurrency={max_concurrency!r} must be an integer >= 1 or None")
+        _check(_is_number(concurrency_retry_after_s) and concurrency_retry_after_s >= 0, f"concurrency_retry_after_s={concurrency_retry_after_s!r} must be seconds >= 0")
+        _check(rpm_limit is None or _is_count(rpm_limit), f"rpm_limit={rpm_limit!r} must be an integer >= 1 or None")
+        _check(tpm_limit is None or _is_count(tpm_limit), f"tpm_limit={tpm_limit!r} must be an integer >= 1 or None")
+        _check(_is_number(window_s) and window_s > 0, f"window_s={window_s!r} must be seconds > 0 (e.g. 60, or 1 in tests)")
+        _check(_is_count(default_max_tokens), f"default_max_tokens={default_max_tokens!r} must be an integer >= 1")
+        _check(_is_number(hang_s) and hang_s >= 0, f"hang_s={hang_s!r} must be seconds >= 0")
+        _check(isinstance(seed, int), f"seed={seed!r} must be an integer")
+        _check(isinstance(port, int) and 0 <= port <= 65535, f"port={port!r} must be 0 (any free port) or a port number")
+
         self.api_key = api_key
-        self.model = model
+        self.served_model = served_model
+        self.endpoint_names = names
         self.embedding_dim = embedding_dim
+        self.per_token_latency_s = float(per_token_latency_s)
+        self.max_concurrency = max_concurrency
+        self.concurrency_retry_after_s = float(concurrency_retry_after_s)
+        self.rpm_limit = rpm_limit
+        self.tpm_limit = tpm_limit
+        self.window_s = float(window_s)
+        self.default_max_tokens = default_max_tokens
+        self.tpm_refund_unused = bool(tpm_refund_unused)
+        self.error_rates = {str(k): float(v) for k, v in (error_rates or {}).items()}
+        self._faults = _fault_table(error_rates)
+        self.hang_s = float(hang_s)
+        self.seed = seed
+        self.host = host
         self._port = port
+        self.port: int | None = None
+
         self.stats = SimulatorStats()
+        self._quota = FixedWindowQuota(rpm_limit, tpm_limit, self.window_s)
+        self._limited = rpm_limit is not None or tpm_limit is not None
+        self._any_endpoint = "*" in names
+        self._endpoints = frozenset(names)
         self._seen: Counter = Counter()
         self._in_flight = 0
-        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._fault_rng = random.Random()
+        self._latency_rng = random.Random()
+        self._no_latency = self.latency.kind == "fixed" and self.latency.mean_s == 0
+        self._reset_state()
+
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._started = threading.Event()
-        self.port: int | None = None
+        self._startup_error: BaseException | None = None
+
+    # -- addresses ------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``: the Anthropic base URL and the serving-endpoint workspace URL."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        """The OpenAI base URL, ``http://127.0.0.1:PORT/v1``."""
+        return self.url + "/v1"
 
-    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def anthropic_base_url(self) -> str:
+        return self.url
+
+    def invocations_url(self, name: str | None = None) -> str:
+        """``POST`` URL of a serving endpoint (default: the first of ``endpoint_names``)."""
+        name = name or next((n for n in self.endpoint_names if n != "*"), self.served_model)
+        return f"{self.url}/serving-endpoints/{name}/invocations"
+
+    @property
+    def stats_url(self) -> str:
+        return self.url + "/_sim/stats"
+
+    # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "ProviderSimulator":
+        if self._thread is not None:
+            raise RuntimeError("this ProviderSimulator was already started; make a new one")
         self._thread = threading.Thread(target=self._run, name="provider-simulator", daemon=True)
         self._thread.start()
         if not self._started.wait(10):
             raise RuntimeError("the provider simulator did not start within 10 s")
+        if self._startup_error is not None:
+            raise RuntimeError(f"the provider simulator could not listen on {self.host}:{self._port}: {self._startup_error}") from self._startup_error
         return self
 
     def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        app.router.add_post("/v1/completions", self._handle)
-        app.router.add_post("/v1/embeddings", self._handle)
+        try:
+            import uvloop  # a faster loop when it is installed; the simulator does not need it
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port, backlog=4096)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/serving-endpoints/{name}/invocations", self._invocations)
+        app.router.add_get("/_sim/stats", self._stats_route)
+        app.router.add_post("/_sim/reset", self._reset_route)
+        # handler_cancellation: a client that gives up (timeout) frees its slot at once.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0)
+        try:
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self._port, backlog=4096, reuse_address=True)
+            loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except BaseException as exc:  # reported by start()
+            self._startup_error = exc
+            self._started.set()
+            loop.close()
+            return
+        self._reset_state()  # windows start when the server does
         self._started.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-        self._loop.close()
+        loop.run_forever()
+        loop.run_until_complete(self._runner.cleanup())
+        loop.close()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
+        if self._loop is not None and not self._loop.is_closed() and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -120,107 +314,314 @@ class ProviderSimulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _on_loop(self, fn: Any) -> Any:
+        """Run ``fn`` on the server's loop (the only writer of the counters) and wait for it."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or threading.current_thread() is self._thread:
+            return fn()
+
+        async def call() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
+
     def reset(self) -> None:
-        with self._lock:
-            self.stats = SimulatorStats()
-            self._seen.clear()
+        """Zero the counters, forget seen prompts, restart the quota windows and re-seed the draws."""
+        self._on_loop(self._reset_state)
 
-    # -- protocol --------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.stats.clear()
+        self.stats.peak_concurrency = self._in_flight
+        self._seen.clear()
+        self._quota.restart()
+        self._fault_rng.seed(f"faults/{self.seed}")
+        self._latency_rng.seed(f"latency/{self.seed}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """A consistent JSON-ready copy of the counters, plus ``in_flight``, ``elapsed_s`` and ``config``."""
+        return self._on_loop(self._snapshot_now)
+
+    def _snapshot_now(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        out["in_flight"] = self._in_flight
+        out["elapsed_s"] = round(time.monotonic() - self._quota.epoch, 6)
+        out["config"] = self.config()
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """The knobs, as JSON (the API key is not shown)."""
+        return {
+            "served_model": self.served_model,
+            "endpoint_names": list(self.endpoint_names),
+            "auth": self.api_key is not None,
+            "embedding_dim": self.embedding_dim,
+            "latency": self.latency.describe(),
+            "per_token_latency_s": self.per_token_latency_s,
+            "max_concurrency": self.max_concurrency,
+            "concurrency_retry_after_s": self.concurrency_retry_after_s,
+            "rpm_limit": self.rpm_limit,
+            "tpm_limit": self.tpm_limit,
+            "window_s": self.window_s,
+            "default_max_tokens": self.default_max_tokens,
+            "tpm_refund_unused": self.tpm_refund_unused,
+            "error_rates": dict(self.error_rates),
+            "hang_s": self.hang_s,
+            "seed": self.seed,
+        }
+
+    # -- routes ---------------------------------------------------------------------------
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, OPENAI, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, OPENAI, "completions")
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, OPENAI, "embeddings")
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, ANTHROPIC, "chat")
+
+    async def _invocations(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, SERVING, None, request.match_info["name"])
+
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        if self.api_key is not None and not OPENAI.authorized(request.headers, self.api_key):
+            return web.Response(body=dumps(OPENAI.error(401, OPENAI.bad_key_message)), status=401, content_type=_JSON)
+        model = {"id": self.served_model, "object": "model", "created": 0, "owned_by": "ai-query-simulator"}
+        return web.Response(body=dumps({"object": "list", "data": [model]}), content_type=_JSON)
 
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-        with self._lock:
-            self.stats.errors[status] += 1
-        kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(status, "server_error")
-        return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status, headers=headers)
+    async def _stats_route(self, request: web.Request) -> web.Response:
+        return web.Response(body=dumps(self._snapshot_now()), content_type=_JSON)
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        with self._lock:
-            self.stats.requests += 1
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return self._error(401, "Incorrect API key provided.")
+    async def _reset_route(self, request: web.Request) -> web.Response:
+        self._reset_state()
+        return web.Response(body=b'{"reset":true}', content_type=_JSON)
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def _error(self, fmt: WireFormat, status: int, message: str, headers: dict[str, str], code: str | None = None) -> web.Response:
+        stats = self.stats
+        stats.by_status[status] += 1
+        if status == 429:
+            stats.rate_limited += 1
+        return web.Response(body=dumps(fmt.error(status, message, code)), status=status, headers=headers, content_type=_JSON)
+
+    async def _serve(self, request: web.Request, fmt: WireFormat, task: str | None, endpoint: str | None = None) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        rid = f"{self._id_prefix}{next(self._ids):08x}"
+        headers = {"x-request-id": "req-" + rid}
+        if fmt is ANTHROPIC:
+            headers["request-id"] = "req_" + rid
+        if self.api_key is not None and not fmt.authorized(request.headers, self.api_key):
+            return self._error(fmt, 401, fmt.bad_key_message, headers)
+        refusal = fmt.precheck(request.headers)
+        if refusal is not None:
+            return self._error(fmt, refusal[0], refusal[1], headers)
+        if endpoint is not None and not self._any_endpoint and endpoint not in self._endpoints:
+            served = ", ".join(sorted(self._endpoints))
+            return self._error(fmt, 404, f"Serving endpoint '{endpoint}' does not exist. This simulator serves: {served}.", headers)
         if self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
-            return self._error(429, "Too many concurrent requests.", {"retry-after": "0.05"})
+            stats.concurrency_rejections += 1
+            headers["retry-after"] = seconds_header(self.concurrency_retry_after_s)
+            return self._error(fmt, 429, f"Too many concurrent requests (the limit is {self.max_concurrency}). Retry shortly.", headers)
         self._in_flight += 1
-        self.stats.peak_concurrency = max(self.stats.peak_concurrency, self._in_flight)
+        if self._in_flight > stats.peak_concurrency:
+            stats.peak_concurrency = self._in_flight
         try:
-            if self.latency_s:
-                await asyncio.sleep(self.latency_s)
-            try:
-                body = await request.json()
-            except ValueError:
-                return self._error(400, "The request body is not valid JSON.")
-            return self._answer(request.path, body)
+            return await self._admit_and_answer(request, fmt, task, rid, headers)
         finally:
             self._in_flight -= 1
 
-    def _answer(self, path: str, body: dict[str, Any]) -> web.Response:
-        if path.endswith("/chat/completions"):
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                return self._error(400, "'messages' is a required property")
-            prompt = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        elif path.endswith("/completions"):
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                return self._error(400, "'prompt' is a required property")
-        else:
-            prompt = body.get("input")
-            if isinstance(prompt, list):
-                prompt = prompt[0] if prompt else ""
-            if not isinstance(prompt, str):
-                return self._error(400, "'input' is a required property")
+    async def _admit_and_answer(self, request: web.Request, fmt: WireFormat, task: str | None, rid: str, headers: dict[str, str]) -> web.StreamResponse:
+        stats = self.stats
+        try:
+            call = fmt.parse(task, loads(await request.read()))
+        except ValueError:
+            return self._error(fmt, 400, "The request body is not valid JSON.", headers)
+        except BadRequest as exc:
+            return self._error(fmt, exc.status, exc.message, headers, exc.code)
 
-        with self._lock:
-            self._seen[prompt] += 1
-            seen = self._seen[prompt]
+        prompts = call.prompts
+        prompt_tokens = sum(map(count_tokens, prompts))
+        generative = call.task != "embeddings"
+        max_tokens = (call.max_tokens or self.default_max_tokens) if generative else 0
+        cost = prompt_tokens + max_tokens * len(prompts)
+
+        quota = self._quota
+        if self.tpm_limit is not None and cost > self.tpm_limit:
+            return self._error(
+                fmt, 400,
+                f"Request too large: it needs {cost} tokens (prompt {prompt_tokens} + max_tokens) but the limit is {self.tpm_limit} "
+                f"tokens per {self.window_s:g} s. Lower max_tokens or shorten the prompt.",
+                headers,
+            )
+        refused, reset_s = quota.admit(cost)
+        if self._limited:
+            fmt.quota_headers(quota, reset_s, headers)
+        if refused is not None:
+            if refused == "requests":
+                stats.rpm_rejections += 1
+                limit, used = self.rpm_limit, quota.requests
+            else:
+                stats.tpm_rejections += 1
+                limit, used = self.tpm_limit, quota.tokens
+            headers["retry-after"] = seconds_header(reset_s)
+            headers["retry-after-ms"] = str(math.ceil(reset_s * 1000))
+            message = (
+                f"Rate limit reached for {refused} per {self.window_s:g} s: limit {limit}, used {used}, "
+                f"requested {1 if refused == 'requests' else cost}. Please try again in {seconds_header(reset_s)}s."
+            )
+            return self._error(fmt, 429, message, headers, refused)
+        window = quota.window
+        stats.admitted += 1
+        stats.admitted_tokens += cost
+        stats.admitted_by_second[int(time.monotonic() - quota.epoch)] += 1
+        stats.admitted_by_window[window] += 1
+        stats.admitted_tokens_by_window[window] += cost
+
+        # What happens to it: a random fault, else the prompt's directives, else the answer.
+        delay = 0.0 if self._no_latency else self.latency.sample(self._latency_rng)
+        fault = None
+        if self._faults:
+            draw = self._fault_rng.random()
+            for threshold, kind in self._faults:
+                if draw < threshold:
+                    fault = kind
+                    stats.faults[kind] += 1
+                    break
+        outcome: tuple[str, int] | None = None
         reply = None
-        for kind, arg in _DIRECTIVE.findall(prompt):
+        key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
+        if fault is None and "[[" in key:
+            try:
+                outcome, reply, extra = self._directives(key)
+            except ValueError as exc:
+                return self._error(fmt, 400, str(exc), headers)
+            delay += extra
+            if outcome is not None:
+                stats.directives[outcome[0]] += 1
+            elif reply is not None:
+                stats.directives["reply"] += 1
+
+        answers: list[Answer] = []
+        if generative:
+            for prompt in prompts:
+                text = reply if reply is not None else "echo: " + (_DIRECTIVE.sub("", prompt).strip() if "[[" in prompt else prompt.strip())
+                answers.append(generate(text, max_tokens, call.stop))
+            if self.per_token_latency_s and not call.stream:
+                delay += self.per_token_latency_s * sum(a.tokens for a in answers)
+        if fault == "timeout":
+            delay += self.hang_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        if fault is not None and fault != "timeout":
+            if fault == "500":
+                return self._error(fmt, 500, "The server had an error while processing your request.", headers)
+            if fault == "503":
+                return self._error(fmt, fmt.overloaded_status, "The server is overloaded, try again.", headers)
+            if fault == "reset":
+                return self._abort(request)
+            return await self._malformed(request, fmt, call, answers, prompt_tokens, rid, headers)
+        if outcome is not None:
+            kind, value = outcome
             if kind == "status":
-                return self._error(int(arg), f"injected status {arg}")
-            if kind == "flaky" and seen <= int(arg):
-                return self._error(503, "The server is overloaded, try again.")
-            if kind == "ratelimit" and seen <= int(arg):
-                return self._error(429, "Rate limit reached.", {"retry-after": "0"})
-            if kind == "malformed" and seen <= int(arg):
-                return web.Response(status=200, body=b'{"id": "cmpl-broken", "choices": [', content_type="application/json")
+                return self._error(fmt, value, f"injected status {value}", headers)
+            if kind == "flaky":
+                return self._error(fmt, fmt.overloaded_status, "The server is overloaded, try again.", headers)
+            if kind == "ratelimit":
+                headers["retry-after"] = "0"
+                return self._error(fmt, 429, "Rate limit reached (injected by [[ratelimit]]).", headers)
+            if kind == "reset":
+                return self._abort(request)
+            return await self._malformed(request, fmt, call, answers, prompt_tokens, rid, headers)
+
+        completion_tokens = sum(a.tokens for a in answers)
+        if call.stream:
+            return await self._stream(request, fmt, call, answers, prompt_tokens, rid, headers, window, max_tokens)
+        vectors = [embed(p, call.dimensions or self.embedding_dim) for p in prompts] if not generative else []
+        body = dumps(fmt.answer(call, answers, vectors, prompt_tokens, rid, self.served_model))
+        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(prompts) - completion_tokens)
+        return web.Response(body=body, headers=headers, content_type=_JSON)
+
+    def _served(self, prompt_tokens: int, completion_tokens: int, window: int, unused: int) -> None:
+        stats = self.stats
+        stats.by_status[200] += 1
+        stats.ok += 1
+        stats.prompt_tokens += prompt_tokens
+        stats.completion_tokens += completion_tokens
+        if self.tpm_refund_unused and unused > 0:
+            given = self._quota.refund(window, unused)
+            stats.admitted_tokens -= given
+            stats.admitted_tokens_by_window[window] -= given
+
+    def _directives(self, key: str) -> tuple[tuple[str, int] | None, str | None, float]:
+        """The prompt's directives: (failure to inject, reply text, extra delay)."""
+        self._seen[key] += 1
+        seen = self._seen[key]
+        reply, extra = None, 0.0
+        for kind, arg in _DIRECTIVE.findall(key):
             if kind == "reply":
                 reply = arg.replace("\\n", "\n")
+                continue
+            try:
+                value = float(arg) if kind == "delay" else int(arg)
+            except ValueError:
+                raise ValueError(f"directive [[{kind}:{arg}]] needs a number") from None
+            if kind == "delay":
+                extra += value
+            elif kind == "status" and not 200 <= value <= 599:
+                raise ValueError(f"directive [[status:{arg}]] needs an HTTP status between 200 and 599")
+            elif kind == "status" or seen <= value:
+                return (kind, int(value)), reply, extra
+        return None, reply, extra
 
-        request_id = "req-" + uuid.uuid4().hex[:16]
-        prompt_tokens = count_tokens(prompt)
-        if path.endswith("/embeddings"):
-            digest = hashlib.sha256(prompt.encode()).digest()
-            vector = [round((digest[i % len(digest)] - 128) / 128.0, 6) for i in range(self.embedding_dim)]
-            with self._lock:
-                self.stats.ok += 1
-                self.stats.prompt_tokens += prompt_tokens
-            payload: dict[str, Any] = {
-                "object": "list",
-                "data": [{"object": "embedding", "index": 0, "embedding": vector}],
-                "model": self.model,
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            }
-            return web.json_response(payload, headers={"x-request-id": request_id})
+    def _abort(self, request: web.Request) -> NoReturn:
+        """Drop the connection with a TCP RST and no response (a ``reset`` fault)."""
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except (OSError, AttributeError):
+                    pass
+            transport.abort()
+        raise asyncio.CancelledError  # aiohttp writes nothing for a cancelled handler
 
-        text = reply if reply is not None else "echo: " + _DIRECTIVE.sub("", prompt).strip()
-        max_tokens = body.get("max_tokens")
-        words = text.split(" ")
-        finish = "stop"
-        if isinstance(max_tokens, int) and len(words) > max_tokens:
-            text, finish = " ".join(words[:max_tokens]), "length"
-        completion_tokens = count_tokens(text)
-        with self._lock:
-            self.stats.ok += 1
-            self.stats.prompt_tokens += prompt_tokens
-            self.stats.completion_tokens += completion_tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-        if path.endswith("/chat/completions"):
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            obj = "chat.completion"
+    async def _malformed(
+        self, request: web.Request, fmt: WireFormat, call: Call, answers: list[Answer], prompt_tokens: int, rid: str, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """200 with the answer cut in the middle (a ``malformed`` fault): no prefix of a JSON object parses."""
+        self.stats.by_status[200] += 1
+        if call.stream:
+            response = web.StreamResponse(headers=headers)
+            response.content_type = "text/event-stream"
+            await response.prepare(request)
+            await response.write(b"".join(fmt.malformed_stream(rid)))
+            await response.write_eof()
+            return response
+        vectors = [embed(p, call.dimensions or self.embedding_dim) for p in call.prompts] if call.task == "embeddings" else []
+        whole = dumps(fmt.answer(call, answers, vectors, prompt_tokens, rid, self.served_model))
+        return web.Response(body=whole[: len(whole) // 2], headers=headers, content_type=_JSON)
+
+    async def _stream(
+        self, request: web.Request, fmt: WireFormat, call: Call, answers: list[Answer], prompt_tokens: int,
+        rid: str, headers: dict[str, str], window: int, max_tokens: int,
+    ) -> web.StreamResponse:
+        headers["cache-control"] = "no-cache"
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "text/event-stream"
+        frames = fmt.stream_events(call, answers, prompt_tokens, rid, self.served_model)
+        await response.prepare(request)
+        if self.per_token_latency_s:
+            for frame in frames:
+                await response.write(frame)
+                await asyncio.sleep(self.per_token_latency_s)
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish}
-            obj = "text_completion"
-        payload = {"id": request_id, "object": obj, "created": 0, "model": self.model, "choices": [choice], "usage": usage}
-        return web.json_response(payload, headers={"x-request-id": request_id})
+            await response.write(b"".join(frames))
+        await response.write_eof()
+        completion_tokens = sum(a.tokens for a in answers)
+        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(answers) - completion_tokens)
+        return response
