@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -101,13 +102,16 @@ class EndpointClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         quota: Quota | None = None,
+        share: float = 1.0,
     ) -> None:
         self.config = config
         cc = config.client_config
+        # max_concurrency is the endpoint's total over all the job's workers: each takes its share.
+        maximum = max(1, math.ceil(cc.max_concurrency * share))
+        initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, provider_for(e), AdaptiveConcurrencyLimiter(cc.initial_concurrency, maximum=cc.max_concurrency, clock=clock),
-                   weights.get(e.name, 0))
+            _Route(e, provider_for(e), AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock), weights.get(e.name, 0))
             for e in config.served_entities
         ]
         self.quota = quota
@@ -352,7 +356,8 @@ class AIQueryClient:
         client = self._endpoints.get(name)
         if client is None:
             config = self.registry.get(name)
-            client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep, quota=self._quota(config))
+            client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep,
+                                    quota=self._quota(config), share=self.quota_share)
             self._endpoints[name] = client
         return client
 

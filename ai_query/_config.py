@@ -400,7 +400,7 @@ class ClientConfig:
     """How the client talks to an endpoint: concurrency, timeouts and retries."""
 
     max_concurrency: int = 64
-    """Upper bound on requests in flight per Python worker process."""
+    """Upper bound on requests in flight to the endpoint, over all the job's workers (each gets its share)."""
     initial_concurrency: int = 8
     """Where the adaptive limiter starts; it grows while the endpoint keeps up."""
     request_timeout_s: float = 120.0
