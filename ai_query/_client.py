@@ -438,6 +438,23 @@ class AIQueryClient:
         """Synchronous ``amap`` on the client's background loop (safe from any thread)."""
         return self._loop().run(self.amap(endpoint, values, params, response_format, on_result=on_result))
 
+    def map_many(
+        self,
+        batches: Sequence[tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        *,
+        on_result: Callable[[str, CallResult], None] | None = None,
+    ) -> list[list[CallResult]]:
+        """Several ``(endpoint, values, params, response_format)`` batches at once, concurrently."""
+
+        async def run_all() -> list[list[CallResult]]:
+            async def one(endpoint: str, values: Sequence[Any], params: Any, fmt: Any) -> list[CallResult]:
+                callback = (lambda r: on_result(endpoint, r)) if on_result is not None else None
+                return await self.amap(endpoint, values, params, fmt, on_result=callback)
+
+            return list(await asyncio.gather(*(one(*b) for b in batches)))
+
+        return self._loop().run(run_all())
+
     def call(self, endpoint: str, value: Any, params: ModelParameters | Mapping[str, Any] | None = None,
              response_format: Mapping[str, Any] | None = None) -> CallResult:
         """Synchronous ``acall``."""

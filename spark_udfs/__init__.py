@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._providers import resolve_local_server
@@ -32,6 +32,7 @@ from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_del
 from ._rewrite import bind_arguments, find_calls, replace_names
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
+from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
 if TYPE_CHECKING:
@@ -60,11 +61,12 @@ __all__ = [
 class _SessionState:
     registry: EndpointRegistry
     original_sql: Any
-    variants: dict[UDFSpec, str] = field(default_factory=dict)
+    variants: dict[Any, str] = field(default_factory=dict)
     progress_address: tuple[str, int] | None = None
     prepared: set[str] = field(default_factory=set)
     quota_broker: QuotaBroker | None = None
     quota_share: float = 1.0
+    task_endpoints: dict[str, str] = field(default_factory=dict)
 
 
 _STATES: dict[int, _SessionState] = {}
@@ -83,12 +85,15 @@ def register(
     endpoints: EndpointRegistry | str | os.PathLike[str] | None = None,
     *,
     rewrite_sql: bool = True,
+    task_endpoints: Mapping[str, str] | None = None,
 ) -> EndpointRegistry:
     """Register ``ai_query`` and the Delta data source on ``spark``; return the endpoint registry.
 
     ``endpoints`` is a registry or an endpoints JSON file added to the built-ins (and to the file
     named by ``AIQ_ENDPOINTS``). With ``rewrite_sql`` (the default) this session's ``spark.sql``
     rewrites ``ai_query`` calls into typed variants and validates their arguments first.
+    The task functions (``ai_classify``, ``ai_summarize``, ...) are registered too, each calling
+    its default endpoint unless ``task_endpoints`` names another (``{"ai_classify": "my-llm"}``).
     """
     if isinstance(endpoints, EndpointRegistry):
         registry = endpoints
@@ -111,6 +116,16 @@ def register(
         quota_share=state.quota_share,
     )
     spark.udf.register("ai_query", build_udf(default, registry))
+    try:
+        state.task_endpoints = configured_endpoints(task_endpoints)
+    except ValueError as exc:
+        raise ArgumentError(str(exc)) from None
+    for name, endpoint in state.task_endpoints.items():
+        if endpoint not in registry:
+            if task_endpoints and name in task_endpoints:
+                registry.get(endpoint)  # raises, listing the known endpoints
+            continue  # a default endpoint that is not configured: the function fails when used
+        spark.udf.register(name, build_task_udf(TASKS[name], endpoint, registry, default.quota_broker, state.quota_share, None))
     if rewrite_sql:
         def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
             return original(rewrite(spark, sqlQuery), args, **kwargs)
@@ -182,12 +197,18 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     and row errors are data (the batch runner uses this).
     """
     state = _state(spark)
-    calls = find_calls(query, {"ai_query"})
+    calls = find_calls(query, {"ai_query", *TASKS})
     if not calls:
         return query
     replacements: dict[int, str] = {}
     used: set[str] = set()
     for call in calls:
+        if call.name.lower() != "ai_query":
+            name = _rewrite_task_call(spark, state, call)
+            used.add(state.task_endpoints[call.name.lower()])
+            if name is not None:
+                replacements[call.start] = name
+            continue
         bound = bind_arguments(call, SIGNATURE, required=2)
         label = f"ai_query({bound['endpoint'].text}, ...)"
         endpoint = bound["endpoint"].literal
@@ -237,6 +258,39 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         replacements[call.start] = name
     prepare_endpoints(state.registry, used, state.prepared)
     return replace_names(query, replacements, calls)
+
+
+def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> str | None:
+    """Check a task function call on the driver; ``ai_extract`` with literal labels gets a STRUCT variant."""
+    task = TASKS[call.name.lower()]
+    first = "expr1" if task.name == "ai_similarity" else ("prompt" if task.name == "ai_gen" else "content")
+    bound = bind_arguments(call, [first, *task.args], required=1 + (task.name in ("ai_classify", "ai_extract", "ai_mask",
+                                                                                     "ai_similarity", "ai_translate")))
+    endpoint = state.task_endpoints[task.name]
+    state.registry.get(endpoint)  # an unknown endpoint fails here, naming the known ones
+    if "labels" in bound:
+        labels = bound["labels"].literal
+        if labels is not NotImplemented and (not isinstance(labels, list) or not labels
+                                             or not all(isinstance(x, str) and x for x in labels)):
+            raise ArgumentError(f"{task.name}: labels must be a non-empty array of strings, e.g. array('a', 'b'), got {bound['labels'].text}")
+        if task.name == "ai_extract":
+            if labels is NotImplemented:
+                raise ArgumentError("ai_extract: labels must be a literal array('name', 'place', ...) so the result type is known")
+            struct = extract_struct_type(labels)
+            key = ("ai_extract", struct.json())
+            name = state.variants.get(key)
+            if name is None:
+                name = f"ai_extract__{hashlib.sha1(struct.json().encode()).hexdigest()[:12]}"
+                broker = state.quota_broker.address if state.quota_broker is not None else None
+                spark.udf.register(name, build_task_udf(task, endpoint, state.registry, broker, state.quota_share,
+                                                        state.progress_address, return_type=struct))
+                state.variants[key] = name
+            return name
+    if "max_words" in bound:
+        words = bound["max_words"].literal
+        if words is not NotImplemented and (not isinstance(words, int) or isinstance(words, bool) or words < 0):
+            raise ArgumentError(f"ai_summarize: max_words must be a non-negative integer, got {bound['max_words'].text}")
+    return None
 
 
 def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None) -> "DataFrame":

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from ai_query import ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
+from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
 from ai_query._progress import reporter_for
 
 from ._types import AUDIT_COLUMNS, convert, result_type
@@ -59,6 +59,52 @@ def _row_label(position: int) -> str:
     return f"row {position} of the batch"
 
 
+def send_rows(
+    client: AIQueryClient,
+    progress_address: tuple[str, int] | None,
+    endpoints: list[Any],
+    requests: list[Any],
+    params: list[Any],
+    response_formats: list[Any],
+) -> list[CallResult]:
+    """Send each row to its endpoint (rows grouped by endpoint, parameters and response format).
+
+    Every row comes back exactly once, at its own position; a gap is an internal error.
+    """
+    n = len(requests)
+    reporter = reporter_for(progress_address)
+    groups: dict[tuple[Any, str, str], list[int]] = {}
+    for i in range(n):
+        key = (endpoints[i], json.dumps(params[i], sort_keys=True, default=str), json.dumps(response_formats[i], sort_keys=True))
+        groups.setdefault(key, []).append(i)
+
+    results: list[CallResult | None] = [None] * n
+    batches, batch_rows = [], []
+    for (name, _, _), rows in groups.items():
+        if name is None:
+            for i in rows:
+                results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
+            continue
+        batches.append((name, [requests[i] for i in rows], ModelParameters.from_mapping(params[rows[0]]), response_formats[rows[0]]))
+        batch_rows.append(rows)
+
+    on_result: Callable[[str, CallResult], None] | None = None
+    if reporter is not None:
+        def on_result(name: str, r: CallResult) -> None:
+            reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
+
+    for rows, sent in zip(batch_rows, client.map_many(batches, on_result=on_result)):
+        for i, result in zip(rows, sent):
+            result.index = i
+            results[i] = result
+    if reporter is not None:
+        reporter.flush()
+    if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
+        missing = [i for i, r in enumerate(results) if r is None]
+        raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
+    return results  # type: ignore[return-value]
+
+
 def evaluate_batch(
     spec: UDFSpec,
     registry: EndpointRegistry,
@@ -81,34 +127,7 @@ def evaluate_batch(
         )
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
     client = shared_client(registry, spec.quota_broker, spec.quota_share)
-    reporter = reporter_for(spec.progress_address)
-
-    groups: dict[tuple[Any, str], list[int]] = {}
-    for i in range(n):
-        key = (endpoints[i], json.dumps(params_col[i], sort_keys=True, default=str))
-        groups.setdefault(key, []).append(i)
-
-    results: list[CallResult | None] = [None] * n
-    for (name, _), rows in groups.items():
-        if name is None:
-            for i in rows:
-                results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
-            continue
-        params = ModelParameters.from_mapping(params_col[rows[0]])
-        ep_client = client.endpoint(name)
-        on_result: Callable[[CallResult], None] | None = None
-        if reporter is not None:
-            def on_result(r: CallResult, _ep=ep_client, _name=name) -> None:
-                reporter.add(r.ok, r.total_tokens, _name, _ep.limiter.limit)
-
-        for i, result in zip(rows, client.map(name, [requests[i] for i in rows], params, response_format, on_result=on_result)):
-            result.index = i
-            results[i] = result
-    if reporter is not None:
-        reporter.flush()
-    if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
-        missing = [i for i, r in enumerate(results) if r is None]
-        raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
+    results = send_rows(client, spec.progress_address, endpoints, requests, params_col, [response_format] * n)
 
     value_type = spec.value_type()
     values: list[Any] = []
