@@ -36,12 +36,14 @@ from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql._typing import ColumnOrName
 
 log = logging.getLogger("spark_udfs")
 
 __all__ = [
     "AUDIT_COLUMNS",
+    "ai_query",
     "DeltaReadError",
     "DeltaWriteError",
     "build_session",
@@ -224,40 +226,98 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         fail_on_error = bound["failOnError"].literal if "failOnError" in bound else True
         if not isinstance(fail_on_error, bool):
             raise ArgumentError(f"{label}: failOnError must be true or false, got {bound['failOnError'].text}")
-        if "modelParameters" in bound:
-            params = bound["modelParameters"].literal
-            if isinstance(params, dict):
-                ModelParameters.from_mapping(params)
-            elif params is not NotImplemented and params is not None:
-                raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
-        fmt_json, fmt_struct = _response_format(bound["responseFormat"].literal, label) if "responseFormat" in bound else (None, None)
-        if fmt_json is not None and task == "llm/v1/embeddings":
-            raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
-        if return_type is not None:
-            value_type = parse_return_type(return_type)
-        elif fmt_struct is not None:
-            value_type = fmt_struct
-        else:
-            value_type = default_value_type(task or "llm/v1/chat")
-        spec = UDFSpec(
-            value_type.json(),
-            with_error=(fail_on_error is False) and not audit,
-            audit=audit,
-            response_format_json=fmt_json,
-            progress_address=state.progress_address,
-            quota_broker=state.quota_broker.address if state.quota_broker is not None else None,
-            quota_share=state.quota_share,
-        )
+        params = bound["modelParameters"].literal if "modelParameters" in bound else None
+        if params is not NotImplemented and params is not None and not isinstance(params, dict):
+            raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
+        spec = _spec_for(state, label, task, return_type, fail_on_error, params if isinstance(params, dict) else None,
+                         bound["responseFormat"].literal if "responseFormat" in bound else None, audit)
         if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
             continue
-        name = state.variants.get(spec)
-        if name is None:
-            name = _variant_name(spec)
-            spark.udf.register(name, build_udf(spec, state.registry))
-            state.variants[spec] = name
+        name, _ = _variant(spark, state, spec)
         replacements[call.start] = name
     prepare_endpoints(state.registry, used, state.prepared)
     return replace_names(query, replacements, calls)
+
+
+def _spec_for(
+    state: _SessionState, label: str, task: str | None, return_type: Any, fail_on_error: bool,
+    params: Mapping[str, Any] | None, response_format: Any, audit: bool,
+) -> UDFSpec:
+    """The UDF variant a call needs, its arguments checked (the SQL and DataFrame paths share this)."""
+    if params is not None:
+        ModelParameters.from_mapping(params)
+    fmt_json, fmt_struct = _response_format(response_format, label) if response_format is not None else (None, None)
+    if fmt_json is not None and task == "llm/v1/embeddings":
+        raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
+    if return_type is not None:
+        value_type = parse_return_type(return_type)
+    elif fmt_struct is not None:
+        value_type = fmt_struct
+    else:
+        value_type = default_value_type(task or "llm/v1/chat")
+    return UDFSpec(
+        value_type.json(),
+        with_error=(fail_on_error is False) and not audit,
+        audit=audit,
+        response_format_json=fmt_json,
+        progress_address=state.progress_address,
+        quota_broker=state.quota_broker.address if state.quota_broker is not None else None,
+        quota_share=state.quota_share,
+    )
+
+
+def _variant(spark: "SparkSession", state: _SessionState, spec: UDFSpec) -> tuple[str, Any]:
+    """(registered name, UDF object) of the variant for ``spec``, registering it once."""
+    entry = state.variants.get(spec)
+    if entry is None:
+        name = _variant_name(spec)
+        fn = build_udf(spec, state.registry)
+        spark.udf.register(name, fn)
+        entry = state.variants[spec] = (name, fn)
+    return entry
+
+
+def ai_query(
+    endpoint: str,
+    request: "ColumnOrName",
+    *,
+    returnType: str | None = None,  # noqa: N803 - the SQL argument names
+    failOnError: bool = True,  # noqa: N803
+    modelParameters: Mapping[str, Any] | None = None,  # noqa: N803
+    responseFormat: str | None = None,  # noqa: N803
+    audit: bool = False,
+) -> "Column":
+    """``ai_query`` as a DataFrame column, with the SQL function's arguments::
+
+        from spark_udfs import ai_query
+        df.select("id", ai_query("local-chat", "prompt", modelParameters={"max_tokens": 32}).alias("answer"))
+
+    ``audit=True`` returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>`` (see
+    ``batch_runner.flatten_audit``). Checked on the driver, like the SQL form.
+    """
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        raise ArgumentError("ai_query(...) as a column needs an active SparkSession; call spark_udfs.register(spark) first")
+    state = _state(spark)
+    label = f"ai_query({endpoint!r}, ...)"
+    if not isinstance(endpoint, str):
+        raise ArgumentError(f"{label}: the endpoint must be a string naming a registry endpoint")
+    task = state.registry.get(endpoint).task
+    if not isinstance(failOnError, bool):
+        raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
+    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit)
+    _, fn = _variant(spark, state, spec)
+    prepare_endpoints(state.registry, {endpoint}, state.prepared)
+    column = F.col(request) if isinstance(request, str) else request
+    kwargs: dict[str, Any] = {}
+    if modelParameters:
+        kwargs["modelParameters"] = F.struct(*[F.lit(v).alias(k) for k, v in modelParameters.items()])
+    if not failOnError:
+        kwargs["failOnError"] = F.lit(False)
+    return fn(F.lit(endpoint), column, **kwargs)
 
 
 def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> str | None:

@@ -160,3 +160,27 @@ def test_bad_key_stops_the_query_early(aispark, sim, monkeypatch):
         assert sim.stats.requests < 40  # stopped early, not one 401 per row
     finally:
         spark_udfs.register(aispark, EndpointRegistry.builtin())
+
+
+def test_dataframe_column_api(aispark, sim, registry):
+    from spark_udfs import ai_query
+
+    spark_udfs.register(aispark, registry)
+    df = aispark.table("reviews").where("id < 6")
+    out = df.select(
+        "id",
+        ai_query("sim-chat", "text", modelParameters={"max_tokens": 3, "temperature": 0.0}).alias("short"),
+        ai_query("sim-chat", "text", failOnError=False).alias("safe"),
+        ai_query("sim-embed", "text").alias("vec"),
+        ai_query("sim-chat", "text", audit=True).alias("audited"),
+    )
+    assert out.schema["safe"].dataType.simpleString() == "struct<response:string,errorMessage:string>"
+    rows = {r.id: r for r in out.collect()}
+    assert rows[2].short == "echo: review number"  # cut at max_tokens words
+    assert rows[2].safe.response == "echo: review number 2" and rows[2].safe.errorMessage is None
+    assert len(rows[2].vec) == 8
+    assert rows[2].audited.aiq_status == "ok" and rows[2].audited.aiq_total_tokens > 0
+    with pytest.raises(UnknownEndpointError):
+        ai_query("nope", "text")
+    with pytest.raises(ArgumentError, match="unknown parameter 'max_tokenz'"):
+        ai_query("sim-chat", "text", modelParameters={"max_tokenz": 3})
