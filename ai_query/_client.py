@@ -67,6 +67,8 @@ class CallResult:
     request_id: str | None = None
     finish_reason: str | None = None
     completed_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    deduplicated: bool = False
+    """The same request was sent for another row of the batch; this row shares its answer."""
 
     @property
     def ok(self) -> bool:

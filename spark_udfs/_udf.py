@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -80,13 +80,24 @@ def send_rows(
 
     results: list[CallResult | None] = [None] * n
     batches, batch_rows = [], []
+    copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
     for (name, _, _), rows in groups.items():
         if name is None:
             for i in rows:
                 results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
             continue
-        batches.append((name, [requests[i] for i in rows], ModelParameters.from_mapping(params[rows[0]]), response_formats[rows[0]]))
-        batch_rows.append(rows)
+        # Dedup: an identical (endpoint, request, parameters) is sent once; its copies share the answer.
+        first_of: dict[str, int] = {}
+        unique = []
+        for i in rows:
+            key = requests[i] if isinstance(requests[i], str) else json.dumps(requests[i], sort_keys=True, default=str)
+            if key in first_of and requests[i] is not None:
+                copies.append((i, first_of[key]))
+            else:
+                first_of[key] = i
+                unique.append(i)
+        batches.append((name, [requests[i] for i in unique], ModelParameters.from_mapping(params[unique[0]]), response_formats[unique[0]]))
+        batch_rows.append(unique)
 
     on_result: Callable[[str, CallResult], None] | None = None
     if reporter is not None:
@@ -97,6 +108,15 @@ def send_rows(
         for i, result in zip(rows, sent):
             result.index = i
             results[i] = result
+    for i, source in copies:
+        original = results[source]
+        assert original is not None
+        # The copy cost nothing: its tokens stay with the row that was sent, so the token
+        # totals of a table still equal what the endpoint served.
+        results[i] = replace(original, index=i, prompt_tokens=0, completion_tokens=0, total_tokens=0,
+                             cost_usd=0.0 if original.cost_usd is not None else None, attempts=0, deduplicated=True)
+        if reporter is not None:
+            reporter.add(original.ok, 0, None, None)
     if reporter is not None:
         reporter.flush()
     if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent

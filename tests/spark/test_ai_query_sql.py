@@ -184,3 +184,15 @@ def test_dataframe_column_api(aispark, sim, registry):
         ai_query("nope", "text")
     with pytest.raises(ArgumentError, match="unknown parameter 'max_tokenz'"):
         ai_query("sim-chat", "text", modelParameters={"max_tokenz": 3})
+
+
+def test_identical_requests_are_sent_once_and_their_tokens_counted_once(aispark, sim, registry):
+    spark_udfs.register(aispark, registry)
+    rows = spark_udfs.sql(aispark, """
+        SELECT id, ai_query('sim-chat', CONCAT('same question ', id % 3)) AS r FROM reviews
+    """, audit=True).select("id", "r.*").collect()
+    assert len(rows) == 40 and all(r.aiq_status == "ok" for r in rows)
+    assert {r.response for r in rows} == {"echo: same question 0", "echo: same question 1", "echo: same question 2"}
+    partitions = aispark.table("reviews").rdd.getNumPartitions()
+    assert sim.stats.requests <= 3 * partitions  # at most once per distinct request and Arrow batch
+    assert sum(r.aiq_total_tokens for r in rows) == sim.stats.total_tokens
