@@ -11,6 +11,7 @@ serving endpoint. Quick use::
 
 from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
 from ._concurrency import AdaptiveConcurrencyLimiter
+from ._gradient import GradientConcurrencyLimiter
 from ._config import (
     TASKS,
     ClientConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "EndpointError",
     "EndpointRegistry",
     "ExternalModel",
+    "GradientConcurrencyLimiter",
     "LocalEngineError",
     "LocalModel",
     "ModelParameters",

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeV
 import httpx
 
 from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
+from ._gradient import GradientConcurrencyLimiter
 from ._config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
@@ -93,6 +94,14 @@ class _Route:
     weight: int
 
 
+def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
+    """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
+    engines, which queue instead and so never send AIMD a signal."""
+    if kind == "gradient" or (kind == "auto" and entity.local_model is not None):
+        return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
+    return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
+
+
 class EndpointClient:
     """Calls to one endpoint: routes over its served entities, concurrency, quota and retries."""
 
@@ -113,7 +122,7 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, provider_for(e), AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock), weights.get(e.name, 0))
+            _Route(e, provider_for(e), _limiter_for(e, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0))
             for e in config.served_entities
         ]
         self.quota = quota

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Callable, Literal
 
 Outcome = Literal["ok", "overload", "error"]
@@ -39,7 +40,7 @@ class AdaptiveConcurrencyLimiter:
         self._in_flight = 0
         self._last_decrease = -float("inf")
         self._rtt = 0.0  # smoothed latency of recent requests, the spacing between two decreases
-        self._condition: asyncio.Condition | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.overload_signals = 0
         self.decreases = 0
 
@@ -52,23 +53,41 @@ class AdaptiveConcurrencyLimiter:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def _cond(self) -> asyncio.Condition:
-        if self._condition is None:
-            self._condition = asyncio.Condition()
-        return self._condition
-
     async def acquire(self) -> float:
-        """Wait for a slot; returns the clock reading at admission (pass it to ``release``)."""
-        cond = self._cond()
-        async with cond:
-            while self._in_flight >= self.limit:
-                await cond.wait()
+        """Wait for a slot; returns the clock reading at admission (pass it to ``release``).
+
+        Waiters are served first come, first served, and a completion wakes only as many as it
+        has slots for (a ``Condition.notify_all`` would wake thousands of waiting rows each time).
+        """
+        if self._in_flight < self.limit and not self._waiters:
             self._in_flight += 1
+            return self._clock()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a slot just as it gave up: pass it on
+                self._in_flight -= 1
+                self._hand_over()
+            else:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
         return self._clock()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self._in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._in_flight += 1
+                waiter.set_result(None)
 
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now (no waiting); ``None`` otherwise."""
-        if self._in_flight >= self.limit:
+        if self._in_flight >= self.limit or self._waiters:
             return None
         self._in_flight += 1
         return self._clock()
@@ -89,9 +108,7 @@ class AdaptiveConcurrencyLimiter:
                 self.decreases += 1
 
     async def release(self, outcome: Outcome, started: float | None = None) -> None:
-        """Free the slot and adapt the limit to the outcome."""
+        """Free the slot, adapt the limit to the outcome, and hand free slots to waiting rows."""
         self.on_outcome(outcome, started)
-        cond = self._cond()
-        async with cond:
-            self._in_flight -= 1
-            cond.notify_all()
+        self._in_flight -= 1
+        self._hand_over()

@@ -66,6 +66,13 @@ def _number(data: Mapping[str, Any], key: str, path: str, default: float, *, min
     return value
 
 
+def _choice(data: Mapping[str, Any], key: str, path: str, default: str, choices: tuple[str, ...]) -> str:
+    value = data.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{path}.{key} is {value!r}; use one of {', '.join(choices)}")
+    return value
+
+
 def _bool(data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -309,9 +316,23 @@ class ServedEntity:
     max_provisioned_throughput: int | None = None
     """Provisioned throughput in tokens/s: the client paces requests to this rate."""
     throughput_chunk_size: int | None = None
+    entity_name: str | None = None
+    """An MLflow registered model (with ``entity_version``), run in-process: ``models:/name/version``."""
+    entity_version: str | None = None
+    model_uri: str | None = None
+    """Any MLflow model URI (a path, ``runs:/...``, ``models:/name@alias``), instead of name + version."""
+    entity_task: str | None = None
+    """The task an MLflow model serves (a pyfunc does not say)."""
+
+    @property
+    def is_mlflow(self) -> bool:
+        return self.entity_name is not None or self.model_uri is not None
 
     @property
     def task(self) -> str:
+        if self.is_mlflow:
+            assert self.entity_task is not None
+            return self.entity_task
         model = self.external_model or self.local_model
         assert model is not None
         return model.task
@@ -321,20 +342,36 @@ class ServedEntity:
         """The model name sent in requests and reported in ``aiq_model``."""
         if self.external_model is not None:
             return self.external_model.name
-        assert self.local_model is not None
-        return self.local_model.model
+        if self.local_model is not None:
+            return self.local_model.model
+        return self.model_uri or f"models:/{self.entity_name}/{self.entity_version}"
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "ServedEntity":
         data = _mapping(data, path)
         _check_keys(data, ("name", "external_model", "local_model", "pricing", "min_provisioned_throughput",
-                           "max_provisioned_throughput", "throughput_chunk_size"), path)
-        kinds = [k for k in ("external_model", "local_model") if k in data]
+                           "max_provisioned_throughput", "throughput_chunk_size", "entity_name", "entity_version",
+                           "model_uri", "task", "workload_size", "scale_to_zero_enabled"), path)
+        kinds = [k for k in ("external_model", "local_model", "entity_name", "model_uri") if k in data]
         if len(kinds) != 1:
-            raise ConfigError(f"{path} must have exactly one of external_model or local_model, found {kinds or 'neither'}")
+            raise ConfigError(
+                f"{path} must have exactly one of external_model, local_model, entity_name (+ entity_version, an MLflow "
+                f"registered model) or model_uri (an MLflow model), found {kinds or 'none'}"
+            )
         external = ExternalModel.from_dict(data["external_model"], f"{path}.external_model") if "external_model" in data else None
         local = LocalModel.from_dict(data["local_model"], f"{path}.local_model") if "local_model" in data else None
-        default_name = (external.name if external else local.model) if (external or local) else None  # type: ignore[union-attr]
+        mlflow: dict[str, Any] = {}
+        if "entity_name" in data or "model_uri" in data:
+            version = data.get("entity_version")
+            mlflow = {
+                "entity_name": _string(data, "entity_name", path, required=False),
+                "entity_version": str(version) if isinstance(version, int) and not isinstance(version, bool) else _string(data, "entity_version", path, required="entity_name" in data),
+                "model_uri": _string(data, "model_uri", path, required=False),
+                "entity_task": _task(data, path),
+            }
+        elif "task" in data:
+            raise ConfigError(f"{path}.task belongs to MLflow entities; put the task in external_model / local_model")
+        default_name = external.name if external else (local.model if local else (mlflow.get("entity_name") or mlflow.get("model_uri")))
         name = _string(data, "name", path, required=False, default=default_name)
         assert name is not None
         pricing = Pricing.from_dict(data["pricing"], f"{path}.pricing") if "pricing" in data else None
@@ -357,7 +394,7 @@ class ServedEntity:
                             f"{path}.{key} ({value}) must be a multiple of throughput_chunk_size ({chunk}); "
                             f"use {value // chunk * chunk or chunk} or {(value // chunk + 1) * chunk}"
                         )
-        return cls(name, external, local, pricing, low, high, chunk)
+        return cls(name, external, local, pricing, low, high, chunk, **mlflow)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -367,6 +404,11 @@ class ServedEntity:
             out["local_model"] = self.local_model.to_dict()
         if self.pricing is not None:
             out["pricing"] = self.pricing.to_dict()
+        if self.is_mlflow:
+            for key in ("entity_name", "entity_version", "model_uri"):
+                if getattr(self, key) is not None:
+                    out[key] = getattr(self, key)
+            out["task"] = self.entity_task
         for key in ("min_provisioned_throughput", "max_provisioned_throughput", "throughput_chunk_size"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -413,6 +455,9 @@ class ClientConfig:
     tokens_per_minute: int | None = None
     """The endpoint's token quota; prompt + max_tokens is reserved at admission, refunded from usage."""
     queries_per_hour: int | None = None
+    concurrency: str = "auto"
+    """The limiter: ``aimd`` (429/503/timeouts; remote endpoints), ``gradient`` (latency; self-hosted
+    engines that queue instead of refusing), or ``auto`` (gradient for local models, else aimd)."""
     quota_refunds_unused: bool = True
     """Whether the endpoint gives unused ``max_tokens`` back to the tokens/min window (OpenAI-style
     gateways differ): if false, the client keeps the full reservation on its books too."""
@@ -434,6 +479,7 @@ class ClientConfig:
             queries_per_hour=_optional_int(data, "queries_per_hour", path),
             retry_budget=float(_number(data, "retry_budget", path, cls.retry_budget, minimum=0)),
             quota_refunds_unused=_bool(data, "quota_refunds_unused", path, cls.quota_refunds_unused),
+            concurrency=_choice(data, "concurrency", path, cls.concurrency, ("auto", "aimd", "gradient")),
         )
         if out.initial_concurrency > out.max_concurrency:
             raise ConfigError(

@@ -327,6 +327,11 @@ def provider_for(entity: ServedEntity) -> Provider:
     """The provider adapter for a served entity."""
     if entity.local_model is not None:
         return LocalModelProvider(entity)
+    if entity.is_mlflow:
+        from ._mlflow_provider import MLflowModelRef, MLflowPyfuncProvider  # imports no mlflow until a model loads
+
+        ref = MLflowModelRef(model_uri=entity.model_uri, entity_name=entity.entity_name, entity_version=entity.entity_version)
+        return MLflowPyfuncProvider(entity.name, ref, entity.task)  # type: ignore[return-value]
     assert entity.external_model is not None
     provider = entity.external_model.provider
     if provider == "openai":
