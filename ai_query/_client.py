@@ -168,7 +168,8 @@ class EndpointClient:
             return float(prompt)
         return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
 
-    async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None, prompt_text: str) -> ModelResponse:
+    async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
+                       prompt_text: str, first: bool = False) -> ModelResponse:
         task = self.config.task
         provider = route.provider
         invoke = getattr(provider, "invoke", None)  # in-process providers (MLflow pyfunc) skip HTTP
@@ -179,6 +180,8 @@ class EndpointClient:
             reserved = self._reservation(prompt_text, params)
             await self.quota.admit(reserved)
         started = await route.limiter.acquire()
+        if first:  # the retry budget grows with requests sent, not with rows queued
+            self.budget.record_first_attempt()
         outcome: Outcome = "error"
         charged = 0.0
         try:
@@ -261,13 +264,12 @@ class EndpointClient:
             max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
             budget=self.budget,
         )
-        self.budget.record_first_attempt()
         attempts = 0
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    response = await self._attempt(route, value, params, response_format, prompt_text)
+                    response = await self._attempt(route, value, params, response_format, prompt_text, first=attempts == 1)
         except SYSTEMIC_ERRORS:
             raise
         except EndpointError as exc:

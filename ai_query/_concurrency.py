@@ -3,7 +3,10 @@
 ``AdaptiveConcurrencyLimiter`` does AIMD (additive increase, multiplicative decrease): each
 success adds ``1/limit`` (about +1 per round trip of a full window); an overload signal (429, 503,
 a timeout) multiplies the limit by ``backoff``, at most once per observed round trip, so a burst
-of 429s from one window counts as one signal. The clock is injected so tests need no real time.
+of 429s from one window counts as one signal. Until the first overload signal it grows by one
+per success (slow start: about doubling per round trip), so an endpoint with room is found in
+a few round trips instead of one step per round trip. The clock is injected, so tests need no
+real time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class AdaptiveConcurrencyLimiter:
         minimum: int = 1,
         maximum: int = 256,
         backoff: float = 0.7,
+        slow_start: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= minimum <= initial <= maximum:
@@ -41,6 +45,7 @@ class AdaptiveConcurrencyLimiter:
         self._last_decrease = -float("inf")
         self._rtt = 0.0  # smoothed latency of recent requests, the spacing between two decreases
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._slow_start = slow_start
         self.overload_signals = 0
         self.decreases = 0
 
@@ -99,9 +104,12 @@ class AdaptiveConcurrencyLimiter:
             latency = max(0.0, now - started)
             self._rtt = latency if self._rtt == 0.0 else 0.8 * self._rtt + 0.2 * latency
         if outcome == "ok":
-            self._limit = min(float(self.maximum), self._limit + 1.0 / max(self._limit, 1.0))
+            # Slow start (about doubling per round trip) until the first overload, then +1 per round trip.
+            step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
+            self._limit = min(float(self.maximum), self._limit + step)
         elif outcome == "overload":
             self.overload_signals += 1
+            self._slow_start = False
             if now - self._last_decrease >= max(self._rtt, 1e-3):
                 self._limit = max(float(self.minimum), self._limit * self.backoff)
                 self._last_decrease = now

@@ -145,3 +145,19 @@ def test_static_share_when_the_broker_is_unreachable():
     log, _ = run_two_workers(registry, ("127.0.0.1", 9), share=0.5)  # port 9: nothing listens
     assert len(log) == 60
     assert max_tokens_in_any_window(log) <= BOUND_2S + 13
+
+
+def test_retry_budget_grows_with_requests_sent_not_rows_queued():
+    """3,000 rows queued at once behind 16 slots, 1 request in 7 failing: every row must end ok."""
+    calls = {"n": 0}
+
+    async def handler(request):
+        await asyncio.sleep(0)  # let the queued rows run ahead, as real I/O does
+        calls["n"] += 1
+        return json_response(500, {"error": "flaky"}) if calls["n"] % 7 == 0 else json_response(200, chat_body("ok"))
+
+    clock = FakeClock()
+    registry = EndpointRegistry.from_data(endpoint(max_concurrency=16, initial_concurrency=16))
+    client = AIQueryClient(registry, transport=httpx.MockTransport(handler), clock=clock, sleep=clock.sleep)
+    results = asyncio.run(client.amap("q", ["x"] * 3000))
+    assert [r.error for r in results if not r.ok] == []
