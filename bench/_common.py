@@ -354,12 +354,5 @@ def markdown(records: Sequence[Record], *, date: str, command: str, machine_line
     return "\n".join(lines) + "\n"
 
 
-def dump_json(path: str, records: Sequence[Record], meta: dict[str, Any]) -> None:
-    """A list of records; each carries the run's ``meta`` (date, machine, command) so it stands alone."""
-    with open(path, "w") as f:
-        json.dump([{**r.as_dict(), **meta} for r in records], f, indent=1)
-        f.write("\n")
-
-
-__all__ = ["BackgroundLoad", "FILLER", "Record", "Sample", "SimSampler", "SparkCpu", "dump_json", "goal_met", "machine", "markdown",
+__all__ = ["BackgroundLoad", "FILLER", "Record", "Sample", "SimSampler", "SparkCpu", "goal_met", "machine", "markdown",
            "prompts", "run_baseline"]

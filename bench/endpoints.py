@@ -36,7 +36,6 @@ from _common import (  # noqa: E402 - bench/ is not a package
     Record,
     SimSampler,
     SparkCpu,
-    dump_json,
     goal_met,
     machine,
     markdown,
@@ -231,7 +230,7 @@ def _common_records(sc: Scenario, ours: Run, base: Run, rows: int) -> list[Recor
                f"ours saw its first request at the server after {ours.extra['first_request_s'] or 0:.2f} s (sampled every 0.25 s); "
                f"a warm 64-row query on a zero-latency endpoint takes {ours.extra['warm_query_s']:.2f} s"),
         Record(sc.name, "failed_rows", ours.failed, "rows", "== 0", base.failed, None, rows, ours.failed,
-               notes=_failures_note(ours, base)),
+               goal_met(ours.failed, "== 0"), _failures_note(ours, base)),
     ]
 
 
@@ -435,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.monotonic()
+    code = code_version()  # now: the Python workers import the project once, at the first query
     command = ("python bench/endpoints.py" + "".join(f" --scenario {s}" for s in args.scenario or [])
                + (" --quick" if args.quick else "") + (" --wait-quiet" if args.wait_quiet else ""))
     os.environ[SECRET_ENV] = API_KEY  # before the JVM starts, so the Python workers inherit it
@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:
-        write_results(out, records, details, command, wall, merge=bool(args.scenario), with_details=args.details)
+        write_results(out, records, details, command, wall, merge=bool(args.scenario), with_details=args.details,
+                      code=code)
     return 0
 
 
@@ -484,25 +485,47 @@ def code_version() -> str:
 
 
 def write_results(out: Path, records: list[Record], details: dict[str, Any], command: str, wall: float, *, merge: bool,
-                  with_details: bool = False) -> None:
+                  with_details: bool = False, code: str | None = None) -> None:
+    """``endpoints.json`` (records, each with its run's date, machine, command and code) and ``endpoints.md``.
+
+    With ``merge`` (some scenarios re-run) the other scenarios' records are kept as they were,
+    with their own run's details, and the markdown lists every run the table draws on.
+    """
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = {"date": date, "machine": machine(), "command": command, "code": code_version()}
+    meta = {"date": date, "machine": machine(), "command": command, "code": code or code_version(), "wall_s": round(wall)}
     json_path = out / "endpoints.json"
-    all_records = records
-    if merge and json_path.exists():  # one scenario re-run: keep the others' records
-        kept = [Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__})
-                for d in json.loads(json_path.read_text()) if d["scenario"] not in details]
-        all_records = kept + records
-    dump_json(str(json_path), all_records, meta)
+    rows: list[dict[str, Any]] = []
+    if merge and json_path.exists():  # some scenarios re-run: keep the others' records
+        rows = [d for d in json.loads(json_path.read_text()) if d["scenario"] not in details]
+    setups = {name: {k: d[k] for k in ("rows", "sim", "client_config", "baseline_concurrency")} for name, d in details.items()}
+    rows += [{**r.as_dict(), **meta, "setup": setups.get(r.scenario)} for r in records]
     order = list(SCENARIOS)
-    all_records.sort(key=lambda r: order.index(r.scenario))
-    preamble = ["- scenarios (each measured through Spark `local[2]` and beside a raw `openai.AsyncOpenAI` + `asyncio.Semaphore` baseline, "
-                "each on a fresh simulator with the same settings):"]
-    preamble += [f"  - `{s.name}`: {s.summary}; {s.rows:,} rows; our client_config `{json.dumps(s.client)}`; "
-                 f"baseline semaphore {s.baseline_concurrency}" for s in SCENARIOS.values()]
-    preamble.insert(0, f"- code measured: {meta['code']} (the Python workers import it once, at the first query)")
-    (out / "endpoints.md").write_text(markdown(all_records, date=date, command=command, machine_line=meta["machine"], wall_s=wall,
+    rows.sort(key=lambda d: order.index(d["scenario"]))
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+
+    table = [Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__}) for d in rows]
+    runs: dict[tuple, list[str]] = {}
+    for d in rows:
+        key = (d.get("date"), d.get("command"), d.get("code"), d.get("wall_s"))
+        if d["scenario"] not in runs.setdefault(key, []):
+            runs[key].append(d["scenario"])
+    preamble = []
+    if len(runs) > 1:
+        preamble.append("- the table draws on several runs:")
+        preamble += [f"  - {', '.join(names)}: {run_date}, `{run_command}`, code {run_code}"
+                     for (run_date, run_command, run_code, _), names in runs.items()]
+    preamble.append(f"- code measured: {meta['code']} (the Python workers import it once, at the first query)")
+    preamble.append("- scenarios (each measured through Spark `local[2]` and beside a raw `openai.AsyncOpenAI` + `asyncio.Semaphore` "
+                    "baseline, each on a fresh simulator with the same settings):")
+    setup_of = {d["scenario"]: d.get("setup") or {} for d in rows}
+    for sc in SCENARIOS.values():
+        if sc.name in setup_of:
+            setup = setup_of[sc.name]
+            preamble.append(f"  - `{sc.name}`: {sc.summary}; {setup.get('rows', 0):,} rows; simulator `{json.dumps(setup.get('sim'))}`; "
+                            f"our client_config `{json.dumps(setup.get('client_config'))}`; baseline semaphore "
+                            f"{setup.get('baseline_concurrency')}")
+    (out / "endpoints.md").write_text(markdown(table, date=date, command=command, machine_line=meta["machine"], wall_s=wall,
                                                preamble=preamble))
     if with_details:
         (out / "endpoints.details.json").write_text(json.dumps(details, indent=1, default=str) + "\n")
