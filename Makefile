@@ -45,3 +45,6 @@ test-integration: setup
 
 clean:
 	rm -rf $(VENV) .aiq-demo build *.egg-info spark-warehouse metastore_db
+
+bench: setup
+	$(BIN)/python bench/endpoints.py --wait-quiet

@@ -94,6 +94,20 @@ class _Route:
     weight: int
 
 
+def _is_real_timeout(exc: BaseException) -> bool:
+    """httpx-aiohttp 0.2 maps every aiohttp ClientConnectionError (a reset, a server disconnect)
+    to ``httpx.ConnectTimeout``; only a real timeout is a sign of load."""
+    cause = exc.__cause__
+    if cause is None:
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - a shipped dependency
+        return True
+    timeouts = (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)
+    return isinstance(cause, timeouts) or not isinstance(cause, aiohttp.ClientConnectionError)
+
+
 def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
     """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
     engines, which queue instead and so never send AIMD a signal."""
@@ -195,8 +209,12 @@ class EndpointClient:
                         request.method, request.url, json=request.json, headers=dict(request.headers), timeout=timeout
                     )
                 except httpx.TimeoutException as exc:
-                    outcome = "overload"
-                    raise RetryableEndpointError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
+                    if _is_real_timeout(exc):
+                        outcome = "overload"
+                        raise RetryableEndpointError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
+                    raise RetryableEndpointError(
+                        f"connection lost calling {self.config.name!r}: {type(exc.__cause__).__name__}: {exc.__cause__ or exc}"
+                    ) from exc
                 except httpx.TransportError as exc:
                     raise RetryableEndpointError(
                         f"connection error calling {self.config.name!r}: {type(exc).__name__}: {exc or 'connection lost'}"

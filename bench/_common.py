@@ -340,7 +340,7 @@ def markdown(records: Sequence[Record], *, date: str, command: str, machine_line
         f"- date: {date}",
         f"- machine: {machine_line}",
         f"- command: `{command}`",
-        f"- wall time of the whole run: {wall_s:.0f} s",
+        f"- wall time of that run: {wall_s:.0f} s",
         *preamble,
         "",
         "| scenario | metric | ours | unit | goal | met | baseline | ours / baseline | rows | failed rows (ours) | notes |",

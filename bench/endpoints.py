@@ -427,12 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--details", action="store_true", help="also write endpoints.details.json (timelines, server counters)")
     parser.add_argument("--wait-quiet", action="store_true",
                         help="before each scenario, wait (up to 10 min) until other processes use under 0.25 cores")
+    parser.add_argument("--render", action="store_true", help="only rewrite endpoints.md from endpoints.json (in --out or results/)")
     parser.add_argument("--baseline-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_json:  # the baseline child process
         print(json.dumps(run_baseline(json.loads(args.baseline_json))), flush=True)
         return 0
 
+    if args.render:
+        write_results(args.out or RESULTS, [], {}, "", 0.0, merge=True)
+        return 0
     started = time.monotonic()
     code = code_version()  # now: the Python workers import the project once, at the first query
     command = ("python bench/endpoints.py" + "".join(f" --scenario {s}" for s in args.scenario or [])
@@ -500,6 +504,9 @@ def write_results(out: Path, records: list[Record], details: dict[str, Any], com
         rows = [d for d in json.loads(json_path.read_text()) if d["scenario"] not in details]
     setups = {name: {k: d[k] for k in ("rows", "sim", "client_config", "baseline_concurrency")} for name, d in details.items()}
     rows += [{**r.as_dict(), **meta, "setup": setups.get(r.scenario)} for r in records]
+    for d in rows:  # records written before a goal was judged get judged now
+        if d.get("goal") and d.get("met") is None:
+            d["met"] = goal_met(d["value"], d["goal"])
     order = list(SCENARIOS)
     rows.sort(key=lambda d: order.index(d["scenario"]))
     json_path.write_text(json.dumps(rows, indent=1) + "\n")
@@ -515,16 +522,20 @@ def write_results(out: Path, records: list[Record], details: dict[str, Any], com
         preamble.append("- the table draws on several runs:")
         preamble += [f"  - {', '.join(names)}: {run_date}, `{run_command}`, code {run_code}"
                      for (run_date, run_command, run_code, _), names in runs.items()]
-    preamble.append(f"- code measured: {meta['code']} (the Python workers import it once, at the first query)")
+    if len(runs) == 1:
+        preamble.append(f"- code measured: {rows[0].get('code')} (the Python workers import it once, at the first query)")
     preamble.append("- scenarios (each measured through Spark `local[2]` and beside a raw `openai.AsyncOpenAI` + `asyncio.Semaphore` "
                     "baseline, each on a fresh simulator with the same settings):")
-    setup_of = {d["scenario"]: d.get("setup") or {} for d in rows}
     for sc in SCENARIOS.values():
-        if sc.name in setup_of:
-            setup = setup_of[sc.name]
-            preamble.append(f"  - `{sc.name}`: {sc.summary}; {setup.get('rows', 0):,} rows; simulator `{json.dumps(setup.get('sim'))}`; "
-                            f"our client_config `{json.dumps(setup.get('client_config'))}`; baseline semaphore "
-                            f"{setup.get('baseline_concurrency')}")
+        first = next((d for d in rows if d["scenario"] == sc.name), None)
+        if first is None:
+            continue
+        setup = first.get("setup") or {"rows": first.get("rows") or sc.rows, "sim": sc.sim, "client_config": sc.client,
+                                        "baseline_concurrency": sc.baseline_concurrency}
+        preamble.append(f"  - `{sc.name}`: {sc.summary}; {setup['rows']:,} rows; simulator `{json.dumps(setup['sim'])}`; "
+                        f"our client_config `{json.dumps(setup['client_config'])}`; baseline semaphore {setup['baseline_concurrency']}")
+    latest = max(rows, key=lambda d: d.get("date") or "")
+    date, command, wall = latest.get("date", date), latest.get("command", command), latest.get("wall_s", wall)
     (out / "endpoints.md").write_text(markdown(table, date=date, command=command, machine_line=meta["machine"], wall_s=wall,
                                                preamble=preamble))
     if with_details:
