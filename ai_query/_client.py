@@ -283,7 +283,7 @@ class EndpointClient:
         cc = self.config.client_config
         retrying = make_retrying(
             max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
-            budget=self.budget,
+            budget=self.budget, initial_backoff=cc.retry_backoff_s,
         )
         attempts = 0
         try:

@@ -2,8 +2,8 @@
 
 ``AdaptiveConcurrencyLimiter`` does AIMD (additive increase, multiplicative decrease): each
 success adds ``1/limit`` (about +1 per round trip of a full window); an overload signal (429, 503,
-a timeout) multiplies the limit by ``backoff``, at most once per observed round trip, so a burst
-of 429s from one window counts as one signal. Until the first overload signal it grows by one
+a timeout) multiplies the limit by ``backoff`` (0.9, as in Netflix's concurrency-limits AIMD), at
+most once per observed round trip, so a burst of 429s from one window counts as one signal. Until the first overload signal it grows by one
 per success (slow start: about doubling per round trip), so an endpoint with room is found in
 a few round trips instead of one step per round trip. The clock is injected, so tests need no
 real time.
@@ -28,7 +28,7 @@ class AdaptiveConcurrencyLimiter:
         *,
         minimum: int = 1,
         maximum: int = 256,
-        backoff: float = 0.7,
+        backoff: float = 0.9,
         slow_start: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

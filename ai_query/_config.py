@@ -463,6 +463,9 @@ class ClientConfig:
     gateways differ): if false, the client keeps the full reservation on its books too."""
     retry_budget: float = 0.5
     """Retries of 5xx / timeouts / resets earn this many per row sent (from a floor of 10, up to 100 banked)."""
+    retry_backoff_s: float = 0.2
+    """First wait before retrying a 5xx / timeout / reset (doubled each time, jittered, capped at 30 s).
+    Rate limits wait for ``Retry-After`` instead; the retry budget keeps a failing endpoint from a storm."""
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "ClientConfig":
@@ -478,6 +481,7 @@ class ClientConfig:
             tokens_per_minute=_optional_int(data, "tokens_per_minute", path),
             queries_per_hour=_optional_int(data, "queries_per_hour", path),
             retry_budget=float(_number(data, "retry_budget", path, cls.retry_budget, minimum=0)),
+            retry_backoff_s=float(_number(data, "retry_backoff_s", path, cls.retry_backoff_s, minimum=0)),
             quota_refunds_unused=_bool(data, "quota_refunds_unused", path, cls.quota_refunds_unused),
             concurrency=_choice(data, "concurrency", path, cls.concurrency, ("auto", "aimd", "gradient")),
         )

@@ -43,13 +43,13 @@ def test_recovers_after_capacity_returns():
 
 def test_a_burst_of_429s_in_one_round_trip_is_one_decrease():
     clock = FakeClock()
-    limiter = AdaptiveConcurrencyLimiter(40, maximum=64, clock=clock)
+    limiter = AdaptiveConcurrencyLimiter(40, maximum=64, backoff=0.5, clock=clock)
     starts = [limiter.try_acquire() for _ in range(40)]
     clock.now += 0.5
     asyncio.run(limiter.release("ok", starts[0]))
     for s in starts[1:]:
         asyncio.run(limiter.release("overload", s))
-    assert limiter.decreases == 1 and limiter.limit == 28
+    assert limiter.decreases == 1 and limiter.limit == 20  # int(40.025 * 0.5)
 
 
 def test_bounds_are_validated():
