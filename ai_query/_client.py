@@ -37,6 +37,8 @@ from ._errors import (
 )
 from ._providers import Provider, provider_for
 from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
+from ._files import text_of_content
+from ._prefix import prefix_order
 from ._retry import RetryBudget, make_retrying, retry_within_budget
 from ._schemas import ModelParameters, ModelResponse, Usage
 
@@ -79,8 +81,8 @@ class CallResult:
 def _prompt_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list):  # chat messages
-        return "".join(str(m.get("content", "")) for m in value if isinstance(m, Mapping))
+    if isinstance(value, list):  # chat messages (content: a string or content parts)
+        return "".join(text_of_content(m.get("content", "")) for m in value if isinstance(m, Mapping))
     return str(value)
 
 
@@ -436,9 +438,14 @@ class AIQueryClient:
                 on_result(result)
             return result
 
-        tasks = [asyncio.ensure_future(one(i, v)) for i, v in enumerate(values)]
-        if not tasks:
+        if not values:
             return []
+        # Tasks start in creation order (and queue FIFO on the limiter): create them in the
+        # prefix-aware order, keep them at their input positions.
+        order = prefix_order([_prompt_text(v) for v in values], client.config.client_config.prefix_ordering)
+        tasks: list[asyncio.Future[CallResult]] = [None] * len(values)  # type: ignore[list-item]
+        for i in order if order is not None else range(len(values)):
+            tasks[i] = asyncio.ensure_future(one(i, values[i]))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failure = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None), None)

@@ -463,6 +463,9 @@ class ClientConfig:
     gateways differ): if false, the client keeps the full reservation on its books too."""
     retry_budget: float = 0.5
     """Retries of 5xx / timeouts / resets earn this many per row sent (from a floor of 10, up to 100 banked)."""
+    prefix_ordering: str = "auto"
+    """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
+    when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
     retry_backoff_s: float = 0.2
     """First wait before retrying a 5xx / timeout / reset (doubled each time, jittered, capped at 30 s).
     Rate limits wait for ``Retry-After`` instead; the retry budget keeps a failing endpoint from a storm."""
@@ -484,6 +487,7 @@ class ClientConfig:
             retry_backoff_s=float(_number(data, "retry_backoff_s", path, cls.retry_backoff_s, minimum=0)),
             quota_refunds_unused=_bool(data, "quota_refunds_unused", path, cls.quota_refunds_unused),
             concurrency=_choice(data, "concurrency", path, cls.concurrency, ("auto", "aimd", "gradient")),
+            prefix_ordering=_choice(data, "prefix_ordering", path, cls.prefix_ordering, ("auto", "on", "off")),
         )
         if out.initial_concurrency > out.max_concurrency:
             raise ConfigError(

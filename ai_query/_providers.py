@@ -24,6 +24,7 @@ from ._errors import (
     RetryableEndpointError,
     SystemicEndpointError,
 )
+from ._files import anthropic_content
 from ._schemas import ModelParameters, ModelResponse, Usage
 from ._secrets import resolve_secret
 
@@ -243,7 +244,8 @@ class AnthropicProvider:
         system = [m["content"] for m in messages if isinstance(m, Mapping) and m.get("role") == "system"]
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": [m for m in messages if not (isinstance(m, Mapping) and m.get("role") == "system")],
+            "messages": [{**m, "content": anthropic_content(m.get("content"))} if isinstance(m, Mapping) else m
+                         for m in messages if not (isinstance(m, Mapping) and m.get("role") == "system")],
         }
         if system:
             body["system"] = "\n\n".join(str(x) for x in system)

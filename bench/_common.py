@@ -333,9 +333,9 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(records: Sequence[Record], *, date: str, command: str, machine_line: str, wall_s: float,
-             preamble: Iterable[str] = ()) -> str:
+             preamble: Iterable[str] = (), title: str = "Endpoint benchmark results") -> str:
     lines = [
-        "# Endpoint benchmark results",
+        f"# {title}",
         "",
         f"- date: {date}",
         f"- machine: {machine_line}",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
+from ai_query._files import files_unsupported_reason
 from ai_query._providers import resolve_local_server
 from ai_query._quota import QuotaBroker, QuotaLimits
 
@@ -218,8 +219,11 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         if endpoint is None or (endpoint is not NotImplemented and not isinstance(endpoint, str)):
             raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}")
         if isinstance(endpoint, str):
-            task = state.registry.get(endpoint).task
+            config = state.registry.get(endpoint)
+            task = config.task
             used.add(endpoint)
+            if "files" in bound and (why := files_unsupported_reason(config)) is not None:
+                raise ArgumentError(f"{label}: {why}")
         return_type = bound["returnType"].literal if "returnType" in bound else None
         if return_type is NotImplemented:
             raise ArgumentError(f"{label}: returnType must be a string literal like 'STRING', got {bound['returnType'].text}")
@@ -285,6 +289,7 @@ def ai_query(
     failOnError: bool = True,  # noqa: N803
     modelParameters: Mapping[str, Any] | None = None,  # noqa: N803
     responseFormat: str | None = None,  # noqa: N803
+    files: "ColumnOrName | None" = None,
     audit: bool = False,
 ) -> "Column":
     """``ai_query`` as a DataFrame column, with the SQL function's arguments::
@@ -305,7 +310,10 @@ def ai_query(
     label = f"ai_query({endpoint!r}, ...)"
     if not isinstance(endpoint, str):
         raise ArgumentError(f"{label}: the endpoint must be a string naming a registry endpoint")
-    task = state.registry.get(endpoint).task
+    config = state.registry.get(endpoint)
+    task = config.task
+    if files is not None and (why := files_unsupported_reason(config)) is not None:
+        raise ArgumentError(f"{label}: {why}")
     if not isinstance(failOnError, bool):
         raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
     spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit)
@@ -317,6 +325,8 @@ def ai_query(
         kwargs["modelParameters"] = F.struct(*[F.lit(v).alias(k) for k, v in modelParameters.items()])
     if not failOnError:
         kwargs["failOnError"] = F.lit(False)
+    if files is not None:
+        kwargs["files"] = F.col(files) if isinstance(files, str) else files
     return fn(F.lit(endpoint), column, **kwargs)
 
 

@@ -9,11 +9,12 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
+from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query._progress import reporter_for
 
 from ._types import AUDIT_COLUMNS, convert, result_type
 
-SIGNATURE = ["endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat"]
+SIGNATURE = ["endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat", "files"]
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,20 @@ def evaluate_batch(
     request: pa.Array,
     fail_on_error: pa.Array | None,
     model_parameters: pa.Array | None,
+    files: pa.Array | None = None,
 ) -> tuple[list[CallResult], list[Any], list[str | None]]:
     """Send the batch; return per-row results, typed values, and row errors (conversion included)."""
     n = len(request)
     endpoints = endpoint.to_pylist()
     requests = request.to_pylist()
+    file_errors: dict[int, str] = {}
+    if files is not None:
+        for i, row_files in enumerate(files.to_pylist()):
+            try:
+                requests[i] = with_files(requests[i], as_file_list(row_files))
+            except UnsupportedFileError as exc:
+                file_errors[i] = str(exc)
+                endpoints[i] = None  # not sent: the row's error is its file
     params_col = _column(model_parameters, n)
     fails = _column(fail_on_error, n)
     if not spec.with_error and not spec.audit and any(f is False for f in fails):
@@ -148,6 +158,8 @@ def evaluate_batch(
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
     client = shared_client(registry, spec.quota_broker, spec.quota_share)
     results = send_rows(client, spec.progress_address, endpoints, requests, params_col, [response_format] * n)
+    for i, error in file_errors.items():
+        results[i] = replace(results[i], endpoint=endpoint[i].as_py() or "", error=error)
 
     value_type = spec.value_type()
     values: list[Any] = []
@@ -193,8 +205,9 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
         failOnError: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
         modelParameters: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
         responseFormat: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
+        files: pa.Array = None,  # type: ignore[assignment]
     ) -> pa.Array:
-        results, values, errors = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters)
+        results, values, errors = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters, files)
         if spec.audit:
             rows = [
                 {

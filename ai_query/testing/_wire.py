@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime
 import hashlib
 import json
@@ -147,6 +148,32 @@ def _stop_field(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
     raise BadRequest(f"'{name}' must be a string or a list of strings; got {value!r}")
 
 
+def _media_of(part: dict[str, Any], where: str) -> str:
+    """An image / file part (OpenAI ``image_url`` / ``file``, Anthropic ``image`` / ``document``) as a
+    placeholder: ``[image/png 1234 bytes sha256:0123abcd]``, decoded and hashed so tests can check
+    that the bytes arrived intact."""
+    kind = part.get("type")
+    try:
+        if kind == "image_url":
+            uri = part["image_url"]["url"]
+        elif kind == "file":
+            uri = part["file"]["file_data"]
+        elif kind in ("image", "document"):
+            source = part["source"]
+            if source.get("type") != "base64":
+                raise BadRequest(f"{where}: only base64 {kind} sources are supported here")
+            uri = f"data:{source['media_type']};base64,{source['data']}"
+        else:
+            raise BadRequest(f"{where}: unknown content part type {kind!r}")
+        if not isinstance(uri, str) or not uri.startswith("data:") or ";base64," not in uri:
+            raise BadRequest(f"{where}: a {kind} part needs a base64 data URI (data:<type>;base64,...)")
+        media, _, payload = uri[5:].partition(";base64,")
+        data = base64.b64decode(payload, validate=True)
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise BadRequest(f"{where}: invalid {kind} part: {exc}") from exc
+    return f"[{media} {len(data)} bytes sha256:{hashlib.sha256(data).hexdigest()[:8]}]"
+
+
 def _text_of(content: Any, where: str) -> str:
     """A message's text: a string, or the text parts of a list of content parts/blocks."""
     if isinstance(content, str):
@@ -163,6 +190,8 @@ def _text_of(content: Any, where: str) -> str:
                 if not isinstance(text, str):
                     raise BadRequest(f"{where}: a text part needs a string 'text'")
                 texts.append(text)
+            else:
+                texts.append(_media_of(part, where))
         return "\n".join(texts)
     raise BadRequest(f"{where}: 'content' must be a string or a list of content parts; got {type(content).__name__}")
 
