@@ -463,6 +463,9 @@ class ClientConfig:
     gateways differ): if false, the client keeps the full reservation on its books too."""
     retry_budget: float = 0.5
     """Retries of 5xx / timeouts / resets earn this many per row sent (from a floor of 10, up to 100 banked)."""
+    deduplicate: bool = True
+    """Send an identical (endpoint, request, parameters) once per query; its copies share the answer
+    (``aiq_deduplicated``). Turn off to sample every row anew at a temperature above 0."""
     prefix_ordering: str = "auto"
     """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
     when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
@@ -487,6 +490,7 @@ class ClientConfig:
             retry_backoff_s=float(_number(data, "retry_backoff_s", path, cls.retry_backoff_s, minimum=0)),
             quota_refunds_unused=_bool(data, "quota_refunds_unused", path, cls.quota_refunds_unused),
             concurrency=_choice(data, "concurrency", path, cls.concurrency, ("auto", "aimd", "gradient")),
+            deduplicate=_bool(data, "deduplicate", path, cls.deduplicate),
             prefix_ordering=_choice(data, "prefix_ordering", path, cls.prefix_ordering, ("auto", "on", "off")),
         )
         if out.initial_concurrency > out.max_concurrency:

@@ -21,6 +21,8 @@ class ProgressCounts:
     rows_ok: int = 0
     rows_failed: int = 0
     tokens: int = 0
+    deduplicated: int = 0
+    """Rows answered by another row's request (counted in ``rows_ok`` / ``rows_failed`` too)."""
     concurrency: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -40,8 +42,10 @@ class ProgressReporter:
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
-    def add(self, ok: bool, tokens: int, endpoint: str | None = None, concurrency: int | None = None) -> None:
+    def add(self, ok: bool, tokens: int, endpoint: str | None = None, concurrency: int | None = None,
+            *, deduplicated: bool = False) -> None:
         with self._lock:
+            self._pending.deduplicated += deduplicated
             if ok:
                 self._pending.rows_ok += 1
             else:
@@ -59,7 +63,8 @@ class ProgressReporter:
             self._last_sent = self._clock()
         if pending.rows == 0 and pending.tokens == 0:
             return
-        payload = {"ok": pending.rows_ok, "failed": pending.rows_failed, "tokens": pending.tokens, "conc": pending.concurrency}
+        payload = {"ok": pending.rows_ok, "failed": pending.rows_failed, "tokens": pending.tokens, "dedup": pending.deduplicated,
+                   "conc": pending.concurrency}
         try:
             self._sock.sendto(json.dumps(payload).encode(), self.address)
         except OSError:
@@ -98,12 +103,13 @@ class ProgressCollector:
                 self._totals.rows_ok += int(msg.get("ok", 0))
                 self._totals.rows_failed += int(msg.get("failed", 0))
                 self._totals.tokens += int(msg.get("tokens", 0))
+                self._totals.deduplicated += int(msg.get("dedup", 0))
                 self._totals.concurrency.update(msg.get("conc", {}))
 
     def snapshot(self) -> ProgressCounts:
         with self._lock:
             t = self._totals
-            return ProgressCounts(t.rows_ok, t.rows_failed, t.tokens, dict(t.concurrency))
+            return ProgressCounts(t.rows_ok, t.rows_failed, t.tokens, t.deduplicated, dict(t.concurrency))
 
     def close(self) -> None:
         self._stopped.set()

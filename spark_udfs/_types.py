@@ -44,6 +44,7 @@ AUDIT_FIELDS: list[StructField] = [
     StructField("aiq_error", StringType()),
     StructField("aiq_request_id", StringType()),
     StructField("aiq_completed_at", TimestampType()),
+    StructField("aiq_deduplicated", BooleanType()),
 ]
 AUDIT_COLUMNS: list[str] = [f.name for f in AUDIT_FIELDS]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -82,48 +83,113 @@ def send_rows(
     results: list[CallResult | None] = [None] * n
     batches, batch_rows = [], []
     copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
-    for (name, _, _), rows in groups.items():
+    earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
+    cache = _answers_of_this_stage()
+    sent_keys: dict[int, tuple[Any, ...]] = {}
+    for group, rows in groups.items():
+        name = group[0]
         if name is None:
             for i in rows:
                 results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
             continue
-        # Dedup: an identical (endpoint, request, parameters) is sent once; its copies share the answer.
+        # Dedup: an identical (endpoint, request, parameters) is sent once in a query; its copies
+        # share the answer (rows of this batch, or an earlier batch of the query in this worker).
+        dedup = client.endpoint(name).config.client_config.deduplicate
         first_of: dict[str, int] = {}
         unique = []
         for i in rows:
             key = requests[i] if isinstance(requests[i], str) else json.dumps(requests[i], sort_keys=True, default=str)
-            if key in first_of and requests[i] is not None:
+            if dedup and requests[i] is not None and key in first_of:
                 copies.append((i, first_of[key]))
+            elif dedup and requests[i] is not None and (hit := cache.get((*group, key))) is not None:
+                earlier.append((i, hit))
+                first_of[key] = i
+                results[i] = _copy_of(hit, i)
             else:
                 first_of[key] = i
                 unique.append(i)
-        batches.append((name, [requests[i] for i in unique], ModelParameters.from_mapping(params[unique[0]]), response_formats[unique[0]]))
-        batch_rows.append(unique)
+                if dedup and requests[i] is not None:
+                    sent_keys[i] = (*group, key)
+        if unique:
+            batches.append((name, [requests[i] for i in unique], ModelParameters.from_mapping(params[unique[0]]),
+                            response_formats[unique[0]]))
+            batch_rows.append(unique)
 
     on_result: Callable[[str, CallResult], None] | None = None
     if reporter is not None:
         def on_result(name: str, r: CallResult) -> None:
             reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
 
-    for rows, sent in zip(batch_rows, client.map_many(batches, on_result=on_result)):
+    for rows, sent in zip(batch_rows, client.map_many(batches, on_result=on_result) if batches else []):
         for i, result in zip(rows, sent):
             result.index = i
             results[i] = result
+            if result.ok and i in sent_keys:
+                cache.put(sent_keys[i], result)
     for i, source in copies:
         original = results[source]
         assert original is not None
-        # The copy cost nothing: its tokens stay with the row that was sent, so the token
-        # totals of a table still equal what the endpoint served.
-        results[i] = replace(original, index=i, prompt_tokens=0, completion_tokens=0, total_tokens=0,
-                             cost_usd=0.0 if original.cost_usd is not None else None, attempts=0, deduplicated=True)
-        if reporter is not None:
-            reporter.add(original.ok, 0, None, None)
+        results[i] = _copy_of(original, i)
+    if reporter is not None:
+        for i, _ in copies:
+            reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
+        for i, hit in earlier:
+            reporter.add(hit.ok, 0, None, None, deduplicated=True)
     if reporter is not None:
         reporter.flush()
     if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
         missing = [i for i, r in enumerate(results) if r is None]
         raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
     return results  # type: ignore[return-value]
+
+
+def _copy_of(original: CallResult, i: int) -> CallResult:
+    """Row ``i``'s result when its request was sent for another row: the same answer, no cost.
+
+    Its tokens stay with the row that was sent, so the token totals of a table still equal what
+    the endpoint served.
+    """
+    return replace(original, index=i, prompt_tokens=0, completion_tokens=0, total_tokens=0,
+                   cost_usd=0.0 if original.cost_usd is not None else None, attempts=0, deduplicated=True)
+
+
+class _StageAnswers:
+    """Answers already received in this Spark stage (one query's evaluation) by this Python worker."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._answers: dict[tuple[Any, ...], CallResult] = {}
+
+    def get(self, key: tuple[Any, ...]) -> CallResult | None:
+        return self._answers.get(key)
+
+    def put(self, key: tuple[Any, ...], result: CallResult) -> None:
+        if len(self._answers) < self.limit:  # a bound on memory, not an eviction policy: past it, no dedup
+            self._answers[key] = result
+
+
+_STAGES: dict[int, _StageAnswers] = {}
+_STAGE_LOCK = threading.Lock()
+
+
+def _answers_of_this_stage() -> _StageAnswers:
+    """This stage's answers (the last 4 stages are kept); outside a Spark task, a fresh empty cache."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+    except Exception:  # noqa: BLE001 - no Spark here
+        ctx = None
+    if ctx is None:
+        return _StageAnswers()
+    key = ctx.stageId()  # unique in the SparkContext; a retried stage may reuse its answers
+    with _STAGE_LOCK:
+        answers = _STAGES.get(key)
+        if answers is None:
+            while len(_STAGES) >= 4:
+                _STAGES.pop(next(iter(_STAGES)))
+            answers = _STAGES[key] = _StageAnswers()
+        return answers
 
 
 def evaluate_batch(
@@ -225,6 +291,7 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
                     "aiq_error": error,
                     "aiq_request_id": r.request_id,
                     "aiq_completed_at": r.completed_at,
+                    "aiq_deduplicated": r.deduplicated,
                 }
                 for r, value, error in zip(results, values, errors)
             ]
