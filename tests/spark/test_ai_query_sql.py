@@ -172,7 +172,7 @@ def test_dataframe_column_api(aispark, sim, registry):
         ai_query("sim-chat", "text", modelParameters={"max_tokens": 3, "temperature": 0.0}).alias("short"),
         ai_query("sim-chat", "text", failOnError=False).alias("safe"),
         ai_query("sim-embed", "text").alias("vec"),
-        ai_query("sim-chat", "text", audit=True).alias("audited"),
+        ai_query("sim-chat", "text", modelParameters={"max_tokens": 50}, audit=True).alias("audited"),
     )
     assert out.schema["safe"].dataType.simpleString() == "struct<response:string,errorMessage:string>"
     rows = {r.id: r for r in out.collect()}

@@ -54,3 +54,13 @@ def test_a_new_query_sends_again_and_dedup_can_be_turned_off(dspark, sim):
     rows = spark_udfs.sql(dspark, "SELECT ai_query('dedup-off', q) AS r FROM dup_rows", audit=True) \
         .select("r.aiq_deduplicated").collect()
     assert sim.stats.requests == 60 and not any(r.aiq_deduplicated for r in rows)
+
+
+def test_two_calls_with_the_same_request_in_one_query_send_it_once(dspark, sim):
+    sim.reset()
+    rows = spark_udfs.sql(dspark, """
+        SELECT id, ai_query('dedup-on', q, failOnError => false) AS a, ai_query('dedup-on', q, returnType => 'STRING') AS b
+        FROM dup_rows WHERE id < 6
+    """).collect()
+    assert sim.stats.requests == 6
+    assert all(r.a.response == r.b == f"echo: question {r.id}" for r in rows)
