@@ -40,6 +40,7 @@ from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from ._files import text_of_content
 from ._prefix import prefix_order
 from ._retry import RetryBudget, make_retrying, retry_within_budget
+from ._share import ConcurrencyShare
 from ._schemas import ModelParameters, ModelResponse, Usage
 
 T = TypeVar("T")
@@ -148,6 +149,8 @@ class EndpointClient:
         self._sleep = sleep
         self.requests_sent = 0
         self.fallbacks = 0
+        self.concurrency_share: ConcurrencyShare | None = None
+        """Set by ``AIQueryClient`` when several workers share the endpoint through the driver's broker."""
 
     @property
     def provider(self) -> Provider:
@@ -394,6 +397,9 @@ class AIQueryClient:
             config = self.registry.get(name)
             client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep,
                                     quota=self._quota(config), share=self.quota_share)
+            if self.quota_broker is not None and self.quota_share < 1.0:  # one of several workers
+                client.concurrency_share = ConcurrencyShare(name, self.quota_broker, config.client_config.max_concurrency,
+                                                            [route.limiter for route in client.routes])
             self._endpoints[name] = client
         return client
 
@@ -446,6 +452,9 @@ class AIQueryClient:
         tasks: list[asyncio.Future[CallResult]] = [None] * len(values)  # type: ignore[list-item]
         for i in order if order is not None else range(len(values)):
             tasks[i] = asyncio.ensure_future(one(i, values[i]))
+        share = client.concurrency_share
+        if share is not None:
+            share.enter()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failure = next((t.exception() for t in done if not t.cancelled() and t.exception() is not None), None)
@@ -457,6 +466,8 @@ class AIQueryClient:
                     task.cancel()
             # Collect every outcome (also of cancelled rows) so no exception goes unretrieved.
             await asyncio.gather(*tasks, return_exceptions=True)
+            if share is not None:
+                await share.exit()
         results = [t.result() for t in tasks]
         check_exactly_once(results, len(values))
         return results

@@ -90,6 +90,19 @@ class AdaptiveConcurrencyLimiter:
                 self._in_flight += 1
                 waiter.set_result(None)
 
+    def set_maximum(self, maximum: int) -> None:
+        """A new ceiling: this worker's share of the endpoint changed (other workers came or went).
+
+        The limit keeps its place relative to the ceiling (the capacity a departed worker used is
+        about its share), and freed slots go to waiting rows at once.
+        """
+        maximum = max(self.minimum, int(maximum))
+        if maximum == self.maximum:
+            return
+        self._limit = max(float(self.minimum), min(float(maximum), self._limit * maximum / self.maximum))
+        self.maximum = maximum
+        self._hand_over()
+
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now (no waiting); ``None`` otherwise."""
         if self._in_flight >= self.limit or self._waiters:

@@ -188,7 +188,8 @@ class LocalQuota:
 
 
 class QuotaBroker:
-    """Serves ``/admit``, ``/settle`` and ``/pause`` on the driver for the endpoints of a registry.
+    """Serves ``/admit``, ``/settle`` and ``/pause`` (quotas) and ``/active`` (concurrency shares) on the
+    driver for the endpoints of a registry.
 
     Wall-clock time (``time.time``) is the shared clock: executors of one job run on machines
     whose clocks agree far better than a quota window.
@@ -196,6 +197,9 @@ class QuotaBroker:
 
     def __init__(self, endpoints: list[EndpointConfig], host: str = "127.0.0.1") -> None:
         self.states: dict[str, QuotaState] = {}
+        self.workers: dict[str, dict[str, float]] = {}
+        """Per endpoint, the workers sending to it now and when their registration expires."""
+        self._workers_lock = threading.Lock()
         for endpoint in endpoints:
             limits = QuotaLimits.of(endpoint)
             if limits is not None:
@@ -230,8 +234,11 @@ class QuotaBroker:
         self._thread.start()
 
     def handle(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
-        state = self.states.get(msg["endpoint"])
         now = time.time()
+        if path == "/active":
+            return {"workers": self._active(str(msg["endpoint"]), str(msg["worker"]), bool(msg["active"]),
+                                             float(msg.get("ttl_s", 3.0)), now)}
+        state = self.states.get(msg["endpoint"])
         if state is None:
             return {"wait_s": 0.0}
         if path == "/admit":
@@ -243,6 +250,21 @@ class QuotaBroker:
             state.pause_until(now + float(msg["seconds"]))
             return {}
         raise KeyError(f"unknown broker path {path}")
+
+    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float) -> int:
+        """Register (or drop) ``worker`` as sending to ``endpoint``; the number of such workers now.
+
+        A worker that stops heart-beating (a killed executor) drops out after ``ttl_s``.
+        """
+        with self._workers_lock:
+            workers = self.workers.setdefault(endpoint, {})
+            if active:
+                workers[worker] = now + ttl_s
+            else:
+                workers.pop(worker, None)
+            for w in [w for w, expires in workers.items() if expires < now]:
+                del workers[w]
+            return max(1, len(workers))
 
     def close(self) -> None:
         self._server.shutdown()

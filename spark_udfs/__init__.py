@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
 from ai_query._providers import resolve_local_server
-from ai_query._quota import QuotaBroker, QuotaLimits
+from ai_query._quota import QuotaBroker
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, replace_names
@@ -109,8 +109,8 @@ def register(
     state = _STATES[id(spark)] = _SessionState(registry, original)
     # Quotas (requests/min, tokens/min, provisioned tokens/s) hold for the whole job: tasks lease
     # them from a broker on the driver; each worker's fallback share assumes every slot is busy.
-    if any(QuotaLimits.of(ep) is not None for ep in registry):
-        state.quota_broker = QuotaBroker(list(registry), host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+    # The broker also splits each endpoint's max_concurrency among the workers sending to it now.
+    state.quota_broker = QuotaBroker(list(registry), host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
     state.quota_share = 1.0 / max(1, spark.sparkContext.defaultParallelism)
     register_delta(spark)
     default = UDFSpec(

@@ -1,0 +1,103 @@
+"""An endpoint's concurrency shared by the workers that are sending to it now, not by all of them.
+
+``max_concurrency`` is the endpoint's total over a job. A static split (``1/workers`` each) wastes
+it whenever partitions are uneven: once one worker runs out of rows, the others keep to their
+slice while the endpoint idles (the tail of every job, and most of a skewed one). Each worker
+therefore heart-beats to the broker on the driver while it has rows in flight for an endpoint,
+and sets its limiter's ceiling to ``max_concurrency / n`` for the ``n`` workers sending now.
+
+A lower ceiling applies at once; a higher one only when two beats in a row agree, so two workers
+that start together never both take the whole endpoint for a moment. If the broker cannot be
+reached the static share stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import urllib.request
+import uuid
+from typing import Any, Callable
+
+WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class ConcurrencyShare:
+    """Keeps ``set_maximum(total / n)`` of one endpoint's limiters current while rows are in flight."""
+
+    def __init__(self, endpoint: str, address: tuple[str, int], total: int, limiters: list[Any], *,
+                 interval_s: float = 0.5, worker: str = WORKER_ID,
+                 post: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.endpoint = endpoint
+        self.url = f"http://{address[0]}:{address[1]}/active"
+        self.total = total
+        self.limiters = limiters
+        self.interval_s = interval_s
+        self.worker = worker
+        self._post = post or self._http_post
+        self._active = 0
+        self._task: asyncio.Task[None] | None = None
+        self._pending_raise: int | None = None
+        self.failed = False
+        self.workers_seen = 0
+
+    def _http_post(self, url: str, msg: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(url, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            return json.loads(response.read())
+
+    async def _beat(self, active: bool) -> int | None:
+        msg = {"endpoint": self.endpoint, "worker": self.worker, "active": active, "ttl_s": 6 * self.interval_s}
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(None, self._post, self.url, msg)
+            return int(reply["workers"])
+        except (OSError, ValueError, KeyError):
+            self.failed = True  # keep the static share from now on
+            return None
+
+    def _apply(self, workers: int) -> None:
+        self.workers_seen = workers
+        ceiling = max(1, math.ceil(self.total / workers))
+        current = self.limiters[0].maximum
+        if ceiling < current:
+            self._pending_raise = None
+            for limiter in self.limiters:
+                limiter.set_maximum(ceiling)
+        elif ceiling > current:
+            if self._pending_raise == ceiling:  # the second beat in a row that says so
+                for limiter in self.limiters:
+                    limiter.set_maximum(ceiling)
+                self._pending_raise = None
+            else:
+                self._pending_raise = ceiling
+        else:
+            self._pending_raise = None
+
+    async def _run(self) -> None:
+        while not self.failed:
+            workers = await self._beat(True)
+            if workers is not None:
+                self._apply(workers)
+            await asyncio.sleep(self.interval_s)
+
+    def enter(self) -> None:
+        """Rows of this worker are about to be sent (call on the event loop)."""
+        self._active += 1
+        if self._active == 1 and not self.failed and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._run())
+
+    async def exit(self) -> None:
+        """Those rows are done; the last one out tells the broker at once, so others may grow."""
+        self._active -= 1
+        if self._active == 0 and self._task is not None:
+            self._task.cancel()
+            self._task = None
+            self._pending_raise = None
+            if not self.failed:
+                await self._beat(False)
+
+
+__all__ = ["ConcurrencyShare", "WORKER_ID"]
