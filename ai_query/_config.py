@@ -469,8 +469,9 @@ class ClientConfig:
     prefix_ordering: str = "auto"
     """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
     when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
-    retry_backoff_s: float = 0.2
-    """First wait before retrying a 5xx / timeout / reset (doubled each time, jittered, capped at 30 s).
+    retry_backoff_s: float = 0.1
+    """First wait before retrying a 5xx / timeout / reset (doubled each time, jittered, capped at 30 s; Envoy
+    starts at 25 ms).
     Rate limits wait for ``Retry-After`` instead; the retry budget keeps a failing endpoint from a storm."""
 
     @classmethod
