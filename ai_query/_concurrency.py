@@ -93,13 +93,17 @@ class AdaptiveConcurrencyLimiter:
     def set_maximum(self, maximum: int) -> None:
         """A new ceiling: this worker's share of the endpoint changed (other workers came or went).
 
-        The limit keeps its place relative to the ceiling (the capacity a departed worker used is
-        about its share), and freed slots go to waiting rows at once.
+        A lower ceiling scales the limit down with it (the newcomer takes its part of what was
+        found). A higher one does not guess how much the departed worker left free: the limit
+        slow-starts again (about doubling per round trip) until the next overload signal.
         """
         maximum = max(self.minimum, int(maximum))
         if maximum == self.maximum:
             return
-        self._limit = max(float(self.minimum), min(float(maximum), self._limit * maximum / self.maximum))
+        if maximum < self.maximum:
+            self._limit = max(float(self.minimum), self._limit * maximum / self.maximum)
+        else:
+            self._slow_start = True
         self.maximum = maximum
         self._hand_over()
 
