@@ -160,6 +160,9 @@ DRIVER_CASES = [
      ("ai_classify: labels must be a non-empty array of strings", "array('a', 'b')")),
     case("classify_unknown_named_argument", "ai_classify(content => text, lables => array('a', 'b'))", ArgumentError,
      ("ai_classify: unknown named argument 'lables'", "labels")),
+    case("classify_one_label", "ai_classify(text, array('urgent'))", ArgumentError, ("ai_classify", "at least 2"),
+         bug="ai_classify accepts a single label; the documented contract is 2 to 20 labels (a one-label "
+             "classification always answers that label, so it is a mistake worth naming on the driver)"),
     case("extract_empty_label", "ai_extract(text, array('person', ''))", ArgumentError,
      ("ai_extract: labels must be a non-empty array of strings",)),
     case("summarize_max_words_a_string", "ai_summarize(text, 'ten')", ArgumentError,
@@ -295,6 +298,15 @@ def test_unicode_round_trips_intact(bspark, sim):
         assert rows[i].errorMessage is None
         assert rows[i].response == "echo: " + text.strip()  # the simulator echoes the prompt it received
     assert sim.stats.requests == len(texts)
+
+
+def test_null_content_gives_null_from_task_functions_without_a_request(bspark, sim):
+    row = bspark.sql("""
+        SELECT ai_classify(CAST(NULL AS STRING), array('a', 'b')) AS c, ai_summarize(CAST(NULL AS STRING)) AS s,
+               ai_extract(CAST(NULL AS STRING), array('person')) AS e, ai_similarity(CAST(NULL AS STRING), 'x') AS sim
+    """).collect()[0]
+    assert row.c is None and row.s is None and row.e is None and row.sim is None
+    assert sim.stats.requests <= 1  # ai_similarity may still embed its non-NULL side; nothing else is sent
 
 
 def test_an_endpoint_column_naming_no_endpoint(bspark, sim):
