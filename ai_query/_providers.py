@@ -109,8 +109,22 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
     raise PermanentEndpointError(message, status_code=status, request_id=request_id)
 
 
+def _check_request(task: str, value: Any) -> None:
+    """A request JSON cannot carry (BINARY, a DATE inside a struct) is this row's error, not a crash of the batch."""
+    if isinstance(value, str):
+        return
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise PermanentEndpointError(
+            f"the request cannot be sent to a {task} endpoint as JSON ({exc}); give a STRING request, "
+            "e.g. CAST(col AS STRING) or CONCAT('...', col)"
+        ) from None
+
+
 def llm_v1_body(task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> dict[str, Any]:
     """The request body of the ``llm/v1/*`` schemas (OpenAI's, without ``model``)."""
+    _check_request(task, value)
     body: dict[str, Any] = {}
     if task == "llm/v1/chat":
         body["messages"] = value if isinstance(value, list) else [{"role": "user", "content": value}]

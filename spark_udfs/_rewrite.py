@@ -93,7 +93,7 @@ def _parse_args(sql: str, open_paren: int) -> tuple[list[Argument], int]:
                 pieces.append((start, i))
                 args = []
                 for a, b in pieces:
-                    text = sql[a:b].strip()
+                    text = _without_comments(sql[a:b]).strip()
                     if not text:
                         continue
                     m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=>\s*(.*)$", text, re.S)
@@ -103,6 +103,25 @@ def _parse_args(sql: str, open_paren: int) -> tuple[list[Argument], int]:
             pieces.append((start, i))
             start = i + 1
     raise ArgumentError(f"unbalanced parentheses in SQL after offset {open_paren}: {sql[open_paren:open_paren + 60]!r}")
+
+
+def _without_comments(text: str) -> str:
+    """``text`` with its comments blanked, so a commented argument still reads as a literal."""
+    if "--" not in text and "/*" not in text:
+        return text
+    kept = [" "] * len(text)
+    i = 0
+    while i < len(text):
+        if text[i] in "'\"`":
+            j = _skip_quoted(text, i)
+            kept[i:j] = text[i:j]
+            i = j
+        elif text.startswith("--", i) or text.startswith("/*", i):
+            i = _skip_comment(text, i)
+        else:
+            kept[i] = text[i]
+            i += 1
+    return "".join(kept)
 
 
 def _tokens_outside_literals_from(sql: str, start: int):
@@ -161,8 +180,17 @@ def parse_literal(text: str) -> object:
         for k, v in zip(values[0::2], values[1::2]):
             if not isinstance(k, str):
                 return NotImplemented
+            if k in out:  # Spark keeps both fields; Arrow then fails on an executor, far from the cause
+                raise ArgumentError(f"named_struct(...): the field {k!r} is given twice; give each field once")
             out[k] = v
         return out
+    m = re.match(r"^map\s*\((.*)\)$", t, re.S | re.I)
+    if m:  # as Arrow gives a MAP to Python: a list of (key, value) pairs, so it is never taken for a named_struct
+        inner_args, _ = _parse_args("(" + m.group(1) + ")", 0)
+        values = [a.literal for a in inner_args]
+        if len(values) % 2 or NotImplemented in values:
+            return NotImplemented
+        return list(zip(values[0::2], values[1::2]))
     m = re.match(r"^array\s*\((.*)\)$", t, re.S | re.I)
     if m:
         inner_args, _ = _parse_args("(" + m.group(1) + ")", 0)
