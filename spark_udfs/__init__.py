@@ -152,27 +152,65 @@ def _response_format(text: Any, call_name: str) -> tuple[str | None, Any]:
     if not isinstance(text, str) or not text.strip():
         raise ArgumentError(f"{call_name}: responseFormat must be a string literal: a JSON schema or a STRUCT<...> type")
     stripped = text.strip()
-    if stripped.startswith("{"):
+    if stripped.startswith(("{", "[")):
         try:
             schema = json.loads(stripped)
         except ValueError as exc:
             raise ArgumentError(f"{call_name}: responseFormat is not valid JSON ({exc}); give a JSON schema or a STRUCT<...> type") from None
         if not isinstance(schema, dict):
-            raise ArgumentError(f"{call_name}: responseFormat must be a JSON object")
+            raise ArgumentError(
+                f"{call_name}: responseFormat must be a JSON object (a JSON schema such as "
+                f"'{{\"type\": \"object\", \"properties\": {{...}}}}') or a STRUCT<...> type, got a JSON {type(schema).__name__}"
+            )
         if schema.get("type") == "json_schema" and "json_schema" in schema:
             fmt = schema
+            inner = schema["json_schema"].get("schema") if isinstance(schema["json_schema"], dict) else None
+            if inner is not None:
+                _check_json_schema(inner, call_name, "$")
         elif schema.get("type") == "json_object":
             fmt = schema
         else:
+            _check_json_schema(schema, call_name, "$")
             fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": True}}
         return json.dumps(fmt, sort_keys=True), None
-    struct = parse_return_type(stripped)
+    try:
+        struct = parse_return_type(stripped)
+    except ArgumentError as exc:
+        reason = str(exc).split(" is not a valid Spark SQL type ", 1)[-1]
+        raise ArgumentError(f"{call_name}: responseFormat {stripped!r} is not a valid STRUCT<...> type {reason}") from None
     from pyspark.sql.types import StructType
 
     if not isinstance(struct, StructType):
         raise ArgumentError(f"{call_name}: responseFormat {stripped!r} must be a STRUCT<...> type or a JSON schema")
     fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": struct_to_json_schema(struct), "strict": True}}
     return json.dumps(fmt, sort_keys=True), struct
+
+
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _check_json_schema(schema: Any, call_name: str, where: str) -> None:
+    """The parts of a JSON schema a backend would refuse, checked before any task runs."""
+    if not isinstance(schema, dict):
+        raise ArgumentError(f"{call_name}: responseFormat's JSON schema at {where} must be an object, got {json.dumps(schema)}")
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    for k in kinds:
+        if k not in _JSON_TYPES:
+            raise ArgumentError(
+                f"{call_name}: responseFormat's JSON schema has type {k!r} at {where}; JSON schema types are {', '.join(_JSON_TYPES)}"
+            )
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise ArgumentError(f"{call_name}: responseFormat's JSON schema 'properties' at {where} must be an object of schemas")
+        for name, sub in props.items():
+            _check_json_schema(sub, call_name, f"{where}.properties.{name}")
+    if "items" in schema:
+        _check_json_schema(schema["items"], call_name, f"{where}.items")
+    required = schema.get("required")
+    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        raise ArgumentError(f"{call_name}: responseFormat's JSON schema 'required' at {where} must be a list of property names")
 
 
 def _variant_name(spec: UDFSpec) -> str:
@@ -343,6 +381,10 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
         if labels is not NotImplemented and (not isinstance(labels, list) or not labels
                                              or not all(isinstance(x, str) and x for x in labels)):
             raise ArgumentError(f"{task.name}: labels must be a non-empty array of strings, e.g. array('a', 'b'), got {bound['labels'].text}")
+        if task.name == "ai_classify" and isinstance(labels, list) and not 2 <= len(labels) <= 20:
+            raise ArgumentError(
+                f"ai_classify: labels must hold 2 to 20 labels (at least 2 to choose between), got {len(labels)}: {bound['labels'].text}"
+            )
         if task.name == "ai_extract":
             if labels is NotImplemented:
                 raise ArgumentError("ai_extract: labels must be a literal array('name', 'place', ...) so the result type is known")
