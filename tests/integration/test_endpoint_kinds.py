@@ -84,7 +84,13 @@ def test_faults_end_with_every_row_ok_and_token_totals_equal_to_the_server(knobs
     assert [r.value for r in results] == [f"echo: prompt number {i}" for i in range(200)]
     assert sum(r.prompt_tokens for r in results) == stats["prompt_tokens"]
     assert sum(r.completion_tokens for r in results) == stats["completion_tokens"]
-    assert sum(r.attempts for r in results) == stats["requests"]
+    attempts = sum(r.attempts for r in results)
+    if "reset" in knobs.get("error_rates", {}):
+        # A connection error can end an attempt before the server's handler has counted it
+        # (seen on a loaded machine: 231 attempts, 225 counted); what was served still matches.
+        assert stats["requests"] <= attempts <= stats["requests"] + 0.1 * len(prompts)
+    else:
+        assert attempts == stats["requests"]
     if "max_concurrency" in knobs:
         assert limiter.decreases > 0 and limiter.limit < 32
     elif "timeout" not in knobs.get("error_rates", {}):
