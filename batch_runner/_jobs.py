@@ -134,25 +134,23 @@ def key_states(spec: JobSpec) -> pa.Table:
 
 def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *, retry_failed: bool = False,
                  limit: int | None = None) -> pa.Table:
-    """The keys still to do, ordered, at most ``limit`` (the keys only: they travel to the driver)."""
+    """The keys still to do, ordered, at most ``limit``.
+
+    Only the key columns travel to the driver, where the anti-join and the sort run in Arrow:
+    a Spark shuffle costs more than the keys of millions of rows.
+    """
     names = list(spec.key)
+    keys = input_df.select(*names).toArrow()
+    keys = keys.group_by(names).aggregate([])  # distinct
     states = key_states(spec)
     done = states.filter(states.column("ok")) if retry_failed else states
-    keys = input_df.select(*names)
     if done.num_rows:
-        done_df = spark.createDataFrame(done.select(names).cast(pa.schema([pa.field(n, t) for n, t in _key_types(input_df, names)])))
-        keys = keys.join(done_df, on=names, how="left_anti")
-    keys = keys.dropDuplicates(names).orderBy(*names)
+        done = done.select(names).cast(keys.schema)
+        keys = keys.join(done, keys=names, join_type="left anti")
+    keys = keys.sort_by([(n, "ascending") for n in names])
     if limit is not None:
-        keys = keys.limit(limit)
-    return keys.toArrow()
-
-
-def _key_types(df: "DataFrame", names: list[str]) -> list[tuple[str, pa.DataType]]:
-    from pyspark.sql.pandas.types import to_arrow_type
-
-    by_name = {f.name: f.dataType for f in df.schema.fields}
-    return [(n, to_arrow_type(by_name[n])) for n in names]
+        keys = keys.slice(0, limit)
+    return keys.combine_chunks()
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +484,7 @@ def run_incremental(
     caps = [n for n in (limit, spec.max_rows) if n is not None]
     keys = pending_keys(spark, spec, input_df, retry_failed=retry_failed, limit=min(caps) if caps else None)
     report.pending_before = keys.num_rows
+    log.info("job %s: %d pending rows (%.1f s)", spec.name, keys.num_rows, time.monotonic() - started)
     _log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
                     "retry_failed": retry_failed, "status": "running"})
     journal_root = Path(spec.state_path) / "journal"
@@ -553,9 +552,11 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
                req_sql: str, parallelism: int, staging: _Staging, version: int, run_id: str, report: JobRunReport) -> None:
     from pyspark.sql.functions import broadcast
 
-    keys_df = spark.createDataFrame(chunk_keys)
-    chunk_df = input_df.join(broadcast(keys_df), on=names, how="left_semi").repartition(parallelism)
-    chunk_df.createOrReplaceTempView(spec.driving_view)
+    # The chunk's input rows come to the driver once and go back as a local relation: the model
+    # query and the request-text query then read it without scanning the sources again, and Spark
+    # spreads a local relation over all its cores (a scan would give one task per source file).
+    rows = input_df.join(broadcast(spark.createDataFrame(chunk_keys)), on=names, how="left_semi").toArrow()
+    spark.createDataFrame(rows, schema=input_df.schema).createOrReplaceTempView(spec.driving_view)
     df = spark_udfs.sql(spark, spec.query, audit=True)
     out_df, response_column = flatten_audit(df)
     missing = [k for k in names if k not in out_df.columns]
