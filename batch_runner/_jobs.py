@@ -153,6 +153,14 @@ def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *,
     return keys.combine_chunks()
 
 
+def rows_of_keys(spark: "SparkSession", input_df: "DataFrame", keys: pa.Table, names: list[str]) -> "DataFrame":
+    """The input rows whose key is in ``keys``, with the input's columns in their order."""
+    from pyspark.sql.functions import broadcast
+
+    joined = input_df.join(broadcast(spark.createDataFrame(keys)), on=names, how="left_semi")
+    return joined.select(*[f"`{c}`" for c in input_df.columns])
+
+
 # --------------------------------------------------------------------------------------------
 # the request text of each row (for usage character counts and the plan)
 
@@ -550,12 +558,10 @@ def run_incremental(
 
 def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chunk_keys: pa.Table, names: list[str],
                req_sql: str, parallelism: int, staging: _Staging, version: int, run_id: str, report: JobRunReport) -> None:
-    from pyspark.sql.functions import broadcast
-
     # The chunk's input rows come to the driver once and go back as a local relation: the model
     # query and the request-text query then read it without scanning the sources again, and Spark
     # spreads a local relation over all its cores (a scan would give one task per source file).
-    rows = input_df.join(broadcast(spark.createDataFrame(chunk_keys)), on=names, how="left_semi").toArrow()
+    rows = rows_of_keys(spark, input_df, chunk_keys, names).toArrow()
     spark.createDataFrame(rows, schema=input_df.schema).createOrReplaceTempView(spec.driving_view)
     df = spark_udfs.sql(spark, spec.query, audit=True)
     out_df, response_column = flatten_audit(df)

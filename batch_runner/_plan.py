@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import spark_udfs
 from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
 
-from ._jobs import _INPUT_ALIAS, _journal_dirs, open_job, pending_keys, request_query
+from ._jobs import _INPUT_ALIAS, _journal_dirs, open_job, pending_keys, request_query, rows_of_keys
 from ._runner import flatten_audit
 from ._spec import JobSpec
 
@@ -150,8 +150,6 @@ def _max_tokens_literal(query: str) -> int | None:
 def plan_job(spec: JobSpec, spark: "SparkSession", *, pilot: bool = True, retry_failed: bool = False,
              limit: int | None = None) -> JobPlan:
     """Estimate the next run of ``spec`` (see the module docstring)."""
-    from pyspark.sql.functions import broadcast
-
     input_df = open_job(spec, spark)
     caps = [n for n in (limit, spec.max_rows) if n is not None]
     keys = pending_keys(spark, spec, input_df, retry_failed=retry_failed, limit=min(caps) if caps else None)
@@ -164,8 +162,7 @@ def plan_job(spec: JobSpec, spark: "SparkSession", *, pilot: bool = True, retry_
     endpoint = calls[0][1] or "?"
     config = registry.get(endpoint) if endpoint in registry else None
     try:
-        pending_df = input_df.join(broadcast(spark.createDataFrame(keys)), on=names, how="left_semi")
-        pending_df.createOrReplaceTempView(spec.driving_view)
+        rows_of_keys(spark, input_df, keys, names).createOrReplaceTempView(spec.driving_view)
         df = spark_udfs.sql(spark, spec.query, audit=True)
         _, response_column = flatten_audit(df)
         requests = spark_udfs.sql(spark, req_sql).select(*names, response_column).toArrow()
@@ -222,14 +219,12 @@ def plan_job(spec: JobSpec, spark: "SparkSession", *, pilot: bool = True, retry_
 
 def _run_pilot(spark: "SparkSession", spec: JobSpec, input_df: Any, pilot_keys: pa.Table) -> tuple[pa.Table, float]:
     """The pilot rows through the real query, their answers journaled for the run; nothing committed."""
-    from pyspark.sql.functions import broadcast
-
     names = list(spec.key)
     journal_dir = str(Path(spec.state_path) / "journal" / f"pilot-{uuid.uuid4().hex[:8]}")
     sc = spark.sparkContext
     started = time.monotonic()
     try:
-        input_df.join(broadcast(spark.createDataFrame(pilot_keys)), on=names, how="left_semi").createOrReplaceTempView(spec.driving_view)
+        rows_of_keys(spark, input_df, pilot_keys, names).createOrReplaceTempView(spec.driving_view)
         out_df, _ = flatten_audit(spark_udfs.sql(spark, spec.query, audit=True))
         sc.setLocalProperty(JOURNAL_PROPERTY, ResponseJournal.property_value(journal_dir, _journal_dirs(spec)))
         result = out_df.toArrow()

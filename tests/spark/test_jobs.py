@@ -102,7 +102,7 @@ def test_only_new_and_failed_keys_are_sent(spark, workdir, sim):
     assert set(usage.column("source").to_pylist()) == {"batch:inc"}
     assert DeltaTable(str(workdir / "out")).transaction_version("ai-query:inc") == 2 + 1 + 1 + 1  # one version per chunk
     status = job_status(spec)
-    assert (status.done, status.failed, status.pending, len(status.runs)) == (65, 0, 0, 6)
+    assert (status.done, status.failed, status.pending, len(status.runs)) == (65, 0, 0, 5)
 
 
 def test_append_mode_adds_rows_of_new_keys_only(spark, workdir, sim):
