@@ -311,7 +311,7 @@ def template_parts(template: str) -> list[tuple[str, str]]:
         elif token in ("{", "}"):
             raise ConfigError(f"prompt.template has a lone {token!r} at offset {m.start()}; write {token * 2} for a literal brace")
         if text:
-            parts.append(("text", text))
+            _add_text(parts, text)
         if m.group(1) is not None:
             column = m.group(1).strip()
             if not column:
@@ -319,10 +319,17 @@ def template_parts(template: str) -> list[tuple[str, str]]:
             parts.append(("column", column))
         pos = m.end()
     if template[pos:]:
-        parts.append(("text", template[pos:]))
+        _add_text(parts, template[pos:])
     if not any(kind == "column" for kind, _ in parts):
         raise ConfigError("prompt.template uses no column; add a placeholder such as {review}")
     return parts
+
+
+def _add_text(parts: list[tuple[str, str]], text: str) -> None:
+    if parts and parts[-1][0] == "text":
+        parts[-1] = ("text", parts[-1][1] + text)
+    else:
+        parts.append(("text", text))
 
 
 def _sql_string(text: str) -> str:
