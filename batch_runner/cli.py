@@ -49,10 +49,28 @@ examples:
 """
 
 
+def cluster_conf(master: str | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Settings a non-local master needs: executors run this venv's Python with the AIQ_* environment.
+
+    Python workers read secrets (``AIQ_SECRET_*``), the model cache (``AIQ_CACHE_DIR``) and the
+    endpoints file (``AIQ_ENDPOINTS``) from their environment, which on a cluster is the
+    executor's, not the driver's: ``spark.executorEnv.*`` carries them over.
+    """
+    if not master or master.startswith("local"):
+        return {}
+    environ = dict(os.environ if environ is None else environ)
+    conf = {"spark.pyspark.python": environ.get("PYSPARK_PYTHON", sys.executable)}
+    for name, value in environ.items():
+        if name.startswith("AIQ_") or name in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            conf[f"spark.executorEnv.{name}"] = value
+    return conf
+
+
 def _session(args: argparse.Namespace, spec: object) -> object:
     import spark_udfs
 
-    return spark_udfs.build_session(getattr(args, "master", None) or spec.master, app_name="ai-query")  # type: ignore[attr-defined]
+    master = getattr(args, "master", None) or spec.master  # type: ignore[attr-defined]
+    return spark_udfs.build_session(master, app_name="ai-query", **cluster_conf(master))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
