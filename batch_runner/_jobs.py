@@ -332,6 +332,50 @@ class _Staging:
         return len(recovered)
 
 
+class _ReplayedAnswers:
+    """Journaled answers of earlier runs, so that each one is billed in the usage table once.
+
+    The journal is keyed by request content: two pending rows with the same request both get
+    the one journaled answer. The first use carries its tokens; later uses (in this run, or
+    already in the usage table from an earlier one) become copies with zero tokens, as
+    identical requests inside one batch do.
+    """
+
+    _ZEROED = {"aiq_prompt_tokens": 0, "aiq_completion_tokens": 0, "aiq_total_tokens": 0, "aiq_attempts": 0}
+
+    def __init__(self, spec: JobSpec, journal_dirs: list[str]) -> None:
+        from ai_query._journal import read_entries
+
+        self.ids: set[str] = set()
+        for directory in journal_dirs:
+            for path in Path(directory).glob("*.jsonl"):
+                self.ids.update(e["result"].get("request_id") for e in read_entries(path).values())
+        self.ids.discard(None)  # type: ignore[arg-type]
+        self.billed: set[str] = set()
+        if self.ids:
+            usage = DeltaAppender(spec.usage_table).read()
+            if usage.num_rows:
+                self.billed = self.ids & set(usage.column("databricks_request_id").to_pylist())
+
+    def zero_repeats(self, result: pa.Table) -> pa.Table:
+        if not self.ids:
+            return result
+        repeat = []
+        for rid in result.column("aiq_request_id").to_pylist():
+            again = rid in self.ids and rid in self.billed
+            if rid in self.ids:
+                self.billed.add(rid)
+            repeat.append(again)
+        if not any(repeat):
+            return result
+        mask = pa.array(repeat)
+        for name, zero in {**self._ZEROED, "aiq_cost_usd": 0.0}.items():
+            i = result.column_names.index(name)
+            column = result.column(i)
+            result = result.set_column(i, result.field(i), pc.if_else(mask, pa.scalar(zero, column.type), column))
+        return result
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 
@@ -497,10 +541,10 @@ def run_incremental(
                     "retry_failed": retry_failed, "status": "running"})
     journal_root = Path(spec.state_path) / "journal"
     earlier_journals = _journal_dirs(spec)
+    replayed = _ReplayedAnswers(spec, earlier_journals)
     journal = ResponseJournal.property_value(str(journal_root / f"run-{run_id}"), earlier_journals)
     names = list(spec.key)
     req_sql, _ = request_query(spark, spec)
-    parallelism = max(1, spark.sparkContext.defaultParallelism)
     sc = spark.sparkContext
 
     collector = ProgressCollector(host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
@@ -521,7 +565,7 @@ def run_incremental(
             size = _next_chunk_size(spec, report)
             chunk_keys = keys.slice(offset, size)
             version = committed_version(spec.output_path, spec.job_id) + 1
-            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, parallelism, staging, version, run_id, report)
+            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, report, replayed)
             offset += chunk_keys.num_rows
     except BaseException:
         status = "failed"
@@ -557,7 +601,8 @@ def run_incremental(
 
 
 def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chunk_keys: pa.Table, names: list[str],
-               req_sql: str, parallelism: int, staging: _Staging, version: int, run_id: str, report: JobRunReport) -> None:
+               req_sql: str, staging: _Staging, version: int, run_id: str, report: JobRunReport,
+               replayed: "_ReplayedAnswers") -> None:
     # The chunk's input rows come to the driver once and go back as a local relation: the model
     # query and the request-text query then read it without scanning the sources again, and Spark
     # spreads a local relation over all its cores (a scan would give one task per source file).
@@ -574,6 +619,7 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     if keys_seen.num_rows != result.num_rows:
         raise ConfigError(f"the query returns several rows for one key ({', '.join(names)}): a job writes one row per key; "
                           "fix key = [...] or the query (e.g. its joins)")
+    result = replayed.zero_repeats(result)
     request_rows = spark_udfs.sql(spark, req_sql).select(*names, response_column).toArrow().to_pylist()
     requests = {tuple(r[k] for k in names): r[response_column] for r in request_rows}
     usage, payloads = usage_rows(spec, result, requests, response_column, run_id, version)
