@@ -74,14 +74,21 @@ def committed(path: str) -> int:
     return int(DeltaTable(path).transaction_version(JOB_ID) or 0) if DeltaTable.is_deltatable(path) else 0
 
 
-def kill_group_when(proc: subprocess.Popen, out: str, chunks: int, rng: random.Random, timeout: float = 300) -> int:
-    """SIGKILL the run's whole process group once ``chunks`` chunks are committed, plus a random delay."""
+def kill_group_when(proc: subprocess.Popen, out: str, chunks: int, rng: random.Random, timeout: float = 600) -> int:
+    """SIGKILL the run's whole process group once ``chunks`` chunks are committed, plus a random
+    part of a chunk's duration (as measured while watching), so that it dies inside the next chunk."""
     deadline = time.monotonic() + timeout
-    while committed(out) < chunks:
+    seen, changes = committed(out), []
+    while seen < chunks:
         assert proc.poll() is None, f"the run ended before chunk {chunks}: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.2))  # somewhere inside the next chunk, requests in flight
+        now = committed(out)
+        if now != seen:
+            seen = now
+            changes.append(time.monotonic())
+    chunk_s = changes[-1] - changes[-2] if len(changes) >= 2 else 0.4
+    time.sleep(rng.uniform(0.1, 0.8) * chunk_s)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     for _ in range(200):  # the JVM and Python workers of the group are gone too
