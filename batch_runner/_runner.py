@@ -145,7 +145,9 @@ class _ProgressDisplay:
         rate = s.rows / elapsed if elapsed > 0 else 0.0
         conc = ", ".join(f"{k}={v}" for k, v in sorted(s.concurrency.items()))
         total = f"/{self.total}" if self.total else ""
-        return f"{self.label}: {s.rows}{total} rows ({s.rows_failed} failed), {s.tokens} tokens, {rate:.1f} rows/s, concurrency {conc or '-'}"
+        eta = f", ETA {(self.total - s.rows) / rate:.0f} s" if self.total and rate > 0 and s.rows < self.total else ""
+        return (f"{self.label}: {s.rows}{total} rows ({s.rows_failed} failed), {s.tokens} tokens, {rate:.1f} rows/s{eta}, "
+                f"concurrency {conc or '-'}")
 
     def _run(self) -> None:
         if self._tty:

@@ -12,14 +12,40 @@
     [sources]                               # temp views the query reads: name = Delta path
     reviews = "data/reviews"
 
+    [input]                                 # optional: the rows to process, when not one source
+    view = "reviews"                        # the view holding the key (default: the only source)
+    sql = "SELECT ... FROM a JOIN b ..."    # optional: define `view` as SQL over the sources
+
     [output]
     path = "data/reviews_sentiment"         # a Delta table
-    mode = "overwrite"                      # overwrite | append
+    mode = "merge"                          # merge (by key) | append | overwrite
+    usage_path = "data/endpoint_usage"      # default <path>.aiq/endpoint_usage
+    inference_path = "data/payloads"        # optional payload table
+    max_payload_bytes = 65536               # cut request/response payloads at this size
 
     [options]
     allowed_failure_rate = 0.0              # above it the run exits with code 3
     master = "local[2]"                     # Spark master (the CLI's --master wins)
+    max_rows = 10000                        # at most this many rows per run
+    chunk_rows = 500                        # rows per Delta commit
+    max_concurrency = 16                    # per endpoint, or a table {endpoint = N}
+    max_cost_usd = 5.0                      # stop the run once it has spent this much
+    max_tokens = 2000000                    # ... or used this many tokens
+    pilot_rows = 20                         # rows `plan` sends to measure real usage
 
+    schedule = "0 2 * * *"                  # cron: minute hour day-of-month month day-of-week
+
+Instead of ``query``, a ``[prompt]`` table builds it from a template over the input's columns::
+
+    [prompt]
+    endpoint = "local-chat"
+    template = "Sentiment of this review: {review}"   # {column}; {{ and }} for braces
+    column = "sentiment"                               # the answer column (default "response")
+    max_tokens = 8                                     # model parameters: max_tokens, temperature, ...
+
+With ``key`` and mode ``merge`` or ``append`` a run is incremental: only rows whose key is not in
+the output yet (and, with ``--retry-failed``, rows that failed) are sent, in chunks, each chunk
+one Delta commit with an app-transaction id, so a killed run resumes where it stopped.
 Relative paths are relative to the spec file. Errors name the key and the fix.
 """
 
@@ -35,7 +61,9 @@ from ai_query import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VIEW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MODES = ("overwrite", "append")
+MODES = ("overwrite", "append", "merge")
+_OPTIONS = ("allowed_failure_rate", "chunk_rows", "master", "max_concurrency", "max_cost_usd", "max_rows", "max_tokens", "pilot_rows")
+_MODEL_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,44 @@ class JobSpec:
     allowed_failure_rate: float = 0.0
     master: str | None = None
     source_file: str | None = field(default=None, compare=False)
+    input_view: str | None = None
+    input_sql: str | None = None
+    usage_path: str | None = None
+    inference_path: str | None = None
+    max_payload_bytes: int = 65536
+    state_dir: str | None = None
+    max_rows: int | None = None
+    chunk_rows: int = 500
+    max_concurrency: Mapping[str, int] | int | None = None
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None
+    pilot_rows: int = 20
+    schedule: str | None = None
+    prompt: Mapping[str, Any] | None = None
+
+    @property
+    def incremental(self) -> bool:
+        """Chunked, resumable runs that skip done keys (``key`` set, mode merge or append)."""
+        return bool(self.key) and self.output_mode in ("merge", "append")
+
+    @property
+    def driving_view(self) -> str:
+        """The view whose rows the job processes (the one the key filter applies to)."""
+        return self.input_view or next(iter(self.sources))
+
+    @property
+    def job_id(self) -> str:
+        """The Delta app-transaction id of this job's commits."""
+        return f"ai-query:{self.name}"
+
+    @property
+    def state_path(self) -> str:
+        """Where the job keeps its response journal, staged usage rows and run log."""
+        return self.state_dir or self.output_path + ".aiq"
+
+    @property
+    def usage_table(self) -> str:
+        return self.usage_path or self.state_path + "/endpoint_usage"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: Path, source_file: str | None = None) -> "JobSpec":
@@ -58,7 +124,7 @@ class JobSpec:
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{where}: {key} {message}")
 
-        allowed_top = {"name", "query", "sources", "output", "options", "key", "endpoints"}
+        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule"}
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
@@ -66,8 +132,14 @@ class JobSpec:
         if not isinstance(name, str) or not _NAME.match(name):
             raise fail("name", f"must be a short identifier (letters, digits, '_', '-', '.'), got {name!r}")
         query = data.get("query")
-        if not isinstance(query, str) or "select" not in query.lower():
-            raise fail("query", "must be a SQL SELECT statement (a TOML string, e.g. query = \"\"\"SELECT ...\"\"\")")
+        prompt = data.get("prompt")
+        if query is not None and prompt is not None:
+            raise fail("query", "and [prompt] are both given; keep one: a SQL SELECT, or a prompt template")
+        if prompt is not None:
+            prompt = _check_prompt(prompt, fail)
+        elif not isinstance(query, str) or "select" not in query.lower():
+            raise fail("query", "must be a SQL SELECT statement (a TOML string, e.g. query = \"\"\"SELECT ...\"\"\"), "
+                       "or give a [prompt] table with endpoint and template")
 
         def resolve(p: str) -> str:
             if re.match(r"^[a-z][a-z0-9+.-]*://", p):
@@ -85,12 +157,40 @@ class JobSpec:
                 raise fail(f"sources.{view}", f"must be the path of a Delta table, got {path!r}")
             sources[view] = resolve(path)
 
+        input_view, input_sql = None, None
+        if "input" in data:
+            raw_input = data["input"]
+            if not isinstance(raw_input, Mapping):
+                raise fail("[input]", "must be a table with view = \"name\" and optionally sql = \"SELECT ...\"")
+            unknown = sorted(set(raw_input) - {"view", "sql"})
+            if unknown:
+                raise fail("[input]", f"has unknown key(s) {', '.join(unknown)}; allowed are sql, view")
+            input_view = raw_input.get("view", "input" if "sql" in raw_input else None)
+            input_sql = raw_input.get("sql")
+            if not isinstance(input_view, str) or not _VIEW.match(input_view):
+                raise fail("input.view", f"must name a view (letters, digits, '_'), got {input_view!r}")
+            if input_sql is not None and (not isinstance(input_sql, str) or "select" not in input_sql.lower()):
+                raise fail("input.sql", "must be a SQL SELECT over the [sources] views")
+            if input_sql is None and input_view not in sources:
+                raise fail("input.view", f"{input_view!r} is not one of [sources] ({', '.join(sources)}); add sql = \"SELECT ...\" to define it")
+            if input_sql is not None and input_view in sources:
+                raise fail("input.view", f"{input_view!r} is already a source; pick another name for the SQL input")
+        elif len(sources) > 1 and data.get("key") and prompt is None:
+            pass  # checked below once the mode is known
+
         output = data.get("output")
         if not isinstance(output, Mapping) or not isinstance(output.get("path"), str):
             raise fail("[output]", "needs path = \"<Delta table path>\"")
-        unknown = sorted(set(output) - {"path", "mode"})
+        output_keys = {"path", "mode", "usage_path", "inference_path", "max_payload_bytes", "state_dir"}
+        unknown = sorted(set(output) - output_keys)
         if unknown:
-            raise fail("[output]", f"has unknown key(s) {', '.join(unknown)}; allowed are mode, path")
+            raise fail("[output]", f"has unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(output_keys))}")
+        for name_ in ("usage_path", "inference_path", "state_dir"):
+            if name_ in output and (not isinstance(output[name_], str) or not output[name_]):
+                raise fail(f"output.{name_}", f"must be a path string, got {output[name_]!r}")
+        payload_cap = output.get("max_payload_bytes", 65536)
+        if isinstance(payload_cap, bool) or not isinstance(payload_cap, int) or payload_cap < 1:
+            raise fail("output.max_payload_bytes", f"must be a whole number of bytes >= 1, got {payload_cap!r}")
         mode = output.get("mode", "overwrite")
         if mode not in MODES:
             raise fail("output.mode", f"is {mode!r}; use one of {', '.join(MODES)}")
@@ -100,13 +200,42 @@ class JobSpec:
             key = [key]
         if not isinstance(key, list) or not all(isinstance(k, str) and k for k in key):
             raise fail("key", f"must be a column name or a list of column names, got {key!r}")
+        if mode == "merge" and not key:
+            raise fail("output.mode", "'merge' merges by key: add key = [\"<column>\", ...] naming the columns that identify a row")
+        if key and mode != "overwrite" and input_view is None and len(sources) > 1:
+            raise fail("[input]", f"is needed with several sources ({', '.join(sources)}): add [input] view = \"<the source holding the key>\" "
+                       "(or sql = \"SELECT ...\" to build the input rows)")
 
         options = data.get("options", {})
         if not isinstance(options, Mapping):
             raise fail("[options]", "must be a table")
-        unknown = sorted(set(options) - {"allowed_failure_rate", "master"})
+        unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
-            raise fail("[options]", f"has unknown key(s) {', '.join(unknown)}; allowed are allowed_failure_rate, master")
+            raise fail("[options]", f"has unknown key(s) {', '.join(unknown)}; allowed are {', '.join(_OPTIONS)}")
+        max_rows = _whole(options, "max_rows", fail, None)
+        chunk_rows = _whole(options, "chunk_rows", fail, 500)
+        pilot_rows = _whole(options, "pilot_rows", fail, 20, minimum=0)
+        max_tokens = _whole(options, "max_tokens", fail, None)
+        max_cost = options.get("max_cost_usd")
+        if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or max_cost <= 0):
+            raise fail("options.max_cost_usd", f"must be a positive number of dollars, e.g. 5.0, got {max_cost!r}")
+        concurrency = options.get("max_concurrency")
+        if concurrency is not None:
+            if isinstance(concurrency, Mapping):
+                for ep, cap in concurrency.items():
+                    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                        raise fail(f"options.max_concurrency.{ep}", f"must be a whole number >= 1, got {cap!r}")
+                concurrency = dict(concurrency)
+            elif isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+                raise fail("options.max_concurrency", f"must be a whole number >= 1 (every endpoint) or a table {{endpoint = N}}, got {concurrency!r}")
+        schedule = data.get("schedule")
+        if schedule is not None:
+            from ._cron import Cron, CronError
+
+            try:
+                Cron.parse(schedule)
+            except CronError as exc:
+                raise fail("schedule", f"is not a valid cron expression: {exc}") from None
         rate = options.get("allowed_failure_rate", 0.0)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise fail("options.allowed_failure_rate", f"must be a number between 0 and 1, got {rate!r}")
@@ -119,7 +248,7 @@ class JobSpec:
 
         return cls(
             name=name,
-            query=query,
+            query=query if prompt is None else _prompt_query(prompt, input_view or next(iter(sources))),
             sources=sources,
             output_path=resolve(output["path"]),
             output_mode=mode,
@@ -128,6 +257,20 @@ class JobSpec:
             allowed_failure_rate=float(rate),
             master=master,
             source_file=source_file,
+            input_view=input_view,
+            input_sql=input_sql,
+            usage_path=resolve(output["usage_path"]) if "usage_path" in output else None,
+            inference_path=resolve(output["inference_path"]) if "inference_path" in output else None,
+            max_payload_bytes=payload_cap,
+            state_dir=resolve(output["state_dir"]) if "state_dir" in output else None,
+            max_rows=max_rows,
+            chunk_rows=chunk_rows,  # type: ignore[arg-type]
+            max_concurrency=concurrency,
+            max_cost_usd=float(max_cost) if max_cost is not None else None,
+            max_tokens=max_tokens,
+            pilot_rows=pilot_rows,  # type: ignore[arg-type]
+            schedule=schedule,
+            prompt=prompt,
         )
 
     @classmethod
@@ -142,3 +285,91 @@ class JobSpec:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job spec {p} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, p.resolve().parent, str(p))
+
+
+def _whole(options: Mapping[str, Any], key: str, fail: Any, default: int | None, minimum: int = 1) -> int | None:
+    value = options.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(f"options.{key}", f"must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def template_parts(template: str) -> list[tuple[str, str]]:
+    """A prompt template as ``[("text", ...), ("column", ...)]``; ``{{``/``}}`` are literal braces."""
+    parts: list[tuple[str, str]] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(template):
+        text = template[pos:m.start()]
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            text += token[0]
+        elif token in ("{", "}"):
+            raise ConfigError(f"prompt.template has a lone {token!r} at offset {m.start()}; write {token * 2} for a literal brace")
+        if text:
+            _add_text(parts, text)
+        if m.group(1) is not None:
+            column = m.group(1).strip()
+            if not column:
+                raise ConfigError("prompt.template has an empty {} placeholder; put a column name in it, e.g. {review}")
+            parts.append(("column", column))
+        pos = m.end()
+    if template[pos:]:
+        _add_text(parts, template[pos:])
+    if not any(kind == "column" for kind, _ in parts):
+        raise ConfigError("prompt.template uses no column; add a placeholder such as {review}")
+    return parts
+
+
+def _add_text(parts: list[tuple[str, str]], text: str) -> None:
+    if parts and parts[-1][0] == "text":
+        parts[-1] = ("text", parts[-1][1] + text)
+    else:
+        parts.append(("text", text))
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _check_prompt(prompt: Any, fail: Any) -> dict[str, Any]:
+    if not isinstance(prompt, Mapping):
+        raise fail("[prompt]", "must be a table with endpoint = \"...\" and template = \"... {column} ...\"")
+    allowed = {"endpoint", "template", "column", *_MODEL_PARAMETERS}
+    unknown = sorted(set(prompt) - allowed)
+    if unknown:
+        raise fail("[prompt]", f"has unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed))}")
+    for key in ("endpoint", "template"):
+        if not isinstance(prompt.get(key), str) or not prompt[key]:
+            raise fail(f"prompt.{key}", f"must be a non-empty string, got {prompt.get(key)!r}")
+    column = prompt.get("column", "response")
+    if not isinstance(column, str) or not _VIEW.match(column):
+        raise fail("prompt.column", f"must be a column name (letters, digits, '_'), got {column!r}")
+    try:
+        template_parts(prompt["template"])
+    except ConfigError as exc:
+        raise fail("prompt.template", str(exc).removeprefix("prompt.template ")) from None
+    return dict(prompt, column=column)
+
+
+def _prompt_query(prompt: Mapping[str, Any], view: str) -> str:
+    """The SELECT a ``[prompt]`` table stands for: every input column plus the answer."""
+    pieces = [_sql_string(v) if kind == "text" else f"CAST(`{v}` AS STRING)" for kind, v in template_parts(prompt["template"])]
+    request = pieces[0] if len(pieces) == 1 else f"CONCAT({', '.join(pieces)})"
+    params = []
+    for key in _MODEL_PARAMETERS:
+        if key in prompt:
+            value = prompt[key]
+            if isinstance(value, list):
+                literal = "array(" + ", ".join(_sql_string(str(v)) for v in value) + ")"
+            elif isinstance(value, str):
+                literal = _sql_string(value)
+            else:
+                literal = repr(value)
+            params.append(f"'{key}', {literal}")
+    extra = f", modelParameters => named_struct({', '.join(params)})" if params else ""
+    return f"SELECT *, ai_query({_sql_string(prompt['endpoint'])}, {request}{extra}) AS `{prompt['column']}` FROM `{view}`"

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
 from ai_query._files import UnsupportedFileError, as_file_list, with_files
+from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal, request_key
 from ai_query._progress import reporter_for
 
 from ._types import AUDIT_COLUMNS, convert, result_type
@@ -61,6 +62,17 @@ def _row_label(position: int) -> str:
     return f"row {position} of the batch"
 
 
+def _task_journal() -> ResponseJournal | None:
+    """The response journal a batch job asked for through a Spark local property (else none)."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        return ResponseJournal.from_property(ctx.getLocalProperty(JOURNAL_PROPERTY)) if ctx is not None else None
+    except Exception:  # noqa: BLE001 - outside a task (tests, the driver): no journal
+        return None
+
+
 def send_rows(
     client: AIQueryClient,
     progress_address: tuple[str, int] | None,
@@ -68,13 +80,17 @@ def send_rows(
     requests: list[Any],
     params: list[Any],
     response_formats: list[Any],
+    journal: ResponseJournal | None = None,
 ) -> list[CallResult]:
     """Send each row to its endpoint (rows grouped by endpoint, parameters and response format).
 
-    Every row comes back exactly once, at its own position; a gap is an internal error.
+    Every row comes back exactly once, at its own position; a gap is an internal error. With a
+    response journal (a batch job's), a request answered before a kill is answered from it, and
+    every new answer is journaled as it arrives, before the row is used.
     """
     n = len(requests)
     reporter = reporter_for(progress_address)
+    journal = journal if journal is not None else _task_journal()
     groups: dict[tuple[Any, str, str], list[int]] = {}
     for i in range(n):
         key = (endpoints[i], json.dumps(params[i], sort_keys=True, default=str), json.dumps(response_formats[i], sort_keys=True))
@@ -86,6 +102,7 @@ def send_rows(
     earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
     cache = _answers_of_this_stage()
     sent_keys: dict[int, tuple[Any, ...]] = {}
+    journal_keys: dict[int, str] = {}
     for group, rows in groups.items():
         name = group[0]
         if name is None:
@@ -110,22 +127,50 @@ def send_rows(
                 unique.append(i)
                 if dedup and requests[i] is not None:
                     sent_keys[i] = (*group, key)
+        if journal is not None:  # answered before the job was killed: take it from the journal
+            to_send = []
+            for i in unique:
+                journal_keys[i] = request_key(name, requests[i], params[i], response_formats[i])
+                replayed = journal.lookup(journal_keys[i])
+                if replayed is None:
+                    to_send.append(i)
+                    continue
+                replayed.index = i
+                results[i] = replayed
+                if reporter is not None:
+                    reporter.add(replayed.ok, replayed.total_tokens, None, None)
+            unique = to_send
         if unique:
             batches.append((name, [requests[i] for i in unique], ModelParameters.from_mapping(params[unique[0]]),
                             response_formats[unique[0]]))
             batch_rows.append(unique)
 
-    on_result: Callable[[str, CallResult], None] | None = None
-    if reporter is not None:
-        def on_result(name: str, r: CallResult) -> None:
-            reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
+    # map_many reports a result by endpoint name: one round per set of batches with distinct names
+    # (usually one), so that a journaled answer is filed under its own row's request.
+    rounds: list[list[int]] = []
+    for b, batch in enumerate(batches):
+        target = next((r for r in rounds if all(batches[o][0] != batch[0] for o in r)), None)
+        if target is None:
+            rounds.append([b])
+        else:
+            target.append(b)
+    for round_ in rounds:
+        row_of = {batches[b][0]: batch_rows[b] for b in round_}
 
-    for rows, sent in zip(batch_rows, client.map_many(batches, on_result=on_result) if batches else []):
-        for i, result in zip(rows, sent):
-            result.index = i
-            results[i] = result
-            if result.ok and i in sent_keys:
-                cache.put(sent_keys[i], result)
+        def on_result(name: str, r: CallResult, row_of: dict[str, list[int]] = row_of) -> None:
+            if journal is not None:
+                journal.record(journal_keys[row_of[name][r.index]], r)
+            if reporter is not None:
+                reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
+
+        callback = on_result if (journal is not None or reporter is not None) else None
+        sent_batches = client.map_many([batches[b] for b in round_], on_result=callback)
+        for b, sent in zip(round_, sent_batches):
+            for i, result in zip(batch_rows[b], sent):
+                result.index = i
+                results[i] = result
+                if result.ok and i in sent_keys:
+                    cache.put(sent_keys[i], result)
     for i, source in copies:
         original = results[source]
         assert original is not None
@@ -135,7 +180,6 @@ def send_rows(
             reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
         for i, hit in earlier:
             reporter.add(hit.ok, 0, None, None, deduplicated=True)
-    if reporter is not None:
         reporter.flush()
     if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
         missing = [i for i, r in enumerate(results) if r is None]

@@ -1,0 +1,140 @@
+"""A response journal: every successful answer is written to disk on the executor as it arrives.
+
+A batch job commits its rows in chunks. When the job is killed in the middle of a chunk, the
+answers that chunk already received were paid for but never committed; without a journal the
+re-run would send (and pay for) them again. With one, each answer is appended to a journal file
+the moment the client has it (before the row is used), and a re-run answers those requests
+from the journal instead of the endpoint.
+
+Layout (a directory every executor and the driver can reach, like the Delta tables)::
+
+    <journal>/run-<id>/part-<host>-<pid>-<n>.jsonl     one file per Python worker process
+
+A run *writes* under its own ``run-<id>`` and *replays* the directories of earlier runs. Lines
+are keyed by a hash of (endpoint, request, parameters, response format); only ``ok`` answers are
+journaled (a failed request is not billed, and ``--retry-failed`` must ask again). A line cut
+short by a kill is skipped. The driver deletes a run's directory once its rows are committed.
+
+Limit: an identical request sent for two rows of a killed run is replayed for both, so the usage
+table then counts its tokens once per row (more than the endpoint billed, never fewer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import socket
+import threading
+from dataclasses import asdict, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ._client import CallResult
+
+JOURNAL_PROPERTY = "aiq.journal"
+"""The Spark local property that carries a :class:`JournalConfig` as JSON to the tasks."""
+
+_RESULT_FIELDS = tuple(f.name for f in fields(CallResult))
+_counter = itertools.count()
+
+
+def request_key(endpoint: str, request: Any, params: Any, response_format: Any) -> str:
+    """The journal key of one request: a hash of everything that decides its answer."""
+    text = json.dumps([endpoint, request, params, response_format], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _encode(result: CallResult) -> dict[str, Any]:
+    data = asdict(result)
+    data["completed_at"] = result.completed_at.isoformat() if result.completed_at else None
+    return data
+
+
+def _decode(data: Mapping[str, Any]) -> CallResult:
+    values = {k: data[k] for k in _RESULT_FIELDS if k in data}
+    if values.get("completed_at"):
+        values["completed_at"] = datetime.fromisoformat(values["completed_at"])
+    return CallResult(**values)
+
+
+class ResponseJournal:
+    """Writes this process's answers under ``write_dir``; answers from ``replay_dirs`` on lookup."""
+
+    def __init__(self, write_dir: str | None, replay_dirs: Iterable[str] = ()) -> None:
+        self.write_dir = write_dir
+        self.replay_dirs = tuple(replay_dirs)
+        self._replay: dict[str, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+        self._file: Any = None
+
+    @classmethod
+    def from_property(cls, value: str | None) -> "ResponseJournal | None":
+        """The journal named by the ``aiq.journal`` local property (``None`` when unset)."""
+        if not value:
+            return None
+        config = json.loads(value)
+        return _cached(config.get("write"), tuple(config.get("replay", ())))
+
+    @staticmethod
+    def property_value(write_dir: str | None, replay_dirs: Iterable[str] = ()) -> str:
+        return json.dumps({"write": write_dir, "replay": list(replay_dirs)})
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._replay is None:
+            entries: dict[str, dict[str, Any]] = {}
+            for directory in self.replay_dirs:
+                for path in sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else ():
+                    entries.update(read_entries(path))
+            self._replay = entries
+        return self._replay
+
+    def lookup(self, key: str) -> CallResult | None:
+        """A journaled answer to the request with ``key``, or ``None``."""
+        entry = self._load().get(key) if self.replay_dirs else None
+        return _decode(entry["result"]) if entry is not None else None
+
+    def record(self, key: str, result: CallResult) -> None:
+        """Append an ``ok`` answer (flushed to the OS at once: a killed process keeps it)."""
+        if self.write_dir is None or not result.ok:
+            return
+        line = json.dumps({"key": key, "result": _encode(result)}, default=str) + "\n"
+        with self._lock:
+            if self._file is None:
+                os.makedirs(self.write_dir, exist_ok=True)
+                name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
+                self._file = open(os.path.join(self.write_dir, name), "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            self._file.write(line)
+            self._file.flush()
+
+
+def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The complete lines of one journal file, by key (a line cut short by a kill is skipped)."""
+    out: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            out[entry["key"]] = entry
+    return out
+
+
+_JOURNALS: dict[tuple[str | None, tuple[str, ...]], ResponseJournal] = {}
+
+
+def _cached(write_dir: str | None, replay_dirs: tuple[str, ...]) -> ResponseJournal:
+    """One journal per process and configuration (Spark reuses Python workers across tasks)."""
+    key = (write_dir, replay_dirs)
+    journal = _JOURNALS.get(key)
+    if journal is None:
+        journal = _JOURNALS[key] = ResponseJournal(write_dir, replay_dirs)
+    return journal
+
+
+__all__ = ["JOURNAL_PROPERTY", "ResponseJournal", "read_entries", "request_key"]

@@ -1,0 +1,150 @@
+"""Acceptance: `ai-query run` killed with SIGKILL mid-job, three times, then re-run: every key once,
+all ok, and the usage table's tokens equal what the simulator served; a finished job sends nothing.
+
+The job runs as a real subprocess (its own Spark driver, JVM and Python workers, in their own
+process group); the simulator runs in this process and counts what it served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from ai_query.testing import ProviderSimulator
+from batch_runner import JobSpec, write_sample_reviews
+from batch_runner._jobs import job_status, run_incremental
+
+ROWS = 2000
+CHUNK = 200
+JOB_ID = "ai-query:resume"
+
+
+def _endpoints(sim: ProviderSimulator) -> dict:
+    return {"name": "sim-chat", "config": {"served_entities": [{
+        "name": "sim", "pricing": {"input_usd_per_million_tokens": 0.5, "output_usd_per_million_tokens": 1.5},
+        "external_model": {"name": "sim-model", "provider": "openai", "task": "llm/v1/chat",
+                           "openai_config": {"openai_api_key": "{{secrets/sim/key}}", "openai_api_base": sim.base_url}}}]},
+        "client_config": {"max_attempts": 3, "max_concurrency": 32}}
+
+
+def write_job(workdir, sim, rows: int = ROWS, chunk: int = CHUNK, extra_options: str = "") -> str:
+    (workdir / "endpoints.json").write_text(json.dumps(_endpoints(sim)))
+    if not (workdir / "reviews").exists():
+        write_sample_reviews(str(workdir / "reviews"), rows=rows)
+    (workdir / "job.toml").write_text(textwrap.dedent(f'''
+        name = "resume"
+        endpoints = "endpoints.json"
+        key = ["review_id"]
+        [prompt]
+        endpoint = "sim-chat"
+        template = "Review {{review_id}} of {{product}}: {{review}}"
+        column = "answer"
+        max_tokens = 12
+        [sources]
+        reviews = "reviews"
+        [output]
+        path = "out"
+        mode = "merge"
+        inference_path = "payloads"
+        max_payload_bytes = 40
+        [options]
+        chunk_rows = {chunk}
+        {extra_options}
+    '''))
+    return str(workdir / "job.toml")
+
+
+def start_run(job: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "batch_runner.cli", "run", "--no-progress", job, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def committed(path: str) -> int:
+    return int(DeltaTable(path).transaction_version(JOB_ID) or 0) if DeltaTable.is_deltatable(path) else 0
+
+
+def kill_group_when(proc: subprocess.Popen, out: str, chunks: int, rng: random.Random, timeout: float = 600) -> int:
+    """SIGKILL the run's whole process group once ``chunks`` chunks are committed, plus a random
+    part of a chunk's duration (as measured while watching), so that it dies inside the next chunk."""
+    deadline = time.monotonic() + timeout
+    seen, changes = committed(out), []
+    while seen < chunks:
+        assert proc.poll() is None, f"the run ended before chunk {chunks}: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+        now = committed(out)
+        if now != seen:
+            seen = now
+            changes.append(time.monotonic())
+    chunk_s = changes[-1] - changes[-2] if len(changes) >= 2 else 0.4
+    time.sleep(rng.uniform(0.1, 0.8) * chunk_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for _ in range(200):  # the JVM and Python workers of the group are gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("processes of the killed run survived SIGKILL")
+    proc.stdout.close()
+    proc.stderr.close()
+    return committed(out)
+
+
+@pytest.mark.spark
+def test_killed_three_times_then_exactly_once(tmp_path, spark):
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    with ProviderSimulator(api_key="sk-sim", latency=("uniform", (0.02, 0.12)), seed=seed) as sim:
+        job = write_job(tmp_path, sim)
+        out = str(tmp_path / "out")
+        kills = []
+        for after in (1, 5, 8):  # after the first commit, mid-run, near the end (of 10 chunks)
+            kills.append(kill_group_when(start_run(job), out, after, rng))
+        assert kills[-1] < ROWS // CHUNK, f"the last kill came after the job finished ({kills}); seed {seed}"
+
+        done = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", "--no-progress", job],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        served = sim.snapshot()
+
+        table = DeltaTable(out).to_pyarrow_table()
+        keys = table.column("review_id").to_pylist()
+        assert sorted(keys) == list(range(1, ROWS + 1)), f"lost or duplicated keys; kills at chunks {kills}, seed {seed}"
+        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        rows = {r["review_id"]: r for r in table.select(["review_id", "review", "product", "answer"]).to_pylist()}
+        assert rows[7]["answer"] == f"echo: Review 7 of {rows[7]['product']}: {rows[7]['review']}"[: len(rows[7]["answer"])]
+
+        usage = DeltaTable(str(tmp_path / "out.aiq" / "endpoint_usage")).to_pyarrow_table()
+        assert pc.sum(usage.column("input_token_count")).as_py() == served["prompt_tokens"], (kills, seed)
+        assert pc.sum(usage.column("output_token_count")).as_py() == served["completion_tokens"], (kills, seed)
+        assert usage.num_rows == served["ok"], (kills, seed)  # one usage row per answer served, none twice
+        assert pc.sum(table.column("aiq_prompt_tokens")).as_py() == served["prompt_tokens"]
+        assert sorted(json.loads(c["key"]) for c in usage.column("usage_context").to_pylist() for c in [dict(c)]) == list(range(1, ROWS + 1))
+        payloads = DeltaTable(str(tmp_path / "payloads")).to_pyarrow_table()
+        assert payloads.num_rows == usage.num_rows and all(len(p.encode()) <= 40 for p in payloads.column("request").to_pylist())
+        assert DeltaTable(out).transaction_version(JOB_ID) >= ROWS // CHUNK
+        assert not (tmp_path / "out.aiq" / "journal").exists()  # every journaled answer is committed
+
+        # a finished job sends nothing (re-run in this process's Spark session: no second JVM start)
+        report = run_incremental(JobSpec.load(job), spark, progress=False)
+        assert sim.snapshot()["requests"] == served["requests"]
+        assert report.rows == 0 and report.pending_before == 0 and report.table_rows == ROWS
+        status = job_status(JobSpec.load(job))
+        assert (status.done, status.failed, status.pending) == (ROWS, 0, 0)
+        assert [r["status"] for r in status.runs].count("running") == 3  # the three killed runs show as interrupted
+        assert status.usage_prompt_tokens == served["prompt_tokens"]
