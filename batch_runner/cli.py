@@ -21,6 +21,7 @@ SQL batch LLM inference on Spark and Delta Lake.
   ai-query endpoints                           list the endpoints ai_query can call
   ai-query prepare                             build the embedded local models (once)
   ai-query simulate --port 8000                an OpenAI-compatible provider simulator
+  ai-query workers start --model M --replicas N   a pool of vLLM engines on this node (status, stop)
 
 Exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
 3 the job finished but more rows failed than options.allowed_failure_rate allows.
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("simulator_args", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=_cmd_simulate)
+
+    workers = sub.add_parser("workers", help="start|status|stop a pool of vLLM engines on this node",
+                             description="Every option after 'workers' goes to it (ai-query workers --help).", add_help=False)
+    workers.add_argument("workers_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -138,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ai_query.testing import simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["workers"]:  # gpu_workers owns these subcommands (start|status|stop)
+        from gpu_workers import workers_main
+
+        return workers_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
