@@ -381,7 +381,7 @@ class VLLMPool:
 def _check_engine_options(options: Mapping[str, Any], path: str) -> None:
     """Engine options are ``gpu_workers.LocalServerOptions`` fields; check them now, on the driver."""
     try:
-        from gpu_workers import LocalServerOptions  # no vllm: gpu_workers imports it only in engines
+        from gpu_workers import LocalServerOptions  # light: the engine stack loads only in engine processes
     except ImportError:  # pragma: no cover - the core without the local extra: checked where the pool starts
         return
     try:

@@ -146,8 +146,12 @@ _engines: dict[str, _Engine] = {}
 _engines_lock = threading.Lock()
 
 
+_ENGINE_FIELDS = ("model", "task", "replicas", "device", "gpu_ids", "tensor_parallel_size", "gpu_memory_utilization", "options")
+
+
 def _engine(pool: Any) -> _Engine:
-    key = json.dumps(pool.to_dict(), sort_keys=True) if hasattr(pool, "to_dict") else json.dumps(pool, sort_keys=True)
+    # Only what shapes the engine: endpoints that differ in routing or grouping share it.
+    key = json.dumps({k: v for k, v in pool.to_dict().items() if k in _ENGINE_FIELDS}, sort_keys=True)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

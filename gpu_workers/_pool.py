@@ -192,9 +192,11 @@ def _all_states() -> list[dict[str, Any]]:
     out = []
     for path in sorted(pools_dir().glob("*.json")) if pools_dir().is_dir() else []:
         try:
-            out.append(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(state, dict) and state.get("name") == path.stem:
+            out.append(state)
     return out
 
 
@@ -264,7 +266,7 @@ def _start(plan: PoolPlan, *, detached: bool, startup_timeout: float) -> dict[st
         "owner_pid": None if detached else os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "manager_log": str(logs / "manager.log"), "replicas": replicas,
     }
-    spec_path = folder / f"{plan.name}.spec.json"
+    spec_path = folder / f"{plan.name}.spec"  # not *.json: only state files are
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     proc = _launch_manager(plan, spec_path, logs / "manager.log", detached)
     started = time.monotonic()

@@ -2,7 +2,7 @@
 
 Started by ``gpu_workers._pool`` as::
 
-    python -m gpu_workers._pool_manager --spec <run>/pools/<name>.spec.json [--owner-pid PID]
+    python -m gpu_workers._pool_manager --spec <run>/pools/<name>.spec [--owner-pid PID]
 
 The spec (written by the starter) lists, per replica, the server command, its port and the
 environment it adds (``CUDA_VISIBLE_DEVICES`` on GPUs, ``VLLM_CPU_OMP_THREADS_BIND`` on CPU).
