@@ -31,6 +31,7 @@ from ._errors import (
     EndpointError,
     LocalEngineError,
     RateLimitedError,
+    ReplicaUnavailableError,
     RetryableEndpointError,
     SecretNotFoundError,
     SystemicEndpointError,
@@ -240,15 +241,18 @@ class EndpointClient:
             failure = exc
             raise
         finally:
-            done = getattr(provider, "request_done", None)  # routing providers (vllm_pool) count what is outstanding
-            if done is not None and request is not None:
-                done(request, failure)
             if self.quota is not None:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
                 refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
                 self.quota.settle(reserved, charged if refund else reserved)
             await route.limiter.release(outcome, started)
+            done = getattr(provider, "request_done", None)  # routing providers (vllm_pool) count what is outstanding
+            if done is not None and request is not None and done(request, failure):
+                # One replica of a pool is down, not the endpoint: the retry goes to another
+                # replica and spends no retry budget (it still counts towards max_attempts).
+                assert isinstance(failure, RetryableEndpointError)
+                raise ReplicaUnavailableError(str(failure), request_id=failure.request_id) from failure
 
     async def call(
         self,

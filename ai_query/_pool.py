@@ -240,16 +240,21 @@ class VLLMPoolProvider:
         body = {"model": self._model, **llm_v1_body(task, value, params, response_format)}
         return HTTPRequest("POST", url + _PATHS[task], {"content-type": "application/json"}, body)
 
-    def request_done(self, request: HTTPRequest, error: BaseException | None) -> None:
-        """Called by the client when a request built here has finished, however it finished."""
+    def request_done(self, request: HTTPRequest, error: BaseException | None) -> bool:
+        """Called by the client when a request built here has finished, however it finished.
+
+        True when the replica, not the request, failed (no HTTP status: the connection was refused
+        or lost, the replica crashed or is restarting) and other replicas can take the retry.
+        """
         for url in self._statuses:
             if request.url.startswith(url + "/"):
                 self.router.done(url)
-                # No HTTP status: the connection failed (a dead or restarting replica), not the request.
-                if isinstance(error, RetryableEndpointError) and error.status_code is None:
+                if isinstance(error, RetryableEndpointError) and error.status_code is None and "timed out" not in str(error):
                     self.router.mark_down(url, self.DOWN_S)
                     self._refreshed = -1e9
-                return
+                    return bool(self.router.available())
+                return False
+        return False
 
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         return _parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)
