@@ -73,7 +73,8 @@ def _cmd_endpoints(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(n) for n in registry.names())
     for ep in registry:
-        kind = "local" if ep.entity.local_model else ep.entity.external_model.provider  # type: ignore[union-attr]
+        e = ep.entity
+        kind = "local" if e.local_model else ("vllm_pool" if e.vllm_pool else (e.external_model.provider if e.external_model else "mlflow"))
         print(f"{ep.name:<{width}}  {ep.task:<20}  {kind:<8} {ep.entity.model_name}")
     return EXIT_OK
 
