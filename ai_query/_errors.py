@@ -7,7 +7,8 @@
     ├── ArgumentError               a bad ai_query argument (returnType, modelParameters, a named argument)
     ├── EndpointError               a call to a model endpoint failed
     │   ├── RetryableEndpointError  429, 5xx, timeouts, resets, an unparseable 200: worth another attempt
-    │   │   └── RateLimitedError    429 (or 503) with an optional Retry-After
+    │   │   ├── RateLimitedError    429 (or 503) with an optional Retry-After
+    │   │   └── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
     ├── RowFailedError              a row failed and ``failOnError`` is true
@@ -75,6 +76,11 @@ class RateLimitedError(RetryableEndpointError):
     ) -> None:
         super().__init__(message, status_code=status_code, request_id=request_id)
         self.retry_after = retry_after
+
+
+class ReplicaUnavailableError(RetryableEndpointError):
+    """A replica of a ``vllm_pool`` could not be reached (crashed, restarting); the retry goes to
+    another replica and spends none of the endpoint's retry budget."""
 
 
 class PermanentEndpointError(EndpointError):

@@ -343,6 +343,10 @@ def provider_for(entity: ServedEntity) -> Provider:
     """The provider adapter for a served entity."""
     if entity.local_model is not None:
         return LocalModelProvider(entity)
+    if entity.vllm_pool is not None:
+        from ._pool import OfflineVLLMProvider, VLLMPoolProvider  # imports this module
+
+        return OfflineVLLMProvider(entity) if entity.vllm_pool.is_offline else VLLMPoolProvider(entity)  # type: ignore[return-value]
     if entity.is_mlflow:
         from ._mlflow_provider import MLflowModelRef, MLflowPyfuncProvider  # imports no mlflow until a model loads
 

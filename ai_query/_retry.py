@@ -18,7 +18,7 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from ._errors import RateLimitedError, RetryableEndpointError
+from ._errors import RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
 
 
 class wait_retry_after(wait_base):
@@ -92,7 +92,7 @@ class retry_within_budget(tenacity.retry_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if not isinstance(exc, RetryableEndpointError):
             return False
-        if isinstance(exc, RateLimitedError) or self.budget is None:
+        if isinstance(exc, (RateLimitedError, ReplicaUnavailableError)) or self.budget is None:
             return True
         if not self.budget.can_retry():
             self.exhausted = True

@@ -25,6 +25,7 @@ SQL batch LLM inference on Spark and Delta Lake.
   ai-query endpoints                           list the endpoints ai_query can call
   ai-query prepare                             build the embedded local models (once)
   ai-query simulate --port 8000                an OpenAI-compatible provider simulator
+  ai-query workers start --model M --replicas N   a pool of vLLM engines on this node (status, stop)
 
 Exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
 3 the job finished but more rows failed than options.allowed_failure_rate allows;
@@ -182,7 +183,8 @@ def _cmd_endpoints(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(n) for n in registry.names())
     for ep in registry:
-        kind = "local" if ep.entity.local_model else ep.entity.external_model.provider  # type: ignore[union-attr]
+        e = ep.entity
+        kind = "local" if e.local_model else ("vllm_pool" if e.vllm_pool else (e.external_model.provider if e.external_model else "mlflow"))
         print(f"{ep.name:<{width}}  {ep.task:<20}  {kind:<8} {ep.entity.model_name}")
     return EXIT_OK
 
@@ -284,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("simulator_args", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=_cmd_simulate)
+
+    workers = sub.add_parser("workers", help="start|status|stop a pool of vLLM engines on this node",
+                             description="Every option after 'workers' goes to it (ai-query workers --help).", add_help=False)
+    workers.add_argument("workers_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -293,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ai_query.testing import simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["workers"]:  # gpu_workers owns these subcommands (start|status|stop)
+        from gpu_workers import workers_main
+
+        return workers_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -11,6 +11,11 @@
   process of this machine started.
 - ``stop_local_servers()`` / ``list_local_servers()`` manage them; servers also stop when the
   process that started them exits, however it exits.
+- ``ensure_pool(config)`` starts (or finds) a node's pool of vLLM servers, one per device, that
+  restarts crashed replicas (``gpu_workers._pool``); ``list_pools()`` / ``stop_pools()`` /
+  ``read_pool_state()`` inspect and stop pools; ``ai-query workers ...`` is the shell face.
+- ``offline_generate(config, task, rows, params, response_format)`` runs a batch through
+  ``vllm.LLM`` in this process (``gpu_workers._offline``).
 
 Importing this package imports neither vllm, torch nor transformers: they are loaded by the
 model builders and the server processes only.
@@ -18,6 +23,9 @@ model builders and the server processes only.
 
 from gpu_workers._errors import LocalServerError, ModelBuildError
 from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
+from gpu_workers._offline import offline_engine_info, offline_generate
+from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
+from gpu_workers._workers_cli import workers_main
 from gpu_workers._server import (
     LocalServerInfo,
     LocalServerOptions,
@@ -32,10 +40,20 @@ __all__ = [
     "LocalServerInfo",
     "LocalServerOptions",
     "ModelBuildError",
+    "PoolInfo",
+    "PoolPlan",
     "cache_dir",
     "ensure_local_server",
+    "ensure_pool",
     "list_local_servers",
+    "list_pools",
     "model_path",
+    "offline_engine_info",
+    "offline_generate",
+    "plan_pool",
     "prepare_model",
+    "read_pool_state",
     "stop_local_servers",
+    "stop_pools",
+    "workers_main",
 ]

@@ -227,6 +227,11 @@ def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set
         if entity.local_model is not None:
             log.info("preparing local endpoint %r (model %s)", name, entity.local_model.model)
             resolve_local_server(entity.local_model)
+        elif entity.vllm_pool is not None:  # the driver's node; on a cluster each node's first task attaches or starts
+            from ai_query._pool import prepare_pool
+
+            log.info("preparing vllm_pool endpoint %r (model %s, %d replicas)", name, entity.vllm_pool.model, entity.vllm_pool.replicas)
+            prepare_pool(entity.vllm_pool)
         if prepared is not None:
             prepared.add(name)
 

@@ -23,3 +23,53 @@ def spark():
     session = build_session(app_name="ai-query-tests")
     yield session
     session.stop()
+
+
+_ENGINE_MARKERS = ("vllm.entrypoints.openai.api_server", "gpu_workers._pool_manager", "gpu_workers._supervisor",
+                   "gpu_workers._embed_server")
+# Every process this session starts inherits the tag (servers, pools, CLI-started detached pools
+# included), so the end-of-session check finds its own processes and never another session's.
+_SESSION_TAG = f"AIQ_TEST_SESSION={os.getpid()}-{os.urandom(4).hex()}"
+os.environ["AIQ_TEST_SESSION"] = _SESSION_TAG.split("=", 1)[1]
+
+
+def _engine_processes_of_this_session() -> list[tuple[int, str]]:
+    """Model servers and pool managers started (directly or not) by this test session."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace").split("\0")
+            if not any(m in cmd for m in _ENGINE_MARKERS):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                tagged = _SESSION_TAG.encode() in fh.read().split(b"\0")
+        except OSError:
+            continue
+        if tagged:
+            out.append((int(entry), " ".join(cmd)[:160]))
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No engine process may outlive the test session: stop what the session owns, then look."""
+    try:
+        import gpu_workers
+    except ImportError:
+        return
+    gpu_workers.stop_pools(owned_only=True)
+    gpu_workers.stop_local_servers(owned_only=True)
+    left = _engine_processes_of_this_session()
+    if left:
+        import signal
+
+        for pid, _ in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        sys.stderr.write(f"\nERROR: {len(left)} engine process(es) outlived the test session (killed now):\n"
+                         + "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left) + "\n")
+        session.exitstatus = 1

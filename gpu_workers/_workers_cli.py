@@ -1,0 +1,131 @@
+"""``ai-query workers start|status|stop``: manage a node's vLLM pool from a shell.
+
+::
+
+    ai-query workers start --model tiny-llama --replicas 2        # returns once every replica is ready
+    ai-query workers status [--json]
+    ai-query workers stop [--name NAME]                           # default: every pool of this cache dir
+
+``start`` runs the pool detached (it outlives the command, until ``stop``); with ``--foreground``
+it stays attached and stops on Ctrl-C. A ``vllm_pool`` endpoint with the same model, task,
+replicas and options uses the pool ``start`` made instead of starting its own (e.g. a cluster
+init script runs ``start`` on every node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from gpu_workers._errors import LocalServerError
+from gpu_workers._models import cache_dir
+from gpu_workers._pool import ensure_pool, list_pools, read_pool_state, stop_pools
+
+
+def _config(args: argparse.Namespace) -> dict:
+    config = {"model": args.model, "task": args.task, "replicas": args.replicas, "device": args.device,
+              "options": json.loads(args.options)}
+    if args.gpu_ids:
+        config["gpu_ids"] = [int(g) for g in args.gpu_ids.split(",")]
+    if args.tensor_parallel_size:
+        config["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.gpu_memory_utilization:
+        config["gpu_memory_utilization"] = args.gpu_memory_utilization
+    return config
+
+
+def _print_pool(state: dict) -> None:
+    alive = "alive" if state.get("alive", True) else "dead"
+    owner = f"owner pid {state['owner_pid']}" if state.get("owner_pid") else "detached"
+    rss = f", rss {state['rss_bytes'] / 2**30:.2f} GiB" if "rss_bytes" in state else ""
+    print(f"{state['name']}  {state.get('served_model_name')} ({state.get('task')}) on {state.get('device')}  "
+          f"manager pid {state.get('manager_pid')} {alive}, {owner}{rss}")
+    for r in state.get("replicas", []):
+        health = {True: "healthy", False: "not answering", None: ""}[r.get("healthy")]
+        env = " ".join(f"{k}={v}" for k, v in r.get("env", {}).items())
+        print(f"  replica {r['index']}  {r['base_url']:28} {r['status']:10} {health:13} pid {r.get('pid')} "
+              f"restarts {r.get('restarts', 0)}  {env}  log {r.get('log')}")
+
+
+def _start(args: argparse.Namespace) -> int:
+    info = ensure_pool(_config(args), detached=not args.foreground)
+    state = read_pool_state(info.name) or dict(info.state)
+    _print_pool(state)
+    if not args.foreground:
+        return 0
+    print("running in the foreground; Ctrl-C stops the pool", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(2.0):
+            if read_pool_state(info.name) is None:
+                print(f"the pool {info.name} has stopped", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    stop_pools(info.name)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    pools = list_pools()
+    if args.json:
+        print(json.dumps(pools, indent=2))
+    elif not pools:
+        print(f"no vLLM pools under {cache_dir() / 'run' / 'pools'}")
+    for state in pools if not args.json else []:
+        _print_pool(state)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    stopped = stop_pools(args.name)
+    for name in stopped:
+        print(f"stopped {name}")
+    if not stopped:
+        print("no vLLM pool to stop" + (f" named {args.name!r}" if args.name else ""))
+    return 0
+
+
+def build_parser(prog: str = "ai-query workers") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    start = sub.add_parser("start", help="start a pool (or find the running one) and wait until it is ready")
+    start.add_argument("--model", required=True, help="a model alias (tiny-llama, smollm2-135m-instruct) or folder")
+    start.add_argument("--replicas", type=int, default=1, help="engines on this node (default 1)")
+    start.add_argument("--task", default="llm/v1/chat", choices=["llm/v1/chat", "llm/v1/completions"])
+    start.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    start.add_argument("--gpu-ids", help="GPUs to use, e.g. 0,1,2,3 (default: the first replicas x tp)")
+    start.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
+    start.add_argument("--gpu-memory-utilization", type=float, help="share of each GPU's memory (default 0.9)")
+    start.add_argument("--options", default="{}", help='engine options as JSON, e.g. \'{"dtype": "bfloat16"}\'')
+    start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the pool")
+    start.set_defaults(run=_start)
+    status = sub.add_parser("status", help="list pools and their replicas")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=_status)
+    stop = sub.add_parser("stop", help="stop pools (default: all of this cache dir)")
+    stop.add_argument("--name", help="the pool to stop (see status)")
+    stop.set_defaults(run=_stop)
+    return parser
+
+
+def workers_main(argv: list[str] | None = None, prog: str = "ai-query workers") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (LocalServerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from ai_query import AIQueryError
+
+        if isinstance(exc, AIQueryError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
