@@ -21,6 +21,7 @@ SQL batch LLM inference on Spark and Delta Lake.
   ai-query endpoints                           list the endpoints ai_query can call
   ai-query prepare                             build the embedded local models (once)
   ai-query simulate --port 8000                an OpenAI-compatible provider simulator
+  ai-query serve --port 8080                   serve endpoints in real time (ai-query serve --help)
 
 Exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
 3 the job finished but more rows failed than options.allowed_failure_rate allows.
@@ -129,7 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("simulator_args", nargs=argparse.REMAINDER)
     simulate.set_defaults(func=_cmd_simulate)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve endpoints in real time: invocations, OpenAI-compatible /v1, the management API",
+        description="Run the serving endpoint; every option after 'serve' goes to it (ai-query serve --help).",
+        add_help=False,
+    )
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=lambda args: _serve(args.serve_args))
     return parser
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from ai_query.serving import serve_main
+
+    return serve_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ai_query.testing import simulator_main
 
         return simulator_main(argv[1:])
+    if argv[:1] == ["serve"]:  # the server has its own options (and --help)
+        return _serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .._client import AIQueryClient, EndpointClient
-from .._config import EndpointConfig, EndpointRegistry
+from .._config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError
 from ._errors import ServingError
 
@@ -88,6 +88,42 @@ def _parse(name: str, spec: Mapping[str, Any]) -> EndpointConfig:
         return EndpointConfig.from_dict({"name": name, **spec}, "endpoint")
     except ConfigError as exc:
         raise ServingError(400, "INVALID_PARAMETER_VALUE", str(exc)) from exc
+
+
+def infer_mlflow_task(entity: Mapping[str, Any]) -> str:
+    """The task of an MLflow served entity that names none (the reference bodies give only
+    ``entity_name`` + ``entity_version``): the model's ``metadata.task``, else its signature
+    (a ``messages`` input is chat; an array-of-numbers output is embeddings), else completions."""
+    uri = entity.get("model_uri") or f"models:/{entity.get('entity_name')}/{entity.get('entity_version')}"
+    try:
+        from mlflow.models import get_model_info
+
+        info = get_model_info(uri)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many kinds; the message says which model
+        raise ServingError(400, "INVALID_PARAMETER_VALUE",
+                           f"cannot read the MLflow model {uri!r} to find its task ({type(exc).__name__}: {exc}); "
+                           "check entity_name / entity_version, MLFLOW_TRACKING_URI, or give \"task\" in the served entity") from None
+    task = (info.metadata or {}).get("task")
+    if task in TASKS:
+        return task
+    signature = info.signature
+    if signature is not None:
+        if "messages" in (signature.inputs.input_names() if signature.inputs is not None else []):
+            return "llm/v1/chat"
+        outputs = signature.outputs.to_dict() if signature.outputs is not None else []
+        if any("double" in str(o) or "float" in str(o) for o in outputs) and any("array" in str(o) or "tensor" in str(o) for o in outputs):
+            return "llm/v1/embeddings"
+    return "llm/v1/completions"
+
+
+def with_mlflow_tasks(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with the task of every MLflow served entity filled in."""
+    spec = copy.deepcopy(dict(spec))
+    entities = spec.get("config", {}).get("served_entities") if isinstance(spec.get("config"), Mapping) else None
+    for entity in entities if isinstance(entities, list) else []:
+        if isinstance(entity, dict) and ("entity_name" in entity or "model_uri" in entity) and "task" not in entity:
+            entity["task"] = infer_mlflow_task(entity)
+    return spec
 
 
 def _has_external(config: EndpointConfig) -> bool:
@@ -227,7 +263,7 @@ class EndpointStore:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", "'name' is required: the serving endpoint's name")
         if name in self.records:
             raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
-        spec = {k: copy.deepcopy(v) for k, v in body.items() if k != "name"}
+        spec = with_mlflow_tasks({k: v for k, v in body.items() if k != "name"})
         config = _parse(name, spec)
         record = EndpointRecord(name, spec, creator=creator)
         self.records[name] = record
@@ -255,6 +291,7 @@ class EndpointStore:
         old = _parse(name, record.spec)
         spec = copy.deepcopy(record.spec)
         spec["config"] = {k: copy.deepcopy(body[k]) for k in _CONFIG_KEYS if k in body}
+        spec = with_mlflow_tasks(spec)
         new = _parse(name, spec)
         if _has_external(old) != _has_external(new):
             what = ("cannot drop its external_model" if _has_external(old) else "was created without an external_model and cannot add one")
