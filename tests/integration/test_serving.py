@@ -188,3 +188,152 @@ def test_rate_limits_per_user_and_per_endpoint_answer_429_with_retry_after(serve
         assert bob.post("/serving-endpoints/limited/invocations", json=ask).status_code == 429  # per endpoint: shared
         assert alice.get("/api/2.0/serving-endpoints/limited").json()["rate_limits"][0]["key"] == "endpoint"
         assert alice.delete("/api/2.0/serving-endpoints/limited").status_code == 200
+
+
+# -- management API ----------------------------------------------------------------------------
+
+REFERENCE_CREATE = {  # create-genai-serving-endpoints: the REST API example, verbatim
+    "name": "openai_endpoint",
+    "config": {"served_entities": [{"name": "openai_embeddings", "external_model": {
+        "name": "text-embedding-ada-002", "provider": "openai", "task": "llm/v1/embeddings",
+        "openai_config": {"openai_api_key": "{{secrets/my_scope/my_openai_api_key}}"}}}]},
+    "rate_limits": [{"calls": 100, "key": "user", "renewal_period": "minute"}],
+    "tags": [{"key": "team", "value": "gen-ai"}],
+}
+
+
+def test_reference_create_body_works_verbatim_and_the_response_has_the_documented_fields(server):
+    with http(server) as c:
+        created = c.post("/api/2.0/serving-endpoints", json=REFERENCE_CREATE)
+        assert created.status_code == 200, created.text
+        again = c.post("/api/2.0/serving-endpoints", json=REFERENCE_CREATE)
+        got = c.get("/api/2.0/serving-endpoints/openai_endpoint").json()
+        tags = c.patch("/api/2.0/serving-endpoints/openai_endpoint/tags",
+                       json={"add_tags": [{"key": "project", "value": "parity"}], "delete_tags": ["team"]})
+        listed = [e["name"] for e in c.get("/api/2.0/serving-endpoints").json()["endpoints"]]
+        # the documented rule: an update cannot drop the external model
+        drop = c.put("/api/2.0/serving-endpoints/openai_endpoint/config",
+                     json={"served_entities": [{"entity_name": "m", "entity_version": "1", "task": "llm/v1/embeddings"}]})
+        deleted = c.delete("/api/2.0/serving-endpoints/openai_endpoint")
+        gone = c.get("/api/2.0/serving-endpoints/openai_endpoint")
+    body = created.json()
+    assert body["name"] == "openai_endpoint" and body["creator"] == "alice@example.com" and len(body["id"]) == 32
+    assert body["state"]["ready"] == "READY" and body["permission_level"] == "CAN_MANAGE" and body["route_optimized"] is False
+    assert body["creation_timestamp"] == body["last_updated_timestamp"] > 0
+    entity = body["config"]["served_entities"][0]
+    assert entity["state"] == {"deployment": "DEPLOYMENT_READY", "deployment_state_message": ""}
+    assert entity["external_model"]["openai_config"]["openai_api_key"] == "{{secrets/my_scope/my_openai_api_key}}"
+    assert body["config"]["traffic_config"]["routes"][0] == {"served_model_name": "openai_embeddings", "served_entity_name": "openai_embeddings", "traffic_percentage": 100}
+    assert body["config"]["config_version"] == 1
+    assert body["tags"] == [{"key": "team", "value": "gen-ai"}] and body["rate_limits"] == REFERENCE_CREATE["rate_limits"]
+    assert again.status_code == 409 and again.json()["error_code"] == "RESOURCE_ALREADY_EXISTS"
+    assert got["id"] == body["id"]
+    assert tags.json() == {"tags": [{"key": "project", "value": "parity"}]}
+    assert "openai_endpoint" in listed
+    assert drop.status_code == 400 and "cannot drop its external_model" in drop.json()["message"]
+    assert deleted.status_code == 200 and gone.status_code == 404
+
+
+def test_config_rules_are_enforced(server, sim):
+    two = {"name": "two", "config": {"served_entities": [external(sim, "llm/v1/chat", "a"), external(sim, "llm/v1/chat", "b")]}}
+    bad_field = {"name": "bad", "config": {"served_entities": [{"name": "x", "external_model": {"name": "m", "provider": "openai",
+                 "task": "llm/v1/chat", "openai_config": {"openai_api_key": "sk-in-plain-text-should-not-be-here"}}}]}}
+    with http(server) as c:
+        r_two = c.post("/api/2.0/serving-endpoints", json=two)
+        r_bad = c.post("/api/2.0/serving-endpoints", json=bad_field)
+        readonly = c.put("/api/2.0/serving-endpoints/sim-chat/config", json={"served_entities": [external(sim, "llm/v1/chat")]})
+    assert r_two.status_code == 400 and "exactly one served entity" in r_two.json()["message"]
+    assert r_bad.status_code == 400 and "secret reference" in r_bad.json()["message"]
+    assert "sk-in-plain-text" not in r_bad.text
+    assert readonly.status_code == 400 and "read-only" in readonly.json()["message"]
+
+
+def test_update_config_swaps_the_served_model_and_bumps_the_version(server, sim):
+    body = {"name": "swap", "config": {"served_entities": [external(sim, "llm/v1/chat", "first")]}}
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    with http(server) as c:
+        c.post("/api/2.0/serving-endpoints", json=body)
+        updated = c.put("/api/2.0/serving-endpoints/swap/config", json={"name": "swap", "served_entities": [external(sim, "llm/v1/chat", "second")]})
+        assert updated.status_code == 200, updated.text
+        got = c.get("/api/2.0/serving-endpoints/swap").json()
+        assert c.post("/serving-endpoints/swap/invocations", json=ask).status_code == 200
+        c.delete("/api/2.0/serving-endpoints/swap")
+    assert got["config"]["config_version"] == 2 and got["config"]["served_entities"][0]["name"] == "second"
+    assert got["state"]["config_update"] == "NOT_UPDATING" and got["last_updated_timestamp"] >= got["creation_timestamp"]
+
+
+def test_secrets_are_masked_in_responses_logs_and_the_state_file(server, sim, files, caplog):
+    secret = "sk-plaintext-9f8e7d6c5b4a"
+    body = {"name": "plain", "config": {"served_entities": [{"name": "p", "external_model": {"name": "sim-model", "provider": "openai",
+            "task": "llm/v1/chat", "openai_config": {"openai_api_key_plaintext": secret, "openai_api_base": sim.base_url}}}]}}
+    with caplog.at_level(logging.DEBUG):
+        with http(server) as c:
+            created = c.post("/api/2.0/serving-endpoints", json=body)
+            got = c.get("/api/2.0/serving-endpoints/plain")
+            listed = c.get("/api/2.0/serving-endpoints")
+            # the simulator wants sk-sim: the backend's 401 is reported without the key
+            failed = c.post("/serving-endpoints/plain/invocations", json={"messages": [{"role": "user", "content": "x"}]})
+            c.delete("/api/2.0/serving-endpoints/plain")
+    for response in (created, got, listed, failed):
+        assert secret not in response.text
+    assert created.json()["config"]["served_entities"][0]["external_model"]["openai_config"]["openai_api_key_plaintext"] == "********"
+    assert failed.status_code == 502 and "HTTP 401" in failed.json()["message"]
+    assert secret not in caplog.text and TOKENS["alice"] not in caplog.text
+    state = files / "state" / "endpoints.json"
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+
+# -- persistence, the CLI, the usage table -------------------------------------------------------
+
+def test_endpoints_persist_across_a_restart_and_ai_query_serve(server, sim, files, tmp_path):
+    state = tmp_path / "state"
+    body = {"name": "durable", "config": {"served_entities": [external(sim, "llm/v1/chat")]},
+            "tags": [{"key": "k", "value": "v"}]}
+    with ServingServer(state_dir=state, include_registry=False) as first:
+        created = httpx.post(first.url + "/api/2.0/serving-endpoints", json=body).json()
+    env = {**os.environ, "AIQ_SERVING_TOKEN": "tok-cli-admin-0001"}
+    proc = subprocess.Popen([sys.executable, "-m", "batch_runner.cli", "serve", "--port", "0", "--state-dir", str(state),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        headers = {"Authorization": "Bearer tok-cli-admin-0001"}
+        for _ in range(100):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        got = httpx.get(url + "/api/2.0/serving-endpoints/durable", headers=headers).json()
+        answer = httpx.post(url + "/serving-endpoints/durable/invocations", headers=headers,
+                            json={"messages": [{"role": "user", "content": "still here"}]}).json()
+        names = {e["name"] for e in httpx.get(url + "/api/2.0/serving-endpoints", headers=headers).json()["endpoints"]}
+        unauthorized = httpx.get(url + "/api/2.0/serving-endpoints")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (got["id"], got["creator"], got["creation_timestamp"], got["tags"]) == (created["id"], "anonymous", created["creation_timestamp"], body["tags"])
+    assert answer["choices"][0]["message"]["content"] == "echo: still here"
+    assert {"durable", "local-chat", "local-embed"} <= names  # the CLI also serves the registry's endpoints
+    assert unauthorized.status_code == 401
+
+
+def test_usage_table_gets_one_row_per_request_in_the_batch_schema(server, files):
+    from deltalake import DeltaTable
+
+    with http(server, "bob") as bob:
+        marker = "usage marker row"
+        assert bob.post("/serving-endpoints/sim-chat/invocations", json={"messages": [{"role": "user", "content": marker}]},
+                        headers={"X-Client-Request-Id": "client-42"}).status_code == 200
+    path = str(files / "usage")
+    rows: list = []
+    for _ in range(100):  # appended in the background, about once a second
+        if DeltaTable.is_deltatable(path):
+            rows = [r for r in DeltaTable(path).to_pyarrow_table().to_pylist() if r["client_request_id"] == "client-42"]
+            if rows:
+                break
+        time.sleep(0.1)
+    assert DeltaTable(path).to_pyarrow_table().schema.names == USAGE_SCHEMA.names
+    [row] = rows
+    assert (row["endpoint_name"], row["requester"], row["source"], row["status_code"]) == ("sim-chat", "bob@example.com", "serving", 200)
+    assert (row["input_token_count"], row["output_token_count"], row["input_character_count"]) == (3, 4, len(marker))
