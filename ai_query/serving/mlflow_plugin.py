@@ -19,7 +19,8 @@ import os
 import posixpath
 from typing import Any, Iterator
 
-from mlflow.deployments.databricks import DatabricksDeploymentClient, DatabricksEndpoint
+# Imported as a module: the plugin loader refuses a plugin module with two client classes in it.
+from mlflow.deployments import databricks as _databricks
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.utils.rest_utils import augmented_raise_for_status
 
@@ -37,7 +38,7 @@ def server_url(target_uri: str) -> str:
     return (rest or os.environ.get("AIQ_SERVING_URL") or DEFAULT_URL).rstrip("/")
 
 
-class AIQueryDeploymentClient(DatabricksDeploymentClient):
+class AIQueryDeploymentClient(_databricks.DatabricksDeploymentClient):
     """MLflow's serving-endpoints client, talking to an ``ai-query serve`` server."""
 
     def __init__(self, target_uri: str) -> None:
@@ -60,8 +61,8 @@ class AIQueryDeploymentClient(DatabricksDeploymentClient):
 
     def _call_endpoint(self, *, method: str, prefix: str = "/api/2.0", route: str | None = None,
                        json_body: dict[str, Any] | None = None, timeout: int | None = None,
-                       retry_timeout_seconds: int | None = None) -> DatabricksEndpoint:
-        return DatabricksEndpoint(self._request(method, prefix, route, json_body, timeout).json())
+                       retry_timeout_seconds: int | None = None) -> _databricks.DatabricksEndpoint:
+        return _databricks.DatabricksEndpoint(self._request(method, prefix, route, json_body, timeout).json())
 
     def _call_endpoint_stream(self, *, method: str, prefix: str = "/api/2.0", route: str | None = None,
                               json_body: dict[str, Any] | None = None, timeout: int | None = None,
