@@ -41,20 +41,26 @@ LOCAL_CHUNK_TOKENS_PER_S = 250
 (ENVIRONMENT.md); ``get-model-optimization-info`` reports it as ``throughput_chunk_size``."""
 
 
-def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
-    from starlette.responses import Response
-
-    return Response(json.dumps(data).encode(), status_code=status, media_type="application/json", headers=headers)
+def _encode(data: Any) -> bytes:
+    return json.dumps(data).encode()
 
 
-def _failure_response(exc: ServingError, openai_style: bool):
+def _failure_body(exc: ServingError, openai_style: bool) -> dict[str, Any]:
     if openai_style:
         kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}.get(exc.status, "api_error")
-        body: dict[str, Any] = {"error": {"message": exc.message, "type": kind, "code": exc.error_code}}
-    else:
-        body = {"error_code": exc.error_code, "message": exc.message}
-    return _json(body, exc.status, exc.headers)
+        return {"error": {"message": exc.message, "type": kind, "code": exc.error_code}}
+    return {"error_code": exc.error_code, "message": exc.message}
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
+    from starlette.responses import Response
+
+    return Response(_encode(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def _failure_response(exc: ServingError, openai_style: bool):
+    return _json(_failure_body(exc, openai_style), exc.status, exc.headers)
 
 
 def _status_of_failed_row(status_code: int | None) -> tuple[int, str]:
@@ -74,7 +80,45 @@ class ServingApp:
         self.auth = auth
         self.tables = tables or ServingTables(None)
         self.limiter = limiter or RateLimiter()
-        self.asgi = self._build()
+        self._starlette = self._build()
+
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI app. Queries take a short path of their own (no router, no middleware stack,
+        no request objects: they are the hot path); everything else goes to Starlette."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            task = _OPENAI_TASKS.get(path)
+            name = None
+            if task is None and path.startswith("/serving-endpoints/") and path.endswith("/invocations"):
+                name = path[len("/serving-endpoints/"):-len("/invocations")]
+            if task is not None or (name and "/" not in name):
+                await self._serve_query(scope, receive, send, name, task)
+                return
+        await self._starlette(scope, receive, send)
+
+    async def _serve_query(self, scope: dict[str, Any], receive: Any, send: Any, name: str | None, task: str | None) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            status, extra, body, events = await self._query(headers, b"".join(chunks), name, task)
+        except ServingError as exc:
+            status, extra, body, events = exc.status, exc.headers, _encode(_failure_body(exc, task is not None)), None
+        media = b"text/event-stream" if events is not None else b"application/json"
+        out_headers = [(b"content-type", media), *[(k.lower().encode(), v.encode()) for k, v in extra.items()]]
+        if events is None:
+            out_headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": [*out_headers, (b"cache-control", b"no-cache")]})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     # -- plumbing ---------------------------------------------------------------------------
     def _build(self):
@@ -92,9 +136,7 @@ class ServingApp:
         api = "/api/2.0/serving-endpoints"
         routes = [
             Route("/health", self.health, methods=["GET"]),
-            Route("/serving-endpoints/{name}/invocations", handler(self.invocations), methods=["POST"]),
             Route("/v1/models", handler(self.models, True), methods=["GET"]),
-            *[Route(path, handler(self.openai, True), methods=["POST"]) for path in _OPENAI_TASKS],
             Route(api, handler(self.list_endpoints), methods=["GET"]),
             Route(api, handler(self.create_endpoint), methods=["POST"]),
             Route(api + "/get-model-optimization-info/{model}/{version}", handler(self.optimization_info), methods=["GET"]),
@@ -134,18 +176,18 @@ class ServingApp:
     async def health(self, request):
         return _json({"status": "ok"})
 
-    async def invocations(self, request):
-        return await self._query(request, request.path_params["name"], None)
-
-    async def openai(self, request):
-        body = await self._body(request)
-        name = body.get("model") if isinstance(body, Mapping) else None
-        if not isinstance(name, str) or not name:
-            raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
-        return await self._query(request, name, _OPENAI_TASKS[request.url.path], body)
-
-    async def _query(self, request, name: str, task: str | None, body: Any = None):
-        principal = self._principal(request)
+    async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None
+                     ) -> tuple[int, dict[str, str], bytes, list[bytes] | None]:
+        """One query: (status, headers, JSON body, or server-sent events for a stream)."""
+        principal = self.auth.authenticate(headers.get("authorization"))
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
+        if name is None:  # OpenAI-compatible: the model is the endpoint
+            name = body.get("model") if isinstance(body, Mapping) else None
+            if not isinstance(name, str) or not name:
+                raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
         record = self.store.get(name)
         principal.require("CAN_QUERY", name, record.creator)
         dep = self.store.deployment(name)
@@ -159,8 +201,6 @@ class ServingApp:
             raise ServingError(429, "REQUEST_LIMIT_EXCEEDED", str(exc), {"Retry-After": retry_after_header(exc.retry_after)}) from None
         if task is not None and task != config.task:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} serves {config.task}, not {task}")
-        if body is None:
-            body = await self._body(request)
         try:
             parsed = parse_request(config.task, body)
         except ArgumentError as exc:
@@ -176,29 +216,18 @@ class ServingApp:
             log.warning("serving endpoint %r: %s", name, exc)
             raise ServingError(502, "UPSTREAM_ERROR", f"serving endpoint {name!r} cannot reach its model: {exc}") from None
         failed = next((r for r in results if not r.ok), None)
-        status = 200
-        if failed is not None:
-            status, code = _status_of_failed_row(failed.status_code)
+        status, code = (200, "") if failed is None else _status_of_failed_row(failed.status_code)
         if self.tables.enabled:
-            client_request_id = request.headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, Mapping) else None)
+            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, Mapping) else None)
             for value, result in zip(parsed.values, results):
                 self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
                                    status_code=status, streaming=parsed.stream)
         if failed is not None:
-            headers = {"Retry-After": "1"} if status == 429 else None
-            raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}", headers)
+            raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}", {"Retry-After": "1"} if status == 429 else None)
         out = render_response(config.task, results)
         if parsed.stream and config.task == "llm/v1/chat":
-            from starlette.responses import StreamingResponse
-
-            chunks = sse_chunks(out, parsed.include_usage)
-
-            async def events():
-                for chunk in chunks:
-                    yield chunk
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return _json(out)
+            return 200, {}, b"", sse_chunks(out, parsed.include_usage)
+        return 200, {}, _encode(out), None
 
     async def models(self, request):
         principal = self._principal(request)

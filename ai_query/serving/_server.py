@@ -75,14 +75,14 @@ def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegi
 
 def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
               tokens: str | os.PathLike[str] | None = None, usage_table: str | None = None,
-              inference_table: str | None = None, include_registry: bool = True) -> ServingApp:
+              inference_table: str | None = None, include_registry: bool = True, http_client: str = "aiohttp") -> ServingApp:
     """A ``ServingApp`` from the same options as ``ai-query serve``."""
     if include_registry:
         registry, sources = registry_sources(endpoints)
     else:
         registry = EndpointRegistry.from_file(endpoints) if endpoints else EndpointRegistry()
         sources = {n: str(endpoints) for n in registry.names()}
-    store = EndpointStore(registry, state_dir, sources=sources)
+    store = EndpointStore(registry, state_dir, sources=sources, http_client=http_client)
     auth = TokenAuthenticator.from_sources(tokens)
     if not auth.enabled:
         log.warning("no tokens configured (--tokens, AIQ_SERVING_TOKENS, AIQ_SERVING_TOKEN): authentication is OFF")
@@ -92,7 +92,8 @@ def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str
 def _uvicorn_config(app: ServingApp, log_level: str, access_log: bool) -> Any:
     import uvicorn
 
-    return uvicorn.Config(app.asgi, log_level=log_level, access_log=access_log, lifespan="on", timeout_keep_alive=30)
+    return uvicorn.Config(app.asgi, interface="asgi3", log_level=log_level, access_log=access_log, lifespan="on",
+                          timeout_keep_alive=30)
 
 
 class ServingServer:
@@ -161,6 +162,9 @@ def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
                                          "(else $AIQ_SERVING_TOKENS_FILE, $AIQ_SERVING_TOKENS, $AIQ_SERVING_TOKEN; none: auth off)")
     parser.add_argument("--usage-table", help="append one usage row per request to this Delta table (batch jobs' schema)")
     parser.add_argument("--inference-table", help="also append request and response payloads to this Delta table")
+    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp",
+                        help="HTTP client to backends: aiohttp directly (default, least CPU) or httpx on aiohttp as batch "
+                             "tasks use; both send the same bytes through the same provider adapters")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
     return parser
@@ -179,7 +183,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     app = build_app(endpoints=args.endpoints, state_dir=args.state_dir or default_state_dir(), tokens=args.tokens,
-                    usage_table=args.usage_table, inference_table=args.inference_table)
+                    usage_table=args.usage_table, inference_table=args.inference_table, http_client=args.http_client)
     config = _uvicorn_config(app, args.log_level, args.access_log)
     config.host, config.port = args.host, args.port
     server = uvicorn.Server(config)

@@ -149,8 +149,12 @@ class EndpointStore:
     """The endpoints the server knows, their deployments, and the state dir that keeps them."""
 
     def __init__(self, registry: EndpointRegistry, state_dir: str | os.PathLike[str] | None, *,
-                 sources: Mapping[str, str] | None = None) -> None:
+                 sources: Mapping[str, str] | None = None, http_client: str = "aiohttp") -> None:
+        if http_client not in ("aiohttp", "httpx"):
+            raise ConfigError(f"http_client is {http_client!r}; use 'aiohttp' (direct) or 'httpx' (as batch tasks do)")
         self.registry = registry
+        self.http_client = http_client
+        self._direct: Any = None
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._factory = AIQueryClient(EndpointRegistry())  # one HTTP client and quota bookkeeping for all
         self.records: dict[str, EndpointRecord] = {}
@@ -193,9 +197,18 @@ class EndpointStore:
         os.replace(tmp, path)
 
     # -- deployments ------------------------------------------------------------------------
+    def _http(self) -> Any:
+        if self.http_client == "httpx":
+            return self._factory._http_client()
+        if self._direct is None:
+            from ._http import DirectAiohttpClient
+
+            self._direct = DirectAiohttpClient()
+        return self._direct
+
     def _new_deployment(self, config: EndpointConfig) -> Deployment:
         factory = self._factory
-        return Deployment(config, EndpointClient(config, factory._http_client(), quota=factory._quota(config)))
+        return Deployment(config, EndpointClient(config, self._http(), quota=factory._quota(config)))
 
     def deployment(self, name: str) -> Deployment:
         """The live deployment of ``name`` (created on first use for registry endpoints)."""
@@ -233,9 +246,9 @@ class EndpointStore:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        http = self._factory._http
-        if http is not None:
-            await http.aclose()
+        for http in (self._factory._http, self._direct):
+            if http is not None:
+                await http.aclose()
 
     def config_of(self, record: EndpointRecord) -> EndpointConfig:
         """The validated config of ``record`` (a registry endpoint's own, with its real credentials)."""
