@@ -323,6 +323,8 @@ class EndpointStore:
             record.update_state, record.update_message, record.pending_spec = "UPDATE_FAILED", str(exc), None
             log.warning("config update of %r failed, the previous config keeps serving: %s", record.name, exc)
             return
+        if self.records.get(record.name) is not record:  # deleted while the new config was warming
+            return
         dep.ready = True
         self.deployments[record.name] = dep
         assert record.pending_spec is not None
