@@ -337,3 +337,41 @@ def test_usage_table_gets_one_row_per_request_in_the_batch_schema(server, files)
     [row] = rows
     assert (row["endpoint_name"], row["requester"], row["source"], row["status_code"]) == ("sim-chat", "bob@example.com", "serving", 200)
     assert (row["input_token_count"], row["output_token_count"], row["input_character_count"]) == (3, 4, len(marker))
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+def test_backend_timeouts_and_refused_connections_become_502_through_either_http_client(sim, tmp_path, http_client):
+    with socket_closed_port() as port:
+        endpoints = [
+            {"name": "slow", "config": {"served_entities": [external(sim, "llm/v1/chat")]},
+             "client_config": {"request_timeout_s": 0.3, "max_attempts": 1}},
+            {"name": "down", "config": {"served_entities": [{"name": "gone", "external_model": {
+                "name": "m", "provider": "openai", "task": "llm/v1/chat",
+                "openai_config": {"openai_api_key": "{{secrets/sim/key}}", "openai_api_base": f"http://127.0.0.1:{port}/v1"}}}]},
+             "client_config": {"max_attempts": 1}},
+        ]
+        (tmp_path / "e.json").write_text(json.dumps(endpoints))
+        with ServingServer(endpoints=tmp_path / "e.json", state_dir=tmp_path / "state", include_registry=False,
+                           http_client=http_client) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+            slow = c.post("/serving-endpoints/slow/invocations", json={"messages": [{"role": "user", "content": "[[delay:2]] hi"}]})
+            down = c.post("/serving-endpoints/down/invocations", json={"messages": [{"role": "user", "content": "hi"}]})
+            fine = c.post("/serving-endpoints/slow/invocations", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert slow.status_code == 502 and "timed out after 0.3 s" in slow.json()["message"]
+    assert down.status_code == 502 and "connection" in down.json()["message"]
+    assert fine.status_code == 200 and fine.json()["choices"][0]["message"]["content"] == "echo: hi"
+
+
+class socket_closed_port:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        return port
+
+    def __exit__(self, *exc) -> None:
+        return None

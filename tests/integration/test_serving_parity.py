@@ -59,6 +59,16 @@ def test_spark_openai_client_and_invocations_give_identical_answers(batch_rows, 
     assert "paris" in batch_rows[0].response.lower()
 
 
+def test_the_batch_tasks_http_stack_gives_the_same_answers(batch_rows, tmp_path):
+    """The server's default backend client is aiohttp directly; with --http-client httpx it is the
+    Spark tasks' own httpx stack. Both answer every row exactly as the batch did."""
+    with ServingServer(state_dir=tmp_path / "state", http_client="httpx") as s, httpx.Client(base_url=s.url, timeout=300) as http:
+        for i, prompt in enumerate(PROMPTS):
+            body = http.post("/serving-endpoints/local-chat/invocations",
+                             json={"messages": [{"role": "user", "content": prompt}], **PARAMS}).json()
+            assert body["choices"][0]["message"]["content"] == batch_rows[i].response
+
+
 def test_logprobs_come_back_where_the_backend_gives_them(server):
     with httpx.Client(base_url=server.url, timeout=300) as http:
         body = http.post("/serving-endpoints/local-chat/invocations", json={
