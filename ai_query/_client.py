@@ -74,6 +74,10 @@ class CallResult:
     completed_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     deduplicated: bool = False
     """The same request was sent for another row of the batch; this row shares its answer."""
+    status_code: int | None = None
+    """The endpoint's HTTP status of a failed row's last attempt (None: no answer, e.g. a timeout)."""
+    logprobs: Any = None
+    """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
 
     @property
     def ok(self) -> bool:
@@ -322,6 +326,7 @@ class EndpointClient:
                 latency_ms=(self._clock() - t0) * 1000.0,
                 attempts=attempts,
                 request_id=exc.request_id,
+                status_code=exc.status_code,
             ), isinstance(exc, RetryableEndpointError)
         return self._ok_result(index, route, response, t0, attempts), False
 
@@ -343,6 +348,7 @@ class EndpointClient:
             attempts=attempts,
             request_id=response.request_id,
             finish_reason=response.finish_reason,
+            logprobs=_logprobs(response),
         )
 
     @property
@@ -368,6 +374,13 @@ class EndpointClient:
             else:
                 results[i] = self._ok_result(i, route, outcome, t0, 1)
         return results
+
+
+def _logprobs(response: ModelResponse) -> Any:
+    choices = response.raw.get("choices") if isinstance(response.raw, Mapping) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+        return choices[0].get("logprobs")
+    return None
 
 
 class _LoopThread:

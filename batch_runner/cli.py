@@ -26,6 +26,7 @@ SQL batch LLM inference on Spark and Delta Lake.
   ai-query prepare                             build the embedded local models (once)
   ai-query simulate --port 8000                an OpenAI-compatible provider simulator
   ai-query workers start --model M --replicas N   a pool of vLLM engines on this node (status, stop)
+  ai-query serve --port 8080                   serve endpoints in real time (ai-query serve --help)
 
 Exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
 3 the job finished but more rows failed than options.allowed_failure_rate allows;
@@ -290,7 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     workers = sub.add_parser("workers", help="start|status|stop a pool of vLLM engines on this node",
                              description="Every option after 'workers' goes to it (ai-query workers --help).", add_help=False)
     workers.add_argument("workers_args", nargs=argparse.REMAINDER)
+    serve = sub.add_parser(
+        "serve",
+        help="serve endpoints in real time: invocations, OpenAI-compatible /v1, the management API",
+        description="Run the serving endpoint; every option after 'serve' goes to it (ai-query serve --help).",
+        add_help=False,
+    )
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=lambda args: _serve(args.serve_args))
     return parser
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from ai_query.serving import serve_main
+
+    return serve_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gpu_workers import workers_main
 
         return workers_main(argv[1:])
+    if argv[:1] == ["serve"]:  # the server has its own options (and --help)
+        return _serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -1,0 +1,340 @@
+"""The serving endpoint's ASGI app (Starlette): queries, the management API, auth and rate limits.
+
+Routes::
+
+    POST   /serving-endpoints/{name}/invocations          llm/v1/chat | completions | embeddings
+    POST   /v1/chat/completions  /v1/completions  /v1/embeddings   OpenAI-compatible (model = endpoint)
+    GET    /v1/models
+    GET    /api/2.0/serving-endpoints                     list          POST  create
+    GET    /api/2.0/serving-endpoints/{name}              get           DELETE delete
+    PUT    /api/2.0/serving-endpoints/{name}/config       update config (old config serves until the new is ready)
+    PUT    /api/2.0/serving-endpoints/{name}/rate-limits
+    PATCH  /api/2.0/serving-endpoints/{name}/tags
+    GET    /api/2.0/serving-endpoints/get-model-optimization-info/{model}/{version}
+    GET    /health
+
+Every query goes through ``EndpointClient.call``, the code path of a Spark row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Mapping
+
+from .._errors import AIQueryError, ArgumentError
+from ._auth import Principal, TokenAuthenticator
+from ._errors import ServingError
+from ._ratelimit import RateLimited, RateLimiter, retry_after_header
+from ._store import EndpointStore
+from ._tables import ServingTables
+from ._wire import parse_request, render_response, sse_chunks
+
+log = logging.getLogger("ai_query.serving")
+
+_OPENAI_TASKS = {"/v1/chat/completions": "llm/v1/chat", "/v1/completions": "llm/v1/completions", "/v1/embeddings": "llm/v1/embeddings"}
+LOCAL_CHUNK_TOKENS_PER_S = 250
+"""Provisioned-throughput increment of a local model: new tokens/s of one fp32 engine on 2 CPU cores
+(ENVIRONMENT.md); ``get-model-optimization-info`` reports it as ``throughput_chunk_size``."""
+
+
+def _encode(data: Any) -> bytes:
+    return json.dumps(data).encode()
+
+
+def _failure_body(exc: ServingError, openai_style: bool) -> dict[str, Any]:
+    if openai_style:
+        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(exc.status, "api_error")
+        return {"error": {"message": exc.message, "type": kind, "code": exc.error_code}}
+    return {"error_code": exc.error_code, "message": exc.message}
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
+    from starlette.responses import Response
+
+    return Response(_encode(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def _failure_response(exc: ServingError, openai_style: bool):
+    return _json(_failure_body(exc, openai_style), exc.status, exc.headers)
+
+
+def _status_of_failed_row(status_code: int | None) -> tuple[int, str]:
+    if status_code == 429:
+        return 429, "REQUEST_LIMIT_EXCEEDED"
+    if status_code is not None and 400 <= status_code < 500:
+        return 400, "BAD_REQUEST"
+    return 502, "UPSTREAM_ERROR"
+
+
+class ServingApp:
+    """State of one server: endpoints, auth, rate limits, tables; ``asgi`` is the app to run."""
+
+    def __init__(self, store: EndpointStore, auth: TokenAuthenticator, *, tables: ServingTables | None = None,
+                 limiter: RateLimiter | None = None) -> None:
+        self.store = store
+        self.auth = auth
+        self.tables = tables or ServingTables(None)
+        self.limiter = limiter or RateLimiter()
+        self._starlette = self._build()
+
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI app. Queries take a short path of their own (no router, no middleware stack,
+        no request objects: they are the hot path); everything else goes to Starlette."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            task = _OPENAI_TASKS.get(path)
+            name = None
+            if task is None and path.startswith("/serving-endpoints/") and path.endswith("/invocations"):
+                name = path[len("/serving-endpoints/"):-len("/invocations")]
+            if task is not None or (name and "/" not in name):
+                await self._serve_query(scope, receive, send, name, task)
+                return
+        await self._starlette(scope, receive, send)
+
+    async def _serve_query(self, scope: dict[str, Any], receive: Any, send: Any, name: str | None, task: str | None) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            status, extra, body, events = await self._query(headers, b"".join(chunks), name, task)
+        except ServingError as exc:
+            status, extra, body, events = exc.status, exc.headers, _encode(_failure_body(exc, task is not None)), None
+        media = b"text/event-stream" if events is not None else b"application/json"
+        out_headers = [(b"content-type", media), *[(k.lower().encode(), v.encode()) for k, v in extra.items()]]
+        if events is None:
+            out_headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": [*out_headers, (b"cache-control", b"no-cache")]})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _build(self):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        def handler(fn, openai_style=False):
+            async def endpoint(request):
+                try:
+                    return await fn(request)
+                except ServingError as exc:
+                    return _failure_response(exc, openai_style)
+            return endpoint
+
+        api = "/api/2.0/serving-endpoints"
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", handler(self.models, True), methods=["GET"]),
+            Route(api, handler(self.list_endpoints), methods=["GET"]),
+            Route(api, handler(self.create_endpoint), methods=["POST"]),
+            Route(api + "/get-model-optimization-info/{model}/{version}", handler(self.optimization_info), methods=["GET"]),
+            Route(api + "/{name}", handler(self.get_endpoint), methods=["GET"]),
+            Route(api + "/{name}", handler(self.delete_endpoint), methods=["DELETE"]),
+            Route(api + "/{name}/config", handler(self.update_config), methods=["PUT"]),
+            Route(api + "/{name}/rate-limits", handler(self.put_rate_limits), methods=["PUT"]),
+            Route(api + "/{name}/tags", handler(self.patch_tags), methods=["PATCH"]),
+        ]
+
+        @asynccontextmanager
+        async def lifespan(app) -> AsyncIterator[None]:
+            await self.store.start()
+            self.tables.start()
+            try:
+                yield
+            finally:
+                await self.tables.close()
+                await self.store.close()
+
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    def _principal(self, request) -> Principal:
+        return self.auth.authenticate(request.headers.get("authorization"))
+
+    @staticmethod
+    async def _body(request) -> Any:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
+
+    # -- queries ----------------------------------------------------------------------------
+    async def health(self, request):
+        return _json({"status": "ok"})
+
+    async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None
+                     ) -> tuple[int, dict[str, str], bytes, list[bytes] | None]:
+        """One query: (status, headers, JSON body, or server-sent events for a stream)."""
+        principal = self.auth.authenticate(headers.get("authorization"))
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
+        if name is None:  # OpenAI-compatible: the model is the endpoint
+            name = body.get("model") if isinstance(body, Mapping) else None
+            if not isinstance(name, str) or not name:
+                raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
+        record = self.store.get(name)
+        principal.require("CAN_QUERY", name, record.creator)
+        dep = self.store.deployment(name)
+        if not dep.ready:
+            why = f"its deployment failed: {dep.error}" if dep.error else "it is still being deployed"
+            raise ServingError(503, "TEMPORARILY_UNAVAILABLE", f"serving endpoint {name!r} is not ready: {why}", {"Retry-After": "1"})
+        config = dep.config
+        try:
+            self.limiter.admit(name, config.rate_limits, principal.user)
+        except RateLimited as exc:
+            raise ServingError(429, "REQUEST_LIMIT_EXCEEDED", str(exc), {"Retry-After": retry_after_header(exc.retry_after)}) from None
+        if task is not None and task != config.task:
+            raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} serves {config.task}, not {task}")
+        try:
+            parsed = parse_request(config.task, body)
+        except ArgumentError as exc:
+            raise ServingError(400, "INVALID_PARAMETER_VALUE", str(exc)) from None
+        client = dep.client
+        try:
+            if len(parsed.values) == 1:
+                results = [await client.call(parsed.values[0], parsed.params, parsed.response_format)]
+            else:
+                results = list(await asyncio.gather(*(client.call(v, parsed.params, parsed.response_format, index=i)
+                                                      for i, v in enumerate(parsed.values))))
+        except AIQueryError as exc:  # systemic: bad backend key, missing secret, engine down
+            log.warning("serving endpoint %r: %s", name, exc)
+            raise ServingError(502, "UPSTREAM_ERROR", f"serving endpoint {name!r} cannot reach its model: {exc}") from None
+        failed = next((r for r in results if not r.ok), None)
+        status, code = (200, "") if failed is None else _status_of_failed_row(failed.status_code)
+        if self.tables.enabled:
+            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, Mapping) else None)
+            for value, result in zip(parsed.values, results):
+                self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
+                                   status_code=status, streaming=parsed.stream)
+        if failed is not None:
+            raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}", {"Retry-After": "1"} if status == 429 else None)
+        out = render_response(config.task, results)
+        if parsed.stream and config.task == "llm/v1/chat":
+            return 200, {}, b"", sse_chunks(out, parsed.include_usage)
+        return 200, {}, _encode(out), None
+
+    async def models(self, request):
+        principal = self._principal(request)
+        data = [{"id": r.name, "object": "model", "created": r.creation_timestamp // 1000, "owned_by": r.creator}
+                for r in self.store.records.values() if principal.level(r.name, r.creator) is not None]
+        return _json({"object": "list", "data": data})
+
+    # -- management -------------------------------------------------------------------------
+    def _render(self, principal: Principal, name: str, needed: str = "CAN_QUERY") -> dict[str, Any]:
+        record = self.store.get(name)
+        level = principal.require(needed, name, record.creator)
+        return self.store.render(record, level)
+
+    async def list_endpoints(self, request):
+        principal = self._principal(request)
+        out = []
+        for record in self.store.records.values():
+            level = principal.level(record.name, record.creator)
+            if level is not None:
+                out.append(self.store.render(record, level))
+        return _json({"endpoints": out})
+
+    async def create_endpoint(self, request):
+        principal = self._principal(request)
+        body = await self._body(request)
+        if not isinstance(body, Mapping):
+            raise ServingError(400, "MALFORMED_REQUEST", "the body must be a JSON object with name and config")
+        name = body.get("name")
+        principal.require("CAN_MANAGE", str(name))
+        record = self.store.create(body, principal.user)
+        return _json(self.store.render(record, "CAN_MANAGE"))
+
+    async def get_endpoint(self, request):
+        return _json(self._render(self._principal(request), request.path_params["name"]))
+
+    async def delete_endpoint(self, request):
+        principal = self._principal(request)
+        name = request.path_params["name"]
+        record = self.store.get(name)
+        principal.require("CAN_MANAGE", name, record.creator)
+        self.store.delete(name)
+        self.limiter.forget(name)
+        return _json({})
+
+    async def update_config(self, request):
+        principal = self._principal(request)
+        name = request.path_params["name"]
+        principal.require("CAN_MANAGE", name, self.store.get(name).creator)
+        body = await self._body(request)
+        if not isinstance(body, Mapping):
+            raise ServingError(400, "MALFORMED_REQUEST", "the body must be a JSON object with served_entities")
+        record = self.store.update_config(name, body)
+        await asyncio.sleep(0)  # an update with nothing to warm finishes before we answer
+        return _json(self.store.render(record, principal.level(name, record.creator)))
+
+    async def put_rate_limits(self, request):
+        principal = self._principal(request)
+        name = request.path_params["name"]
+        principal.require("CAN_MANAGE", name, self.store.get(name).creator)
+        limits = self.store.put_rate_limits(name, await self._body(request))
+        self.limiter.forget(name)
+        return _json({"rate_limits": limits})
+
+    async def patch_tags(self, request):
+        principal = self._principal(request)
+        name = request.path_params["name"]
+        principal.require("CAN_MANAGE", name, self.store.get(name).creator)
+        return _json({"tags": self.store.patch_tags(name, await self._body(request))})
+
+    async def optimization_info(self, request):
+        self._principal(request)
+        model, version = request.path_params["model"], request.path_params["version"]
+        return _json(await asyncio.to_thread(optimization_info, model, version))
+
+
+def optimization_info(model: str, version: str) -> dict[str, Any]:
+    """Whether ``model`` (a local model alias, or an MLflow registered model) can take provisioned throughput."""
+    import gpu_workers
+
+    if model in gpu_workers.KNOWN_MODELS:
+        folder = gpu_workers.model_path(model)
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type", "unknown")
+        except (OSError, ValueError):
+            raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"local model {model!r} is not prepared: run 'ai-query prepare {model}'") from None
+        generative = model_type not in ("bert",)
+        return {"optimizable": generative, "model_type": model_type,
+                **({"throughput_chunk_size": LOCAL_CHUNK_TOKENS_PER_S} if generative else {})}
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError:  # pragma: no cover - mlflow-skinny is a dependency
+        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"model {model!r} is not a local model and mlflow is not installed") from None
+    try:
+        mv = MlflowClient().get_model_version(model, version)
+    except MlflowException as exc:
+        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"model {model!r} version {version!r} is not registered: {exc.message}") from None
+    # Only models served by an engine that batches tokens (transformers / vLLM) can be provisioned in tokens/s.
+    flavors = _flavors(mv.source)
+    optimizable = "transformers" in flavors
+    return {"optimizable": optimizable, "model_type": "transformers" if optimizable else "pyfunc",
+            **({"throughput_chunk_size": LOCAL_CHUNK_TOKENS_PER_S} if optimizable else {})}
+
+
+def _flavors(source: str) -> set[str]:
+    try:
+        from mlflow.models import Model
+
+        return set(Model.load(source).flavors)
+    except Exception:  # noqa: BLE001 - an unreadable model is simply not optimizable
+        return set()

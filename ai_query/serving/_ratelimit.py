@@ -1,0 +1,68 @@
+"""Per-key request limits of serving endpoints: ``calls`` per minute per ``user`` or per ``endpoint``.
+
+Each limit is a GCRA (generic cell rate algorithm) cell: a burst of up to ``calls`` requests is
+admitted at once, then one every ``60 / calls`` seconds, so no window of 60 s ever holds more
+than ``calls`` admitted requests plus one. A refused request learns exactly when the next one
+will pass (``Retry-After``). The clock is injected, so tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .._config import RateLimit
+
+PERIOD_S = {"minute": 60.0}
+
+
+@dataclass
+class RateLimited(Exception):
+    """The request is over a limit; ``retry_after`` seconds until it would pass."""
+
+    endpoint: str
+    limit: RateLimit
+    retry_after: float
+
+    def __str__(self) -> str:
+        who = "per user" if self.limit.key == "user" else "for the whole endpoint"
+        return (f"rate limit of serving endpoint {self.endpoint!r} exceeded: {self.limit.calls} calls per "
+                f"{self.limit.renewal_period} {who}; retry after {self.retry_after:.2f} s")
+
+
+class RateLimiter:
+    """Admits or refuses requests against the rate limits of every endpoint."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tat: dict[tuple[str, str, str, int, str], float] = {}  # theoretical arrival time per cell
+
+    def admit(self, endpoint: str, limits: Iterable[RateLimit], user: str) -> None:
+        """Count one request of ``user`` to ``endpoint``, or raise ``RateLimited`` (counting nothing)."""
+        limits = tuple(limits)
+        if not limits:
+            return
+        now = self._clock()
+        updates = []
+        for limit in limits:
+            interval = PERIOD_S[limit.renewal_period] / limit.calls
+            tolerance = interval * (limit.calls - 1)
+            key = (endpoint, limit.key, user if limit.key == "user" else "", limit.calls, limit.renewal_period)
+            tat = max(self._tat.get(key, now), now)
+            wait = tat - tolerance - now
+            if wait > 0:
+                raise RateLimited(endpoint, limit, wait)
+            updates.append((key, tat + interval))
+        self._tat.update(updates)  # only when every limit admits: a refusal costs nothing
+
+    def forget(self, endpoint: str) -> None:
+        """Drop the counters of ``endpoint`` (deleted, or its limits replaced)."""
+        for key in [k for k in self._tat if k[0] == endpoint]:
+            del self._tat[key]
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` in whole seconds, never 0 (clients treat 0 as 'now')."""
+    return str(max(1, math.ceil(seconds)))

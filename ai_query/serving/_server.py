@@ -1,0 +1,199 @@
+"""Running the serving endpoint: ``ai-query serve`` and ``ServingServer`` (uvicorn in a thread).
+
+>>> from ai_query.serving import ServingServer
+>>> with ServingServer(state_dir="/tmp/aiq-serving") as server:       # doctest: +SKIP
+...     server.url          # http://127.0.0.1:PORT: point an OpenAI client at server.url + "/v1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from .._config import EndpointRegistry
+from ._app import ServingApp
+from ._auth import TokenAuthenticator
+from ._ratelimit import RateLimiter
+from ._store import EndpointStore
+from ._tables import ServingTables
+
+log = logging.getLogger("ai_query.serving")
+
+_SECRETS_IN_TEXT = [
+    (re.compile(r"(?i)(bearer\s+)[^\s\"',]+"), r"\1********"),
+    (re.compile(r"(?i)(\"?[a-z_]*(?:_plaintext|api_key|token)\"?\s*[:=]\s*\"?)(?!\{\{secrets/)([^\s\"',}]+)"), r"\1********"),
+]
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Masks bearer tokens and credential values in every log record that passes through it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def mask_text(text: str) -> str:
+    for pattern, replacement in _SECRETS_IN_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def install_log_masking() -> None:
+    """Put ``SecretMaskingFilter`` on the handlers of the root logger and uvicorn's loggers."""
+    flt = SecretMaskingFilter()
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "ai_query.serving"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SecretMaskingFilter) for f in logger.filters):
+            logger.addFilter(flt)
+        for handler in logger.handlers:
+            if not any(isinstance(f, SecretMaskingFilter) for f in handler.filters):
+                handler.addFilter(flt)
+
+
+def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegistry, dict[str, str]]:
+    """The registry the server serves read-only, and where each endpoint comes from."""
+    registry = EndpointRegistry.builtin()
+    sources = {name: "builtin_endpoints.json" for name in registry.names()}
+    for source in (os.environ.get("AIQ_ENDPOINTS"), extra):
+        if source:
+            more = EndpointRegistry.from_file(source)
+            registry = registry.with_endpoints(more)
+            sources.update({name: str(source) for name in more.names()})
+    return registry, sources
+
+
+def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
+              tokens: str | os.PathLike[str] | None = None, usage_table: str | None = None,
+              inference_table: str | None = None, include_registry: bool = True, http_client: str = "aiohttp") -> ServingApp:
+    """A ``ServingApp`` from the same options as ``ai-query serve``."""
+    if include_registry:
+        registry, sources = registry_sources(endpoints)
+    else:
+        registry = EndpointRegistry.from_file(endpoints) if endpoints else EndpointRegistry()
+        sources = {n: str(endpoints) for n in registry.names()}
+    store = EndpointStore(registry, state_dir, sources=sources, http_client=http_client)
+    auth = TokenAuthenticator.from_sources(tokens)
+    if not auth.enabled:
+        log.warning("no tokens configured (--tokens, AIQ_SERVING_TOKENS, AIQ_SERVING_TOKEN): authentication is OFF")
+    return ServingApp(store, auth, tables=ServingTables(usage_table, inference_table), limiter=RateLimiter())
+
+
+def _uvicorn_config(app: ServingApp, log_level: str, access_log: bool) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app.asgi, interface="asgi3", log_level=log_level, access_log=access_log, lifespan="on",
+                          timeout_keep_alive=30)
+
+
+class ServingServer:
+    """The serving endpoint on uvicorn, in a background thread (tests, notebooks); ``stop()`` ends it."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", access_log: bool = False,
+                 **options: Any) -> None:
+        self.app = build_app(**options)
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port: int = self._sock.getsockname()[1]
+        import uvicorn
+
+        self._server = uvicorn.Server(_uvicorn_config(self.app, log_level, access_log))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ServingServer":
+        install_log_masking()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="ai-query-serving", daemon=True)
+        self._thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the serving endpoint did not start (see the log above)")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._sock.close()
+
+    def __enter__(self) -> "ServingServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Serve endpoints in real time through the batch code path: POST /serving-endpoints/NAME/invocations,\n"
+            "OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, and the\n"
+            "management API /api/2.0/serving-endpoints (create, get, list, update config, rate limits, tags, delete)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--endpoints", help="an endpoints JSON file served read-only (besides built-ins and $AIQ_ENDPOINTS)")
+    parser.add_argument("--state-dir", help="where endpoints created through the API are kept across restarts "
+                                            "(default $AIQ_CACHE_DIR/serving or ~/.cache/ai-query/serving)")
+    parser.add_argument("--tokens", help="tokens JSON file: users, bearer tokens, CAN_QUERY/CAN_MANAGE per endpoint "
+                                         "(else $AIQ_SERVING_TOKENS_FILE, $AIQ_SERVING_TOKENS, $AIQ_SERVING_TOKEN; none: auth off)")
+    parser.add_argument("--usage-table", help="append one usage row per request to this Delta table (batch jobs' schema)")
+    parser.add_argument("--inference-table", help="also append request and response payloads to this Delta table")
+    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp",
+                        help="HTTP client to backends: aiohttp directly (default, least CPU) or httpx on aiohttp as batch "
+                             "tasks use; both send the same bytes through the same provider adapters")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
+    return parser
+
+
+def default_state_dir() -> Path:
+    root = os.environ.get("AIQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ai-query")
+    return Path(root) / "serving"
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``ai-query serve``: run until Ctrl-C / SIGTERM."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    install_log_masking()
+    import uvicorn
+
+    app = build_app(endpoints=args.endpoints, state_dir=args.state_dir or default_state_dir(), tokens=args.tokens,
+                    usage_table=args.usage_table, inference_table=args.inference_table, http_client=args.http_client)
+    config = _uvicorn_config(app, args.log_level, args.access_log)
+    config.host, config.port = args.host, args.port
+    server = uvicorn.Server(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    print(f"ai-query serving on http://{args.host}:{sock.getsockname()[1]} (state in {app.store.state_dir})", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(serve_main())
