@@ -403,6 +403,8 @@ class JobRunReport:
     stopped: str | None = None
     """Why the run stopped before doing every pending row (budget), else ``None``."""
     recovered_chunks: int = 0
+    rows_deduplicated: int = 0
+    """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     per_endpoint: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -426,6 +428,7 @@ class JobRunReport:
             f"  {'':<22}{'this run':>12}",
             f"  {'rows ok':<22}{self.rows_ok:>12}",
             f"  {'rows failed':<22}{self.rows_failed:>12}",
+            f"  {'rows deduplicated':<22}{self.rows_deduplicated:>12}",
             f"  {'prompt tokens':<22}{self.prompt_tokens:>12}",
             f"  {'completion tokens':<22}{self.completion_tokens:>12}",
             f"  {'cost':<22}{cost:>12}",
@@ -633,6 +636,8 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     report.rows += result.num_rows
     report.rows_ok += ok
     report.rows_failed += result.num_rows - ok
+    if "aiq_deduplicated" in result.column_names:
+        report.rows_deduplicated += pc.sum(result.column("aiq_deduplicated")).as_py() or 0
     for rec in usage:
         report.prompt_tokens += rec["input_token_count"]
         report.completion_tokens += rec["output_token_count"]

@@ -36,6 +36,8 @@ class RunSummary:
     seconds: float
     response_column: str
     cost_usd: float | None = None
+    rows_deduplicated: int = 0
+    """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -55,6 +57,7 @@ class RunSummary:
             f"job {self.job!r} wrote {self.rows} rows to {self.output_path}",
             f"  rows ok      {self.rows_ok:>10}",
             f"  rows failed  {self.rows_failed:>10}",
+            f"  deduplicated {self.rows_deduplicated:>10}  (answered by an identical request: not sent)",
             f"  tokens       {self.total_tokens:>10}  (prompt {self.prompt_tokens}, completion {self.completion_tokens})",
             f"  cost         {'unknown (no pricing)' if self.cost_usd is None else f'{self.cost_usd:>10.4f} USD'}",
             f"  time         {self.seconds:>10.1f} s",
@@ -243,5 +246,6 @@ def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int
         seconds=seconds,
         response_column=response_column,
         cost_usd=pc.sum(table.column("aiq_cost_usd")).as_py() if table.column("aiq_cost_usd").null_count < table.num_rows else None,
+        rows_deduplicated=(pc.sum(table.column("aiq_deduplicated")).as_py() or 0) if "aiq_deduplicated" in table.column_names else 0,
         examples=sample,
     )

@@ -73,6 +73,9 @@ def test_job_writes_every_row_with_audit_columns(spark, workdir, sim):
     assert pc.sum(table.column("aiq_prompt_tokens")).as_py() == sim.stats.prompt_tokens
     assert pc.sum(table.column("aiq_completion_tokens")).as_py() == sim.stats.completion_tokens
     assert summary.total_tokens == sim.stats.total_tokens
+    # a row answered by an identical request of the query sent nothing itself
+    assert sim.stats.requests == 60 - summary.rows_deduplicated
+    assert "deduplicated" in summary.render()
     # readable through Spark too
     assert spark.read.format("delta").load(str(workdir / "out")).filter("aiq_status = 'ok'").count() == 57
 
