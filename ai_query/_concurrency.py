@@ -46,6 +46,8 @@ class AdaptiveConcurrencyLimiter:
         self._rtt = 0.0  # smoothed latency of recent requests, the spacing between two decreases
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._slow_start = slow_start
+        self._ssthresh: float | None = None
+        """Where a slow start after a raised ceiling ends (None: at the first overload signal)."""
         self.overload_signals = 0
         self.decreases = 0
 
@@ -94,8 +96,9 @@ class AdaptiveConcurrencyLimiter:
         """A new ceiling: this worker's share of the endpoint changed (other workers came or went).
 
         A lower ceiling scales the limit down with it (the newcomer takes its part of what was
-        found). A higher one does not guess how much the departed worker left free: the limit
-        slow-starts again (about doubling per round trip) until the next overload signal.
+        found). A higher one slow-starts (about doubling per round trip) up to the limit scaled
+        by the same factor (what the departed worker held, about), like TCP's ``ssthresh``, and
+        probes additively from there: a doubling straight past capacity would cost a burst of 429s.
         """
         maximum = max(self.minimum, int(maximum))
         if maximum == self.maximum:
@@ -104,6 +107,7 @@ class AdaptiveConcurrencyLimiter:
             self._limit = max(float(self.minimum), self._limit * maximum / self.maximum)
         else:
             self._slow_start = True
+            self._ssthresh = self._limit * maximum / self.maximum
         self.maximum = maximum
         self._hand_over()
 
@@ -124,9 +128,11 @@ class AdaptiveConcurrencyLimiter:
             # Slow start (about doubling per round trip) until the first overload, then +1 per round trip.
             step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
             self._limit = min(float(self.maximum), self._limit + step)
+            if self._slow_start and self._ssthresh is not None and self._limit >= self._ssthresh:
+                self._slow_start, self._ssthresh = False, None
         elif outcome == "overload":
             self.overload_signals += 1
-            self._slow_start = False
+            self._slow_start, self._ssthresh = False, None
             if now - self._last_decrease >= max(self._rtt, 1e-3):
                 self._limit = max(float(self.minimum), self._limit * self.backoff)
                 self._last_decrease = now

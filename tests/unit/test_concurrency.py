@@ -55,3 +55,17 @@ def test_a_burst_of_429s_in_one_round_trip_is_one_decrease():
 def test_bounds_are_validated():
     with pytest.raises(ValueError, match="initial"):
         AdaptiveConcurrencyLimiter(10, maximum=5)
+
+
+def test_a_raised_ceiling_slow_starts_to_the_scaled_limit_then_probes_additively():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(10, maximum=20, clock=clock)
+    asyncio.run(limiter.release("overload", limiter.try_acquire()))  # leave slow start: limit 9
+    assert limiter.limit == 9
+    limiter.set_maximum(40)  # the other worker left: room for about twice as much
+    for _ in range(9):
+        asyncio.run(limiter.release("ok", limiter.try_acquire()))
+    assert limiter.limit == 18  # slow start (one per success) up to 9 * 40 / 20
+    for _ in range(20):
+        asyncio.run(limiter.release("ok", limiter.try_acquire()))
+    assert limiter.limit == 19  # then about one per round trip (of ~18 successes)

@@ -40,7 +40,7 @@ def test_the_ceiling_follows_the_workers_sending_now(broker):
         assert a_lim.maximum == b_lim.maximum == 32  # two senders: half each, never the whole endpoint
         await b.exit()  # b ran out of rows
         await _until(lambda: a_lim.maximum == 64)
-        assert a_lim.limit == 32  # AIMD does not guess what b left free: it slow-starts from here
+        assert a_lim.limit == 32  # AIMD slow-starts into the room b left, up to twice its limit
         for _ in range(32):
             await a_lim.release("ok", await a_lim.acquire())
         assert a_lim.limit == 64
