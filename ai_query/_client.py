@@ -506,7 +506,8 @@ class AIQueryClient:
             return []
         # Tasks start in creation order (and queue FIFO on the limiter): create them in the
         # prefix-aware order, keep them at their input positions.
-        order = prefix_order([_prompt_text(v) for v in values], client.config.client_config.prefix_ordering)
+        mode = client.config.client_config.prefix_ordering
+        order = None if mode == "off" else prefix_order([_prompt_text(v) for v in values], mode)
         tasks: list[asyncio.Future[CallResult]] = [None] * len(values)  # type: ignore[list-item]
         for i in order if order is not None else range(len(values)):
             tasks[i] = asyncio.ensure_future(one(i, values[i]))

@@ -271,6 +271,13 @@ class QuotaBroker:
         self._server.server_close()
 
 
+def post_json(url: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """POST ``msg`` to the driver's broker and return its JSON answer (blocking; run it off the loop)."""
+    request = urllib.request.Request(url, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 class BrokeredQuota:
     """An endpoint's quota leased from the driver's broker; a static share if it cannot be reached."""
 
@@ -284,9 +291,7 @@ class BrokeredQuota:
         self.broker_failed = False
 
     def _post(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self._timeout) as response:
-            return json.loads(response.read())
+        return post_json(self.url + path, msg, self._timeout)
 
     async def _call(self, path: str, msg: dict[str, Any]) -> dict[str, Any] | None:
         """The broker's answer; ``None`` once it is known to be unreachable.

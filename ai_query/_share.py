@@ -14,13 +14,13 @@ reached the static share stays.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import socket
-import urllib.request
 import uuid
-from typing import Any, Callable
+from typing import Any
+
+from ._quota import post_json
 
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -29,30 +29,23 @@ class ConcurrencyShare:
     """Keeps ``set_maximum(total / n)`` of one endpoint's limiters current while rows are in flight."""
 
     def __init__(self, endpoint: str, address: tuple[str, int], total: int, limiters: list[Any], *,
-                 interval_s: float = 0.5, worker: str = WORKER_ID,
-                 post: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 interval_s: float = 0.5, worker: str = WORKER_ID) -> None:
         self.endpoint = endpoint
         self.url = f"http://{address[0]}:{address[1]}/active"
         self.total = total
         self.limiters = limiters
         self.interval_s = interval_s
         self.worker = worker
-        self._post = post or self._http_post
         self._active = 0
         self._task: asyncio.Task[None] | None = None
         self._pending_raise: int | None = None
         self.failed = False
         self.workers_seen = 0
 
-    def _http_post(self, url: str, msg: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(url, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
-        with urllib.request.urlopen(request, timeout=2.0) as response:
-            return json.loads(response.read())
-
     async def _beat(self, active: bool) -> int | None:
         msg = {"endpoint": self.endpoint, "worker": self.worker, "active": active, "ttl_s": 6 * self.interval_s}
         try:
-            reply = await asyncio.get_running_loop().run_in_executor(None, self._post, self.url, msg)
+            reply = await asyncio.get_running_loop().run_in_executor(None, post_json, self.url, msg, 2.0)
             return int(reply["workers"])
         except (OSError, ValueError, KeyError):
             self.failed = True  # keep the static share from now on

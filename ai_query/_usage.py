@@ -8,7 +8,6 @@ usage committed twice (a job killed after the commit and re-run) is skipped the 
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
@@ -181,8 +180,4 @@ class DeltaAppender:
         return DeltaTable(self.path).to_pyarrow_table()
 
 
-def new_client_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-__all__ = ["DeltaAppender", "INFERENCE_SCHEMA", "USAGE_SCHEMA", "inference_record", "new_client_request_id", "usage_record"]
+__all__ = ["DeltaAppender", "INFERENCE_SCHEMA", "USAGE_SCHEMA", "inference_record", "usage_record"]

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime
 import hashlib
 import json
@@ -24,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .._files import parse_data_uri
 from ._limits import FixedWindowQuota
 
 _WORD = re.compile(r"\S+")
@@ -165,11 +165,10 @@ def _media_of(part: dict[str, Any], where: str) -> str:
             uri = f"data:{source['media_type']};base64,{source['data']}"
         else:
             raise BadRequest(f"{where}: unknown content part type {kind!r}")
-        if not isinstance(uri, str) or not uri.startswith("data:") or ";base64," not in uri:
+        if not isinstance(uri, str):
             raise BadRequest(f"{where}: a {kind} part needs a base64 data URI (data:<type>;base64,...)")
-        media, _, payload = uri[5:].partition(";base64,")
-        data = base64.b64decode(payload, validate=True)
-    except (KeyError, TypeError, binascii.Error) as exc:
+        media, data = parse_data_uri(uri)
+    except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
         raise BadRequest(f"{where}: invalid {kind} part: {exc}") from exc
     return f"[{media} {len(data)} bytes sha256:{hashlib.sha256(data).hexdigest()[:8]}]"
 
