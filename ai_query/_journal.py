@@ -15,8 +15,10 @@ are keyed by a hash of (endpoint, request, parameters, response format); only ``
 journaled (a failed request is not billed, and ``--retry-failed`` must ask again). A line cut
 short by a kill is skipped. The driver deletes a run's directory once its rows are committed.
 
-Limit: an identical request sent for two rows of a killed run is replayed for both, so the usage
-table then counts its tokens once per row (more than the endpoint billed, never fewer).
+Limits: the requests in flight at a kill (about ``max_concurrency``) are answered and billed by
+the endpoint but never read, so they are sent again; the usage table holds the answers the job
+received. An identical request sent for two rows of a killed run is replayed for both, so the
+usage table then counts its tokens once per row (more than the endpoint billed, never fewer).
 """
 
 from __future__ import annotations

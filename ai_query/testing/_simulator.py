@@ -81,6 +81,7 @@ _DIRECTIVE = re.compile(r"\[\[(status|flaky|ratelimit|malformed|reset|delay|repl
 FAULT_KINDS = ("500", "503", "reset", "malformed", "timeout")
 """The kinds ``error_rates`` accepts, in the order a draw tests them."""
 
+_RECEIVED_AT = web.RequestKey("aiq_received_at", float)
 _JSON = "application/json"
 
 
@@ -141,6 +142,7 @@ class ProviderSimulator:
         error_rates: Mapping[Any, float] | None = None,
         hang_s: float = 30.0,
         seed: int = 0,
+        served_log: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -166,6 +168,8 @@ class ProviderSimulator:
                 :data:`FAULT_KINDS`, e.g. ``{"500": 0.05, "503": 0.05, "reset": 0.02}``.
             hang_s: how much longer a ``"timeout"`` fault holds its answer.
             seed: seeds the fault and latency draws; the same seed gives the same sequences.
+            served_log: keep one record per answer served (its request id as the client sees it,
+                when, its tokens); read it with :meth:`served_answers`. Off by default (memory).
             host, port: where to listen (port 0: a free port, read ``sim.port`` after start).
         """
         _check(api_key is None or (isinstance(api_key, str) and api_key), f"api_key={api_key!r} must be a non-empty string or None")
@@ -190,6 +194,7 @@ class ProviderSimulator:
         _check(isinstance(port, int) and 0 <= port <= 65535, f"port={port!r} must be 0 (any free port) or a port number")
 
         self.api_key = api_key
+        self._served_log: list[dict[str, Any]] | None = [] if served_log else None
         self.served_model = served_model
         self.endpoint_names = names
         self.embedding_dim = embedding_dim
@@ -341,6 +346,16 @@ class ProviderSimulator:
         """A consistent JSON-ready copy of the counters, plus ``in_flight``, ``elapsed_s`` and ``config``."""
         return self._on_loop(self._snapshot_now)
 
+    def served_answers(self) -> list[dict[str, Any]]:
+        """One record per answer served (``served_log=True``): ``request_id`` (as in the answer's
+        ``x-request-id`` / ``request-id`` header), ``received_at`` (when its request arrived) and
+        ``at`` (when the answer was sent; both ``time.monotonic()`` of this process),
+        ``prompt_tokens``, ``completion_tokens``. An answer is logged (and counted) even when its
+        client has gone away meanwhile, as a provider bills a generation it finished."""
+        if self._served_log is None:
+            raise RuntimeError("start the simulator with served_log=True to keep a log of the answers served")
+        return self._on_loop(lambda: list(self._served_log or ()))
+
     def _snapshot_now(self) -> dict[str, Any]:
         out = self.stats.as_dict()
         out["in_flight"] = self._in_flight
@@ -410,6 +425,7 @@ class ProviderSimulator:
         stats = self.stats
         stats.requests += 1
         rid = f"{self._id_prefix}{next(self._ids):08x}"
+        request[_RECEIVED_AT] = time.monotonic()
         headers = {"x-request-id": "req-" + rid}
         if fmt is ANTHROPIC:
             headers["request-id"] = "req_" + rid
@@ -542,10 +558,16 @@ class ProviderSimulator:
             return await self._stream(request, fmt, call, answers, prompt_tokens, rid, headers, window, max_tokens)
         vectors = [embed(p, call.dimensions or self.embedding_dim) for p in prompts] if not generative else []
         body = dumps(fmt.answer(call, answers, vectors, prompt_tokens, rid, self.served_model))
-        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(prompts) - completion_tokens)
+        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(prompts) - completion_tokens, request, headers)
         return web.Response(body=body, headers=headers, content_type=_JSON)
 
-    def _served(self, prompt_tokens: int, completion_tokens: int, window: int, unused: int) -> None:
+    def _served(self, prompt_tokens: int, completion_tokens: int, window: int, unused: int, request: web.Request,
+                headers: Mapping[str, str]) -> None:
+        """Count an answer as served (billed) — when it is sent, whether or not the client reads it."""
+        if self._served_log is not None:
+            self._served_log.append({"request_id": headers.get("request-id") or headers["x-request-id"],
+                                     "received_at": request[_RECEIVED_AT], "at": time.monotonic(),
+                                     "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
         stats = self.stats
         stats.by_status[200] += 1
         stats.ok += 1
@@ -623,5 +645,5 @@ class ProviderSimulator:
             await response.write(b"".join(frames))
         await response.write_eof()
         completion_tokens = sum(a.tokens for a in answers)
-        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(answers) - completion_tokens)
+        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(answers) - completion_tokens, request, headers)
         return response

@@ -539,3 +539,23 @@ def test_throughput_smoke_at_256_in_flight():
     print(f"\nsimulator throughput: {done / elapsed:.0f} req/s at 256 in flight (aiohttp client in this process), "
           f"server CPU {server_cpu_us:.0f} us/request (~{1e6 / max(server_cpu_us, 1):.0f} req/s per core)")
     assert final["ok"] == done
+
+
+def test_served_log_names_each_answer_with_its_tokens_also_when_the_client_went_away():
+    with ProviderSimulator(api_key=KEY, served_log=True, latency_s=0.3) as sim:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up before the answer
+            httpx.post(f"{sim.base_url}/chat/completions", json=chat("gone", max_tokens=3), headers=OPENAI_AUTH, timeout=0.1)
+        r = httpx.post(f"{sim.base_url}/chat/completions", json=chat("hello there", max_tokens=3), headers=OPENAI_AUTH)
+        anthropic = httpx.post(f"{sim.base_url.removesuffix('/v1')}/v1/messages", headers=ANTHROPIC_AUTH,
+                               json={"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        log = sim.served_answers()
+        ids = [a["request_id"] for a in log]
+        assert r.headers["x-request-id"] in ids and anthropic.headers["request-id"] in ids
+        mine = next(a for a in log if a["request_id"] == r.headers["x-request-id"])
+        assert mine["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+        assert mine["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+        assert mine["received_at"] + 0.3 <= mine["at"]
+        snap = sim.snapshot()
+        assert len(log) == snap["ok"] and sum(a["prompt_tokens"] for a in log) == snap["prompt_tokens"]
+    with ProviderSimulator() as sim, pytest.raises(RuntimeError, match="served_log=True"):
+        sim.served_answers()
