@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Mapping
 from .._errors import AIQueryError, ArgumentError
 from ._auth import Principal, TokenAuthenticator
 from ._errors import ServingError
+from ._json import dumps, loads
 from ._ratelimit import RateLimited, RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
@@ -41,7 +42,7 @@ LOCAL_CHUNK_TOKENS_PER_S = 250
 
 
 def _encode(data: Any) -> bytes:
-    return json.dumps(data).encode()
+    return dumps(data)
 
 
 def _failure_body(exc: ServingError, openai_style: bool) -> dict[str, Any]:
@@ -167,7 +168,7 @@ class ServingApp:
         if not raw:
             return {}
         try:
-            return json.loads(raw)
+            return loads(raw)
         except ValueError as exc:
             raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
 
@@ -180,11 +181,11 @@ class ServingApp:
         """One query: (status, headers, JSON body, or server-sent events for a stream)."""
         principal = self.auth.authenticate(headers.get("authorization"))
         try:
-            body = json.loads(raw) if raw else {}
+            body = loads(raw) if raw else {}
         except ValueError as exc:
             raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
         if name is None:  # OpenAI-compatible: the model is the endpoint
-            name = body.get("model") if isinstance(body, Mapping) else None
+            name = body.get("model") if isinstance(body, dict) else None
             if not isinstance(name, str) or not name:
                 raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
         record = self.store.get(name)
@@ -217,7 +218,7 @@ class ServingApp:
         failed = next((r for r in results if not r.ok), None)
         status, code = (200, "") if failed is None else _status_of_failed_row(failed.status_code)
         if self.tables.enabled:
-            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, Mapping) else None)
+            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, dict) else None)
             for value, result in zip(parsed.values, results):
                 self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
                                    status_code=status, streaming=parsed.stream)

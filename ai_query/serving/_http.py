@@ -4,22 +4,24 @@
 per request, httpx's request and response models cost about as much CPU as the rest of the
 server together (profiled: ~0.35 ms of ~1.3 ms). The server therefore gives the same
 ``EndpointClient`` this object instead: the one method it calls (``request(method, url, json=,
-headers=, timeout=)``), the body encoded exactly as httpx encodes ``json=`` (same bytes on the
-wire), the answer as ``status_code`` / ``headers`` / ``content``, and aiohttp's failures raised as
+headers=, timeout=)``), the answer as ``status_code`` / ``headers`` / ``content``, and aiohttp's failures raised as
 the httpx exceptions the client already maps to retries (a timeout as ``httpx.ReadTimeout``
 caused by the ``asyncio.TimeoutError``, a reset as ``httpx.ConnectError``). Everything above it —
-provider adapters, retries, concurrency, parsing — is the batch path's own code.
+provider adapters, retries, concurrency, parsing — is the batch path's own code. The body is
+encoded as httpx encodes ``json=`` (compact UTF-8), with msgspec (floats may be spelled ``1e-7``
+where httpx writes ``1e-07``: the same values).
 ``ai-query serve --http-client httpx`` uses httpx instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import httpx
+
+from ._json import dumps
 
 
 @dataclass
@@ -35,12 +37,15 @@ class DirectAiohttpClient:
     def __init__(self, max_connections: int = 2048) -> None:
         self.max_connections = max_connections
         self._session: Any = None
+        self._timeouts: dict[float | None, Any] = {}
 
     def _open(self) -> Any:
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector, trust_env=False, skip_auto_headers=("User-Agent",))
+        # No cookies: backends are APIs, and a jar costs a lookup per request and per answer.
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False, skip_auto_headers=("User-Agent",),
+                                              cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def request(self, method: str, url: str, *, json: Any = None, headers: Mapping[str, str] | None = None,
@@ -48,11 +53,11 @@ class DirectAiohttpClient:
         import aiohttp
 
         session = self._session or self._open()
-        # httpx 0.28's encoding of ``json=``, so the bytes sent equal the batch path's
-        body = _dumps(json)
+        # compact UTF-8 like httpx 0.28's ``json=``: the batch path's values (float spellings may differ)
+        body = dumps(json)
         try:
             async with session.request(method, url, data=body, headers=headers,
-                                       timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                       timeout=self._timeout(timeout)) as response:
                 content = await response.read()
                 return DirectResponse(response.status, response.headers, content)
         except asyncio.TimeoutError as exc:
@@ -62,11 +67,16 @@ class DirectAiohttpClient:
         except aiohttp.ClientError as exc:
             raise httpx.TransportError(str(exc) or type(exc).__name__) from exc
 
+    def _timeout(self, seconds: float | None) -> Any:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            import aiohttp
+
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
+
     async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
 
-
-def _dumps(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
