@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from .._errors import AIQueryError, ArgumentError
 from ._auth import Principal, TokenAuthenticator
@@ -75,16 +76,20 @@ class ServingApp:
     """State of one server: endpoints, auth, rate limits, tables; ``asgi`` is the app to run."""
 
     def __init__(self, store: EndpointStore, auth: TokenAuthenticator, *, tables: ServingTables | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, on_started: Callable[[], None] | None = None) -> None:
         self.store = store
         self.auth = auth
         self.tables = tables or ServingTables(None)
         self.limiter = limiter or RateLimiter()
+        self.on_started = on_started
+        """Called once the app has started (endpoints deployed): a worker tells its supervisor."""
         self._starlette = self._build()
 
     async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI app. Queries take a short path of their own (no router, no middleware stack,
         no request objects: they are the hot path); everything else goes to Starlette."""
+        if scope["type"] == "http":
+            self.store.refresh()  # what other workers changed (nothing to do with one process)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             task = _OPENAI_TASKS.get(path)
@@ -151,6 +156,8 @@ class ServingApp:
         async def lifespan(app) -> AsyncIterator[None]:
             await self.store.start()
             self.tables.start()
+            if self.on_started is not None:
+                self.on_started()
             try:
                 yield
             finally:
@@ -174,7 +181,7 @@ class ServingApp:
 
     # -- queries ----------------------------------------------------------------------------
     async def health(self, request):
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "pid": os.getpid()})  # pid: which worker answered
 
     async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None
                      ) -> tuple[int, dict[str, str], bytes, list[bytes] | None]:

@@ -1,6 +1,7 @@
 """State shared by the worker processes of ``ai-query serve --workers N``: one small mapped file.
 
-The supervisor creates the file (in ``/dev/shm`` where there is one) and every worker maps it::
+The supervisor creates the file (in memory, nameless: ``memfd_create``) and passes it to every
+worker, which maps it::
 
     offset 0    b"AIQSRV01"                 magic
     offset 8    generation (u64)            bumped after every change to the endpoints' state file
@@ -30,7 +31,6 @@ import mmap
 import os
 import struct
 import tempfile
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 log = logging.getLogger("ai_query.serving")
@@ -54,32 +54,49 @@ def _hash64(text: str) -> int:
 class SharedControl:
     """The mapped control file: a generation counter, a cross-process lock, the rate-limit table."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR)
+    def __init__(self, fd: int) -> None:
+        """Map the control file open at ``fd`` (the object owns and closes ``fd``)."""
+        self._fd = fd
         try:
-            self._map = mmap.mmap(self._fd, 0)
+            self._map = mmap.mmap(fd, 0)
         except (OSError, ValueError):
-            os.close(self._fd)
+            os.close(fd)
             raise
         if self._map[:8] != MAGIC:
             self.close()
-            raise ValueError(f"{self.path} is not an ai-query serving control file")
+            raise ValueError(f"file descriptor {fd} is not an ai-query serving control file")
         self.slots = _U64.unpack_from(self._map, 16)[0]
         self._full_warned = False
 
+    @property
+    def fd(self) -> int:
+        """The descriptor to pass to a worker (``subprocess.Popen(pass_fds=...)``)."""
+        return self._fd
+
     @classmethod
-    def create(cls, directory: str | os.PathLike[str] | None = None, slots: int = DEFAULT_SLOTS) -> "SharedControl":
-        """A new control file (``/dev/shm`` by default, else the temp dir); ``unlink()`` removes it."""
-        if directory is None:
-            directory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        fd, name = tempfile.mkstemp(prefix="ai-query-serving-", suffix=".ctl", dir=directory)
+    def create(cls, slots: int = DEFAULT_SLOTS) -> "SharedControl":
+        """A new control file in memory, with no name: nothing is left behind however the server ends."""
+        try:
+            fd = os.memfd_create("ai-query-serving")
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            handle, name = tempfile.mkstemp(prefix="ai-query-serving-")
+            os.unlink(name)
+            fd = handle
         try:
             os.ftruncate(fd, HEADER_BYTES + (slots + PROBES - 1) * _SLOT.size)  # windows never wrap
             os.pwrite(fd, MAGIC + _U64.pack(0) + _U64.pack(slots), 0)
-        finally:
+        except OSError:
             os.close(fd)
-        return cls(name)
+            raise
+        return cls(fd)
+
+    @classmethod
+    def inherited(cls, fd: int) -> "SharedControl":
+        """The supervisor's control file, passed as ``fd``: opened anew, because ``flock`` only
+        excludes between separate opens of a file (an inherited descriptor shares its lock)."""
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        os.close(fd)
+        return cls(own)
 
     # -- the lock and the generation --------------------------------------------------------
     def __enter__(self) -> "SharedControl":
@@ -143,12 +160,6 @@ class SharedControl:
             os.close(self._fd)
             self._fd = -1
 
-    def unlink(self) -> None:
-        self.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class LocalCells:
