@@ -190,6 +190,7 @@ class SharedCells:
 
     def __init__(self, control: SharedControl) -> None:
         self.control = control
+        self._hashes: dict[str, int] = {}
 
     def __enter__(self) -> "SharedCells":
         self.control.__enter__()
@@ -198,18 +199,22 @@ class SharedCells:
     def __exit__(self, *exc: Any) -> None:
         self.control.__exit__()
 
-    @staticmethod
-    def _key(key: tuple[str, ...]) -> int:
-        return _hash64("\x00".join(key))
+    def _hash(self, text: str) -> int:
+        value = self._hashes.get(text)
+        if value is None:
+            if len(self._hashes) >= 100_000:  # bounded: keys come from users
+                self._hashes.clear()
+            value = self._hashes[text] = _hash64(text)
+        return value
 
     def get(self, key: tuple[str, ...], now: float) -> float:
-        tat = self.control.tat(self._key(key))
+        tat = self.control.tat(self._hash("\x00".join(key)))
         return now if tat is None else tat
 
     def update(self, cells: Iterable[tuple[tuple[str, ...], float]], now: float) -> None:
         for key, tat in cells:
-            self.control.set_tat(self._key(key), _hash64(key[0]), tat, now)
+            self.control.set_tat(self._hash("\x00".join(key)), self._hash(key[0]), tat, now)
 
     def forget(self, endpoint: str) -> None:
         with self.control:
-            self.control.forget(_hash64(endpoint))
+            self.control.forget(self._hash(endpoint))
