@@ -23,7 +23,7 @@ from ._auth import TokenAuthenticator
 from ._ratelimit import RateLimiter
 from ._shared import SharedCells, SharedControl
 from ._workers import Supervisor, add_worker_options, default_workers, die_with_supervisor, worker_socket
-from ._store import EndpointStore
+from ._store import HTTP_CLIENTS, EndpointStore
 from ._tables import ServingTables
 
 log = logging.getLogger("ai_query.serving")
@@ -77,7 +77,7 @@ def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegi
 
 def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
               tokens: str | os.PathLike[str] | None = None, usage_table: str | None = None,
-              inference_table: str | None = None, include_registry: bool = True, http_client: str = "aiohttp",
+              inference_table: str | None = None, include_registry: bool = True, http_client: str = "direct",
               control: SharedControl | None = None, workers: int = 1) -> ServingApp:
     """A ``ServingApp`` from the same options as ``ai-query serve``.
 
@@ -170,9 +170,10 @@ def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
                                          "(else $AIQ_SERVING_TOKENS_FILE, $AIQ_SERVING_TOKENS, $AIQ_SERVING_TOKEN; none: auth off)")
     parser.add_argument("--usage-table", help="append one usage row per request to this Delta table (batch jobs' schema)")
     parser.add_argument("--inference-table", help="also append request and response payloads to this Delta table")
-    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp",
-                        help="HTTP client to backends: aiohttp directly (default, least CPU) or httpx on aiohttp as batch "
-                             "tasks use; both send the same requests through the same provider adapters")
+    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="direct",
+                        help="HTTP client to backends: 'direct' (default, least CPU: keep-alive HTTP/1.1 parsed by httptools) "
+                             "or 'httpx' on aiohttp as batch tasks use; both send the same requests through the same "
+                             "provider adapters")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
     add_worker_options(parser)

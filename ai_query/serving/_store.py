@@ -36,6 +36,8 @@ from ._shared import SharedControl
 log = logging.getLogger("ai_query.serving")
 
 _CONFIG_KEYS = ("served_entities", "traffic_config", "auto_capture_config")
+HTTP_CLIENTS = ("direct", "httpx")
+"""The server's clients to backends (``ai-query serve --http-client``); see ``_http``."""
 _MASK = "********"
 
 
@@ -181,10 +183,10 @@ class EndpointStore:
     """
 
     def __init__(self, registry: EndpointRegistry, state_dir: str | os.PathLike[str] | None, *,
-                 sources: Mapping[str, str] | None = None, http_client: str = "aiohttp",
+                 sources: Mapping[str, str] | None = None, http_client: str = "direct",
                  control: SharedControl | None = None, share: float = 1.0) -> None:
-        if http_client not in ("aiohttp", "httpx"):
-            raise ConfigError(f"http_client is {http_client!r}; use 'aiohttp' (direct) or 'httpx' (as batch tasks do)")
+        if http_client not in HTTP_CLIENTS:
+            raise ConfigError(f"http_client is {http_client!r}; use 'direct' (least CPU) or 'httpx' (as batch tasks do)")
         if control is not None and state_dir is None:
             raise ConfigError("several workers share their endpoints through the state dir: give a state_dir")
         self.registry = registry
@@ -291,9 +293,9 @@ class EndpointStore:
         if self.http_client == "httpx":
             return self._factory._http_client()
         if self._direct is None:
-            from ._http import DirectAiohttpClient
+            from ._http import DirectHTTPClient
 
-            self._direct = DirectAiohttpClient()
+            self._direct = DirectHTTPClient()
         return self._direct
 
     def _new_deployment(self, config: EndpointConfig) -> Deployment:
