@@ -37,6 +37,7 @@ from ._wire import parse_request, render_response, sse_chunks
 log = logging.getLogger("ai_query.serving")
 
 _OPENAI_TASKS = {"/v1/chat/completions": "llm/v1/chat", "/v1/completions": "llm/v1/completions", "/v1/embeddings": "llm/v1/embeddings"}
+_QUERY_HEADERS = frozenset({b"authorization", b"x-client-request-id"})
 LOCAL_CHUNK_TOKENS_PER_S = 250
 """Provisioned-throughput increment of a local model: new tokens/s of one fp32 engine on 2 CPU cores
 (ENVIRONMENT.md); ``get-model-optimization-info`` reports it as ``throughput_chunk_size``."""
@@ -108,7 +109,8 @@ class ServingApp:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # only the headers a query reads (names arrive lower-cased)
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _QUERY_HEADERS}
         try:
             status, extra, body, events = await self._query(headers, b"".join(chunks), name, task)
         except ServingError as exc:

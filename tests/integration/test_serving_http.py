@@ -139,6 +139,23 @@ def test_a_server_closing_an_idle_connection_costs_no_failed_request():
     assert codes == [200, 200, 200] and server.connections == 3
 
 
+def test_max_connections_holds_requests_until_a_connection_is_free():
+    async def handler(request, writer):
+        await asyncio.sleep(0.05)
+        writer.write(answer(200, b"{}"))
+        await writer.drain()
+
+    async def main():
+        client = DirectHTTPClient(max_connections=2)
+        async with RawServer(handler) as server:
+            answers = await asyncio.gather(*(client.request("POST", server.url, json={}, timeout=10) for _ in range(6)))
+            await client.aclose()
+            return server, answers
+
+    server, answers = run(main())
+    assert [r.status_code for r in answers] == [200] * 6 and server.connections == 2
+
+
 @pytest.mark.parametrize("behaviour, error, text", [
     ("silent", httpx.ReadTimeout, "no answer within 0.3 s"),
     ("reset", httpx.ConnectError, "closed the connection"),
