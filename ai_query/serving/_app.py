@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from .._errors import AIQueryError, ArgumentError
+from .._mlflow_provider import import_mlflow
 from ._auth import Principal, TokenAuthenticator
 from ._errors import ServingError
 from ._json import dumps, loads
@@ -326,6 +327,7 @@ def optimization_info(model: str, version: str) -> dict[str, Any]:
         return {"optimizable": generative, "model_type": model_type,
                 **({"throughput_chunk_size": LOCAL_CHUNK_TOKENS_PER_S} if generative else {})}
     try:
+        import_mlflow()  # not while a model loads in another thread: see import_mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
     except ImportError:  # pragma: no cover - mlflow-skinny is a dependency

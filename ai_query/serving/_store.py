@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 from .._client import AIQueryClient, EndpointClient
 from .._config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError
+from .._mlflow_provider import import_mlflow
 from ._errors import ServingError
 from ._shared import SharedControl
 
@@ -71,8 +72,8 @@ class EndpointRecord:
     pending_spec: dict[str, Any] | None = None
     update_state: str = "NOT_UPDATING"
     update_message: str = ""
-    update_owner: int | None = None
-    """The process (pid) deploying ``pending_spec``: with several workers, any of them."""
+    update_owner: str | None = None
+    """The process deploying ``pending_spec`` (``process_identity``): with several workers, any of them."""
 
     def to_state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("name", "spec", "id", "creator", "creation_timestamp", "last_updated_timestamp",
@@ -80,21 +81,51 @@ class EndpointRecord:
 
     def settle_orphaned_update(self) -> None:
         """An update whose deploying process is gone (a restart, a crashed worker) has failed."""
-        if self.update_state == "IN_PROGRESS" and self.update_owner != os.getpid() and not _alive(self.update_owner):
+        if self.update_state == "IN_PROGRESS" and self.update_owner != _me() and not _alive(self.update_owner):
             self.update_state, self.pending_spec, self.update_owner = "UPDATE_FAILED", None, None
             self.update_message = "the server process deploying this config exited before it was ready; send the update again"
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
+def process_identity(pid: int | None = None) -> str:
+    """``pid:start-time`` of a process (this one by default): unlike a pid, never reused."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+        return f"{pid}:{int(fields[19])}"  # field 22 of stat: start time in clock ticks since boot
+    except (OSError, IndexError, ValueError):  # no /proc (not Linux): the pid alone
+        return str(pid)
+
+
+def _alive(identity: str | None) -> bool:
+    """Whether the process ``identity`` names runs (a zombie or a reused pid does not count)."""
+    if not identity:
         return False
+    pid = int(str(identity).partition(":")[0])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            if fh.read().rpartition(b")")[2].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
+    return process_identity(pid) == identity
+
+
+_IDENTITY: dict[int, str] = {}
+
+
+def _me() -> str:
+    """This process's ``process_identity`` (looked up once per pid: a fork gets its own)."""
+    pid = os.getpid()
+    if pid not in _IDENTITY:
+        _IDENTITY[pid] = process_identity(pid)
+    return _IDENTITY[pid]
 
 
 def _serving_part(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +156,7 @@ def infer_mlflow_task(entity: Mapping[str, Any]) -> str:
     (a ``messages`` input is chat; an array-of-numbers output is embeddings), else completions."""
     uri = entity.get("model_uri") or f"models:/{entity.get('entity_name')}/{entity.get('entity_version')}"
     try:
+        import_mlflow()  # not while a model loads in another thread: see import_mlflow
         from mlflow.models import get_model_info
 
         info = get_model_info(uri)
@@ -421,7 +453,7 @@ class EndpointStore:
             record.pending_spec = spec
             record.update_state = "IN_PROGRESS"
             record.update_message = ""
-            record.update_owner = os.getpid()
+            record.update_owner = _me()
         self._spawn(self._apply_update(record, new))
         return record
 
@@ -458,7 +490,7 @@ class EndpointStore:
 
     def _still_updating(self, record: EndpointRecord, spec: dict[str, Any] | None) -> bool:
         return (self.records.get(record.name) is record and record.update_state == "IN_PROGRESS"
-                and record.update_owner == os.getpid() and record.pending_spec == spec)
+                and record.update_owner == _me() and record.pending_spec == spec)
 
     def put_rate_limits(self, name: str, body: Mapping[str, Any]) -> list[dict[str, Any]]:
         limits = body.get("rate_limits", [])

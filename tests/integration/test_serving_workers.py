@@ -66,8 +66,8 @@ class Served:
 
 
 @contextmanager
-def serve(tmp_path: Path, *extra: str, workers: int = 2) -> Iterator[Served]:
-    env = {**os.environ, "AIQ_SERVING_TOKEN": TOKEN, "AIQ_SECRET_SIM_KEY": "sk-sim"}
+def serve(tmp_path: Path, *extra: str, workers: int = 2, env: dict[str, str] | None = None) -> Iterator[Served]:
+    env = {**os.environ, "AIQ_SERVING_TOKEN": TOKEN, "AIQ_SECRET_SIM_KEY": "sk-sim", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "ai_query.serving", "--port", "0", "--workers", str(workers),
                              "--state-dir", str(tmp_path / "state"), "--log-level", "warning", *extra],
                             stdout=subprocess.PIPE, text=True, env=env)
@@ -152,6 +152,98 @@ def test_management_changes_through_one_worker_are_served_by_all(sim, tmp_path):
         assert len({pid for pid, _ in gone}) == 2 and {code for _, code in gone} == {404}
     state = json.loads((tmp_path / "state" / "endpoints.json").read_text())
     assert state == {"endpoints": []}
+
+
+SLOW_MODEL = """
+import time
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+class Shout(PythonModel):
+    def load_context(self, context):
+        time.sleep({delay})
+
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return [{transform} for t in model_input]
+
+mlflow.models.set_model(Shout())
+"""
+
+
+@pytest.fixture(scope="module")
+def mlflow_env(tmp_path_factory):
+    """A file model registry with ``shouter`` v1 (loads at once) and v2 (takes 4 s to load)."""
+    import warnings
+
+    import mlflow
+    import mlflow.pyfunc
+
+    root = tmp_path_factory.mktemp("workers-mlflow")
+    env = {"MLFLOW_TRACKING_URI": (root / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
+    mp = pytest.MonkeyPatch()
+    for key, value in env.items():
+        mp.setenv(key, value)
+    try:
+        for version, (delay, transform) in enumerate([(0.0, "t.upper()"), (4.0, "t.upper() + '!'")], start=1):
+            source = root / f"shout{version}.py"
+            source.write_text(SLOW_MODEL.format(delay=delay, transform=transform))
+            with warnings.catch_warnings(), mlflow.start_run():
+                warnings.simplefilter("ignore")
+                mlflow.pyfunc.log_model(name="model", python_model=str(source), registered_model_name="shouter", pip_requirements=[])
+    finally:
+        mp.undo()
+    return env
+
+
+V1 = {"served_entities": [{"entity_name": "shouter", "entity_version": "1"}]}
+V2 = {"served_entities": [{"entity_name": "shouter", "entity_version": "2"}]}
+
+
+def shout(client: httpx.Client, text: str) -> str:
+    return client.post("/serving-endpoints/shout/invocations", json={"prompt": text}).json()["choices"][0]["text"]
+
+
+def update_to_v2(served: Served) -> int:
+    """Create ``shout`` at version 1, ask for version 2; the pid of the worker that took the update."""
+    with httpx.Client(base_url=served.url, headers=AUTH, timeout=60) as admin:
+        assert admin.post("/api/2.0/serving-endpoints", json={"name": "shout", "config": V1}).status_code == 200
+        assert wait_until(lambda: all(g["state"]["ready"] == "READY"
+                                      for _, g in served.spread(10, lambda c: c.get("/api/2.0/serving-endpoints/shout").json())))
+        owner = admin.get("/health").json()["pid"]
+        pending = admin.put("/api/2.0/serving-endpoints/shout/config", json=V2).json()  # on the same connection
+    assert pending["state"]["config_update"] == "IN_PROGRESS"
+    return owner
+
+
+def test_a_config_update_in_progress_is_seen_and_guarded_by_every_worker(tmp_path, mlflow_env):
+    with serve(tmp_path, env=mlflow_env) as served:
+        update_to_v2(served)
+        # every worker shows the update, refuses a second one, and answers with version 1 meanwhile
+        during = served.spread(10, lambda c: (c.get("/api/2.0/serving-endpoints/shout").json(),
+                                              c.put("/api/2.0/serving-endpoints/shout/config", json=V1).status_code, shout(c, "one")))
+        assert len({pid for pid, _ in during}) == 2
+        for _, (got, again, text) in during:
+            assert got["state"]["config_update"] == "IN_PROGRESS" and got["pending_config"]["config_version"] == 2
+            assert again == 409 and text == "ONE"
+        # once ready, every worker serves version 2 (each loads it, the old one serving until then)
+        assert wait_until(lambda: all(text == "TWO!" for _, text in served.spread(10, lambda c: shout(c, "two"))), timeout=60)
+        final = served.spread(10, lambda c: c.get("/api/2.0/serving-endpoints/shout").json())
+        assert all(g["state"]["config_update"] == "NOT_UPDATING" and g["config"]["config_version"] == 2 for _, g in final)
+
+
+def test_an_update_whose_worker_dies_fails_and_can_be_sent_again(tmp_path, mlflow_env):
+    with serve(tmp_path, env=mlflow_env) as served:
+        owner = update_to_v2(served)
+        os.kill(owner, signal.SIGKILL)  # the worker deploying version 2 dies before it is ready
+        assert wait_until(lambda: not alive(owner))
+        after = served.spread(10, lambda c: c.get("/api/2.0/serving-endpoints/shout").json())
+        assert owner not in {pid for pid, _ in after}
+        for _, got in after:
+            assert got["state"]["config_update"] == "UPDATE_FAILED" and "exited before it was ready" in got["state"]["config_update_message"]
+            assert got["config"]["config_version"] == 1 and "pending_config" not in got
+        with httpx.Client(base_url=served.url, headers=AUTH, timeout=60) as admin:
+            again = admin.put("/api/2.0/serving-endpoints/shout/config", json=V2)
+            assert again.status_code == 200 and again.json()["state"]["config_update"] == "IN_PROGRESS", again.text
 
 
 def test_usage_rows_of_every_worker_reach_the_one_delta_table(sim, tmp_path):
