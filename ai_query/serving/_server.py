@@ -198,7 +198,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     install_log_masking()
     state_dir = args.state_dir or str(default_state_dir())
     if workers > 1 and not worker:
-        return Supervisor(argv, workers, args.host, args.port, state_dir).run()
+        try:
+            supervisor = Supervisor(argv, workers, args.host, args.port, state_dir)
+        except OSError as exc:
+            raise SystemExit(f"ai-query serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        return supervisor.run()
     import uvicorn
 
     control = None
@@ -222,7 +226,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise SystemExit(f"ai-query serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
         print(f"ai-query serving on http://{args.host}:{sock.getsockname()[1]} (state in {app.store.state_dir})", flush=True)
     try:
         server.run(sockets=[sock])

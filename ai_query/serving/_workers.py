@@ -45,7 +45,22 @@ STOP_TIMEOUT_S = 30.0
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` with ``SO_REUSEPORT`` and not listening: the port stays ours."""
+    """A socket bound to ``host:port`` with ``SO_REUSEPORT`` and not listening: the port stays ours.
+
+    First a plain bind: ``SO_REUSEPORT`` alone would let a second server of the same user join
+    the port of a running one and silently take half its connections.
+    """
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))  # EADDRINUSE if anything listens there, with SO_REUSEPORT or not
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    return _bind_shared(host, port)
+
+
+def _bind_shared(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -59,7 +74,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def worker_socket(host: str, port: int) -> socket.socket:
     """A worker's listening socket on the supervisor's port (one of the ``SO_REUSEPORT`` group)."""
-    sock = reserve_port(host, port)
+    sock = _bind_shared(host, port)
     sock.listen(2048)  # connections queue from now on, while the app starts
     return sock
 

@@ -286,6 +286,17 @@ def test_no_worker_outlives_the_supervisor(tmp_path, how):
     assert wait_until(lambda: not any(alive(p) for p in pids)), f"orphan workers: {[p for p in pids if alive(p)]}"
 
 
+def test_a_second_server_cannot_join_the_port_of_a_running_one(tmp_path):
+    with serve(tmp_path) as served:
+        port = served.url.rsplit(":", 1)[1]
+        env = {**os.environ, "AIQ_SERVING_TOKEN": TOKEN}
+        done = subprocess.run([sys.executable, "-m", "ai_query.serving", "--port", port, "--workers", "2",
+                               "--state-dir", str(tmp_path / "other"), "--log-level", "warning"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode != 0 and "Address already in use" in done.stderr
+        assert len(served.worker_pids()) == 2  # the running server still has its port to itself
+
+
 def test_a_worker_that_cannot_start_stops_the_server_with_a_clear_status(tmp_path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "endpoints.json").write_text("{not json")
