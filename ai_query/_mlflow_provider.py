@@ -134,11 +134,43 @@ def _registry_hint(uri: str) -> str:
     return hint
 
 
+_IMPORT_LOCK = threading.Lock()
+_MLFLOW_READY = False
+
+
+def import_mlflow() -> Any:
+    """``mlflow`` with ``mlflow.pyfunc`` and ``mlflow.models``, set up by one thread at a time.
+
+    Two threads importing mlflow at once (a model loading in a worker thread while a request
+    reads another model's metadata) can each see the other's half-initialised modules and fail
+    with an ``ImportError``; and MLflow fills its table of model-registry stores on first use,
+    where another thread can find it without ``file:`` yet ("Model Registry features are not
+    supported by the store with URI 'file://...'"). Both happen here, once, under a lock.
+    """
+    global _MLFLOW_READY
+    if _MLFLOW_READY:
+        import mlflow
+
+        return mlflow
+    with _IMPORT_LOCK:
+        import mlflow
+        import mlflow.models
+        import mlflow.pyfunc
+
+        try:
+            from mlflow.tracking._model_registry.utils import _get_store_registry
+        except ImportError:  # pragma: no cover - another MLflow version: nothing to fill in advance
+            pass
+        else:
+            _get_store_registry()
+        _MLFLOW_READY = True
+    return mlflow
+
+
 def load_pyfunc_model(uri: str) -> Any:
     """``mlflow.pyfunc.load_model(uri)``, once per process; ``SystemicEndpointError`` if it cannot be loaded."""
     try:
-        import mlflow
-        import mlflow.pyfunc
+        mlflow = import_mlflow()
     except ImportError as exc:
         raise SystemicEndpointError(
             f"MLflow model {uri!r} needs the mlflow package, which is not installed: pip install mlflow-skinny"

@@ -109,9 +109,21 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
     raise PermanentEndpointError(message, status_code=status, request_id=request_id)
 
 
+def _json_native(value: Any) -> bool:
+    """Made only of what JSON has (exact types, so no subclass with its own encoding slips through)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    if kind is list or kind is tuple:
+        return all(_json_native(v) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _json_native(v) for k, v in value.items())
+    return False
+
+
 def _check_request(task: str, value: Any) -> None:
     """A request JSON cannot carry (BINARY, a DATE inside a struct) is this row's error, not a crash of the batch."""
-    if isinstance(value, str):
+    if _json_native(value):  # the common case (strings, chat messages), without encoding it once for nothing
         return
     try:
         json.dumps(value)

@@ -38,11 +38,13 @@ class wait_retry_after(wait_base):
 class stop_for_endpoint(stop_base):
     """Stop after ``max_attempts`` non-rate-limit failures, or when rate limits outlast ``rate_limit_wait_s``."""
 
-    def __init__(self, max_attempts: int, rate_limit_wait_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, max_attempts: int, rate_limit_wait_s: float, clock: Callable[[], float],
+                 started: float | None = None) -> None:
         self.max_attempts = max_attempts
         self.rate_limit_wait_s = rate_limit_wait_s
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started
+        """When the row's first attempt began: the rate-limit wait counts from there."""
         self.other_failures = 0
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
@@ -110,12 +112,17 @@ def make_retrying(
     initial_backoff: float = 0.5,
     max_backoff: float = 30.0,
     budget: RetryBudget | None = None,
+    started: float | None = None,
 ) -> AsyncRetrying:
-    """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts)."""
+    """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts).
+
+    ``started``: the clock reading of the row's first attempt when it was made before this
+    object (the client's fast path), else now.
+    """
     return AsyncRetrying(
         retry=retry_within_budget(budget),
         wait=wait_retry_after(wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff), cap=max_backoff * 2),
-        stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock),
+        stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,
     )

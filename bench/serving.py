@@ -1,7 +1,8 @@
 """Serving-endpoint benchmark: latency overhead over the backend and the highest sustained QPS.
 
-Three processes on this machine's 2 cores: the provider simulator at a fixed latency (the
-backend), ``ai-query serve`` in front of it (tokens on, one endpoint), and a load generator
+Three programs on this machine's 2 cores: the provider simulator at a fixed latency (the
+backend), ``ai-query serve`` in front of it (tokens on, one endpoint; ``--workers`` processes,
+by default the server's default: one per core), and a load generator
 (aiohttp on uvloop, closed loop: ``concurrency`` requests always in flight). The baseline is the
 same load generator calling the simulator directly with the same chat request, so
 
@@ -9,7 +10,7 @@ same load generator calling the simulator directly with the same chat request, s
   and again at 32 in flight);
 - QPS = answered requests per second over a sweep of concurrencies, the highest with no errors.
 
-    python bench/serving.py [--quick] [--wait-quiet] [--latency 0.02]
+    python bench/serving.py [--quick] [--wait-quiet] [--latency 0.02] [--workers N]
 
 Results: bench/results/serving.json (records: scenario, metric, value, unit, goal, baseline, ...)
 and serving.md.
@@ -120,10 +121,18 @@ def _start(cmd: list[str], pattern: str, env: dict[str, str] | None = None) -> t
 
 
 def _cpu_of(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) of ``proc`` and its live children (the server's workers)."""
     import psutil
 
-    t = psutil.Process(proc.pid).cpu_times()
-    return t.user + t.system
+    total = 0.0
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:  # pragma: no cover - a worker restarted
+            continue
+        total += t.user + t.system
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test, not a measurement)")
     parser.add_argument("--wait-quiet", action="store_true", help="first wait (up to 10 min) until other processes use under 0.25 cores")
     parser.add_argument("--concurrency", type=int, action="append", help="QPS sweep points (default 32 64 128 256)")
-    parser.add_argument("--http-client", default="aiohttp", choices=["aiohttp", "httpx"], help="the server's client to the backend")
+    parser.add_argument("--http-client", default="direct", choices=["direct", "httpx"], help="the server's client to the backend")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes (ai-query serve --workers; default: the server's default, the number of cores)")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick writes nothing unless given)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,10 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     (root / "endpoints.json").write_text(json.dumps(endpoints))
     env = {**os.environ, "AIQ_SERVING_TOKEN": TOKEN, "AIQ_SECRET_BENCH_KEY": API_KEY}
     server, server_url = _start([sys.executable, "-m", "ai_query.serving", "--port", "0", "--endpoints", str(root / "endpoints.json"),
-                                 "--state-dir", str(root / "state"), "--log-level", "warning", "--http-client", args.http_client],
+                                 "--state-dir", str(root / "state"), "--log-level", "warning", "--http-client", args.http_client,
+                                 *(["--workers", str(args.workers)] if args.workers is not None else [])],
                                 r"serving on (http://127\.0\.0\.1:\d+)", env=env)
+    import psutil
+
+    workers = max(1, len(psutil.Process(server.pid).children()))
     records: list[Record] = []
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"server_workers": workers}
+    log(f"server: {workers} worker process{'es' if workers > 1 else ''}")
     try:
         body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
         through = (server_url + "/serving-endpoints/bench/invocations", body, {"Authorization": f"Bearer {TOKEN}"})
@@ -218,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu_ms = ours["server_cpu_ms_per_request"]
             records.append(Record("sustained_qps", "server_cpu_per_request", round(cpu_ms, 3), "ms", None, None, None,
                                   ours["requests_total"], None, None,
-                                  f"server process CPU (user + system) / requests, at {c} in flight; one core serves at most "
-                                  f"{1000 / cpu_ms:,.0f} req/s at this cost (the server is one process, one event loop)"))
+                                  f"server CPU (user + system, supervisor and {workers} worker process{'es' if workers > 1 else ''}) / requests, "
+                                  f"at {c} in flight; one core serves at most {1000 / cpu_ms:,.0f} req/s at this cost"))
     finally:
         for proc in (server, sim):
             proc.terminate()

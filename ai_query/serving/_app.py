@@ -21,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from .._errors import AIQueryError, ArgumentError
+from .._mlflow_provider import import_mlflow
 from ._auth import Principal, TokenAuthenticator
 from ._errors import ServingError
+from ._json import dumps, loads
 from ._ratelimit import RateLimited, RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
@@ -35,13 +38,14 @@ from ._wire import parse_request, render_response, sse_chunks
 log = logging.getLogger("ai_query.serving")
 
 _OPENAI_TASKS = {"/v1/chat/completions": "llm/v1/chat", "/v1/completions": "llm/v1/completions", "/v1/embeddings": "llm/v1/embeddings"}
+_QUERY_HEADERS = frozenset({b"authorization", b"x-client-request-id"})
 LOCAL_CHUNK_TOKENS_PER_S = 250
 """Provisioned-throughput increment of a local model: new tokens/s of one fp32 engine on 2 CPU cores
 (ENVIRONMENT.md); ``get-model-optimization-info`` reports it as ``throughput_chunk_size``."""
 
 
 def _encode(data: Any) -> bytes:
-    return json.dumps(data).encode()
+    return dumps(data)
 
 
 def _failure_body(exc: ServingError, openai_style: bool) -> dict[str, Any]:
@@ -74,16 +78,20 @@ class ServingApp:
     """State of one server: endpoints, auth, rate limits, tables; ``asgi`` is the app to run."""
 
     def __init__(self, store: EndpointStore, auth: TokenAuthenticator, *, tables: ServingTables | None = None,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, on_started: Callable[[], None] | None = None) -> None:
         self.store = store
         self.auth = auth
         self.tables = tables or ServingTables(None)
         self.limiter = limiter or RateLimiter()
+        self.on_started = on_started
+        """Called once the app has started (endpoints deployed): a worker tells its supervisor."""
         self._starlette = self._build()
 
     async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The ASGI app. Queries take a short path of their own (no router, no middleware stack,
         no request objects: they are the hot path); everything else goes to Starlette."""
+        if scope["type"] == "http":
+            self.store.refresh()  # what other workers changed (nothing to do with one process)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             task = _OPENAI_TASKS.get(path)
@@ -102,7 +110,8 @@ class ServingApp:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # only the headers a query reads (names arrive lower-cased)
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _QUERY_HEADERS}
         try:
             status, extra, body, events = await self._query(headers, b"".join(chunks), name, task)
         except ServingError as exc:
@@ -150,6 +159,8 @@ class ServingApp:
         async def lifespan(app) -> AsyncIterator[None]:
             await self.store.start()
             self.tables.start()
+            if self.on_started is not None:
+                self.on_started()
             try:
                 yield
             finally:
@@ -167,24 +178,24 @@ class ServingApp:
         if not raw:
             return {}
         try:
-            return json.loads(raw)
+            return loads(raw)
         except ValueError as exc:
             raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
 
     # -- queries ----------------------------------------------------------------------------
     async def health(self, request):
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "pid": os.getpid()})  # pid: which worker answered
 
     async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None
                      ) -> tuple[int, dict[str, str], bytes, list[bytes] | None]:
         """One query: (status, headers, JSON body, or server-sent events for a stream)."""
         principal = self.auth.authenticate(headers.get("authorization"))
         try:
-            body = json.loads(raw) if raw else {}
+            body = loads(raw) if raw else {}
         except ValueError as exc:
             raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
         if name is None:  # OpenAI-compatible: the model is the endpoint
-            name = body.get("model") if isinstance(body, Mapping) else None
+            name = body.get("model") if isinstance(body, dict) else None
             if not isinstance(name, str) or not name:
                 raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
         record = self.store.get(name)
@@ -217,7 +228,7 @@ class ServingApp:
         failed = next((r for r in results if not r.ok), None)
         status, code = (200, "") if failed is None else _status_of_failed_row(failed.status_code)
         if self.tables.enabled:
-            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, Mapping) else None)
+            client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, dict) else None)
             for value, result in zip(parsed.values, results):
                 self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
                                    status_code=status, streaming=parsed.stream)
@@ -316,6 +327,7 @@ def optimization_info(model: str, version: str) -> dict[str, Any]:
         return {"optimizable": generative, "model_type": model_type,
                 **({"throughput_chunk_size": LOCAL_CHUNK_TOKENS_PER_S} if generative else {})}
     try:
+        import_mlflow()  # not while a model loads in another thread: see import_mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
     except ImportError:  # pragma: no cover - mlflow-skinny is a dependency

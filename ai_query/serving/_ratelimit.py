@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .._config import RateLimit
+from ._shared import LocalCells, SharedCells
 
 PERIOD_S = {"minute": 60.0}
 
@@ -33,34 +34,38 @@ class RateLimited(Exception):
 
 
 class RateLimiter:
-    """Admits or refuses requests against the rate limits of every endpoint."""
+    """Admits or refuses requests against the rate limits of every endpoint.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    ``cells`` keeps the counters: this process's (default) or a ``SharedCells`` table that
+    every worker of ``ai-query serve --workers N`` uses.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, cells: LocalCells | SharedCells | None = None) -> None:
         self._clock = clock
-        self._tat: dict[tuple[str, str, str, int, str], float] = {}  # theoretical arrival time per cell
+        self._cells = cells if cells is not None else LocalCells()
 
     def admit(self, endpoint: str, limits: Iterable[RateLimit], user: str) -> None:
         """Count one request of ``user`` to ``endpoint``, or raise ``RateLimited`` (counting nothing)."""
         limits = tuple(limits)
         if not limits:
             return
-        now = self._clock()
-        updates = []
-        for limit in limits:
-            interval = PERIOD_S[limit.renewal_period] / limit.calls
-            tolerance = interval * (limit.calls - 1)
-            key = (endpoint, limit.key, user if limit.key == "user" else "", limit.calls, limit.renewal_period)
-            tat = max(self._tat.get(key, now), now)
-            wait = tat - tolerance - now
-            if wait > 0:
-                raise RateLimited(endpoint, limit, wait)
-            updates.append((key, tat + interval))
-        self._tat.update(updates)  # only when every limit admits: a refusal costs nothing
+        with self._cells as cells:
+            now = self._clock()
+            updates = []
+            for limit in limits:
+                interval = PERIOD_S[limit.renewal_period] / limit.calls
+                tolerance = interval * (limit.calls - 1)
+                key = (endpoint, limit.key, user if limit.key == "user" else "", str(limit.calls), limit.renewal_period)
+                tat = max(cells.get(key, now), now)
+                wait = tat - tolerance - now
+                if wait > 0:
+                    raise RateLimited(endpoint, limit, wait)
+                updates.append((key, tat + interval))
+            cells.update(updates, now)  # only when every limit admits: a refusal costs nothing
 
     def forget(self, endpoint: str) -> None:
         """Drop the counters of ``endpoint`` (deleted, or its limits replaced)."""
-        for key in [k for k in self._tat if k[0] == endpoint]:
-            del self._tat[key]
+        self._cells.forget(endpoint)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -21,7 +21,9 @@ from .._config import EndpointRegistry
 from ._app import ServingApp
 from ._auth import TokenAuthenticator
 from ._ratelimit import RateLimiter
-from ._store import EndpointStore
+from ._shared import SharedCells, SharedControl
+from ._workers import Supervisor, add_worker_options, default_workers, die_with_supervisor, worker_socket
+from ._store import HTTP_CLIENTS, EndpointStore
 from ._tables import ServingTables
 
 log = logging.getLogger("ai_query.serving")
@@ -75,18 +77,24 @@ def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegi
 
 def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
               tokens: str | os.PathLike[str] | None = None, usage_table: str | None = None,
-              inference_table: str | None = None, include_registry: bool = True, http_client: str = "aiohttp") -> ServingApp:
-    """A ``ServingApp`` from the same options as ``ai-query serve``."""
+              inference_table: str | None = None, include_registry: bool = True, http_client: str = "direct",
+              control: SharedControl | None = None, workers: int = 1) -> ServingApp:
+    """A ``ServingApp`` from the same options as ``ai-query serve``.
+
+    ``control`` and ``workers``: the app is one of ``workers`` processes sharing ``control``
+    (rate limits, endpoint changes); it takes 1/``workers`` of each endpoint's concurrency and quota.
+    """
     if include_registry:
         registry, sources = registry_sources(endpoints)
     else:
         registry = EndpointRegistry.from_file(endpoints) if endpoints else EndpointRegistry()
         sources = {n: str(endpoints) for n in registry.names()}
-    store = EndpointStore(registry, state_dir, sources=sources, http_client=http_client)
+    store = EndpointStore(registry, state_dir, sources=sources, http_client=http_client, control=control, share=1.0 / workers)
     auth = TokenAuthenticator.from_sources(tokens)
     if not auth.enabled:
         log.warning("no tokens configured (--tokens, AIQ_SERVING_TOKENS, AIQ_SERVING_TOKEN): authentication is OFF")
-    return ServingApp(store, auth, tables=ServingTables(usage_table, inference_table), limiter=RateLimiter())
+    cells = SharedCells(control) if control is not None else None
+    return ServingApp(store, auth, tables=ServingTables(usage_table, inference_table), limiter=RateLimiter(cells=cells))
 
 
 def _uvicorn_config(app: ServingApp, log_level: str, access_log: bool) -> Any:
@@ -162,11 +170,13 @@ def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
                                          "(else $AIQ_SERVING_TOKENS_FILE, $AIQ_SERVING_TOKENS, $AIQ_SERVING_TOKEN; none: auth off)")
     parser.add_argument("--usage-table", help="append one usage row per request to this Delta table (batch jobs' schema)")
     parser.add_argument("--inference-table", help="also append request and response payloads to this Delta table")
-    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp",
-                        help="HTTP client to backends: aiohttp directly (default, least CPU) or httpx on aiohttp as batch "
-                             "tasks use; both send the same bytes through the same provider adapters")
+    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="direct",
+                        help="HTTP client to backends: 'direct' (default, least CPU: keep-alive HTTP/1.1 parsed by httptools) "
+                             "or 'httpx' on aiohttp as batch tasks use; both send the same requests through the same "
+                             "provider adapters")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
+    add_worker_options(parser)
     return parser
 
 
@@ -176,22 +186,56 @@ def default_state_dir() -> Path:
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``ai-query serve``: run until Ctrl-C / SIGTERM."""
+    """``ai-query serve``: run until Ctrl-C / SIGTERM (with ``--workers N``, as N processes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        raise SystemExit(f"ai-query serve: --workers must be 1 or more, got {workers}")
+    worker = args.worker_control is not None
+    tag = f" [worker {args.worker_index}]" if worker else ""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag} %(message)s")
     install_log_masking()
+    state_dir = args.state_dir or str(default_state_dir())
+    if workers > 1 and not worker:
+        try:
+            supervisor = Supervisor(argv, workers, args.host, args.port, state_dir)
+        except OSError as exc:
+            raise SystemExit(f"ai-query serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        return supervisor.run()
     import uvicorn
 
-    app = build_app(endpoints=args.endpoints, state_dir=args.state_dir or default_state_dir(), tokens=args.tokens,
-                    usage_table=args.usage_table, inference_table=args.inference_table, http_client=args.http_client)
+    control = None
+    if worker:
+        die_with_supervisor(args.worker_supervisor)
+        control = SharedControl.inherited(args.worker_control)
+    app = build_app(endpoints=args.endpoints, state_dir=state_dir, tokens=args.tokens, usage_table=args.usage_table,
+                    inference_table=args.inference_table, http_client=args.http_client, control=control,
+                    workers=workers if worker else 1)
     config = _uvicorn_config(app, args.log_level, args.access_log)
     config.host, config.port = args.host, args.port
     server = uvicorn.Server(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    print(f"ai-query serving on http://{args.host}:{sock.getsockname()[1]} (state in {app.store.state_dir})", flush=True)
-    server.run(sockets=[sock])
+    if worker:
+        sock = worker_socket(args.host, args.port)
+        ready_fd = args.worker_ready_fd
+
+        def tell_supervisor() -> None:
+            os.write(ready_fd, f"{args.worker_index}\n".encode())
+
+        app.on_started = tell_supervisor
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise SystemExit(f"ai-query serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        print(f"ai-query serving on http://{args.host}:{sock.getsockname()[1]} (state in {app.store.state_dir})", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if control is not None:
+            control.close()
     return 0
 
 

@@ -22,18 +22,23 @@ import logging
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .._client import AIQueryClient, EndpointClient
 from .._config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError
+from .._mlflow_provider import import_mlflow
 from ._errors import ServingError
+from ._shared import SharedControl
 
 log = logging.getLogger("ai_query.serving")
 
 _CONFIG_KEYS = ("served_entities", "traffic_config", "auto_capture_config")
+HTTP_CLIENTS = ("direct", "httpx")
+"""The server's clients to backends (``ai-query serve --http-client``); see ``_http``."""
 _MASK = "********"
 
 
@@ -67,10 +72,65 @@ class EndpointRecord:
     pending_spec: dict[str, Any] | None = None
     update_state: str = "NOT_UPDATING"
     update_message: str = ""
+    update_owner: str | None = None
+    """The process deploying ``pending_spec`` (``process_identity``): with several workers, any of them."""
 
     def to_state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("name", "spec", "id", "creator", "creation_timestamp",
-                                              "last_updated_timestamp", "config_version")}
+        return {k: getattr(self, k) for k in ("name", "spec", "id", "creator", "creation_timestamp", "last_updated_timestamp",
+                                              "config_version", "pending_spec", "update_state", "update_message", "update_owner")}
+
+    def settle_orphaned_update(self) -> None:
+        """An update whose deploying process is gone (a restart, a crashed worker) has failed."""
+        if self.update_state == "IN_PROGRESS" and self.update_owner != _me() and not _alive(self.update_owner):
+            self.update_state, self.pending_spec, self.update_owner = "UPDATE_FAILED", None, None
+            self.update_message = "the server process deploying this config exited before it was ready; send the update again"
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``pid:start-time`` of a process (this one by default): unlike a pid, never reused."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rpartition(b")")[2].split()
+        return f"{pid}:{int(fields[19])}"  # field 22 of stat: start time in clock ticks since boot
+    except (OSError, IndexError, ValueError):  # no /proc (not Linux): the pid alone
+        return str(pid)
+
+
+def _alive(identity: str | None) -> bool:
+    """Whether the process ``identity`` names runs (a zombie or a reused pid does not count)."""
+    if not identity:
+        return False
+    pid = int(str(identity).partition(":")[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            if fh.read().rpartition(b")")[2].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        pass
+    return process_identity(pid) == identity
+
+
+_IDENTITY: dict[int, str] = {}
+
+
+def _me() -> str:
+    """This process's ``process_identity`` (looked up once per pid: a fork gets its own)."""
+    pid = os.getpid()
+    if pid not in _IDENTITY:
+        _IDENTITY[pid] = process_identity(pid)
+    return _IDENTITY[pid]
+
+
+def _serving_part(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What a deployment is built from: everything but the rate limits and tags (they change in place)."""
+    return {k: v for k, v in spec.items() if k not in ("rate_limits", "tags")}
 
 
 @dataclass
@@ -96,6 +156,7 @@ def infer_mlflow_task(entity: Mapping[str, Any]) -> str:
     (a ``messages`` input is chat; an array-of-numbers output is embeddings), else completions."""
     uri = entity.get("model_uri") or f"models:/{entity.get('entity_name')}/{entity.get('entity_version')}"
     try:
+        import_mlflow()  # not while a model loads in another thread: see import_mlflow
         from mlflow.models import get_model_info
 
         info = get_model_info(uri)
@@ -146,19 +207,33 @@ async def warm(client: EndpointClient) -> None:
 
 
 class EndpointStore:
-    """The endpoints the server knows, their deployments, and the state dir that keeps them."""
+    """The endpoints the server knows, their deployments, and the state dir that keeps them.
+
+    With ``control`` (the workers of ``ai-query serve --workers N``), every change is made under
+    its lock on the state file as it is then, and announced through its generation counter;
+    ``refresh()`` takes in the changes of the other workers.
+    """
 
     def __init__(self, registry: EndpointRegistry, state_dir: str | os.PathLike[str] | None, *,
-                 sources: Mapping[str, str] | None = None, http_client: str = "aiohttp") -> None:
-        if http_client not in ("aiohttp", "httpx"):
-            raise ConfigError(f"http_client is {http_client!r}; use 'aiohttp' (direct) or 'httpx' (as batch tasks do)")
+                 sources: Mapping[str, str] | None = None, http_client: str = "direct",
+                 control: SharedControl | None = None, share: float = 1.0) -> None:
+        if http_client not in HTTP_CLIENTS:
+            raise ConfigError(f"http_client is {http_client!r}; use 'direct' (least CPU) or 'httpx' (as batch tasks do)")
+        if control is not None and state_dir is None:
+            raise ConfigError("several workers share their endpoints through the state dir: give a state_dir")
         self.registry = registry
         self.http_client = http_client
         self._direct: Any = None
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self._factory = AIQueryClient(EndpointRegistry())  # one HTTP client and quota bookkeeping for all
+        self._control = control
+        self._generation = control.generation() if control is not None else 0
+        # One HTTP client and quota bookkeeping for all; a worker of N takes 1/N of each endpoint's
+        # concurrency and quota, as a batch job's workers do.
+        self._factory = AIQueryClient(EndpointRegistry(), quota_share=share)
+        self._share = share
         self.records: dict[str, EndpointRecord] = {}
         self.deployments: dict[str, Deployment] = {}
+        self._latest: dict[str, Deployment] = {}
         self._tasks: set[asyncio.Task] = set()
         for config in registry:
             where = (sources or {}).get(config.name, "registry")
@@ -167,6 +242,7 @@ class EndpointStore:
                                                        creation_timestamp=0, last_updated_timestamp=0)
         for data in self._load():
             record = EndpointRecord(**data)
+            record.settle_orphaned_update()
             self.records[record.name] = record
 
     # -- persistence ------------------------------------------------------------------------
@@ -189,26 +265,90 @@ class EndpointStore:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"endpoints": [r.to_state() for r in self.records.values() if r.source == "api"]}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         # The state may hold plaintext credentials (``*_plaintext``): readable by the owner only.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1)
         os.replace(tmp, path)
 
+    def refresh(self) -> None:
+        """Take in what other workers changed since the last look (one read of shared memory)."""
+        control = self._control
+        if control is not None and control.generation() != self._generation:
+            self._generation = control.generation()  # before reading: a later change is seen next time
+            self._merge(self._load())
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One change at a time over all workers, made on the current state, then saved and announced."""
+        control = self._control
+        if control is None:
+            yield
+            self._save()
+            return
+        with control:
+            self.refresh()
+            yield
+            self._save()
+            self._generation = control.bump()
+
+    def _merge(self, data: list[dict[str, Any]]) -> None:
+        """Make the records (and deployments) those of the state file another worker wrote."""
+        names = set()
+        for item in data:
+            name = item["name"]
+            names.add(name)
+            record = self.records.get(name)
+            if record is None or record.source != "api":
+                record = self.records[name] = EndpointRecord(**item)
+                record.settle_orphaned_update()
+                self._deploy(name, self.config_of(record))
+                continue
+            before = (record.config_version, _serving_part(record.spec))
+            for key, value in item.items():
+                setattr(record, key, value)
+            record.settle_orphaned_update()
+            if (record.config_version, _serving_part(record.spec)) != before:
+                self._deploy(name, self.config_of(record))
+            else:
+                dep = self.deployments.get(name)
+                if dep is not None:  # rate limits or tags: the deployment (and its client) stays
+                    dep.config = self.config_of(record)
+        for name in [n for n, r in self.records.items() if r.source == "api" and n not in names]:
+            del self.records[name]
+            self.deployments.pop(name, None)
+            self._latest.pop(name, None)
+
     # -- deployments ------------------------------------------------------------------------
     def _http(self) -> Any:
         if self.http_client == "httpx":
             return self._factory._http_client()
         if self._direct is None:
-            from ._http import DirectAiohttpClient
+            from ._http import DirectHTTPClient
 
-            self._direct = DirectAiohttpClient()
+            self._direct = DirectHTTPClient()
         return self._direct
 
     def _new_deployment(self, config: EndpointConfig) -> Deployment:
         factory = self._factory
-        return Deployment(config, EndpointClient(config, self._http(), quota=factory._quota(config)))
+        return Deployment(config, EndpointClient(config, self._http(), quota=factory._quota(config), share=self._share))
+
+    def _deploy(self, name: str, config: EndpointConfig) -> Deployment:
+        """A deployment of ``config`` for ``name``: ready at once, or warmed in the background
+        while the current one (if ready) keeps serving."""
+        dep = self._new_deployment(config)
+        self._latest[name] = dep
+        old = self.deployments.get(name)
+        if not needs_warming(dep.client):
+            dep.ready = True
+            self.deployments[name] = dep
+        elif old is not None and old.ready:
+            self._spawn(self._warm(name, dep))
+        else:
+            self.deployments[name] = dep
+            self._spawn(self._warm(name, dep))
+        return dep
 
     def deployment(self, name: str) -> Deployment:
         """The live deployment of ``name`` (created on first use for registry endpoints)."""
@@ -218,7 +358,7 @@ class EndpointStore:
             dep = self._new_deployment(self.config_of(record))
             # Registry endpoints start their local model on first use, exactly as a batch job does.
             dep.ready = record.source != "api" or not needs_warming(dep.client)
-            self.deployments[name] = dep
+            self.deployments[name] = self._latest[name] = dep
             if not dep.ready:
                 self._spawn(self._warm(name, dep))
         return dep
@@ -235,6 +375,9 @@ class EndpointStore:
         except (AIQueryError, OSError) as exc:
             dep.error = str(exc)
             log.warning("serving endpoint %r failed to deploy: %s", name, exc)
+            return
+        if self._latest.get(name) is dep and name in self.records:  # not replaced or deleted meanwhile
+            self.deployments[name] = dep
 
     async def start(self) -> None:
         """Deploy the persisted endpoints (warming in the background)."""
@@ -278,23 +421,18 @@ class EndpointStore:
             raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
         spec = with_mlflow_tasks({k: v for k, v in body.items() if k != "name"})
         config = _parse(name, spec)
-        record = EndpointRecord(name, spec, creator=creator)
-        self.records[name] = record
-        self._save()
-        dep = self._new_deployment(config)
-        self.deployments[name] = dep
-        if needs_warming(dep.client):
-            self._spawn(self._warm(name, dep))
-        else:
-            dep.ready = True
+        with self._changing():
+            if name in self.records:  # created by another worker meanwhile
+                raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
+            record = EndpointRecord(name, spec, creator=creator)
+            self.records[name] = record
+        self._deploy(name, config)
         log.info("created serving endpoint %r (%d served entities) for %s", name, len(config.served_entities), creator)
         return record
 
     def update_config(self, name: str, body: Mapping[str, Any]) -> EndpointRecord:
         record = self._managed(name)
-        if record.update_state == "IN_PROGRESS":
-            raise ServingError(409, "RESOURCE_CONFLICT",
-                             f"serving endpoint {name!r} has a config update in progress; wait until it finishes")
+        self._refuse_concurrent_update(record)
         if body.get("name") not in (None, name):
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"the body names {body.get('name')!r}, the URL {name!r}")
         unknown = sorted(set(body) - {*_CONFIG_KEYS, "name"})
@@ -309,77 +447,98 @@ class EndpointStore:
         if _has_external(old) != _has_external(new):
             what = ("cannot drop its external_model" if _has_external(old) else "was created without an external_model and cannot add one")
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} {what}; create a new endpoint instead")
-        record.pending_spec = spec
-        record.update_state = "IN_PROGRESS"
-        record.update_message = ""
+        with self._changing():
+            record = self._managed(name)
+            self._refuse_concurrent_update(record)
+            record.pending_spec = spec
+            record.update_state = "IN_PROGRESS"
+            record.update_message = ""
+            record.update_owner = _me()
         self._spawn(self._apply_update(record, new))
         return record
 
+    @staticmethod
+    def _refuse_concurrent_update(record: EndpointRecord) -> None:
+        record.settle_orphaned_update()
+        if record.update_state == "IN_PROGRESS":
+            raise ServingError(409, "RESOURCE_CONFLICT",
+                             f"serving endpoint {record.name!r} has a config update in progress; wait until it finishes")
+
     async def _apply_update(self, record: EndpointRecord, config: EndpointConfig) -> None:
         dep = self._new_deployment(config)
+        spec = record.pending_spec
         try:
             await warm(dep.client)
         except (AIQueryError, OSError) as exc:  # the old config keeps serving
-            record.update_state, record.update_message, record.pending_spec = "UPDATE_FAILED", str(exc), None
+            with self._changing():
+                if self._still_updating(record, spec):
+                    record.update_state, record.update_message, record.pending_spec = "UPDATE_FAILED", str(exc), None
+                    record.update_owner = None
             log.warning("config update of %r failed, the previous config keeps serving: %s", record.name, exc)
             return
-        if self.records.get(record.name) is not record:  # deleted while the new config was warming
-            return
-        dep.ready = True
-        self.deployments[record.name] = dep
-        assert record.pending_spec is not None
-        record.spec, record.pending_spec = record.pending_spec, None
-        record.config_version += 1
-        record.last_updated_timestamp = _now_ms()
-        record.update_state = "NOT_UPDATING"
-        self._save()
+        with self._changing():
+            if not self._still_updating(record, spec):  # deleted while the new config was warming
+                return
+            dep.ready = True
+            self.deployments[record.name] = self._latest[record.name] = dep
+            assert record.pending_spec is not None
+            record.spec, record.pending_spec = record.pending_spec, None
+            record.config_version += 1
+            record.last_updated_timestamp = _now_ms()
+            record.update_state, record.update_owner = "NOT_UPDATING", None
         log.info("serving endpoint %r now serves config version %d", record.name, record.config_version)
 
+    def _still_updating(self, record: EndpointRecord, spec: dict[str, Any] | None) -> bool:
+        return (self.records.get(record.name) is record and record.update_state == "IN_PROGRESS"
+                and record.update_owner == _me() and record.pending_spec == spec)
+
     def put_rate_limits(self, name: str, body: Mapping[str, Any]) -> list[dict[str, Any]]:
-        record = self._managed(name)
         limits = body.get("rate_limits", [])
-        spec = {**record.spec, "rate_limits": copy.deepcopy(limits)}
-        config = _parse(name, spec)  # validates
-        record.spec = spec
-        record.last_updated_timestamp = _now_ms()
+        with self._changing():
+            record = self._managed(name)
+            spec = {**record.spec, "rate_limits": copy.deepcopy(limits)}
+            config = _parse(name, spec)  # validates
+            record.spec = spec
+            record.last_updated_timestamp = _now_ms()
         dep = self.deployments.get(name)
         if dep is not None:  # limits live in the config; the deployment (and its client) stays
             dep.config = config
-        self._save()
         return [dict(calls=r.calls, key=r.key, renewal_period=r.renewal_period) for r in config.rate_limits]
 
     def patch_tags(self, name: str, body: Mapping[str, Any]) -> list[dict[str, str]]:
-        record = self._managed(name)
-        tags = {t["key"]: t.get("value", "") for t in record.spec.get("tags", []) if isinstance(t, Mapping)}
         add, delete = body.get("add_tags", []), body.get("delete_tags", [])
         if not isinstance(add, list) or not isinstance(delete, list):
             raise ServingError(400, "INVALID_PARAMETER_VALUE", "add_tags must be a list of {key, value}; delete_tags a list of keys")
-        for key in delete:
-            tags.pop(key, None)
-        for tag in add:
-            if not isinstance(tag, Mapping) or not isinstance(tag.get("key"), str):
-                raise ServingError(400, "INVALID_PARAMETER_VALUE", f"add_tags: {tag!r} is not {{\"key\": ..., \"value\": ...}}")
-            tags[tag["key"]] = str(tag.get("value", ""))
-        spec = {**record.spec, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
-        config = _parse(name, spec)
-        record.spec = spec
-        record.last_updated_timestamp = _now_ms()
+        with self._changing():
+            record = self._managed(name)
+            tags = {t["key"]: t.get("value", "") for t in record.spec.get("tags", []) if isinstance(t, Mapping)}
+            for key in delete:
+                tags.pop(key, None)
+            for tag in add:
+                if not isinstance(tag, Mapping) or not isinstance(tag.get("key"), str):
+                    raise ServingError(400, "INVALID_PARAMETER_VALUE", f"add_tags: {tag!r} is not {{\"key\": ..., \"value\": ...}}")
+                tags[tag["key"]] = str(tag.get("value", ""))
+            spec = {**record.spec, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            config = _parse(name, spec)
+            record.spec = spec
+            record.last_updated_timestamp = _now_ms()
         dep = self.deployments.get(name)
         if dep is not None:
             dep.config = config
-        self._save()
         return spec["tags"]
 
     def delete(self, name: str) -> None:
-        self._managed(name)
-        del self.records[name]
-        self.deployments.pop(name, None)
-        self._save()
+        with self._changing():
+            self._managed(name)
+            del self.records[name]
+            self.deployments.pop(name, None)
+            self._latest.pop(name, None)
         log.info("deleted serving endpoint %r", name)
 
     # -- rendering ----------------------------------------------------------------------------
     def render(self, record: EndpointRecord, permission_level: str | None) -> dict[str, Any]:
         """The endpoint as the REST API returns it (credentials masked)."""
+        record.settle_orphaned_update()
         dep = self.deployments.get(record.name)
         if record.source != "api":
             ready = True

@@ -66,8 +66,15 @@ class ServingTables:
                     rows[:0] = batch  # keep them for the next flush
                     log.warning("could not append %d rows to %s: %s", len(batch), appender.path, exc)
 
-    async def close(self) -> None:
+    async def close(self, attempts: int = 3) -> None:
+        """Stop the background flushes and append what is left (retried: several workers of one
+        server may race to create a table, and the loser's commit fails once)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
+        for attempt in range(attempts):
+            await self.flush()
+            if not self._usage_rows and not self._inference_rows:
+                return
+            await asyncio.sleep(0.2 * (attempt + 1))
+        log.warning("%d usage and %d inference rows could not be appended at shutdown", len(self._usage_rows), len(self._inference_rows))

@@ -8,7 +8,6 @@ OpenAI shape (``choices``, ``usage``, ``logprobs`` when the backend sent them).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,11 +16,13 @@ from typing import Any, Mapping, Sequence
 from .._client import CallResult
 from .._errors import ArgumentError
 from .._schemas import _PARAMETER_TYPES, ModelParameters
+from ._json import dumps
 
 # Fields OpenAI clients send that change nothing here (``n`` is checked to be 1).
 _IGNORED = frozenset({"model", "stream", "stream_options", "user", "n", "store", "metadata", "client_request_id",
                       "encoding_format", "dimensions"})
 _INPUT_KEY = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt", "llm/v1/embeddings": "input"}
+_ALLOWED = {task: frozenset({key, "response_format", *_IGNORED, *_PARAMETER_TYPES}) for task, key in _INPUT_KEY.items()}
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class ParsedRequest:
 
 
 def parse_request(task: str, body: Any) -> ParsedRequest:
-    """Read a ``task`` request body; ``ArgumentError`` names what is wrong."""
-    if not isinstance(body, Mapping):
+    """Read a ``task`` request body (decoded JSON: objects are dicts); ``ArgumentError`` names what is wrong."""
+    if not isinstance(body, dict):
         raise ArgumentError("the request body must be a JSON object")
     key = _INPUT_KEY[task]
     if key not in body:
@@ -46,7 +47,7 @@ def parse_request(task: str, body: Any) -> ParsedRequest:
         raise ArgumentError(f"{key!r} is required for {task}")
     raw = body[key]
     if task == "llm/v1/chat":
-        if not isinstance(raw, list) or not raw or not all(isinstance(m, Mapping) and "role" in m for m in raw):
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) and "role" in m for m in raw):
             raise ArgumentError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...}")
         values: tuple[Any, ...] = ([dict(m) for m in raw],)
     else:
@@ -56,18 +57,18 @@ def parse_request(task: str, body: Any) -> ParsedRequest:
         values = tuple(items)
     if body.get("n", 1) != 1:
         raise ArgumentError("only n=1 is supported")
-    unknown = sorted(set(body) - {key, "response_format", *_IGNORED, *_PARAMETER_TYPES})
+    unknown = sorted(body.keys() - _ALLOWED[task])
     if unknown:
         raise ArgumentError(f"unknown field(s) {', '.join(map(repr, unknown))}; supported parameters are {', '.join(sorted(_PARAMETER_TYPES))}")
     params = ModelParameters.from_mapping({k: v for k, v in body.items() if k in _PARAMETER_TYPES})
     response_format = body.get("response_format")
-    if response_format is not None and not isinstance(response_format, Mapping):
+    if response_format is not None and not isinstance(response_format, dict):
         raise ArgumentError("'response_format' must be an object, e.g. {\"type\": \"json_schema\", \"json_schema\": {...}}")
-    if isinstance(response_format, Mapping) and response_format.get("type") == "text":
+    if response_format is not None and response_format.get("type") == "text":
         response_format = None
     stream = body.get("stream", False) is True
     options = body.get("stream_options") or {}
-    return ParsedRequest(values, params, response_format, stream, bool(isinstance(options, Mapping) and options.get("include_usage")))
+    return ParsedRequest(values, params, response_format, stream, bool(isinstance(options, dict) and options.get("include_usage")))
 
 
 def _usage(results: Sequence[CallResult]) -> dict[str, int]:
@@ -118,4 +119,4 @@ def sse_chunks(body: Mapping[str, Any], include_usage: bool) -> list[bytes]:
     ]
     if include_usage:
         events.append({**base, "choices": [], "usage": body["usage"]})
-    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+    return [b"data: " + dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]

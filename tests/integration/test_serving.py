@@ -339,7 +339,7 @@ def test_usage_table_gets_one_row_per_request_in_the_batch_schema(server, files)
     assert (row["input_token_count"], row["output_token_count"], row["input_character_count"]) == (3, 4, len(marker))
 
 
-@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("http_client", ["direct", "httpx"])
 def test_backend_timeouts_and_refused_connections_become_502_through_either_http_client(sim, tmp_path, http_client):
     with socket_closed_port() as port:
         endpoints = [

@@ -68,6 +68,24 @@ def test_rate_limited_row_fails_only_after_the_wait_budget():
     assert sum(clock.sleeps) >= 90
 
 
+def test_rate_limit_wait_counts_from_the_first_attempt():
+    # The first attempt runs before the retry policy exists (fast path); a slow first attempt
+    # still counts towards rate_limit_wait_s: attempts at 0 (taking 60 s), 90, 120 -> stop.
+    clock = FakeClock()
+    calls = {"n": 0}
+
+    def handler(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            clock.now += 60.0
+        return json_response(429, {"error": {"message": "quota"}}, {"retry-after": "30"})
+
+    client, _ = make_client(handler, clock=clock, rate_limit_wait_s=100)
+    [result] = run(client.amap("fake", ["x"]))
+    assert result.status == "error" and result.attempts == 3 and "3 attempts" in result.error
+    assert clock.sleeps == [30.0, 30.0]
+
+
 def test_5xx_and_malformed_bodies_are_retried_then_become_a_row_error():
     statuses = iter([500, 503, 200])
 

@@ -4,12 +4,14 @@ request parsing, masking."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
 from ai_query import ArgumentError, ConfigError, RateLimit
 from ai_query.serving import RateLimited, RateLimiter, ServingError, TokenAuthenticator, mask_text, masked
 from ai_query.serving._server import SecretMaskingFilter
+from ai_query.serving._shared import PROBES, SharedCells, SharedControl
 from ai_query.serving._wire import parse_request
 
 
@@ -21,40 +23,81 @@ class Clock:
         return self.now
 
 
-def test_rate_limit_admits_a_burst_of_calls_then_one_per_interval_with_exact_retry_after():
+@pytest.fixture(params=["one process", "shared by workers"])
+def limiters(request):
+    """Two rate limiters of one server: the same object, or two workers' over one control file."""
     clock = Clock()
-    limiter = RateLimiter(clock)
+    if request.param == "one process":
+        limiter = RateLimiter(clock)
+        yield clock, limiter, limiter
+        return
+    first = SharedControl.create(slots=64)
+    second = SharedControl.inherited(os.dup(first.fd))  # a worker's own open of the supervisor's file
+    yield clock, RateLimiter(clock, SharedCells(first)), RateLimiter(clock, SharedCells(second))
+    first.close()
+    second.close()
+
+
+def test_rate_limit_admits_a_burst_of_calls_then_one_per_interval_with_exact_retry_after(limiters):
+    clock, a, b = limiters
     limit = [RateLimit(3, "user")]
-    for _ in range(3):
+    for limiter in (a, b, a):
         limiter.admit("ep", limit, "alice")
     with pytest.raises(RateLimited) as info:
-        limiter.admit("ep", limit, "alice")
+        b.admit("ep", limit, "alice")
     assert info.value.retry_after == pytest.approx(20.0)  # 60 s / 3 calls
-    limiter.admit("ep", limit, "bob")  # per user: bob has his own allowance
+    a.admit("ep", limit, "bob")  # per user: bob has his own allowance
     clock.now += 19.9
     with pytest.raises(RateLimited):
-        limiter.admit("ep", limit, "alice")
+        b.admit("ep", limit, "alice")
     clock.now += 0.1
-    limiter.admit("ep", limit, "alice")
+    b.admit("ep", limit, "alice")
     with pytest.raises(RateLimited) as again:
-        limiter.admit("ep", limit, "alice")
+        a.admit("ep", limit, "alice")
     assert again.value.retry_after == pytest.approx(20.0)
 
 
-def test_endpoint_key_is_shared_and_a_refusal_costs_nothing():
-    clock = Clock()
-    limiter = RateLimiter(clock)
+def test_endpoint_key_is_shared_and_a_refusal_costs_nothing(limiters):
+    clock, a, b = limiters
     limits = [RateLimit(2, "endpoint"), RateLimit(60, "user")]
-    limiter.admit("ep", limits, "alice")
-    limiter.admit("ep", limits, "bob")
+    a.admit("ep", limits, "alice")
+    b.admit("ep", limits, "bob")
     with pytest.raises(RateLimited) as info:
-        limiter.admit("ep", limits, "carol")
+        a.admit("ep", limits, "carol")
     assert "for the whole endpoint" in str(info.value)
-    limiter.admit("other", limits, "carol")  # endpoints do not share counters
+    b.admit("other", limits, "carol")  # endpoints do not share counters
+    a.admit("other", limits, "dave")
+    with pytest.raises(RateLimited):
+        b.admit("other", limits, "frank")
     clock.now += 30
-    limiter.admit("ep", limits, "carol")
-    limiter.forget("ep")
-    limiter.admit("ep", limits, "carol")
+    b.admit("ep", limits, "carol")  # the refusal cost nothing: one call came back after 30 s
+    with pytest.raises(RateLimited):
+        a.admit("ep", limits, "erin")
+    a.forget("ep")  # one worker forgets for all
+    b.admit("ep", limits, "erin")
+    b.admit("other", limits, "frank")
+    with pytest.raises(RateLimited):
+        a.admit("other", limits, "george")  # the other endpoint's counts were kept
+
+
+def test_shared_cells_reuse_expired_slots_and_admit_uncounted_when_a_window_is_full(caplog):
+    clock = Clock()
+    control = SharedControl.create(slots=1)  # every key lands in the same window of PROBES slots
+    limiter = RateLimiter(clock, SharedCells(control))
+    limit = [RateLimit(1, "user")]
+    for i in range(PROBES):
+        limiter.admit("ep", limit, f"user{i}")
+    with caplog.at_level(logging.WARNING, logger="ai_query.serving"):
+        limiter.admit("ep", limit, "one-too-many")
+        limiter.admit("ep", limit, "one-too-many")  # not counted: the window is full of live cells
+    assert "rate-limit table is full" in caplog.text
+    with pytest.raises(RateLimited):
+        limiter.admit("ep", limit, "user0")  # the counted keys still hold
+    clock.now += 60.0  # every cell has expired: its slot is free again
+    limiter.admit("ep", limit, "newcomer")
+    with pytest.raises(RateLimited):
+        limiter.admit("ep", limit, "newcomer")
+    control.close()
 
 
 def test_tokens_permission_levels_and_messages():
