@@ -29,6 +29,7 @@ from ._config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
     EndpointError,
+    EndpointTimeoutError,
     LocalEngineError,
     RateLimitedError,
     ReplicaUnavailableError,
@@ -222,7 +223,7 @@ class EndpointClient:
                 except httpx.TimeoutException as exc:
                     if _is_real_timeout(exc):
                         outcome = "overload"
-                        raise RetryableEndpointError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
+                        raise EndpointTimeoutError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
                     raise RetryableEndpointError(
                         f"connection lost calling {self.config.name!r}: {type(exc.__cause__).__name__}: {exc.__cause__ or exc}"
                     ) from exc
