@@ -1,8 +1,9 @@
 """The client: every row of a batch to its endpoint, concurrently, exactly once, in order.
 
 One ``AIQueryClient`` per Python process (``shared_client``) owns a background event loop, one
-long-lived ``httpx.AsyncClient`` on the aiohttp transport (plain httpx's pool collapses at high
-concurrency), and per endpoint a provider adapter, an adaptive concurrency limiter and the retry
+long-lived aiohttp session (``DirectAiohttpClient``: httpx's models cost a third of the loop's
+time, and plain httpx's pool collapses at high concurrency; an injected httpx transport replaces
+it in tests), and per endpoint a provider adapter, an adaptive concurrency limiter and the retry
 policy. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` / ``acall()`` the
 asynchronous one used by the serving endpoint.
 """
@@ -40,6 +41,7 @@ from ._errors import (
 from ._providers import Provider, provider_for
 from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from ._files import text_of_content
+from ._http import DirectAiohttpClient
 from ._prefix import prefix_order
 from ._retry import RetryBudget, make_retrying, retry_within_budget
 from ._share import ConcurrencyShare
@@ -117,6 +119,14 @@ def _is_real_timeout(exc: BaseException) -> bool:
     return isinstance(cause, timeouts) or not isinstance(cause, aiohttp.ClientConnectionError)
 
 
+def _connection_failure(name: str, exc: httpx.TransportError) -> str:
+    """The row's error for a failed connection: "lost" when an open one broke (a reset, a disconnect)."""
+    cause = exc.__cause__
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException)):
+        return f"connection lost calling {name!r}: {type(cause or exc).__name__}: {cause or exc}"
+    return f"connection error calling {name!r}: {type(exc).__name__}: {exc or 'connection lost'}"
+
+
 def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
     """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
     engines, which queue instead and so never send AIMD a signal."""
@@ -131,7 +141,7 @@ class EndpointClient:
     def __init__(
         self,
         config: EndpointConfig,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | DirectAiohttpClient,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -220,17 +230,11 @@ class EndpointClient:
                     response = await self._http.request(
                         request.method, request.url, json=request.json, headers=dict(request.headers), timeout=timeout
                     )
-                except httpx.TimeoutException as exc:
-                    if _is_real_timeout(exc):
+                except httpx.TransportError as exc:
+                    if isinstance(exc, httpx.TimeoutException) and _is_real_timeout(exc):
                         outcome = "overload"
                         raise EndpointTimeoutError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
-                    raise RetryableEndpointError(
-                        f"connection lost calling {self.config.name!r}: {type(exc.__cause__).__name__}: {exc.__cause__ or exc}"
-                    ) from exc
-                except httpx.TransportError as exc:
-                    raise RetryableEndpointError(
-                        f"connection error calling {self.config.name!r}: {type(exc).__name__}: {exc or 'connection lost'}"
-                    ) from exc
+                    raise RetryableEndpointError(_connection_failure(self.config.name, exc)) from exc
                 try:
                     result = provider.parse(task, response.status_code, response.headers, response.content, prompt_text)
                 except RateLimitedError as exc:
@@ -427,6 +431,7 @@ class AIQueryClient:
         self._clock = clock
         self._sleep = sleep
         self._http: httpx.AsyncClient | None = None
+        self._direct: DirectAiohttpClient | None = None
         self._endpoints: dict[str, EndpointClient] = {}
         self._loop_thread: _LoopThread | None = None
         self._lock = threading.Lock()
@@ -442,12 +447,20 @@ class AIQueryClient:
             self._http = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(120.0, connect=10.0))
         return self._http
 
+    def _sender(self) -> Any:
+        """What requests go through: httpx on an injected transport, else aiohttp directly."""
+        if self._transport is not None:
+            return self._http_client()
+        if self._direct is None:
+            self._direct = DirectAiohttpClient()
+        return self._direct
+
     def endpoint(self, name: str) -> EndpointClient:
         """The per-endpoint client (created on first use; raises ``UnknownEndpointError``)."""
         client = self._endpoints.get(name)
         if client is None:
             config = self.registry.get(name)
-            client = EndpointClient(config, self._http_client(), clock=self._clock, sleep=self._sleep,
+            client = EndpointClient(config, self._sender(), clock=self._clock, sleep=self._sleep,
                                     quota=self._quota(config), share=self.quota_share)
             if self.quota_broker is not None and self.quota_share < 1.0:  # one of several workers
                 client.concurrency_share = ConcurrencyShare(name, self.quota_broker, config.client_config.max_concurrency,
@@ -605,12 +618,14 @@ class AIQueryClient:
 
     def close(self) -> None:
         """Close the HTTP client and stop the background loop."""
-        if self._loop_thread is not None and self._http is not None:
-            http, self._http = self._http, None
-            try:
-                self._loop_thread.run(http.aclose())
-            except Exception:  # noqa: BLE001 - closing must not mask the caller's error
-                pass
+        senders = [s for s in (self._http, self._direct) if s is not None]
+        self._http = self._direct = None
+        if self._loop_thread is not None:
+            for sender in senders:
+                try:
+                    self._loop_thread.run(sender.aclose())
+                except Exception:  # noqa: BLE001 - closing must not mask the caller's error
+                    pass
         if self._loop_thread is not None:
             self._loop_thread.stop()
             self._loop_thread = None

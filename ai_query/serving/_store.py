@@ -201,7 +201,7 @@ class EndpointStore:
         if self.http_client == "httpx":
             return self._factory._http_client()
         if self._direct is None:
-            from ._http import DirectAiohttpClient
+            from .._http import DirectAiohttpClient
 
             self._direct = DirectAiohttpClient()
         return self._direct

@@ -1,15 +1,17 @@
-"""The serving endpoint's HTTP client to backends: aiohttp directly, in httpx's shape.
+"""The HTTP client to model endpoints: aiohttp directly, in httpx's shape.
 
-``EndpointClient`` (the batch path) sends through ``httpx.AsyncClient`` on the aiohttp transport;
-per request, httpx's request and response models cost about as much CPU as the rest of the
-server together (profiled: ~0.35 ms of ~1.3 ms). The server therefore gives the same
-``EndpointClient`` this object instead: the one method it calls (``request(method, url, json=,
-headers=, timeout=)``), the body encoded exactly as httpx encodes ``json=`` (same bytes on the
-wire), the answer as ``status_code`` / ``headers`` / ``content``, and aiohttp's failures raised as
-the httpx exceptions the client already maps to retries (a timeout as ``httpx.ReadTimeout``
-caused by the ``asyncio.TimeoutError``, a reset as ``httpx.ConnectError``). Everything above it —
-provider adapters, retries, concurrency, parsing — is the batch path's own code.
-``ai-query serve --http-client httpx`` uses httpx instead.
+Through ``httpx.AsyncClient`` on the aiohttp transport, httpx's request and response models
+cost about as much CPU per request as everything else of ours together (profiled in the
+serving endpoint: ~0.35 ms of ~1.3 ms; in a Spark worker, ~35% of the event loop's time). CPU
+per request is also the time between one answer and the next request on its slot, so it costs
+throughput at a concurrency cap, not only CPU. ``AIQueryClient`` (the batch path) and the
+serving endpoint therefore send through this object: the one method ``EndpointClient`` calls
+(``request(method, url, json=, headers=, timeout=)``), the body encoded exactly as httpx
+encodes ``json=`` (same bytes on the wire), the answer as ``status_code`` / ``headers`` /
+``content``, and aiohttp's failures raised as the httpx exceptions the client already maps to
+retries (a timeout as ``httpx.ReadTimeout`` caused by the ``asyncio.TimeoutError``, a refused
+connection as ``httpx.ConnectError``, a reset as ``httpx.ReadError``). An injected httpx transport (tests: ``httpx.MockTransport``) and
+``ai-query serve --http-client httpx`` use httpx instead.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ class DirectAiohttpClient:
                 return DirectResponse(response.status, response.headers, content)
         except asyncio.TimeoutError as exc:
             raise httpx.ReadTimeout(f"no answer within {timeout} s") from exc
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientConnectorError as exc:  # could not connect
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        except aiohttp.ClientConnectionError as exc:  # an open connection broke: a reset, a disconnect
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         except aiohttp.ClientError as exc:
             raise httpx.TransportError(str(exc) or type(exc).__name__) from exc
 
