@@ -191,6 +191,7 @@ def run_ours(spark: Any, sc: Scenario, texts: list[str], sim: Any, warm_url: str
     query = (f"SELECT id, ai_query('sim', prompt, modelParameters => named_struct('max_tokens', {sc.max_tokens})) AS r "
              "FROM bench_rows")
     cpu = SparkCpu()
+    reset_at = time.monotonic()
     sim.reset()  # counters to zero, quota windows start now
     sampler = SimSampler(sim).start()
     before = cpu.read()
@@ -207,14 +208,12 @@ def run_ours(spark: Any, sc: Scenario, texts: list[str], sim: Any, warm_url: str
             kind = _failure_kind(r.aiq_error)
             failures[kind] = failures.get(kind, 0) + 1
     ok = sum(r.aiq_status == "ok" for r in rows)
-    return Run(elapsed, len(rows), ok, len(rows) - ok, failures, SparkCpu.delta(before, after), sampler, sim.snapshot(),
+    snapshot = sim.snapshot()
+    # The server's clock starts at the reset, just before the query: from the query's start.
+    first, last = (None if snapshot[k] is None else snapshot[k] - (t0 - reset_at) for k in ("first_request_s", "last_request_s"))
+    return Run(elapsed, len(rows), ok, len(rows) - ok, failures, SparkCpu.delta(before, after), sampler, snapshot,
                attempts=sum(r.aiq_attempts for r in rows), total_tokens=sum(r.aiq_total_tokens for r in rows),
-               extra={"warm_query_s": warm_query_s, "first_request_s": _first_request(sampler)})
-
-
-def _first_request(sampler: SimSampler) -> float | None:
-    """Seconds from the start of the query to the first sample that saw a request at the server."""
-    return next((s.t for s in sampler.samples if s.requests > 0), None)
+               extra={"warm_query_s": warm_query_s, "first_request_s": first, "last_request_s": last})
 
 
 # -- one run of the baseline (a child process) -------------------------------------------------
@@ -245,7 +244,8 @@ def _common_records(sc: Scenario, ours: Run, base: Run, rows: int) -> list[Recor
     return [
         Record(sc.name, "rows_per_s", round(rate_o, 1), "rows/s", None, round(rate_b, 1), round(rate_o / rate_b, 3) if rate_b else None,
                rows, ours.failed, notes=f"ok rows / wall time of the query ({ours.elapsed_s:.1f} s ours, {base.elapsed_s:.1f} s baseline); "
-               f"ours saw its first request at the server after {ours.extra['first_request_s'] or 0:.2f} s (sampled every 0.25 s); "
+               f"the server saw our first request {ours.extra['first_request_s'] or 0:.2f} s after the query started and the last "
+               f"{ours.elapsed_s - (ours.extra['last_request_s'] or 0):.2f} s before it ended; "
                f"a warm 64-row query on a zero-latency endpoint takes {ours.extra['warm_query_s']:.2f} s"),
         Record(sc.name, "failed_rows", ours.failed, "rows", "== 0", base.failed, None, rows, ours.failed,
                goal_met(ours.failed, "== 0"), _failures_note(ours, base)),
