@@ -376,10 +376,10 @@ METRICS: dict[str, Callable[..., list[Record]]] = {
 
 
 def run_scenario(spark: Any, sc: Scenario, quick: bool, warm_url: str, log: Callable[[str], None],
-                 wait_quiet: bool = False) -> tuple[list[Record], dict[str, Any]]:
+                 wait_quiet: bool = False, rows_scale: int = 1) -> tuple[list[Record], dict[str, Any]]:
     from ai_query.testing import ProviderSimulator
 
-    rows = sc.quick_rows if quick else sc.rows
+    rows = (sc.quick_rows if quick else sc.rows) * rows_scale
     sim_settings = {**sc.sim, **(sc.quick_sim if quick else {})}
     client = {**sc.client, **(sc.quick_client if quick else {})}
     texts = prompts(rows, sc.words)
@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only this scenario (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small row counts, a smoke run; results are not written unless --out")
+    parser.add_argument("--rows-scale", type=int, default=1, metavar="K",
+                        help="K times each scenario's rows: a longer job, where the fixed cost at its edges weighs less; "
+                             "results are not written unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS} for a full run)")
     parser.add_argument("--details", action="store_true", help="also write endpoints.details.json (timelines, server counters)")
     parser.add_argument("--wait-quiet", action="store_true",
@@ -458,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     code = code_version()  # now: the Python workers import the project once, at the first query
     command = ("python bench/endpoints.py" + "".join(f" --scenario {s}" for s in args.scenario or [])
-               + (" --quick" if args.quick else "") + (" --wait-quiet" if args.wait_quiet else ""))
+               + (" --quick" if args.quick else "") + (f" --rows-scale {args.rows_scale}" if args.rows_scale != 1 else "")
+               + (" --wait-quiet" if args.wait_quiet else ""))
     os.environ[SECRET_ENV] = API_KEY  # before the JVM starts, so the Python workers inherit it
 
     def log(msg: str) -> None:
@@ -474,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {}
     with ProviderSimulator(api_key=API_KEY) as warm:
         for name in names:
-            recs, detail = run_scenario(spark, SCENARIOS[name], args.quick, warm.base_url, log, args.wait_quiet)
+            recs, detail = run_scenario(spark, SCENARIOS[name], args.quick, warm.base_url, log, args.wait_quiet, args.rows_scale)
             records += recs
             details[name] = detail
     spark.stop()
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.scenario:17} {r.metric:30} {r.value!s:>10} {r.unit:8} goal {r.goal or '-':8} baseline {r.baseline!s:>10}{flag}")
     log("done")
 
-    out = args.out or (None if args.quick else RESULTS)
+    out = args.out or (None if args.quick or args.rows_scale != 1 else RESULTS)
     if out is not None:
         write_results(out, records, details, command, wall, merge=bool(args.scenario), with_details=args.details,
                       code=code)
