@@ -33,12 +33,14 @@ class ConcurrencyShare:
     """Keeps ``set_maximum(total / n)`` of one endpoint's limiters current while rows are in flight."""
 
     def __init__(self, endpoint: str, address: tuple[str, int], total: int, limiters: list[Any], *,
-                 interval_s: float = 0.5, worker: str = WORKER_ID) -> None:
+                 interval_s: float = 0.5, grace_s: float = 0.1, worker: str = WORKER_ID) -> None:
         self.endpoint = endpoint
         self.url = f"http://{address[0]}:{address[1]}/active"
         self.total = total
         self.limiters = limiters
         self.interval_s = interval_s
+        self.grace_s = grace_s
+        self._leaving: asyncio.Future[None] | None = None
         self.worker = worker
         self._active = 0
         self._task: asyncio.Task[None] | None = None
@@ -90,19 +92,32 @@ class ConcurrencyShare:
     def enter(self) -> None:
         """Rows of this worker are about to be sent (call on the event loop)."""
         self._active += 1
+        if self._leaving is not None and not self._leaving.done():  # back within the grace: it never left
+            self._leaving.cancel()
+        self._leaving = None
         if self._active == 1 and not self.failed and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._run())
 
     async def exit(self) -> None:
-        """Those rows are done; the last one out tells the broker at once, so others may grow."""
+        """Those rows are done; unless more come within ``grace_s``, the broker hears it, so others may grow.
+
+        A Spark task's next Arrow batch follows its last within milliseconds: leaving at once let
+        the other workers take this one's room and give it back a round trip later, 429s between.
+        """
         self._active -= 1
         if self._active == 0 and self._task is not None:
-            self._task.cancel()
-            self._task = None
-            self._pending_raise = None
-            self.workers_seen = 0  # a worker that comes back starts afresh
-            if not self.failed:
-                await self._beat(False)
+            self._leaving = asyncio.ensure_future(self._leave())
+
+    async def _leave(self) -> None:
+        await asyncio.sleep(self.grace_s)
+        if self._active > 0 or self._task is None:
+            return
+        self._task.cancel()
+        self._task = None
+        self._pending_raise = None
+        self.workers_seen = 0  # a worker that comes back starts afresh
+        if not self.failed:
+            await self._beat(False)
 
 
 __all__ = ["ConcurrencyShare", "WORKER_ID"]

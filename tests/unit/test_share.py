@@ -54,7 +54,7 @@ def test_the_ceiling_follows_the_workers_sending_now(broker):
         await _until(lambda: a_lim.maximum == 32)
         await a.exit()
         await b.exit()
-        assert broker.workers["ep"] == {}
+        await _until(lambda: broker.workers["ep"] == {})
 
     asyncio.run(scenario())
 
@@ -109,6 +109,24 @@ def test_a_departure_is_heard_at_once_not_a_beat_later(broker):
         await b.exit()
         await _until(lambda: a_lim.maximum == 64)  # a heard b leave, and takes b's room at once
         await a.exit()
-        assert broker.workers["ep"] == {}
+        await _until(lambda: broker.workers["ep"] == {})
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_back_within_the_grace_never_left(broker):
+    async def scenario() -> None:
+        a_lim, b_lim, a, b = _two_workers(broker, interval_s=60.0)
+        a.enter()
+        await _until(lambda: a.workers_seen == 1)
+        b.enter()
+        await _until(lambda: a.workers_seen == 2 and b.workers_seen == 2)
+        await b.exit()
+        b.enter()  # the same Spark task's next Arrow batch
+        await asyncio.sleep(3 * b.grace_s)
+        assert a_lim.maximum == 32 and set(broker.workers["ep"]) == {"a", "b"}  # a never took b's room
+        await a.exit()
+        await b.exit()
+        await _until(lambda: broker.workers["ep"] == {})
 
     asyncio.run(scenario())
