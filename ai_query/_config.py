@@ -591,8 +591,8 @@ class ClientConfig:
     """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
     when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
     retry_backoff_s: float = 0.1
-    """First wait before retrying a 5xx / timeout / reset (doubled each time, jittered, capped at 30 s; Envoy
-    starts at 25 ms).
+    """Backoff before retrying a timeout, or a 5xx / reset / unparseable body a second time (the first retry
+    of those goes at once); doubled each time, jittered, capped at 30 s (Envoy starts at 25 ms).
     Rate limits wait for ``Retry-After`` instead; the retry budget keeps a failing endpoint from a storm."""
 
     @classmethod

@@ -8,6 +8,7 @@
     ├── EndpointError               a call to a model endpoint failed
     │   ├── RetryableEndpointError  429, 5xx, timeouts, resets, an unparseable 200: worth another attempt
     │   │   ├── RateLimitedError    429 (or 503) with an optional Retry-After
+    │   │   ├── EndpointTimeoutError  no answer within request_timeout_s (a sign of load)
     │   │   └── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
@@ -76,6 +77,10 @@ class RateLimitedError(RetryableEndpointError):
     ) -> None:
         super().__init__(message, status_code=status_code, request_id=request_id)
         self.retry_after = retry_after
+
+
+class EndpointTimeoutError(RetryableEndpointError):
+    """The endpoint did not answer within ``request_timeout_s``: like a 429, a sign of load."""
 
 
 class ReplicaUnavailableError(RetryableEndpointError):

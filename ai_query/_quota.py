@@ -199,7 +199,7 @@ class QuotaBroker:
         self.states: dict[str, QuotaState] = {}
         self.workers: dict[str, dict[str, float]] = {}
         """Per endpoint, the workers sending to it now and when their registration expires."""
-        self._workers_lock = threading.Lock()
+        self._workers_changed = threading.Condition()
         for endpoint in endpoints:
             limits = QuotaLimits.of(endpoint)
             if limits is not None:
@@ -236,8 +236,10 @@ class QuotaBroker:
     def handle(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         if path == "/active":
+            seen = msg.get("seen")
             return {"workers": self._active(str(msg["endpoint"]), str(msg["worker"]), bool(msg["active"]),
-                                             float(msg.get("ttl_s", 3.0)), now)}
+                                             float(msg.get("ttl_s", 3.0)), now, None if seen is None else int(seen),
+                                             float(msg.get("wait_s", 0.0)))}
         state = self.states.get(msg["endpoint"])
         if state is None:
             return {"wait_s": 0.0}
@@ -251,19 +253,29 @@ class QuotaBroker:
             return {}
         raise KeyError(f"unknown broker path {path}")
 
-    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float) -> int:
+    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float, seen: int | None = None,
+                wait_s: float = 0.0) -> int:
         """Register (or drop) ``worker`` as sending to ``endpoint``; the number of such workers now.
 
-        A worker that stops heart-beating (a killed executor) drops out after ``ttl_s``.
+        A worker that stops heart-beating (a killed executor) drops out after ``ttl_s``. With
+        ``seen`` the answer waits (up to ``wait_s``) until the number differs from it or the
+        worker itself has left: a long poll, so a worker hears at once that another one came or
+        left, not a beat later.
         """
-        with self._workers_lock:
+        with self._workers_changed:
             workers = self.workers.setdefault(endpoint, {})
+            before = set(workers)
             if active:
                 workers[worker] = now + ttl_s
             else:
                 workers.pop(worker, None)
             for w in [w for w, expires in workers.items() if expires < now]:
                 del workers[w]
+            if set(workers) != before:
+                self._workers_changed.notify_all()
+            deadline = time.monotonic() + wait_s
+            while seen == max(1, len(workers)) and worker in workers and (left := deadline - time.monotonic()) > 0:
+                self._workers_changed.wait(left)
             return max(1, len(workers))
 
     def close(self) -> None:

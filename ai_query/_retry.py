@@ -2,7 +2,8 @@
 
 - retried: ``RetryableEndpointError`` (429, 5xx, timeouts, resets, unparseable 200 bodies);
   never ``PermanentEndpointError`` (400, 401, 403, 404, ...).
-- wait: the server's ``Retry-After`` when it gives one, else jittered exponential backoff, capped.
+- wait: the server's ``Retry-After`` when it gives one; a random fault's first retry at once; else
+  jittered exponential backoff, capped.
 - stop: after ``max_attempts`` failures that were not rate limits; rate-limited rows keep waiting
   for the next quota window until ``rate_limit_wait_s`` has passed since their first attempt.
 """
@@ -18,7 +19,7 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from ._errors import RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
+from ._errors import EndpointTimeoutError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
 
 
 class wait_retry_after(wait_base):
@@ -33,6 +34,31 @@ class wait_retry_after(wait_base):
         if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
             return min(self.cap, exc.retry_after)
         return min(self.cap, self.fallback(retry_state))
+
+
+class wait_first_fault_at_once(wait_base):
+    """Retry a random fault at once the first time; otherwise (and afterwards) wait ``then``.
+
+    A fault is a 5xx without Retry-After, a reset or an unparseable body: the endpoint says
+    nothing about load. Waiting before its first retry does not spare the endpoint: the
+    concurrency limiter still holds the requests in flight to what it takes (the retry queues
+    behind the rows waiting for a slot) and the retry budget caps the extra requests. It only
+    leaves the slot idle in a batch's last rows, where nothing else waits. Finagle's requeues
+    and gRPC's transparent retries go at once, under a budget, for requests the server never
+    worked on; a random fault costs the server no more than those. Rate limits and timeouts are
+    signs of load and back off from the first retry; a second failure backs off too (an
+    endpoint down for a moment should not see a row's attempts spent in a burst).
+    """
+
+    def __init__(self, then: wait_base) -> None:
+        self.then = then
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if retry_state.attempt_number == 1 and isinstance(exc, RetryableEndpointError) \
+                and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
+            return 0.0
+        return self.then(retry_state)
 
 
 class stop_for_endpoint(stop_base):
@@ -121,7 +147,8 @@ def make_retrying(
     """
     return AsyncRetrying(
         retry=retry_within_budget(budget),
-        wait=wait_retry_after(wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff), cap=max_backoff * 2),
+        wait=wait_retry_after(wait_first_fault_at_once(
+            wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff)), cap=max_backoff * 2),
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,

@@ -92,9 +92,14 @@ def send_rows(
     reporter = reporter_for(progress_address)
     journal = journal if journal is not None else _task_journal()
     groups: dict[tuple[Any, str, str], list[int]] = {}
+    group_key: tuple[Any, str, str] | None = None
     for i in range(n):
-        key = (endpoints[i], json.dumps(params[i], sort_keys=True, default=str), json.dumps(response_formats[i], sort_keys=True))
-        groups.setdefault(key, []).append(i)
+        # Rows mostly repeat the row before (a literal parameter column): compare, do not re-encode.
+        if group_key is None or endpoints[i] != endpoints[i - 1] or params[i] != params[i - 1] \
+                or response_formats[i] != response_formats[i - 1]:
+            group_key = (endpoints[i], json.dumps(params[i], sort_keys=True, default=str),
+                         json.dumps(response_formats[i], sort_keys=True))
+        groups.setdefault(group_key, []).append(i)
 
     results: list[CallResult | None] = [None] * n
     batches, batch_rows = [], []

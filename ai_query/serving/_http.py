@@ -1,6 +1,6 @@
 """The serving endpoint's HTTP client to backends: keep-alive HTTP/1.1 of its own, in httpx's shape.
 
-``EndpointClient`` (the batch path) sends through ``httpx.AsyncClient`` on the aiohttp transport.
+``EndpointClient`` in the batch tasks sends through aiohttp directly (``ai_query._http``).
 Per served request, httpx's request and response models cost about as much CPU as the rest of
 the server together, and aiohttp's client machinery (sessions, connectors, payload objects,
 timeouts, stream readers) still about 0.25 ms of 0.55 ms. The server therefore gives the same
@@ -12,7 +12,7 @@ timeout as ``httpx.ReadTimeout`` caused by the ``TimeoutError``, a refused or re
 ``httpx.ConnectError``). Everything above it (provider adapters, retries, concurrency, parsing)
 is the batch path's own code. The body is encoded as httpx encodes ``json=`` (compact UTF-8),
 with msgspec (floats may be spelled ``1e-7`` where httpx writes ``1e-07``: the same values).
-``ai-query serve --http-client httpx`` uses the batch tasks' httpx stack instead.
+``ai-query serve --http-client httpx`` uses httpx instead.
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .._http import DirectResponse
 from ._json import dumps
-
-
-@dataclass
-class DirectResponse:
-    status_code: int
-    headers: Mapping[str, str]
-    content: bytes
 
 
 class _Connection(asyncio.Protocol):

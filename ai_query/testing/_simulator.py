@@ -424,6 +424,9 @@ class ProviderSimulator:
     async def _serve(self, request: web.Request, fmt: WireFormat, task: str | None, endpoint: str | None = None) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
+        stats.last_request_s = time.monotonic() - self._quota.epoch
+        if stats.first_request_s is None:
+            stats.first_request_s = stats.last_request_s
         rid = f"{self._id_prefix}{next(self._ids):08x}"
         request[_RECEIVED_AT] = time.monotonic()
         headers = {"x-request-id": "req-" + rid}

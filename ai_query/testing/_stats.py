@@ -49,6 +49,10 @@ class SimulatorStats:
     """Admitted requests per quota window (window ``i`` starts ``i * window_s`` after start/reset)."""
     admitted_tokens_by_window: Counter = field(default_factory=Counter)
     """Tokens charged per quota window."""
+    first_request_s: float | None = None
+    """Seconds from start/reset to the first inference request (None: none yet)."""
+    last_request_s: float | None = None
+    """Seconds from start/reset to the latest inference request."""
 
     @property
     def total_tokens(self) -> int:
@@ -94,4 +98,6 @@ class SimulatorStats:
             "admitted_by_second": keyed(self.admitted_by_second),
             "admitted_by_window": keyed(self.admitted_by_window),
             "admitted_tokens_by_window": keyed(self.admitted_tokens_by_window),
+            "first_request_s": self.first_request_s,
+            "last_request_s": self.last_request_s,
         }

@@ -99,7 +99,26 @@ def test_5xx_and_malformed_bodies_are_retried_then_become_a_row_error():
     [result] = run(client.amap("fake", ["x"]))
     assert result.status == "error" and result.attempts == 4
     assert "HTTP 502" in result.error and "gave up after 4 attempts" in result.error
-    assert len(clock.sleeps) == 3 and all(0 < s <= 60 for s in clock.sleeps)
+    # a random fault's first retry goes at once; the next ones back off
+    assert len(clock.sleeps) == 3 and clock.sleeps[0] == 0 and all(0 < s <= 60 for s in clock.sleeps[1:])
+
+
+@pytest.mark.parametrize("first", ["timeout", "429 without Retry-After"])
+def test_signs_of_load_back_off_from_the_first_retry(first):
+    calls = {"n": 0}
+
+    def handler(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            if first == "timeout":
+                raise httpx.ReadTimeout("no answer", request=request)
+            return json_response(429, {"error": {"message": "slow down"}})
+        return json_response(200, chat_body("ok"))
+
+    client, clock = make_client(handler)
+    [result] = run(client.amap("fake", ["x"]))
+    assert result.status == "ok" and result.attempts == 2
+    assert len(clock.sleeps) == 1 and clock.sleeps[0] > 0
 
 
 def test_malformed_200_then_good_body_recovers():

@@ -66,6 +66,35 @@ def test_a_raised_ceiling_slow_starts_to_the_scaled_limit_then_probes_additively
     for _ in range(9):
         asyncio.run(limiter.release("ok", limiter.try_acquire()))
     assert limiter.limit == 18  # slow start (one per success) up to 9 * 40 / 20
-    for _ in range(20):
+    for _ in range(40):
         asyncio.run(limiter.release("ok", limiter.try_acquire()))
-    assert limiter.limit == 19  # then about one per round trip (of ~18 successes)
+    # then additively, and slower near the scaled overload point (10 * 40 / 20): ~1.3 in two round trips
+    assert limiter.limit == 19
+
+
+def _round_trips_until(limiter: AdaptiveConcurrencyLimiter, clock: FakeClock, capacity: int, target: int) -> int:
+    for n in range(1, 500):
+        simulate(limiter, clock, capacity, 1)
+        if limiter.limit >= target:
+            return n
+    raise AssertionError(f"never reached {target}: {limiter.limit}")
+
+
+def test_growth_slows_at_the_last_overload_point_and_speeds_up_past_it():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(4, maximum=256, clock=clock)
+    simulate(limiter, clock, capacity=24, rounds=60)  # settled around 24
+    w_max = limiter._w_max
+    assert w_max is not None and 22 <= w_max <= 27
+    # capacity doubles: past W_max growth speeds up (a flat +1 per round trip needed 24 round trips)
+    assert _round_trips_until(limiter, clock, capacity=1000, target=48) <= 18
+
+
+def test_near_the_overload_point_probes_are_rarer_than_with_a_flat_increase():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(4, maximum=256, clock=clock)
+    simulate(limiter, clock, capacity=48, rounds=100)
+    decreases = limiter.decreases
+    limits = simulate(limiter, clock, capacity=48, rounds=100)
+    assert limiter.decreases - decreases <= 16  # 15; a flat +1 per round trip: 19
+    assert sum(limits) / len(limits) >= 46.5  # 47.1; a flat +1 per round trip: 47.0

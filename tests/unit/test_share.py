@@ -28,11 +28,17 @@ async def _until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def _two_workers(broker, interval_s: float):
+    """Two workers' limiters (each at its static half of 64) and their shares of endpoint "ep"."""
+    a_lim, b_lim = AdaptiveConcurrencyLimiter(32, maximum=32), AdaptiveConcurrencyLimiter(32, maximum=32)
+    a = ConcurrencyShare("ep", broker.address, 64, [a_lim], interval_s=interval_s, worker="a")
+    b = ConcurrencyShare("ep", broker.address, 64, [b_lim], interval_s=interval_s, worker="b")
+    return a_lim, b_lim, a, b
+
+
 def test_the_ceiling_follows_the_workers_sending_now(broker):
     async def scenario() -> None:
-        a_lim, b_lim = AdaptiveConcurrencyLimiter(32, maximum=32), AdaptiveConcurrencyLimiter(32, maximum=32)
-        a = ConcurrencyShare("ep", broker.address, 64, [a_lim], interval_s=0.02, worker="a")
-        b = ConcurrencyShare("ep", broker.address, 64, [b_lim], interval_s=0.02, worker="b")
+        a_lim, b_lim, a, b = _two_workers(broker, interval_s=0.02)
         a.enter()
         b.enter()
         await _until(lambda: a.workers_seen == 2 and b.workers_seen == 2)
@@ -48,7 +54,7 @@ def test_the_ceiling_follows_the_workers_sending_now(broker):
         await _until(lambda: a_lim.maximum == 32)
         await a.exit()
         await b.exit()
-        assert broker.workers["ep"] == {}
+        await _until(lambda: broker.workers["ep"] == {})
 
     asyncio.run(scenario())
 
@@ -88,5 +94,39 @@ def test_a_higher_ceiling_lets_waiting_rows_in_at_once(cls):
         assert all(w.done() for w in waiters) and lim.in_flight == 8 - (4 if cls is AdaptiveConcurrencyLimiter else 0)
         lim.set_maximum(2)
         assert lim.limit == 2 and lim.maximum == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_departure_is_heard_at_once_not_a_beat_later(broker):
+    async def scenario() -> None:
+        a_lim, b_lim, a, b = _two_workers(broker, interval_s=60.0)  # beats 60 s apart: only the long poll is in time
+        a.enter()
+        await _until(lambda: a.workers_seen == 1)
+        b.enter()
+        await _until(lambda: a.workers_seen == 2 and b.workers_seen == 2)  # a heard b come
+        assert a_lim.maximum == 32
+        await b.exit()
+        await _until(lambda: a_lim.maximum == 64)  # a heard b leave, and takes b's room at once
+        await a.exit()
+        await _until(lambda: broker.workers["ep"] == {})
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_back_within_the_grace_never_left(broker):
+    async def scenario() -> None:
+        a_lim, b_lim, a, b = _two_workers(broker, interval_s=60.0)
+        a.enter()
+        await _until(lambda: a.workers_seen == 1)
+        b.enter()
+        await _until(lambda: a.workers_seen == 2 and b.workers_seen == 2)
+        await b.exit()
+        b.enter()  # the same Spark task's next Arrow batch
+        await asyncio.sleep(3 * b.grace_s)
+        assert a_lim.maximum == 32 and set(broker.workers["ep"]) == {"a", "b"}  # a never took b's room
+        await a.exit()
+        await b.exit()
+        await _until(lambda: broker.workers["ep"] == {})
 
     asyncio.run(scenario())
