@@ -646,10 +646,11 @@ class AIQueryClient:
         """Close the HTTP client and stop the background loop."""
         senders = [s for s in (self._http, self._direct) if s is not None]
         self._http = self._direct = None
+        shares = [c.concurrency_share for c in self._endpoints.values() if c.concurrency_share is not None]
         if self._loop_thread is not None:
-            for sender in senders:
+            for closing in [share.aclose() for share in shares] + [sender.aclose() for sender in senders]:
                 try:
-                    self._loop_thread.run(sender.aclose())
+                    self._loop_thread.run(closing)
                 except Exception:  # noqa: BLE001 - closing must not mask the caller's error
                     pass
         if self._loop_thread is not None:

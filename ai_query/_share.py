@@ -108,8 +108,9 @@ class ConcurrencyShare:
         if self._active == 0 and self._task is not None:
             self._leaving = asyncio.ensure_future(self._leave())
 
-    async def _leave(self) -> None:
-        await asyncio.sleep(self.grace_s)
+    async def _leave(self, grace: bool = True) -> None:
+        if grace:
+            await asyncio.sleep(self.grace_s)
         if self._active > 0 or self._task is None:
             return
         self._task.cancel()
@@ -118,6 +119,17 @@ class ConcurrencyShare:
         self.workers_seen = 0  # a worker that comes back starts afresh
         if not self.failed:
             await self._beat(False)
+
+    async def aclose(self) -> None:
+        """Leave now (the client is closing): no task of this share outlives its event loop."""
+        if self._leaving is not None and not self._leaving.done():
+            self._leaving.cancel()
+        self._leaving = None
+        if self._active == 0:
+            await self._leave(grace=False)
+        elif self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 __all__ = ["ConcurrencyShare", "WORKER_ID"]

@@ -114,13 +114,15 @@ def run_two_workers(registry, broker_address, share, rows_each=30):
     return log, time.time() - started
 
 
-def max_tokens_in_any_window(log, seconds=2.0):
+def max_tokens_in_any_window(log, seconds=3.0):
     return max(sum(tok for u, tok in log if t <= u < t + seconds) for t, _ in log)
 
 
 # Admission is paced to 150 tokens/s with quarter-second bursts; arrival at the server adds
-# scheduling jitter, so judge 2-second windows and allow one extra burst and one request.
-BOUND_2S = 2 * 150 + 150 * 0.25 + 13
+# scheduling jitter (on a loaded 2-core machine up to a few requests bunch), so judge 3-second
+# windows and allow one extra burst and one request. Workers that each took the whole 150
+# tokens/s would put ~900 tokens in a 3-second window (the whole 780-token run in ~2.6 s).
+BOUND_3S = 3 * 150 + 150 * 0.25 + 13
 
 
 def test_broker_shares_provisioned_throughput_between_workers():
@@ -134,7 +136,7 @@ def test_broker_shares_provisioned_throughput_between_workers():
         broker.close()
     assert len(log) == 60
     # each request reserves ~13 tokens and is charged 12: the server sees at most ~150 tokens/s
-    assert max_tokens_in_any_window(log) <= BOUND_2S
+    assert max_tokens_in_any_window(log) <= BOUND_3S
     assert elapsed >= 60 * 12 / 150 * 0.8
 
 
@@ -144,7 +146,7 @@ def test_static_share_when_the_broker_is_unreachable():
     registry = EndpointRegistry.from_data(data)
     log, _ = run_two_workers(registry, ("127.0.0.1", 9), share=0.5)  # port 9: nothing listens
     assert len(log) == 60
-    assert max_tokens_in_any_window(log) <= BOUND_2S + 13
+    assert max_tokens_in_any_window(log) <= BOUND_3S + 13
 
 
 def test_retry_budget_grows_with_requests_sent_not_rows_queued():
