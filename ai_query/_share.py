@@ -130,6 +130,7 @@ class ConcurrencyShare:
         elif self._task is not None:
             self._task.cancel()
             self._task = None
+        self._threads.shutdown(wait=False)  # a long poll still out ends within its wait_s
 
 
 __all__ = ["ConcurrencyShare", "WORKER_ID"]
