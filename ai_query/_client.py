@@ -124,7 +124,7 @@ def _connection_failure(name: str, exc: httpx.TransportError) -> str:
     cause = exc.__cause__
     if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException)):
         return f"connection lost calling {name!r}: {type(cause or exc).__name__}: {cause or exc}"
-    return f"connection error calling {name!r}: {type(exc).__name__}: {exc or 'connection lost'}"
+    return f"connection error calling {name!r}: {type(exc).__name__}: {str(exc) or 'no connection'}"
 
 
 def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
