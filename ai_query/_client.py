@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from ._files import text_of_content
 from ._http import DirectAiohttpClient
 from ._prefix import prefix_order
-from ._retry import RetryBudget, make_retrying, retry_within_budget
+from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from ._share import ConcurrencyShare
 from ._schemas import ModelParameters, ModelResponse, Usage
 
@@ -160,6 +161,8 @@ class EndpointClient:
         ]
         self.quota = quota
         self.budget = RetryBudget(cc.retry_budget)
+        self.recent_faults = RecentFaults()
+        """Random faults among the last answered attempts: their retries go at once while few fail."""
         self._http = http
         self._clock = clock
         self._sleep = sleep
@@ -255,6 +258,10 @@ class EndpointClient:
             failure = exc
             raise
         finally:
+            if outcome == "ok":
+                self.recent_faults.record(False)
+            elif isinstance(failure, RetryableEndpointError) and not isinstance(failure, (RateLimitedError, EndpointTimeoutError)):
+                self.recent_faults.record(True)
             if self.quota is not None:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
@@ -327,7 +334,7 @@ class EndpointClient:
         cc = self.config.client_config
         retrying = make_retrying(
             max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
-            budget=self.budget, initial_backoff=cc.retry_backoff_s, started=started,
+            budget=self.budget, initial_backoff=cc.retry_backoff_s, started=started, recent_faults=self.recent_faults,
         )
         attempts = 0
         replay: RetryableEndpointError | None = first_failure
@@ -623,6 +630,20 @@ class AIQueryClient:
         on_result: Callable[[str, CallResult], None] | None = None,
     ) -> list[list[CallResult]]:
         """Several ``(endpoint, values, params, response_format)`` batches at once, concurrently."""
+        return self.submit_many(batches, on_result=on_result).result()
+
+    def submit_many(
+        self,
+        batches: Sequence[tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        *,
+        on_result: Callable[[str, CallResult], None] | None = None,
+    ) -> concurrent.futures.Future[list[list[CallResult]]]:
+        """``map_many`` without waiting: the rows start now; the future holds their results.
+
+        Rows of batches submitted later queue behind these (the limiters are FIFO), so a caller can
+        submit its next batch while this one is still in flight and the endpoint never idles
+        between them. Cancelling the future cancels the rows still in flight.
+        """
 
         async def run_all() -> list[list[CallResult]]:
             async def one(endpoint: str, values: Sequence[Any], params: Any, fmt: Any) -> list[CallResult]:
@@ -631,7 +652,7 @@ class AIQueryClient:
 
             return list(await asyncio.gather(*(one(*b) for b in batches)))
 
-        return self._loop().run(run_all())
+        return asyncio.run_coroutine_threadsafe(run_all(), self._loop().loop)
 
     def call(self, endpoint: str, value: Any, params: ModelParameters | Mapping[str, Any] | None = None,
              response_format: Mapping[str, Any] | None = None) -> CallResult:

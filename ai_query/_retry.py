@@ -2,8 +2,9 @@
 
 - retried: ``RetryableEndpointError`` (429, 5xx, timeouts, resets, unparseable 200 bodies);
   never ``PermanentEndpointError`` (400, 401, 403, 404, ...).
-- wait: the server's ``Retry-After`` when it gives one; a random fault's first retry at once; else
-  jittered exponential backoff, capped.
+- wait: the server's ``Retry-After`` when it gives one; a random fault's retry at once (the first
+  always, later ones while the endpoint's recent attempts mostly succeed); else jittered
+  exponential backoff, capped.
 - stop: after ``max_attempts`` failures that were not rate limits; rate-limited rows keep waiting
   for the next quota window until ``rate_limit_wait_s`` has passed since their first attempt.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Awaitable, Callable
 
 import tenacity
@@ -36,27 +38,60 @@ class wait_retry_after(wait_base):
         return min(self.cap, self.fallback(retry_state))
 
 
-class wait_first_fault_at_once(wait_base):
-    """Retry a random fault at once the first time; otherwise (and afterwards) wait ``then``.
+class RecentFaults:
+    """The share of random faults among an endpoint's last ``window`` answered attempts.
+
+    Whether a random fault's retry may go at once depends on it: while most attempts succeed,
+    a row failing again is bad luck (the faults are independent of each other), and backing off
+    only idles its slot and stretches the end of the job (a few rows with a third attempt
+    after 1-2 s of backoff added seconds to a 12-s job in the faults benchmark); when at least
+    ``threshold`` of the recent attempts failed, the endpoint is in trouble and retries back off.
+    """
+
+    def __init__(self, window: int = 64, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._faults = 0
+
+    def record(self, fault: bool) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._faults -= self._recent[0]
+        self._recent.append(fault)
+        self._faults += fault
+
+    @property
+    def share(self) -> float:
+        return self._faults / len(self._recent) if self._recent else 0.0
+
+    def failing(self) -> bool:
+        """Most recent attempts failed: back off."""
+        return bool(self._recent) and self.share >= self.threshold
+
+
+class wait_fault_at_once(wait_base):
+    """Retry a random fault at once while the endpoint mostly succeeds; otherwise wait ``then``.
 
     A fault is a 5xx without Retry-After, a reset or an unparseable body: the endpoint says
-    nothing about load. Waiting before its first retry does not spare the endpoint: the
+    nothing about load. Waiting before retrying it does not spare the endpoint: the
     concurrency limiter still holds the requests in flight to what it takes (the retry queues
     behind the rows waiting for a slot) and the retry budget caps the extra requests. It only
     leaves the slot idle in a batch's last rows, where nothing else waits. Finagle's requeues
     and gRPC's transparent retries go at once, under a budget, for requests the server never
-    worked on; a random fault costs the server no more than those. Rate limits and timeouts are
-    signs of load and back off from the first retry; a second failure backs off too (an
+    worked on; a random fault costs the server no more than those. The first retry always goes
+    at once; later ones too while ``failing()`` says the endpoint's recent attempts mostly
+    succeeded (without it, later ones back off). Rate limits and timeouts are signs of load and
+    back off from the first retry; so does everything once most recent attempts fail (an
     endpoint down for a moment should not see a row's attempts spent in a burst).
     """
 
-    def __init__(self, then: wait_base) -> None:
+    def __init__(self, then: wait_base, failing: Callable[[], bool] | None = None) -> None:
         self.then = then
+        self.failing = failing
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if retry_state.attempt_number == 1 and isinstance(exc, RetryableEndpointError) \
-                and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
+        if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)) \
+                and (retry_state.attempt_number == 1 or (self.failing is not None and not self.failing())):
             return 0.0
         return self.then(retry_state)
 
@@ -139,16 +174,19 @@ def make_retrying(
     max_backoff: float = 30.0,
     budget: RetryBudget | None = None,
     started: float | None = None,
+    recent_faults: RecentFaults | None = None,
 ) -> AsyncRetrying:
     """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts).
 
     ``started``: the clock reading of the row's first attempt when it was made before this
-    object (the client's fast path), else now.
+    object (the client's fast path), else now. ``recent_faults``: the endpoint's record, which
+    lets a random fault's later retries go at once while the endpoint mostly succeeds.
     """
     return AsyncRetrying(
         retry=retry_within_budget(budget),
-        wait=wait_retry_after(wait_first_fault_at_once(
-            wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff)), cap=max_backoff * 2),
+        wait=wait_retry_after(wait_fault_at_once(
+            wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff),
+            failing=recent_faults.failing if recent_faults is not None else None), cap=max_backoff * 2),
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,

@@ -30,7 +30,7 @@ from ai_query._providers import resolve_local_server
 from ai_query._quota import QuotaBroker
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
-from ._rewrite import bind_arguments, find_calls, replace_names
+from ._rewrite import bind_arguments, find_calls, replace_calls, replace_names
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
@@ -248,6 +248,10 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         return query
     replacements: dict[int, str] = {}
     used: set[str] = set()
+    # A statement with one ai_query call gets the pipelined (iterator) variant, its arguments
+    # written by position. Spark runs each iterator UDF of a statement in its own Python worker,
+    # so with several calls the plain variants keep them in one worker, sharing its answers.
+    pipelined = len(calls) == 1
     for call in calls:
         if call.name.lower() != "ai_query":
             name = _rewrite_task_call(spark, state, call)
@@ -278,6 +282,12 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
             raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
         spec = _spec_for(state, label, task, return_type, fail_on_error, params if isinstance(params, dict) else None,
                          bound["responseFormat"].literal if "responseFormat" in bound else None, audit)
+        if pipelined:
+            # returnType and responseFormat are literals already read into the spec: not passed
+            layout = tuple(a for a in SIGNATURE if a in bound and a not in ("returnType", "responseFormat"))
+            name, _ = _variant(spark, state, replace(spec, arguments=layout))
+            prepare_endpoints(state.registry, used, state.prepared)
+            return replace_calls(query, {call.start: f"{name}({', '.join(bound[a].text for a in layout)})"}, calls)
         if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
             continue
         name, _ = _variant(spark, state, spec)
@@ -360,17 +370,18 @@ def ai_query(
     if not isinstance(failOnError, bool):
         raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
     spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit)
-    _, fn = _variant(spark, state, spec)
-    prepare_endpoints(state.registry, {endpoint}, state.prepared)
     column = F.col(request) if isinstance(request, str) else request
-    kwargs: dict[str, Any] = {}
-    if modelParameters:
-        kwargs["modelParameters"] = F.struct(*[F.lit(v).alias(k) for k, v in modelParameters.items()])
+    args: dict[str, Any] = {"endpoint": F.lit(endpoint), "request": column}
     if not failOnError:
-        kwargs["failOnError"] = F.lit(False)
+        args["failOnError"] = F.lit(False)
+    if modelParameters:
+        args["modelParameters"] = F.struct(*[F.lit(v).alias(k) for k, v in modelParameters.items()])
     if files is not None:
-        kwargs["files"] = F.col(files) if isinstance(files, str) else files
-    return fn(F.lit(endpoint), column, **kwargs)
+        args["files"] = F.col(files) if isinstance(files, str) else files
+    # the pipelined variant (arguments by position): see ``rewrite``
+    _, fn = _variant(spark, state, replace(spec, arguments=tuple(args)))
+    prepare_endpoints(state.registry, {endpoint}, state.prepared)
+    return fn(*args.values())
 
 
 def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> str | None:

@@ -237,3 +237,19 @@ def replace_names(sql: str, replacements: dict[int, str], calls: list[Call]) -> 
             last = call.name_end
     out.append(sql[last:])
     return "".join(out)
+
+
+def replace_calls(sql: str, replacements: dict[int, str], calls: list[Call]) -> str:
+    """Replace the whole text of the (non-nested) calls whose start offset is in ``replacements``."""
+    out = []
+    last = 0
+    for call in sorted(calls, key=lambda c: c.start):
+        if call.start in replacements:
+            if call.start < last:
+                raise ValueError("internal error: nested calls cannot be replaced whole")
+            out.append(sql[last:call.start])
+            out.append(replacements[call.start])
+            last = call.end
+    out.append(sql[last:])
+    return "".join(out)
+

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
+from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -36,6 +38,8 @@ class UDFSpec:
     """The driver's ``QuotaBroker``: quotas hold for the whole job, not per worker."""
     quota_share: float = 1.0
     """This worker's static share of each quota when the broker cannot be reached."""
+    arguments: tuple[str, ...] | None = None
+    """Set: a pipelined iterator UDF taking exactly these ``SIGNATURE`` arguments by position."""
 
     def value_type(self):
         from pyspark.sql.types import _parse_datatype_json_string
@@ -82,11 +86,75 @@ def send_rows(
     response_formats: list[Any],
     journal: ResponseJournal | None = None,
 ) -> list[CallResult]:
-    """Send each row to its endpoint (rows grouped by endpoint, parameters and response format).
+    """Send each row to its endpoint and wait for every answer (see ``start_rows``)."""
+    return start_rows(client, progress_address, endpoints, requests, params, response_formats, journal).wait()
 
-    Every row comes back exactly once, at its own position; a gap is an internal error. With a
-    response journal (a batch job's), a request answered before a kill is answered from it, and
-    every new answer is journaled as it arrives, before the row is used.
+
+class PendingRows:
+    """Rows on their way to their endpoints; ``wait()`` returns each row's result at its position."""
+
+    def __init__(self, results: list[CallResult | None], reporter: Any) -> None:
+        self.results = results
+        self.reporter = reporter
+        self.rounds: list[tuple[concurrent.futures.Future[list[list[CallResult]]], list[list[int]]]] = []
+        self.copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
+        self.earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
+        self.waiting: list[tuple[int, concurrent.futures.Future[CallResult]]] = []  # (row, an answer still in flight)
+
+    def cancel(self) -> None:
+        """Stop the rows still in flight (the consumer went away, e.g. a ``LIMIT`` was reached)."""
+        for future, _ in self.rounds:
+            future.cancel()
+
+    def wait(self) -> list[CallResult]:
+        results = self.results
+        try:
+            for future, rows_of_batches in self.rounds:
+                for rows, sent in zip(rows_of_batches, future.result()):
+                    for i, result in zip(rows, sent):
+                        result.index = i
+                        results[i] = result
+        except BaseException:
+            self.cancel()
+            raise
+        for i, answer in self.waiting:  # sent by an earlier batch of this stage, answered since
+            results[i] = _copy_of(answer.result(), i)
+        for i, source in self.copies:
+            original = results[source]
+            assert original is not None
+            results[i] = _copy_of(original, i)
+        reporter = self.reporter
+        if reporter is not None:
+            for i, _ in self.copies:
+                reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
+            for _, hit in self.earlier:
+                reporter.add(hit.ok, 0, None, None, deduplicated=True)
+            for i, _ in self.waiting:
+                reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
+            reporter.flush()
+        if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
+            missing = [i for i, r in enumerate(results) if r is None]
+            raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
+        return results  # type: ignore[return-value]
+
+
+def start_rows(
+    client: AIQueryClient,
+    progress_address: tuple[str, int] | None,
+    endpoints: list[Any],
+    requests: list[Any],
+    params: list[Any],
+    response_formats: list[Any],
+    journal: ResponseJournal | None = None,
+) -> PendingRows:
+    """Start sending each row to its endpoint (rows grouped by endpoint, parameters and response format).
+
+    Returns at once; the rows queue behind those started earlier in this process, so a caller may
+    start its next Arrow batch before waiting for this one. Every row comes back exactly once, at
+    its own position; a gap is an internal error. With a response journal (a batch job's), a
+    request answered before a kill is answered from it, and every new answer is journaled as it
+    arrives, before the row is used. An identical request already sent in this stage (answered
+    or still in flight) is not sent again: the row shares that answer.
     """
     n = len(requests)
     reporter = reporter_for(progress_address)
@@ -101,12 +169,11 @@ def send_rows(
                          json.dumps(response_formats[i], sort_keys=True))
         groups.setdefault(group_key, []).append(i)
 
-    results: list[CallResult | None] = [None] * n
+    pending = PendingRows([None] * n, reporter)
+    results = pending.results
     batches, batch_rows = [], []
-    copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
-    earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
     cache = _answers_of_this_stage()
-    sent_keys: dict[int, tuple[Any, ...]] = {}
+    reserved: dict[int, tuple[tuple[Any, ...], concurrent.futures.Future[CallResult]]] = {}
     journal_keys: dict[int, str] = {}
     for group, rows in groups.items():
         name = group[0]
@@ -119,14 +186,18 @@ def send_rows(
         dedup = client.endpoint(name).config.client_config.deduplicate
         first_of: dict[str, int] = {}
         unique = []
+        sent_keys: dict[int, tuple[Any, ...]] = {}
         for i in rows:
             key = requests[i] if isinstance(requests[i], str) else json.dumps(requests[i], sort_keys=True, default=str)
             if dedup and requests[i] is not None and key in first_of:
-                copies.append((i, first_of[key]))
+                pending.copies.append((i, first_of[key]))
             elif dedup and requests[i] is not None and (hit := cache.get((*group, key))) is not None:
-                earlier.append((i, hit))
                 first_of[key] = i
-                results[i] = _copy_of(hit, i)
+                if isinstance(hit, CallResult):
+                    pending.earlier.append((i, hit))
+                    results[i] = _copy_of(hit, i)
+                else:
+                    pending.waiting.append((i, hit))
             else:
                 first_of[key] = i
                 unique.append(i)
@@ -145,13 +216,16 @@ def send_rows(
                 if reporter is not None:
                     reporter.add(replayed.ok, replayed.total_tokens, None, None)
             unique = to_send
+        for i in unique:
+            if i in sent_keys and (answer := cache.reserve(sent_keys[i])) is not None:
+                reserved[i] = (sent_keys[i], answer)
         if unique:
             batches.append((name, [requests[i] for i in unique], ModelParameters.from_mapping(params[unique[0]]),
                             response_formats[unique[0]]))
             batch_rows.append(unique)
 
-    # map_many reports a result by endpoint name: one round per set of batches with distinct names
-    # (usually one), so that a journaled answer is filed under its own row's request.
+    # submit_many reports a result by endpoint name: one round per set of batches with distinct
+    # names (usually one), so that a journaled answer is filed under its own row's request.
     rounds: list[list[int]] = []
     for b, batch in enumerate(batches):
         target = next((r for r in rounds if all(batches[o][0] != batch[0] for o in r)), None)
@@ -163,33 +237,31 @@ def send_rows(
         row_of = {batches[b][0]: batch_rows[b] for b in round_}
 
         def on_result(name: str, r: CallResult, row_of: dict[str, list[int]] = row_of) -> None:
+            i = row_of[name][r.index]
             if journal is not None:
-                journal.record(journal_keys[row_of[name][r.index]], r)
+                journal.record(journal_keys[i], r)
             if reporter is not None:
                 reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
+            if i in reserved:
+                cache.settle(*reserved[i], r)
 
-        callback = on_result if (journal is not None or reporter is not None) else None
-        sent_batches = client.map_many([batches[b] for b in round_], on_result=callback)
-        for b, sent in zip(round_, sent_batches):
-            for i, result in zip(batch_rows[b], sent):
-                result.index = i
-                results[i] = result
-                if result.ok and i in sent_keys:
-                    cache.put(sent_keys[i], result)
-    for i, source in copies:
-        original = results[source]
-        assert original is not None
-        results[i] = _copy_of(original, i)
-    if reporter is not None:
-        for i, _ in copies:
-            reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
-        for i, hit in earlier:
-            reporter.add(hit.ok, 0, None, None, deduplicated=True)
-        reporter.flush()
-    if any(r is None for r in results):  # every row exactly once: a gap is a bug, never silent
-        missing = [i for i, r in enumerate(results) if r is None]
-        raise RuntimeError(f"internal error: rows {missing[:10]} got no result; please report this")
-    return results  # type: ignore[return-value]
+        future = client.submit_many([batches[b] for b in round_], on_result=on_result)
+        rows_of_round = [batch_rows[b] for b in round_]
+        if reserved:
+            # A row that never got its answer (a systemic failure, a cancel) releases its request:
+            # rows of later batches waiting for it fail the same way instead of waiting forever.
+            def release(f: concurrent.futures.Future[Any], rows_of_round: list[list[int]] = rows_of_round) -> None:
+                why = concurrent.futures.CancelledError() if f.cancelled() else f.exception()
+                if why is None:
+                    why = RuntimeError("internal error: a row got no answer; please report this")
+                for rows in rows_of_round:
+                    for i in rows:
+                        if i in reserved:
+                            cache.abandon(*reserved[i], why)
+
+            future.add_done_callback(release)
+        pending.rounds.append((future, rows_of_round))
+    return pending
 
 
 def _copy_of(original: CallResult, i: int) -> CallResult:
@@ -203,18 +275,49 @@ def _copy_of(original: CallResult, i: int) -> CallResult:
 
 
 class _StageAnswers:
-    """Answers already received in this Spark stage (one query's evaluation) by this Python worker."""
+    """Requests already sent in this Spark stage (one query's evaluation) by this Python worker.
+
+    Each holds its answer, or while it is in flight a future of it: a later Arrow batch of the
+    stage (started while an earlier one is still out) shares the answer instead of sending again.
+    """
 
     def __init__(self, limit: int = 200_000) -> None:
         self.limit = limit
-        self._answers: dict[tuple[Any, ...], CallResult] = {}
+        self._answers: dict[tuple[Any, ...], CallResult | concurrent.futures.Future[CallResult]] = {}
+        self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...]) -> CallResult | None:
+    def get(self, key: tuple[Any, ...]) -> CallResult | concurrent.futures.Future[CallResult] | None:
         return self._answers.get(key)
 
-    def put(self, key: tuple[Any, ...], result: CallResult) -> None:
-        if len(self._answers) < self.limit:  # a bound on memory, not an eviction policy: past it, no dedup
-            self._answers[key] = result
+    def reserve(self, key: tuple[Any, ...]) -> concurrent.futures.Future[CallResult] | None:
+        """Mark ``key`` as in flight; ``None`` past the memory bound (then there is no dedup)."""
+        with self._lock:
+            if len(self._answers) >= self.limit:  # a bound on memory, not an eviction policy
+                return None
+            answer: concurrent.futures.Future[CallResult] = concurrent.futures.Future()
+            self._answers[key] = answer
+            return answer
+
+    def settle(self, key: tuple[Any, ...], answer: concurrent.futures.Future[CallResult], result: CallResult) -> None:
+        """The answer arrived: rows waiting share it; an ``ok`` one answers later batches too."""
+        with self._lock:
+            if answer.done():
+                return
+            if self._answers.get(key) is answer:
+                if result.ok:
+                    self._answers[key] = replace(result)  # a copy: the row's own result is changed later
+                else:
+                    del self._answers[key]  # a failed request is sent again by a later batch
+            answer.set_result(replace(result))
+
+    def abandon(self, key: tuple[Any, ...], answer: concurrent.futures.Future[CallResult], why: BaseException) -> None:
+        """No answer will come (the batch failed or was cancelled)."""
+        with self._lock:
+            if answer.done():
+                return
+            if self._answers.get(key) is answer:
+                del self._answers[key]
+            answer.set_exception(why)
 
 
 _STAGES: dict[int, _StageAnswers] = {}
@@ -241,7 +344,22 @@ def _answers_of_this_stage() -> _StageAnswers:
         return answers
 
 
-def evaluate_batch(
+@dataclass
+class PendingBatch:
+    """One Arrow batch on its way (``start_batch``); ``finish_batch`` waits and types the answers."""
+
+    spec: UDFSpec
+    endpoint: pa.Array
+    requests: list[Any]
+    fails: list[Any]
+    file_errors: dict[int, str]
+    rows: PendingRows
+
+    def cancel(self) -> None:
+        self.rows.cancel()
+
+
+def start_batch(
     spec: UDFSpec,
     registry: EndpointRegistry,
     endpoint: pa.Array,
@@ -249,8 +367,8 @@ def evaluate_batch(
     fail_on_error: pa.Array | None,
     model_parameters: pa.Array | None,
     files: pa.Array | None = None,
-) -> tuple[list[CallResult], list[Any], list[str | None]]:
-    """Send the batch; return per-row results, typed values, and row errors (conversion included)."""
+) -> PendingBatch:
+    """Start sending the batch's rows; returns at once (see ``finish_batch``)."""
     n = len(request)
     endpoints = endpoint.to_pylist()
     requests = request.to_pylist()
@@ -272,15 +390,21 @@ def evaluate_batch(
         )
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
     client = shared_client(registry, spec.quota_broker, spec.quota_share)
-    results = send_rows(client, spec.progress_address, endpoints, requests, params_col, [response_format] * n)
-    for i, error in file_errors.items():
-        results[i] = replace(results[i], endpoint=endpoint[i].as_py() or "", error=error)
+    rows = start_rows(client, spec.progress_address, endpoints, requests, params_col, [response_format] * n)
+    return PendingBatch(spec, endpoint, requests, fails, file_errors, rows)
+
+
+def finish_batch(batch: PendingBatch) -> tuple[list[CallResult], list[Any], list[str | None]]:
+    """Wait for the batch; return per-row results, typed values, and row errors (conversion included)."""
+    spec, requests, fails = batch.spec, batch.requests, batch.fails
+    results = batch.rows.wait()
+    for i, error in batch.file_errors.items():
+        results[i] = replace(results[i], endpoint=batch.endpoint[i].as_py() or "", error=error)
 
     value_type = spec.value_type()
     values: list[Any] = []
     errors: list[str | None] = []
-    for result in results:  # type: ignore[union-attr]
-        assert result is not None
+    for result in results:
         if not result.ok:
             values.append(None)
             errors.append(result.error)
@@ -296,22 +420,94 @@ def evaluate_batch(
     if not spec.with_error and not spec.audit:
         for position, (result, error) in enumerate(zip(results, errors)):
             if error is not None and fails[position] is not False:
-                assert result is not None
                 preview = str(requests[position])[:60]
                 raise RowFailedError(
                     f"ai_query({result.endpoint!r}) failed for {_row_label(position)} (request {preview!r}): {error}. "
                     "Use failOnError => false to get the error per row instead of failing the query."
                 )
-    return results, values, errors  # type: ignore[return-value]
+    return results, values, errors
+
+
+def evaluate_batch(
+    spec: UDFSpec,
+    registry: EndpointRegistry,
+    endpoint: pa.Array,
+    request: pa.Array,
+    fail_on_error: pa.Array | None,
+    model_parameters: pa.Array | None,
+    files: pa.Array | None = None,
+) -> tuple[list[CallResult], list[Any], list[str | None]]:
+    """Send the batch and wait; return per-row results, typed values, and row errors."""
+    return finish_batch(start_batch(spec, registry, endpoint, request, fail_on_error, model_parameters, files))
+
+
+def _arrow_result(spec: UDFSpec, arrow_type: pa.DataType,
+                  outcome: tuple[list[CallResult], list[Any], list[str | None]]) -> pa.Array:
+    results, values, errors = outcome
+    if spec.audit:
+        rows = [
+            {
+                "response": value,
+                "aiq_endpoint": r.endpoint,
+                "aiq_model": r.model,
+                "aiq_prompt_tokens": r.prompt_tokens,
+                "aiq_completion_tokens": r.completion_tokens,
+                "aiq_total_tokens": r.total_tokens,
+                "aiq_usage_estimated": r.usage_estimated,
+                "aiq_cost_usd": r.cost_usd,
+                "aiq_latency_ms": round(r.latency_ms, 3),
+                "aiq_attempts": r.attempts,
+                "aiq_status": "ok" if error is None else "error",
+                "aiq_error": error,
+                "aiq_request_id": r.request_id,
+                "aiq_completed_at": r.completed_at,
+                "aiq_deduplicated": r.deduplicated,
+            }
+            for r, value, error in zip(results, values, errors)
+        ]
+        return pa.array(rows, type=arrow_type)
+    if spec.with_error:
+        return pa.array([{"response": v, "errorMessage": e} for v, e in zip(values, errors)], type=arrow_type)
+    return pa.array(values, type=arrow_type)
 
 
 def build_udf(spec: UDFSpec, registry: EndpointRegistry):
-    """An ``arrow_udf`` with ``ai_query``'s signature and ``spec``'s return type."""
+    """An ``arrow_udf`` with ``ai_query``'s signature and ``spec``'s return type.
+
+    With ``spec.arguments`` it is an iterator UDF taking those arguments by position: it starts
+    each Arrow batch while the one before is still in flight, so the endpoint does not idle
+    while a batch's last rows finish and Spark hands over the next (Spark passes no named
+    arguments to iterator UDFs; the SQL rewrite writes the call positionally).
+    """
     from pyspark.sql.functions import arrow_udf
     from pyspark.sql.pandas.types import to_arrow_type
 
     return_type = spec.return_type()
     arrow_type = to_arrow_type(return_type, timezone="UTC")
+
+    if spec.arguments is not None:
+        layout = spec.arguments
+        unknown = [a for a in layout if a not in SIGNATURE]
+        if layout[:2] != ("endpoint", "request") or unknown:
+            raise ValueError(f"internal error: the positional arguments {layout} do not start with endpoint, request")
+
+        def ai_query_batches(batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
+            in_flight: deque[PendingBatch] = deque()
+            try:
+                for arrays in batches:
+                    args = dict(zip(layout, arrays))
+                    in_flight.append(start_batch(spec, registry, args["endpoint"], args["request"], args.get("failOnError"),
+                                                 args.get("modelParameters"), args.get("files")))
+                    while len(in_flight) > 1:  # this batch fills the endpoint while the one before finishes
+                        yield _arrow_result(spec, arrow_type, finish_batch(in_flight.popleft()))
+                while in_flight:
+                    yield _arrow_result(spec, arrow_type, finish_batch(in_flight.popleft()))
+            finally:
+                for batch in in_flight:  # a failure, or the consumer stopped early (a LIMIT)
+                    batch.cancel()
+
+        ai_query_batches.__doc__ = f"ai_query returning {return_type.simpleString()}, arguments {', '.join(layout)}"
+        return arrow_udf(ai_query_batches, returnType=return_type).asNondeterministic()
 
     def ai_query(
         endpoint: pa.Array,
@@ -322,32 +518,8 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
         responseFormat: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
         files: pa.Array = None,  # type: ignore[assignment]
     ) -> pa.Array:
-        results, values, errors = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters, files)
-        if spec.audit:
-            rows = [
-                {
-                    "response": value,
-                    "aiq_endpoint": r.endpoint,
-                    "aiq_model": r.model,
-                    "aiq_prompt_tokens": r.prompt_tokens,
-                    "aiq_completion_tokens": r.completion_tokens,
-                    "aiq_total_tokens": r.total_tokens,
-                    "aiq_usage_estimated": r.usage_estimated,
-                    "aiq_cost_usd": r.cost_usd,
-                    "aiq_latency_ms": round(r.latency_ms, 3),
-                    "aiq_attempts": r.attempts,
-                    "aiq_status": "ok" if error is None else "error",
-                    "aiq_error": error,
-                    "aiq_request_id": r.request_id,
-                    "aiq_completed_at": r.completed_at,
-                    "aiq_deduplicated": r.deduplicated,
-                }
-                for r, value, error in zip(results, values, errors)
-            ]
-            return pa.array(rows, type=arrow_type)
-        if spec.with_error:
-            return pa.array([{"response": v, "errorMessage": e} for v, e in zip(values, errors)], type=arrow_type)
-        return pa.array(values, type=arrow_type)
+        outcome = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters, files)
+        return _arrow_result(spec, arrow_type, outcome)
 
     ai_query.__doc__ = f"ai_query returning {return_type.simpleString()}"
     # Nondeterministic: otherwise the optimizer may inline the call once per use of its result
@@ -355,4 +527,5 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
     return arrow_udf(ai_query, returnType=return_type).asNondeterministic()
 
 
-__all__ = ["AUDIT_COLUMNS", "SIGNATURE", "UDFSpec", "build_udf", "evaluate_batch"]
+__all__ = ["AUDIT_COLUMNS", "SIGNATURE", "PendingBatch", "PendingRows", "UDFSpec", "build_udf", "evaluate_batch",
+           "finish_batch", "send_rows", "start_batch", "start_rows"]

@@ -103,6 +103,35 @@ def test_5xx_and_malformed_bodies_are_retried_then_become_a_row_error():
     assert len(clock.sleeps) == 3 and clock.sleeps[0] == 0 and all(0 < s <= 60 for s in clock.sleeps[1:])
 
 
+def test_a_row_faulting_again_on_a_healthy_endpoint_retries_at_once():
+    faults = {"unlucky": 3}
+
+    def handler(request):
+        prompt = json.loads(request.content)["messages"][0]["content"]
+        if faults.get(prompt, 0) > 0:
+            faults[prompt] -= 1
+            return json_response(503, {"error": "boom"}) if faults[prompt] % 2 else httpx.Response(200, content=b"{oops")
+        return json_response(200, chat_body("ok"))
+
+    client, clock = make_client(handler, max_attempts=5)
+    assert all(r.ok for r in run(client.amap("fake", [f"row {i}" for i in range(20)])))
+    [result] = run(client.amap("fake", ["unlucky"]))
+    # 3 faults among 23 attempts: bad luck, not a failing endpoint; no retry waits
+    assert result.status == "ok" and result.attempts == 4 and clock.sleeps == [0, 0, 0]
+    assert client.endpoint("fake").recent_faults.share == pytest.approx(3 / 24)
+
+
+
+def test_when_most_attempts_fail_later_retries_back_off():
+    client, clock = make_client(lambda r: json_response(503, {"error": "down"}), max_attempts=3)
+    results = run(client.amap("fake", [f"row {i}" for i in range(8)]))
+    assert all(r.status == "error" for r in results)
+    assert client.endpoint("fake").recent_faults.failing()
+    # each row: the first retry at once, the second (while the retry budget lasts) after a backoff
+    waits = sorted(clock.sleeps)
+    assert waits[:8] == [0] * 8 and len(waits) > 8 and all(w > 0 for w in waits[8:])
+
+
 @pytest.mark.parametrize("first", ["timeout", "429 without Retry-After"])
 def test_signs_of_load_back_off_from_the_first_retry(first):
     calls = {"n": 0}
