@@ -146,6 +146,7 @@ def start_rows(
     params: list[Any],
     response_formats: list[Any],
     journal: ResponseJournal | None = None,
+    answers: _StageAnswers | None = None,
 ) -> PendingRows:
     """Start sending each row to its endpoint (rows grouped by endpoint, parameters and response format).
 
@@ -154,7 +155,8 @@ def start_rows(
     its own position; a gap is an internal error. With a response journal (a batch job's), a
     request answered before a kill is answered from it, and every new answer is journaled as it
     arrives, before the row is used. An identical request already sent in this stage (answered
-    or still in flight) is not sent again: the row shares that answer.
+    or still in flight; ``answers``, by default this Spark stage's) is not sent again: the row
+    shares that answer.
     """
     n = len(requests)
     reporter = reporter_for(progress_address)
@@ -170,10 +172,32 @@ def start_rows(
         groups.setdefault(group_key, []).append(i)
 
     pending = PendingRows([None] * n, reporter)
-    results = pending.results
-    batches, batch_rows = [], []
-    cache = _answers_of_this_stage()
+    cache = answers if answers is not None else _answers_of_this_stage()
     reserved: dict[int, tuple[tuple[Any, ...], concurrent.futures.Future[CallResult]]] = {}
+    try:
+        return _start_groups(client, pending, cache, reserved, groups, requests, params, response_formats, journal)
+    except BaseException as exc:
+        # Nothing will answer the requests this batch marked as in flight: release them, so a
+        # retried task of this stage in this worker sends them instead of waiting forever.
+        pending.cancel()
+        for key, answer in reserved.values():
+            cache.abandon(key, answer, exc)
+        raise
+
+
+def _start_groups(
+    client: AIQueryClient,
+    pending: PendingRows,
+    cache: _StageAnswers,
+    reserved: dict[int, tuple[tuple[Any, ...], concurrent.futures.Future[CallResult]]],
+    groups: dict[tuple[Any, str, str], list[int]],
+    requests: list[Any],
+    params: list[Any],
+    response_formats: list[Any],
+    journal: ResponseJournal | None,
+) -> PendingRows:
+    results, reporter = pending.results, pending.reporter
+    batches, batch_rows = [], []
     journal_keys: dict[int, str] = {}
     for group, rows in groups.items():
         name = group[0]

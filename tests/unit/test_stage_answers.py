@@ -1,0 +1,76 @@
+"""Rows of later Arrow batches share the answers of identical requests sent earlier in the stage,
+also while those are still in flight; a batch that fails releases what it marked as in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+
+from ai_query import AIQueryClient, EndpointRegistry, UnknownEndpointError
+from spark_udfs._udf import _StageAnswers, start_rows
+
+from .fakes import chat_body, json_response
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
+
+
+class SlowTransport(httpx.AsyncBaseTransport):
+    """Answers ``echo: <prompt>`` once ``release`` is set, counting the requests."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.prompts: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["messages"][0]["content"]
+        self.prompts.append(prompt)
+        while not self.release.is_set():
+            await asyncio.sleep(0.005)
+        return json_response(200, chat_body(f"echo: {prompt}"))
+
+
+def registry() -> EndpointRegistry:
+    return EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
+        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
+
+
+def test_a_later_batch_shares_an_identical_request_still_in_flight():
+    transport = SlowTransport()
+    client = AIQueryClient(registry(), transport=transport)
+    answers = _StageAnswers()
+    try:
+        first = start_rows(client, None, ["fake"] * 2, ["a", "b"], [None] * 2, [None] * 2, answers=answers)
+        second = start_rows(client, None, ["fake"] * 3, ["b", "c", "a"], [None] * 3, [None] * 3, answers=answers)
+        transport.release.set()
+        one, two = first.wait(), second.wait()
+        assert sorted(transport.prompts) == ["a", "b", "c"]  # "a" and "b" once, though still in flight
+        assert [r.value for r in two] == ["echo: b", "echo: c", "echo: a"] and [r.index for r in two] == [0, 1, 2]
+        assert [r.deduplicated for r in two] == [True, False, True] and two[0].total_tokens == 0
+        assert all(r.ok and not r.deduplicated for r in one)
+    finally:
+        client.close()
+
+
+def test_a_batch_that_fails_to_start_releases_its_requests():
+    transport = SlowTransport()
+    transport.release.set()
+    client = AIQueryClient(registry(), transport=transport)
+    answers = _StageAnswers()
+    try:
+        # the first group marks "a" as in flight, the second names an endpoint that does not exist
+        with pytest.raises(UnknownEndpointError):
+            start_rows(client, None, ["fake", "nope"], ["a", "x"], [None] * 2, [None] * 2, answers=answers)
+        assert answers.get(("fake", "null", "null", "a")) is None  # not left marked as in flight
+        # a retried task of the stage sends "a" itself instead of waiting for an answer that never comes
+        [again] = start_rows(client, None, ["fake"], ["a"], [None], [None], answers=answers).wait()
+        assert again.ok and not again.deduplicated
+    finally:
+        client.close()
