@@ -17,8 +17,11 @@ short by a kill is skipped. The driver deletes a run's directory once its rows a
 
 Limits: the requests in flight at a kill (about ``max_concurrency``) are answered and billed by
 the endpoint but never read, so they are sent again; the usage table holds the answers the job
-received. An identical request sent for two rows of a killed run is replayed for both, so the
-usage table then counts its tokens once per row (more than the endpoint billed, never fewer).
+received. A replayed answer is shared like a sent one: identical requests of later rows in
+the same query and worker become copies (zero tokens), as they were in the killed run. Rows
+that a re-run places in another worker than the killed run did (a different partitioning) may
+replay an answer each, so the usage table then counts its tokens once per worker (more than the
+endpoint billed, never fewer).
 """
 
 from __future__ import annotations

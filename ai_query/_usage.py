@@ -144,15 +144,16 @@ class DeltaAppender:
     schema: pa.Schema = USAGE_SCHEMA
 
     def append(self, records: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]], *,
-               app_id: str | None = None, version: int | None = None) -> bool:
+               app_id: str | None = None, version: int | None = None, check_committed: bool = True) -> bool:
         """Append ``records``; with ``app_id`` + ``version``, a version already committed is skipped.
 
-        Returns whether anything was committed.
+        ``check_committed=False`` skips that check (one read of the table) when the caller knows
+        the version was never tried before. Returns whether anything was committed.
         """
-        from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+        from deltalake import CommitProperties, Transaction, write_deltalake
 
         rows = list(records)
-        if app_id is not None and version is not None and self.committed_version(app_id) >= version:
+        if app_id is not None and version is not None and check_committed and self.committed_version(app_id) >= version:
             return False
         if not rows and app_id is None:
             return False

@@ -239,6 +239,9 @@ def _start_groups(
                 results[i] = replayed
                 if reporter is not None:
                     reporter.add(replayed.ok, replayed.total_tokens, None, None)
+                if i in sent_keys and (answer := cache.reserve(sent_keys[i])) is not None:
+                    # later batches of the stage share it, as they shared the answer before the kill
+                    cache.settle(sent_keys[i], answer, replayed)
             unique = to_send
         for i in unique:
             if i in sent_keys and (answer := cache.reserve(sent_keys[i])) is not None:

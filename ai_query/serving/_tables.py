@@ -2,12 +2,18 @@
 
 Requests are recorded in memory and appended to Delta in the background, every ``flush_s``
 seconds or ``max_rows`` rows, and once more at shutdown, so a request never waits for a commit.
+Each append is a Delta app transaction (this process's id, a version per batch): a batch whose
+commit landed although the call failed (a lost reply from the store, a timeout) is not
+appended twice when it is retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from .._client import CallResult
@@ -16,16 +22,50 @@ from .._usage import INFERENCE_SCHEMA, USAGE_SCHEMA, DeltaAppender, inference_re
 log = logging.getLogger("ai_query.serving")
 
 
+@dataclass
+class _Batch:
+    version: int
+    rows: list[dict[str, Any]]
+    tried: bool = False
+    """An append of it failed once: it may have committed all the same, so the next one checks."""
+
+
+class _Outbox:
+    """Rows for one table: new rows, then batches cut from them, each with its transaction version."""
+
+    def __init__(self, appender: DeltaAppender, app_id: str) -> None:
+        self.appender = appender
+        self.app_id = app_id
+        self.rows: list[dict[str, Any]] = []
+        self.batches: list[_Batch] = []  # cut, not yet known to be committed
+        self.next_version = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) + sum(len(b.rows) for b in self.batches)
+
+    def cut(self) -> None:
+        if self.rows:
+            self.batches.append(_Batch(self.next_version, self.rows))
+            self.next_version += 1
+            self.rows = []
+
+
 class ServingTables:
     """Buffers usage (and optionally payload) rows and appends them to their Delta tables."""
 
-    def __init__(self, usage_path: str | None, inference_path: str | None = None, *, flush_s: float = 1.0, max_rows: int = 2000) -> None:
-        self.usage = DeltaAppender(usage_path, USAGE_SCHEMA) if usage_path else None
-        self.inference = DeltaAppender(inference_path, INFERENCE_SCHEMA) if inference_path else None
+    def __init__(self, usage_path: str | None, inference_path: str | None = None, *, flush_s: float = 1.0, max_rows: int = 2000,
+                 appenders: tuple[DeltaAppender | None, DeltaAppender | None] | None = None) -> None:
+        usage, inference = appenders if appenders is not None else (
+            DeltaAppender(usage_path, USAGE_SCHEMA) if usage_path else None,
+            DeltaAppender(inference_path, INFERENCE_SCHEMA) if inference_path else None)
+        self.usage = usage
+        self.inference = inference
+        self.app_id = f"ai-query-serving-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        """This process's Delta app-transaction id (one per ServingTables: versions restart with it)."""
+        self._usage = _Outbox(usage, self.app_id) if usage is not None else None
+        self._inference = _Outbox(inference, self.app_id) if inference is not None else None
         self.flush_s = flush_s
         self.max_rows = max_rows
-        self._usage_rows: list[dict[str, Any]] = []
-        self._inference_rows: list[dict[str, Any]] = []
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
@@ -33,15 +73,20 @@ class ServingTables:
     def enabled(self) -> bool:
         return self.usage is not None or self.inference is not None
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows recorded and not yet known to be committed."""
+        return sum(len(box) for box in (self._usage, self._inference) if box is not None)
+
     def record(self, result: CallResult, request: Any, *, requester: str, client_request_id: str | None,
                status_code: int, streaming: bool) -> None:
-        if self.usage is not None:
-            self._usage_rows.append(usage_record(result, request=request, requester=requester, source="serving",
+        if self._usage is not None:
+            self._usage.rows.append(usage_record(result, request=request, requester=requester, source="serving",
                                                  client_request_id=client_request_id, status_code=status_code, streaming=streaming))
-        if self.inference is not None:
-            self._inference_rows.append(inference_record(result, request, source="serving",
+        if self._inference is not None:
+            self._inference.rows.append(inference_record(result, request, source="serving",
                                                          client_request_id=client_request_id, status_code=status_code))
-        if len(self._usage_rows) + len(self._inference_rows) >= self.max_rows:
+        if self.pending_rows >= self.max_rows:
             asyncio.get_running_loop().create_task(self.flush())
 
     def start(self) -> None:
@@ -55,16 +100,21 @@ class ServingTables:
 
     async def flush(self) -> None:
         async with self._lock:
-            for appender, rows in ((self.usage, self._usage_rows), (self.inference, self._inference_rows)):
-                if appender is None or not rows:
+            for box in (self._usage, self._inference):
+                if box is None:
                     continue
-                batch = rows[:]
-                del rows[:len(batch)]
-                try:
-                    await asyncio.to_thread(appender.append, batch)
-                except Exception as exc:  # noqa: BLE001 - a failed append must not stop serving
-                    rows[:0] = batch  # keep them for the next flush
-                    log.warning("could not append %d rows to %s: %s", len(batch), appender.path, exc)
+                box.cut()
+                while box.batches:  # in version order: a later version must not land before an earlier one
+                    batch = box.batches[0]
+                    try:
+                        await asyncio.to_thread(box.appender.append, batch.rows, app_id=box.app_id, version=batch.version,
+                                                check_committed=batch.tried)
+                    except Exception as exc:  # noqa: BLE001 - a failed append must not stop serving
+                        batch.tried = True
+                        log.warning("could not append %d rows to %s (kept for the next flush): %s", len(batch.rows),
+                                    box.appender.path, exc)
+                        break
+                    box.batches.pop(0)
 
     async def close(self, attempts: int = 3) -> None:
         """Stop the background flushes and append what is left (retried: several workers of one
@@ -74,7 +124,7 @@ class ServingTables:
             await asyncio.gather(self._task, return_exceptions=True)
         for attempt in range(attempts):
             await self.flush()
-            if not self._usage_rows and not self._inference_rows:
+            if not self.pending_rows:
                 return
             await asyncio.sleep(0.2 * (attempt + 1))
-        log.warning("%d usage and %d inference rows could not be appended at shutdown", len(self._usage_rows), len(self._inference_rows))
+        log.warning("%d usage and inference rows could not be appended at shutdown", self.pending_rows)

@@ -74,3 +74,24 @@ def test_a_batch_that_fails_to_start_releases_its_requests():
         assert again.ok and not again.deduplicated
     finally:
         client.close()
+
+
+def test_a_replayed_answer_is_shared_by_later_batches(tmp_path):
+    from ai_query._journal import ResponseJournal
+
+    transport = SlowTransport()
+    transport.release.set()
+    client = AIQueryClient(registry(), transport=transport)
+    killed = ResponseJournal(str(tmp_path / "run-1"))
+    try:  # the killed run got "a" (one request, 8 tokens) before it died
+        [answer] = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=killed, answers=_StageAnswers()).wait()
+        assert transport.prompts == ["a"]
+        rerun = ResponseJournal(None, [str(tmp_path / "run-1")])
+        answers = _StageAnswers()
+        first = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=rerun, answers=answers).wait()
+        later = start_rows(client, None, ["fake", "fake"], ["a", "b"], [None] * 2, [None] * 2, journal=rerun, answers=answers).wait()
+        assert transport.prompts == ["a", "b"]  # "a" never again
+        assert first[0].total_tokens == answer.total_tokens > 0
+        assert later[0].deduplicated and later[0].total_tokens == 0 and later[0].value == answer.value  # not counted twice
+    finally:
+        client.close()
