@@ -421,6 +421,10 @@ def _logprobs(response: ModelResponse) -> Any:
     return None
 
 
+RowBatch = tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]
+"""``(endpoint, values, params, response_format)``: rows for ``map_many`` / ``submit_many``."""
+
+
 class _LoopThread:
     """A daemon thread running one asyncio loop for the process."""
 
@@ -625,7 +629,7 @@ class AIQueryClient:
 
     def map_many(
         self,
-        batches: Sequence[tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        batches: Sequence[RowBatch],
         *,
         on_result: Callable[[str, CallResult], None] | None = None,
     ) -> list[list[CallResult]]:
@@ -634,7 +638,7 @@ class AIQueryClient:
 
     def submit_many(
         self,
-        batches: Sequence[tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        batches: Sequence[RowBatch],
         *,
         on_result: Callable[[str, CallResult], None] | None = None,
     ) -> concurrent.futures.Future[list[list[CallResult]]]:
