@@ -330,12 +330,13 @@ class _StageAnswers:
         with self._lock:
             if answer.done():
                 return
+            kept = replace(result)  # a copy: the row's own result is changed later (its index, a conversion error)
             if self._answers.get(key) is answer:
                 if result.ok:
-                    self._answers[key] = replace(result)  # a copy: the row's own result is changed later
+                    self._answers[key] = kept
                 else:
                     del self._answers[key]  # a failed request is sent again by a later batch
-            answer.set_result(replace(result))
+            answer.set_result(kept)  # rows waiting make their own copies of it
 
     def abandon(self, key: tuple[Any, ...], answer: concurrent.futures.Future[CallResult], why: BaseException) -> None:
         """No answer will come (the batch failed or was cancelled)."""
