@@ -644,9 +644,11 @@ class AIQueryClient:
     ) -> concurrent.futures.Future[list[list[CallResult]]]:
         """``map_many`` without waiting: the rows start now; the future holds their results.
 
-        Rows of batches submitted later queue behind these (the limiters are FIFO), so a caller can
-        submit its next batch while this one is still in flight and the endpoint never idles
-        between them. Cancelling the future cancels the rows still in flight.
+        A caller can submit its next batch while this one is still in flight, so the endpoint
+        never idles between them. The limiters are FIFO, but ``amap`` starts rows a window at a
+        time, so the next batch's first window queues beside this one's rows not started yet:
+        this batch finishes somewhat later than alone, the two together sooner. Cancelling the
+        future cancels the rows still in flight.
         """
 
         async def run_all() -> list[list[CallResult]]:

@@ -3,8 +3,8 @@
 - retried: ``RetryableEndpointError`` (429, 5xx, timeouts, resets, unparseable 200 bodies);
   never ``PermanentEndpointError`` (400, 401, 403, 404, ...).
 - wait: the server's ``Retry-After`` when it gives one; a random fault's retry at once (the first
-  always, later ones while the endpoint's recent attempts mostly succeed); else jittered
-  exponential backoff, capped.
+  always, later ones while the row's streak of faults is plausible bad luck given the endpoint's
+  recent fault share); else jittered exponential backoff, capped.
 - stop: after ``max_attempts`` failures that were not rate limits; rate-limited rows keep waiting
   for the next quota window until ``rate_limit_wait_s`` has passed since their first attempt.
 """
@@ -41,14 +41,10 @@ class wait_retry_after(wait_base):
 class RecentFaults:
     """The share of random faults among an endpoint's last ``window`` answered attempts.
 
-    Whether a random fault's retry may go at once depends on it: while most attempts succeed,
-    a row failing again is bad luck (the faults are independent of each other), and backing off
-    only idles its slot and stretches the end of the job (a few rows with a third attempt
-    after 1-2 s of backoff added seconds to a 12-s job in the faults benchmark); when at least
-    ``threshold`` of the recent attempts failed, the endpoint is in trouble and retries back off.
+    ``wait_fault_at_once`` reads it to tell bad luck from trouble (see there).
     """
 
-    def __init__(self, window: int = 64, threshold: float = 0.5) -> None:
+    def __init__(self, window: int = 100, threshold: float = 0.5) -> None:
         self.threshold = threshold
         self._recent: deque[bool] = deque(maxlen=window)
         self._faults = 0
@@ -64,35 +60,46 @@ class RecentFaults:
         return self._faults / len(self._recent) if self._recent else 0.0
 
     def failing(self) -> bool:
-        """Most recent attempts failed: back off."""
+        """At least ``threshold`` of the recent attempts failed: the endpoint is in trouble."""
         return bool(self._recent) and self.share >= self.threshold
 
 
 class wait_fault_at_once(wait_base):
-    """Retry a random fault at once while the endpoint mostly succeeds; otherwise wait ``then``.
+    """Retry a random fault at once while its row's streak of faults is plausible bad luck.
 
     A fault is a 5xx without Retry-After, a reset or an unparseable body: the endpoint says
     nothing about load. Waiting before retrying it does not spare the endpoint: the
     concurrency limiter still holds the requests in flight to what it takes (the retry queues
     behind the rows waiting for a slot) and the retry budget caps the extra requests. It only
-    leaves the slot idle in a batch's last rows, where nothing else waits. Finagle's requeues
-    and gRPC's transparent retries go at once, under a budget, for requests the server never
-    worked on; a random fault costs the server no more than those. The first retry always goes
-    at once; later ones too while ``failing()`` says the endpoint's recent attempts mostly
-    succeeded (without it, later ones back off). Rate limits and timeouts are signs of load and
-    back off from the first retry; so does everything once most recent attempts fail (an
-    endpoint down for a moment should not see a row's attempts spent in a burst).
+    leaves the slot idle in a batch's last rows, where nothing else waits, and stretches the end
+    of the job. Finagle's requeues and gRPC's transparent retries go at once, under a budget.
+
+    So the first retry always goes at once. After ``n`` faults in a row, the next retry goes at
+    once only while the endpoint's recent fault share ``p`` (``fault_share()``) makes such a
+    streak plausible, ``p ** n >= plausible_streak``, and under half of its recent attempts
+    failed: with 14 % random faults a third and fourth attempt go at once; an endpoint that
+    failed 1 % of its requests and now fails a row twice (a restart, an outage) gets backoff
+    from the second retry on, so a brief outage does not see a row's attempts spent in a burst.
+    Without ``fault_share`` every retry after the first backs off. Rate limits and timeouts are
+    signs of load and back off from the first retry.
     """
 
-    def __init__(self, then: wait_base, failing: Callable[[], bool] | None = None) -> None:
+    def __init__(self, then: wait_base, fault_share: Callable[[], float] | None = None,
+                 plausible_streak: float = 1e-3) -> None:
         self.then = then
-        self.failing = failing
+        self.fault_share = fault_share
+        self.plausible_streak = plausible_streak
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)) \
-                and (retry_state.attempt_number == 1 or (self.failing is not None and not self.failing())):
-            return 0.0
+        if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
+            faults = retry_state.attempt_number  # every attempt so far failed
+            if faults == 1:
+                return 0.0
+            if self.fault_share is not None:
+                share = self.fault_share()
+                if share < 0.5 and share ** faults >= self.plausible_streak:
+                    return 0.0
         return self.then(retry_state)
 
 
@@ -180,13 +187,13 @@ def make_retrying(
 
     ``started``: the clock reading of the row's first attempt when it was made before this
     object (the client's fast path), else now. ``recent_faults``: the endpoint's record, which
-    lets a random fault's later retries go at once while the endpoint mostly succeeds.
+    lets a random fault's later retries go at once while its streak is plausible bad luck.
     """
     return AsyncRetrying(
         retry=retry_within_budget(budget),
         wait=wait_retry_after(wait_fault_at_once(
             wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff),
-            failing=recent_faults.failing if recent_faults is not None else None), cap=max_backoff * 2),
+            fault_share=(lambda: recent_faults.share) if recent_faults is not None else None), cap=max_backoff * 2),
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,

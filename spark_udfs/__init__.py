@@ -30,7 +30,7 @@ from ai_query._providers import resolve_local_server
 from ai_query._quota import QuotaBroker
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
-from ._rewrite import bind_arguments, find_calls, replace_calls, replace_names
+from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
@@ -282,9 +282,12 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
             raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
         spec = _spec_for(state, label, task, return_type, fail_on_error, params if isinstance(params, dict) else None,
                          bound["responseFormat"].literal if "responseFormat" in bound else None, audit)
-        if pipelined:
-            # returnType and responseFormat are literals already read into the spec: not passed
-            layout = tuple(a for a in SIGNATURE if a in bound and a not in ("returnType", "responseFormat"))
+        # returnType and responseFormat are literals already read into the spec: not passed
+        layout = tuple(a for a in SIGNATURE if a in bound and a not in ("returnType", "responseFormat"))
+        positions = [next(i for i, arg in enumerate(call.args) if arg is bound[a]) for a in layout]
+        # Spark binds ``?`` markers by their place in the text: never move one to another argument.
+        moves_marker = positions != sorted(positions) and any(has_positional_marker(bound[a].text) for a in layout)
+        if pipelined and not moves_marker:
             name, _ = _variant(spark, state, replace(spec, arguments=layout))
             prepare_endpoints(state.registry, used, state.prepared)
             return replace_calls(query, {call.start: f"{name}({', '.join(bound[a].text for a in layout)})"}, calls)

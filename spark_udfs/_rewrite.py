@@ -3,8 +3,10 @@
 A Spark UDF's return type is fixed when it is registered, but ``ai_query``'s result type depends
 on its arguments (``returnType``, ``failOnError``, the endpoint's task). The scanner below finds
 each call (outside string literals, quoted identifiers and comments), reads its arguments, and
-lets the caller replace the function name with a variant registered for the right type. Only the
-function name changes; every argument is passed through untouched.
+lets the caller replace the function name with a variant registered for the right type. Either
+only the function name changes (every argument passed through untouched), or, for a variant that
+takes its arguments by position, the whole call is rewritten with the argument texts in the
+variant's order (``replace_calls``; refused when that would move a ``?`` parameter marker).
 """
 
 from __future__ import annotations
@@ -252,4 +254,9 @@ def replace_calls(sql: str, replacements: dict[int, str], calls: list[Call]) -> 
             last = call.end
     out.append(sql[last:])
     return "".join(out)
+
+
+def has_positional_marker(text: str) -> bool:
+    """Whether ``text`` holds a ``?`` parameter marker (outside literals and comments)."""
+    return any(c == "?" for _, c in _tokens_outside_literals(text))
 

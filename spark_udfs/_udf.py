@@ -531,7 +531,10 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
                 while in_flight:
                     yield _arrow_result(spec, arrow_type, finish_batch(in_flight.popleft()))
             finally:
-                for batch in in_flight:  # a failure, or the consumer stopped early (a LIMIT)
+                # A failure, or the worker being shut down: stop the batch still out. (A LIMIT
+                # does not close the generator: Spark stops reading, and the worker ends at its
+                # next write, so up to one more batch is sent than the plain UDF would.)
+                for batch in in_flight:
                     batch.cancel()
 
         ai_query_batches.__doc__ = f"ai_query returning {return_type.simpleString()}, arguments {', '.join(layout)}"

@@ -106,11 +106,11 @@ class ServingTables:
                 box.cut()
                 while box.batches:  # in version order: a later version must not land before an earlier one
                     batch = box.batches[0]
+                    check, batch.tried = batch.tried, True  # an interrupted attempt may still commit: the next one checks
                     try:
                         await asyncio.to_thread(box.appender.append, batch.rows, app_id=box.app_id, version=batch.version,
-                                                check_committed=batch.tried)
+                                                check_committed=check)
                     except Exception as exc:  # noqa: BLE001 - a failed append must not stop serving
-                        batch.tried = True
                         log.warning("could not append %d rows to %s (kept for the next flush): %s", len(batch.rows),
                                     box.appender.path, exc)
                         break
@@ -120,7 +120,10 @@ class ServingTables:
         """Stop the background flushes and append what is left (retried: several workers of one
         server may race to create a table, and the loser's commit fails once)."""
         if self._task is not None:
-            self._task.cancel()
+            # Not in the middle of an append: a cancelled await does not stop its thread, whose
+            # commit would land beside the retry of the same batch.
+            async with self._lock:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for attempt in range(attempts):
             await self.flush()

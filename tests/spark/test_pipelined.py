@@ -90,3 +90,14 @@ def test_a_systemic_failure_stops_the_pipeline_and_the_next_query_runs(pspark, s
     sim.reset()
     rows = spark_udfs.sql(pspark, "SELECT id, ai_query('pipe', q) AS r FROM pipe_rows").collect()
     assert sorted(r.id for r in rows) == list(range(48)) and sim.stats.requests == 48
+
+
+def test_parameter_markers_keep_their_arguments(pspark, sim):
+    query = ("SELECT id, ai_query('pipe', modelParameters => named_struct('max_tokens', ?), "
+             "request => concat('Q: ', q, ?)) AS r FROM pipe_rows WHERE id = 0")
+    # writing this call by position would move the markers: it keeps the plain variant, names and all
+    assert "modelParameters => named_struct('max_tokens', ?)" in spark_udfs.rewrite(pspark, query)
+    [row] = spark_udfs.sql(pspark, query, args=[50, "!"]).collect()
+    assert row.r == "echo: Q: question 0!"
+    in_order = "SELECT ai_query('pipe', concat(q, ?), modelParameters => named_struct('max_tokens', ?)) AS r FROM pipe_rows"
+    assert "=>" not in spark_udfs.rewrite(pspark, in_order)  # markers stay in their order: positional is fine

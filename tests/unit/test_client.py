@@ -116,9 +116,28 @@ def test_a_row_faulting_again_on_a_healthy_endpoint_retries_at_once():
     client, clock = make_client(handler, max_attempts=5)
     assert all(r.ok for r in run(client.amap("fake", [f"row {i}" for i in range(20)])))
     [result] = run(client.amap("fake", ["unlucky"]))
-    # 3 faults among 23 attempts: bad luck, not a failing endpoint; no retry waits
+    # 3 faults among 23 attempts: a plausible streak at that share (0.13 ** 3 > 1e-3): no waits
     assert result.status == "ok" and result.attempts == 4 and clock.sleeps == [0, 0, 0]
     assert client.endpoint("fake").recent_faults.share == pytest.approx(3 / 24)
+
+
+def test_a_row_faulting_again_on_an_endpoint_that_rarely_fails_backs_off():
+    # A restart: the endpoint answered 100 requests well, then fails one row 3 times in a row.
+    faults = {"unlucky": 3}
+
+    def handler(request):
+        prompt = json.loads(request.content)["messages"][0]["content"]
+        if faults.get(prompt, 0) > 0:
+            faults[prompt] -= 1
+            return json_response(502, {"error": "restarting"})
+        return json_response(200, chat_body("ok"))
+
+    client, clock = make_client(handler, max_attempts=5)
+    assert all(r.ok for r in run(client.amap("fake", [f"row {i}" for i in range(100)])))
+    [result] = run(client.amap("fake", ["unlucky"]))
+    # the first retry at once; 2 faults in a row at a 2 % share is no longer bad luck (4e-4 < 1e-3)
+    assert result.status == "ok" and result.attempts == 4
+    assert clock.sleeps[0] == 0 and len(clock.sleeps) == 3 and all(s > 0 for s in clock.sleeps[1:])
 
 
 

@@ -118,11 +118,13 @@ def max_tokens_in_any_window(log, seconds=3.0):
     return max(sum(tok for u, tok in log if t <= u < t + seconds) for t, _ in log)
 
 
-# Admission is paced to 150 tokens/s with quarter-second bursts; arrival at the server adds
-# scheduling jitter (on a loaded 2-core machine up to a few requests bunch), so judge 3-second
-# windows and allow one extra burst and one request. Workers that each took the whole 150
-# tokens/s would put ~900 tokens in a 3-second window (the whole 780-token run in ~2.6 s).
-BOUND_3S = 3 * 150 + 150 * 0.25 + 13
+# Admission is paced to 150 tokens/s with quarter-second bursts (the window arithmetic is checked
+# with explicit times above); what these threads add is the jitter between admission and arrival: on a
+# loaded 2-core machine a stalled thread sends a second's admissions at once (measured at load
+# 4: 104 tokens in a half-second after a stall, 559 in a 3-s window; 468 on a quiet machine).
+# So the 3-s windows are judged at 1.4x the rate: workers that each took the whole 150 tokens/s
+# would put ~900 tokens in a 3-second window (the whole 780-token run in ~2.6 s).
+BOUND_3S = 3 * 150 * 1.4
 
 
 def test_broker_shares_provisioned_throughput_between_workers():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import datetime, timezone
 
 from ai_query import CallResult
@@ -78,3 +80,32 @@ def test_rows_wait_out_an_unreachable_store_and_land_once(tmp_path):
     rows = appender.read().to_pylist()
     assert sorted(r["databricks_request_id"] for r in rows) == ["req-0", "req-1"]
     assert appender.committed_version(tables.app_id) == 1  # two transactions, versions 0 and 1, in that order
+
+
+class SlowAppender(DeltaAppender):
+    """Takes a while to commit (a remote store), telling when an append has begun."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+
+    def append(self, records, **kwargs):
+        self.started.set()
+        time.sleep(0.3)
+        return super().append(records, **kwargs)
+
+
+def test_shutdown_during_a_background_append_does_not_append_the_batch_twice(tmp_path):
+    appender = SlowAppender(str(tmp_path / "usage"), USAGE_SCHEMA)
+    tables = ServingTables(None, flush_s=0.01, appenders=(appender, None))
+
+    async def run():
+        tables.start()
+        for i in range(3):
+            _record(tables, i)
+        assert await asyncio.to_thread(appender.started.wait, 10)  # the background flush is mid-append
+        await tables.close()
+
+    asyncio.run(run())
+    rows = appender.read().to_pylist()
+    assert sorted(r["databricks_request_id"] for r in rows) == ["req-0", "req-1", "req-2"]
