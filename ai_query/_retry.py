@@ -39,13 +39,15 @@ class wait_retry_after(wait_base):
 
 
 class RecentFaults:
-    """The share of random faults among an endpoint's last ``window`` answered attempts.
+    """The share ``p`` of random faults among an endpoint's last ``window`` answered attempts.
 
-    ``wait_fault_at_once`` reads it to tell bad luck from trouble (see there).
+    ``bad_luck(n)`` says whether a row's streak of ``n`` faults in a row is plausible at that
+    share: ``p ** n >= plausible_streak`` while under ``threshold`` of the attempts failed.
     """
 
-    def __init__(self, window: int = 100, threshold: float = 0.5) -> None:
+    def __init__(self, window: int = 100, threshold: float = 0.5, plausible_streak: float = 1e-4) -> None:
         self.threshold = threshold
+        self.plausible_streak = plausible_streak
         self._recent: deque[bool] = deque(maxlen=window)
         self._faults = 0
 
@@ -59,9 +61,9 @@ class RecentFaults:
     def share(self) -> float:
         return self._faults / len(self._recent) if self._recent else 0.0
 
-    def failing(self) -> bool:
-        """At least ``threshold`` of the recent attempts failed: the endpoint is in trouble."""
-        return bool(self._recent) and self.share >= self.threshold
+    def bad_luck(self, faults: int) -> bool:
+        share = self.share
+        return share < self.threshold and share ** faults >= self.plausible_streak
 
 
 class wait_fault_at_once(wait_base):
@@ -74,34 +76,26 @@ class wait_fault_at_once(wait_base):
     leaves the slot idle in a batch's last rows, where nothing else waits, and stretches the end
     of the job. Finagle's requeues and gRPC's transparent retries go at once, under a budget.
 
-    So the first retry always goes at once. After ``n`` faults in a row, the next retry goes at
-    once only while the endpoint's recent fault share ``p`` (``fault_share()``) makes such a
-    streak plausible, ``p ** n >= plausible_streak``, and under half of its recent attempts
-    failed: with 14 % random faults the retries up to the fifth attempt go at once (a 4-fault
-    streak, 1 row in 2,600, is bad luck several times in a 24,000-row job: backing it off
-    stretched the job's end); a row failing a third time on an endpoint that failed a few
-    requests in its last 100 (a restart, an outage) waits, so a brief outage does not see a
-    row's attempts spent in a burst.
-    Without ``fault_share`` every retry after the first backs off. Rate limits and timeouts are
-    signs of load and back off from the first retry.
+    So the first retry always goes at once, and a later one while ``bad_luck(n)`` (see
+    ``RecentFaults``) holds for the row's ``n`` faults in a row: with 14 % random faults the
+    retries up to the fifth attempt go at once (a 4-fault streak, 1 row in 2,600, is bad luck
+    several times in a 24,000-row job: backing it off stretched the job's end); a row failing a
+    third time on an endpoint that failed a few requests in its last 100 (a restart, an outage)
+    waits, so a brief outage does not see a row's attempts spent in a burst. Without
+    ``bad_luck`` every retry after the first backs off. Rate limits and timeouts are signs of
+    load and back off from the first retry.
     """
 
-    def __init__(self, then: wait_base, fault_share: Callable[[], float] | None = None,
-                 plausible_streak: float = 1e-4) -> None:
+    def __init__(self, then: wait_base, bad_luck: Callable[[int], bool] | None = None) -> None:
         self.then = then
-        self.fault_share = fault_share
-        self.plausible_streak = plausible_streak
+        self.bad_luck = bad_luck
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
             faults = retry_state.attempt_number  # every attempt so far failed
-            if faults == 1:
+            if faults == 1 or (self.bad_luck is not None and self.bad_luck(faults)):
                 return 0.0
-            if self.fault_share is not None:
-                share = self.fault_share()
-                if share < 0.5 and share ** faults >= self.plausible_streak:
-                    return 0.0
         return self.then(retry_state)
 
 
@@ -195,7 +189,7 @@ def make_retrying(
         retry=retry_within_budget(budget),
         wait=wait_retry_after(wait_fault_at_once(
             wait_exponential_jitter(initial=initial_backoff, max=max_backoff, jitter=initial_backoff),
-            fault_share=(lambda: recent_faults.share) if recent_faults is not None else None), cap=max_backoff * 2),
+            bad_luck=recent_faults.bad_luck if recent_faults is not None else None), cap=max_backoff * 2),
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,

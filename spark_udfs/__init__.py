@@ -252,6 +252,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     # written by position. Spark runs each iterator UDF of a statement in its own Python worker,
     # so with several calls the plain variants keep them in one worker, sharing its answers.
     pipelined = len(calls) == 1
+    whole: dict[int, str] = {}  # the pipelined call, rewritten whole
     for call in calls:
         if call.name.lower() != "ai_query":
             name = _rewrite_task_call(spark, state, call)
@@ -289,14 +290,14 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         moves_marker = positions != sorted(positions) and any(has_positional_marker(bound[a].text) for a in layout)
         if pipelined and not moves_marker:
             name, _ = _variant(spark, state, replace(spec, arguments=layout))
-            prepare_endpoints(state.registry, used, state.prepared)
-            return replace_calls(query, {call.start: f"{name}({', '.join(bound[a].text for a in layout)})"}, calls)
+            whole[call.start] = f"{name}({', '.join(bound[a].text for a in layout)})"
+            continue
         if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
             continue
         name, _ = _variant(spark, state, spec)
         replacements[call.start] = name
     prepare_endpoints(state.registry, used, state.prepared)
-    return replace_names(query, replacements, calls)
+    return replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
 
 
 def _spec_for(

@@ -77,19 +77,6 @@ def _task_journal() -> ResponseJournal | None:
         return None
 
 
-def send_rows(
-    client: AIQueryClient,
-    progress_address: tuple[str, int] | None,
-    endpoints: list[Any],
-    requests: list[Any],
-    params: list[Any],
-    response_formats: list[Any],
-    journal: ResponseJournal | None = None,
-) -> list[CallResult]:
-    """Send each row to its endpoint and wait for every answer (see ``start_rows``)."""
-    return start_rows(client, progress_address, endpoints, requests, params, response_formats, journal).wait()
-
-
 class PendingRows:
     """Rows on their way to their endpoints; ``wait()`` returns each row's result at its position."""
 
@@ -150,7 +137,7 @@ def start_rows(
 ) -> PendingRows:
     """Start sending each row to its endpoint (rows grouped by endpoint, parameters and response format).
 
-    Returns at once; the rows queue behind those started earlier in this process, so a caller may
+    Returns at once (``.wait()`` for the results); the rows queue behind those started earlier in this process, so a caller may
     start its next Arrow batch before waiting for this one. Every row comes back exactly once, at
     its own position; a gap is an internal error. With a response journal (a batch job's), a
     request answered before a kill is answered from it, and every new answer is journaled as it
@@ -559,4 +546,4 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
 
 
 __all__ = ["AUDIT_COLUMNS", "SIGNATURE", "PendingBatch", "PendingRows", "UDFSpec", "build_udf", "evaluate_batch",
-           "finish_batch", "send_rows", "start_batch", "start_rows"]
+           "finish_batch", "start_batch", "start_rows"]

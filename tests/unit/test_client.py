@@ -145,7 +145,7 @@ def test_when_most_attempts_fail_later_retries_back_off():
     client, clock = make_client(lambda r: json_response(503, {"error": "down"}), max_attempts=3)
     results = run(client.amap("fake", [f"row {i}" for i in range(8)]))
     assert all(r.status == "error" for r in results)
-    assert client.endpoint("fake").recent_faults.failing()
+    assert client.endpoint("fake").recent_faults.share == 1.0 and not client.endpoint("fake").recent_faults.bad_luck(2)
     # each row: the first retry at once, the second (while the retry budget lasts) after a backoff
     waits = sorted(clock.sleeps)
     assert waits[:8] == [0] * 8 and len(waits) > 8 and all(w > 0 for w in waits[8:])
