@@ -1,4 +1,4 @@
-"""ai-query's engine-free core: endpoint configs, providers, concurrency, retries, usage.
+"""ai-query's engine-free core: endpoint configs, backends, concurrency, retries, usage.
 
 Nothing here imports pyspark or vllm, so the same code runs in Spark tasks, batch jobs and the
 serving endpoint. Quick use::
@@ -22,6 +22,7 @@ from ._config import (
     OpenAIConfig,
     RateLimit,
     ServedEntity,
+    VLLMPool,
 )
 from ._errors import (
     AIQueryError,
@@ -81,6 +82,7 @@ __all__ = [
     "TASKS",
     "UnknownEndpointError",
     "Usage",
+    "VLLMPool",
     "check_exactly_once",
     "make_retrying",
     "resolve_secret",

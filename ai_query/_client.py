@@ -3,7 +3,7 @@
 One ``AIQueryClient`` per Python process (``shared_client``) owns a background event loop, one
 long-lived aiohttp session (``DirectAiohttpClient``: httpx's models cost a third of the loop's
 time, and plain httpx's pool collapses at high concurrency; an injected httpx transport replaces
-it in tests), and per endpoint a provider adapter, an adaptive concurrency limiter and the retry
+it in tests), and per endpoint a backend per served entity, an adaptive concurrency limiter and the retry
 policy. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` / ``acall()`` the
 asynchronous one used by the serving endpoint.
 """
@@ -39,9 +39,8 @@ from ._errors import (
     SecretNotFoundError,
     SystemicEndpointError,
 )
-from ._providers import Provider, provider_for
+from .backends import Backend, BatchContext, backend_for, prompt_text as _prompt_text
 from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
-from ._files import text_of_content
 from ._http import DirectAiohttpClient
 from ._prefix import prefix_order
 from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
@@ -88,20 +87,12 @@ class CallResult:
         return self.status == "ok"
 
 
-def _prompt_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # chat messages (content: a string or content parts)
-        return "".join(text_of_content(m.get("content", "")) for m in value if isinstance(m, Mapping))
-    return str(value)
-
-
 @dataclass
 class _Route:
     """One served entity of an endpoint, with its own adapter and concurrency limiter."""
 
     entity: ServedEntity
-    provider: Provider
+    backend: Backend
     limiter: AdaptiveConcurrencyLimiter
     weight: int
 
@@ -128,10 +119,10 @@ def _connection_failure(name: str, exc: httpx.TransportError) -> str:
     return f"connection error calling {name!r}: {type(exc).__name__}: {str(exc) or 'no connection'}"
 
 
-def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
+def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
     """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
-    engines, which queue instead and so never send AIMD a signal."""
-    if kind == "gradient" or (kind == "auto" and (entity.local_model is not None or entity.vllm_pool is not None)):
+    engines, which queue instead and so never send AIMD a signal (the backend says which it is)."""
+    if kind == "gradient" or (kind == "auto" and backend.capabilities.limiter == "gradient"):
         return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
     return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
 
@@ -156,8 +147,8 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, provider_for(e), _limiter_for(e, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0))
-            for e in config.served_entities
+            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0))
+            for e, backend in ((e, backend_for(e)) for e in config.served_entities)
         ]
         self.quota = quota
         self.budget = RetryBudget(cc.retry_budget)
@@ -172,8 +163,8 @@ class EndpointClient:
         """Set by ``AIQueryClient`` when several workers share the endpoint through the driver's broker."""
 
     @property
-    def provider(self) -> Provider:
-        return self.routes[0].provider
+    def backend(self) -> Backend:
+        return self.routes[0].backend
 
     @property
     def limiter(self) -> AdaptiveConcurrencyLimiter:
@@ -209,9 +200,9 @@ class EndpointClient:
     async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
                        prompt_text: str, first: bool = False) -> ModelResponse:
         task = self.config.task
-        provider = route.provider
-        invoke = getattr(provider, "invoke", None)  # in-process providers (MLflow pyfunc) skip HTTP
-        request = None if invoke is not None else await provider.build(task, value, params, response_format)
+        backend = route.backend
+        in_process = backend.capabilities.in_process  # in-process backends (MLflow pyfunc) skip HTTP
+        request = None if in_process else await backend.build(task, value, params, response_format)
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
         if self.quota is not None:  # wait for quota before taking a concurrency slot
@@ -225,8 +216,8 @@ class EndpointClient:
         failure: BaseException | None = None
         try:
             self.requests_sent += 1
-            if invoke is not None:
-                result = await invoke(task, value, params, response_format, prompt_text)
+            if in_process:
+                result = await backend.invoke(task, value, params, response_format, prompt_text)
             else:
                 assert request is not None
                 try:
@@ -239,7 +230,7 @@ class EndpointClient:
                         raise EndpointTimeoutError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
                     raise RetryableEndpointError(_connection_failure(self.config.name, exc)) from exc
                 try:
-                    result = provider.parse(task, response.status_code, response.headers, response.content, prompt_text)
+                    result = backend.parse(task, response.status_code, response.headers, response.content, prompt_text)
                 except RateLimitedError as exc:
                     outcome = "overload"
                     if self.quota is not None and exc.retry_after:
@@ -268,8 +259,8 @@ class EndpointClient:
                 refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
                 self.quota.settle(reserved, charged if refund else reserved)
             await route.limiter.release(outcome, started)
-            done = getattr(provider, "request_done", None)  # routing providers (vllm_pool) count what is outstanding
-            if done is not None and request is not None and done(request, failure):
+            # routing backends (vllm_pool) count what is outstanding
+            if request is not None and backend.request_done(request, failure):
                 # One replica of a pool is down, not the endpoint: the retry goes to another
                 # replica and spends no retry budget (it still counts towards max_attempts).
                 assert isinstance(failure, RetryableEndpointError)
@@ -392,16 +383,16 @@ class EndpointClient:
     @property
     def runs_batches(self) -> bool:
         """The endpoint runs a whole batch in-process at once (a vllm_pool in offline mode)."""
-        return len(self.routes) == 1 and hasattr(self.routes[0].provider, "invoke_batch")
+        return len(self.routes) == 1 and self.routes[0].backend.capabilities.runs_whole_batches
 
     async def call_batch(self, values: Sequence[Any], params: ModelParameters,
-                         response_format: Mapping[str, Any] | None) -> list[CallResult]:
-        """Every row through the provider's ``invoke_batch`` at once: no HTTP, no limiter, no retries
+                         response_format: Mapping[str, Any] | None, context: BatchContext | None = None) -> list[CallResult]:
+        """Every row through the backend's ``invoke_batch`` at once: no HTTP, no limiter, no retries
         (an in-process engine has no transient faults; a row's failure is data, an engine failure raises)."""
         route = self.routes[0]
         t0 = self._clock()
         sent = [i for i, v in enumerate(values) if v is not None]
-        outcomes = await route.provider.invoke_batch(self.config.task, [values[i] for i in sent], params, response_format)  # type: ignore[attr-defined]
+        outcomes = await route.backend.invoke_batch(self.config.task, [values[i] for i in sent], params, response_format, context)
         self.requests_sent += len(sent)
         results = [CallResult(i, self.config.name, "error", error="the request is NULL: nothing to send",
                               model=route.entity.model_name) for i in range(len(values))]
@@ -531,16 +522,18 @@ class AIQueryClient:
         response_format: Mapping[str, Any] | None = None,
         *,
         on_result: Callable[[CallResult], None] | None = None,
+        context: BatchContext | None = None,
     ) -> list[CallResult]:
         """All ``values`` through ``endpoint``; results in input order, each row exactly once.
 
         A systemic failure (bad key, no such model, the local engine down) cancels the rest and
-        raises; any other failure is that row's ``error``.
+        raises; any other failure is that row's ``error``. ``context`` (the task running the
+        batch) goes to a backend that runs whole batches.
         """
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
         client = self.endpoint(endpoint)
         if client.runs_batches and values:
-            results = await client.call_batch(values, params, response_format)
+            results = await client.call_batch(values, params, response_format, context)
             if on_result is not None:
                 for result in results:
                     on_result(result)
@@ -632,15 +625,17 @@ class AIQueryClient:
         batches: Sequence[RowBatch],
         *,
         on_result: Callable[[str, CallResult], None] | None = None,
+        context: BatchContext | None = None,
     ) -> list[list[CallResult]]:
         """Several ``(endpoint, values, params, response_format)`` batches at once, concurrently."""
-        return self.submit_many(batches, on_result=on_result).result()
+        return self.submit_many(batches, on_result=on_result, context=context).result()
 
     def submit_many(
         self,
         batches: Sequence[RowBatch],
         *,
         on_result: Callable[[str, CallResult], None] | None = None,
+        context: BatchContext | None = None,
     ) -> concurrent.futures.Future[list[list[CallResult]]]:
         """``map_many`` without waiting: the rows start now; the future holds their results.
 
@@ -654,7 +649,7 @@ class AIQueryClient:
         async def run_all() -> list[list[CallResult]]:
             async def one(endpoint: str, values: Sequence[Any], params: Any, fmt: Any) -> list[CallResult]:
                 callback = (lambda r: on_result(endpoint, r)) if on_result is not None else None
-                return await self.amap(endpoint, values, params, fmt, on_result=callback)
+                return await self.amap(endpoint, values, params, fmt, on_result=callback, context=context)
 
             return list(await asyncio.gather(*(one(*b) for b in batches)))
 

@@ -379,15 +379,10 @@ class VLLMPool:
 
 
 def _check_engine_options(options: Mapping[str, Any], path: str) -> None:
-    """Engine options are ``gpu_workers.LocalServerOptions`` fields; check them now, on the driver."""
-    try:
-        from gpu_workers import LocalServerOptions  # light: the engine stack loads only in engine processes
-    except ImportError:  # pragma: no cover - the core without the local extra: checked where the pool starts
-        return
-    try:
-        LocalServerOptions.from_mapping(options)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    """Engine options are checked now, on the driver, by the backend registered for ``vllm_pool``."""
+    from .backends import validate_options  # the backends import this module
+
+    validate_options("vllm_pool", options, path)
 
 
 @dataclass(frozen=True)

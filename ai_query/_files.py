@@ -122,13 +122,17 @@ def files_unsupported_reason(config: Any) -> str | None:
     task = config.task
     if task != "llm/v1/chat":
         return f"endpoint {config.name!r} serves {task}; files => needs a chat endpoint (llm/v1/chat) whose model reads images or PDFs"
+    from .backends import capabilities_of  # the backends import this module
+
     for entity in config.served_entities:
-        if entity.local_model is not None:
-            return (f"endpoint {config.name!r} serves the local model {entity.local_model.model!r}, which reads text only; "
-                    "files => needs a vision model behind an external_model (openai, anthropic, databricks-model-serving)")
-        if entity.is_mlflow:
-            return (f"endpoint {config.name!r} serves an MLflow pyfunc model, which takes text rows; "
-                    "files => needs a chat endpoint behind an external_model")
+        capabilities = capabilities_of(entity)
+        if capabilities.accepts_files:
+            continue
+        if capabilities.in_process:
+            return (f"endpoint {config.name!r} serves {entity.model_name!r} in process (an MLflow pyfunc model), which takes "
+                    "text rows; files => needs a chat endpoint behind an external_model")
+        return (f"endpoint {config.name!r} serves the local model {entity.model_name!r}, which reads text only; "
+                "files => needs a vision model behind an external_model (openai, anthropic, databricks-model-serving)")
     return None
 
 

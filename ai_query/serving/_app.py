@@ -26,7 +26,8 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from .._errors import AIQueryError, ArgumentError
-from .._mlflow_provider import import_mlflow
+from ..backends import local_model_folder
+from ..backends._mlflow import import_mlflow
 from ._auth import Principal, TokenAuthenticator
 from ._errors import ServingError
 from ._json import dumps, loads
@@ -315,10 +316,8 @@ class ServingApp:
 
 def optimization_info(model: str, version: str) -> dict[str, Any]:
     """Whether ``model`` (a local model alias, or an MLflow registered model) can take provisioned throughput."""
-    import gpu_workers
-
-    if model in gpu_workers.KNOWN_MODELS:
-        folder = gpu_workers.model_path(model)
+    folder = local_model_folder(model)
+    if folder is not None:
         try:
             model_type = json.loads((folder / "config.json").read_text()).get("model_type", "unknown")
         except (OSError, ValueError):

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 from .._client import AIQueryClient, EndpointClient
 from .._config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError
-from .._mlflow_provider import import_mlflow
+from ..backends._mlflow import import_mlflow
 from ._errors import ServingError
 from ._shared import SharedControl
 
@@ -193,17 +193,13 @@ def _has_external(config: EndpointConfig) -> bool:
 
 def needs_warming(client: EndpointClient) -> bool:
     """Whether some entity must be started or loaded before it can answer (external models need not)."""
-    return any(r.entity.local_model is not None or r.entity.is_mlflow for r in client.routes)
+    return any(r.backend.capabilities.needs_start for r in client.routes)
 
 
 async def warm(client: EndpointClient) -> None:
     """Make every served entity ready to answer: start local model servers, load MLflow models."""
     for route in client.routes:
-        provider: Any = route.provider
-        if hasattr(provider, "_ensure_loaded"):  # MLflow pyfunc, loaded in this process
-            await provider._ensure_loaded()
-        elif route.entity.local_model is not None:
-            await provider.base_url()
+        await route.backend.start()
 
 
 class EndpointStore:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ai_query import ConfigError, ModelParameters, PermanentEndpointError, SystemicEndpointError, Usage
-from ai_query._mlflow_provider import MLflowModelRef, MLflowPyfuncProvider
+from ai_query.backends._mlflow import MLflowModelRef, MLflowPyfuncBackend
 
 pytestmark = pytest.mark.integration
 
@@ -119,16 +119,16 @@ def models(tmp_path_factory):
     }
 
 
-def provider(uri: str, task: str = COMPLETIONS, **kwargs) -> MLflowPyfuncProvider:
-    return MLflowPyfuncProvider("custom-model", MLflowModelRef(model_uri=uri), task, **kwargs)
+def provider(uri: str, task: str = COMPLETIONS, **kwargs) -> MLflowPyfuncBackend:
+    return MLflowPyfuncBackend("custom-model", MLflowModelRef(model_uri=uri), task, **kwargs)
 
 
-async def call(p: MLflowPyfuncProvider, value, params: ModelParameters = ModelParameters(), task: str | None = None):
+async def call(p: MLflowPyfuncBackend, value, params: ModelParameters = ModelParameters(), task: str | None = None):
     prompt_text = value if isinstance(value, str) else "".join(m["content"] for m in value)
     return await p.invoke(task or p.task, value, params, None, prompt_text)
 
 
-async def call_all(p: MLflowPyfuncProvider, values, params: ModelParameters = ModelParameters()):
+async def call_all(p: MLflowPyfuncBackend, values, params: ModelParameters = ModelParameters()):
     return await asyncio.gather(*(call(p, v, params) for v in values), return_exceptions=True)
 
 
@@ -246,11 +246,11 @@ def test_a_registered_model_by_name_and_version(file_registry, tmp_path):
     source.write_text(textwrap.dedent(UPPER))
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="model", python_model=str(source), registered_model_name="shouter", pip_requirements=[])
-    p = MLflowPyfuncProvider("shouter-v1", MLflowModelRef(entity_name="shouter", entity_version="1"), COMPLETIONS)
+    p = MLflowPyfuncBackend("shouter-v1", MLflowModelRef(entity_name="shouter", entity_version="1"), COMPLETIONS)
     assert p.ref.uri == "models:/shouter/1"
     assert [r.value for r in asyncio.run(call_all(p, ["a", "b"]))] == ["A", "B"]
 
-    wrong = MLflowPyfuncProvider("shouter-v7", MLflowModelRef(entity_name="shouter", entity_version=7), COMPLETIONS)
+    wrong = MLflowPyfuncBackend("shouter-v7", MLflowModelRef(entity_name="shouter", entity_version=7), COMPLETIONS)
     with pytest.raises(SystemicEndpointError) as info:
         asyncio.run(call(wrong, "x"))
     assert "models:/shouter/7" in str(info.value) and "MLFLOW_TRACKING_URI" in str(info.value)
@@ -259,7 +259,7 @@ def test_a_registered_model_by_name_and_version(file_registry, tmp_path):
 def test_a_file_store_without_the_flag_says_how_to_allow_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    p = MLflowPyfuncProvider("m", MLflowModelRef(entity_name="anything", entity_version="1"), COMPLETIONS)
+    p = MLflowPyfuncBackend("m", MLflowModelRef(entity_name="anything", entity_version="1"), COMPLETIONS)
     with pytest.raises(SystemicEndpointError) as info:
         asyncio.run(call(p, "x"))
     assert "models:/anything/1" in str(info.value) and "MLFLOW_ALLOW_FILE_STORE=true" in str(info.value)
@@ -269,7 +269,7 @@ def test_no_registry_configured_says_to_set_the_tracking_uri(monkeypatch, tmp_pa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # mlflow's default store lives in the working directory
-    p = MLflowPyfuncProvider("m", MLflowModelRef(entity_name="nowhere", entity_version="2"), COMPLETIONS)
+    p = MLflowPyfuncBackend("m", MLflowModelRef(entity_name="nowhere", entity_version="2"), COMPLETIONS)
     with pytest.raises(SystemicEndpointError) as info:
         asyncio.run(call(p, "x"))
     assert "models:/nowhere/2" in str(info.value) and "Set MLFLOW_TRACKING_URI" in str(info.value)
@@ -277,7 +277,7 @@ def test_no_registry_configured_says_to_set_the_tracking_uri(monkeypatch, tmp_pa
 
 def test_importing_ai_query_imports_no_mlflow():
     code = (
-        "import sys, ai_query, ai_query._mlflow_provider, ai_query._gradient;"
+        "import sys, ai_query, ai_query.backends._mlflow, ai_query._gradient;"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -289,8 +289,8 @@ def test_without_mlflow_installed_the_error_names_the_package():
         import asyncio, sys
         sys.modules["mlflow"] = None  # what an environment without mlflow looks like to an import
         from ai_query import ModelParameters, SystemicEndpointError
-        from ai_query._mlflow_provider import MLflowModelRef, MLflowPyfuncProvider
-        p = MLflowPyfuncProvider("m", MLflowModelRef(model_uri="/models/m"), "llm/v1/chat")
+        from ai_query.backends._mlflow import MLflowModelRef, MLflowPyfuncBackend
+        p = MLflowPyfuncBackend("m", MLflowModelRef(model_uri="/models/m"), "llm/v1/chat")
         try:
             asyncio.run(p.invoke("llm/v1/chat", "x", ModelParameters(), None, "x"))
         except SystemicEndpointError as exc:
@@ -324,7 +324,7 @@ def test_provider_settings_are_validated():
 
 
 def test_an_mlflow_entity_in_the_registry_runs_through_the_client(models):
-    """Config -> provider_for -> EndpointClient: the same path Spark tasks and the server use."""
+    """Config -> backend_for -> EndpointClient: the same path Spark tasks and the server use."""
     from ai_query import AIQueryClient, EndpointRegistry
 
     registry = EndpointRegistry.from_data({"name": "custom", "config": {"served_entities": [

@@ -6,7 +6,7 @@ import pytest
 
 from ai_query import ConfigError, EndpointRegistry
 from ai_query._config import VLLMPool
-from ai_query._pool import PrefixAffinityRouter, prefix_hashes
+from gpu_workers._routing import PrefixAffinityRouter, prefix_hashes
 
 
 def pool_endpoint(**pool):

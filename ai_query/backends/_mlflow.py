@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ._config import TASKS
-from ._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
-from ._schemas import ModelParameters, ModelResponse, Usage
+from .._config import TASKS, ServedEntity
+from .._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
+from .._schemas import ModelParameters, ModelResponse, Usage
+from ._protocol import Backend, BackendBase, Capabilities
 
 _MESSAGE_LIMIT = 500  # characters of a model's own error message kept in a row's error
 
@@ -219,12 +220,21 @@ class _InputStyle:
     params: frozenset[str]
 
 
-class MLflowPyfuncProvider:
+class MLflowPyfuncBackend(BackendBase):
     """Runs an MLflow pyfunc model in this process; the client calls ``invoke`` instead of HTTP.
 
     ``max_batch_size=1`` turns micro-batching off; ``max_concurrent_predicts`` predict calls may
     run at once, each in a worker thread (raise it for models that wait on I/O).
     """
+
+    capabilities = Capabilities(limiter="aimd", in_process=True, needs_start=True)
+
+    @classmethod
+    def for_entity(cls, entity: ServedEntity) -> Backend:
+        ref = MLflowModelRef(model_uri=entity.model_uri, entity_name=entity.entity_name, entity_version=entity.entity_version)
+        backend = cls(entity.name, ref, entity.task)
+        backend.entity = entity
+        return backend  # type: ignore[return-value]
 
     def __init__(
         self,
@@ -279,6 +289,10 @@ class MLflowPyfuncProvider:
             self._model = model
             self.load_seconds = time.perf_counter() - started
         return self._model
+
+    async def start(self) -> None:
+        """Load the model in this process (a server warms its endpoints with this)."""
+        await self._ensure_loaded()
 
     async def _ensure_loaded(self) -> Any:
         if self._model is not None:

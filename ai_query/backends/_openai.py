@@ -1,0 +1,45 @@
+"""Any server that speaks the OpenAI REST API (OpenAI, vLLM, many gateways): ``external_model``
+with ``provider = "openai"``. ``gpu_workers`` builds its local-model backend on this one."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .._config import ServedEntity
+from .._schemas import ModelParameters, ModelResponse
+from ._http_common import PATHS, bearer, llm_v1_body, parse_openai_shape
+from ._protocol import BackendBase, Capabilities, HTTPRequest
+
+
+class OpenAICompatibleBackend(BackendBase):
+    """``POST {openai_api_base}/chat/completions`` (or ``/completions``, ``/embeddings``) with a bearer key."""
+
+    capabilities = Capabilities(limiter="aimd", accepts_files=True)
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and entity.external_model.openai_config is not None
+        self.entity = entity
+        self._config = entity.external_model.openai_config
+        self._model = entity.external_model.name
+
+    async def base_url(self) -> str:
+        return self._config.openai_api_base
+
+    async def model(self) -> str:
+        return self._model
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        key = bearer(self._config.credential())
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        if self._config.openai_organization:
+            headers["openai-organization"] = self._config.openai_organization
+        return headers
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
+        body = {"model": await self.model(), **llm_v1_body(task, value, params, response_format)}
+        return HTTPRequest("POST", (await self.base_url()) + PATHS[task], self._headers(), body)
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
+        return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)

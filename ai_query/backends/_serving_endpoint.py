@@ -1,0 +1,38 @@
+"""A Databricks-style serving endpoint: ``external_model`` with ``provider = "databricks-model-serving"``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .._config import ServedEntity, ServingEndpointConfig
+from .._schemas import ModelParameters, ModelResponse
+from ._http_common import bearer, llm_v1_body, parse_openai_shape
+from ._protocol import BackendBase, Capabilities, HTTPRequest
+
+
+class ServingEndpointBackend(BackendBase):
+    """``POST {workspace}/serving-endpoints/{name}/invocations`` with a bearer token.
+
+    Bodies and answers follow the ``llm/v1/chat``, ``llm/v1/completions`` and ``llm/v1/embeddings``
+    schemas (OpenAI-shaped, without a ``model`` field: the URL names the endpoint).
+    """
+
+    capabilities = Capabilities(limiter="aimd", accepts_files=True)
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and isinstance(entity.external_model.config, ServingEndpointConfig)
+        self.entity = entity
+        self._config: ServingEndpointConfig = entity.external_model.config
+        self._name = entity.external_model.name
+
+    async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
+        body = llm_v1_body(task, value, params, response_format)
+        headers = {"content-type": "application/json"}
+        token = bearer(self._config.credential())
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        url = f"{self._config.databricks_workspace_url}/serving-endpoints/{self._name}/invocations"
+        return HTTPRequest("POST", url, headers, body)
+
+    def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
+        return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._name)
