@@ -24,7 +24,7 @@ import asyncio
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 from ai_query import ConfigError, LocalEngineError, LocalModel, ModelParameters, ModelResponse, RetryableEndpointError, ServedEntity, VLLMPool
 from ai_query.backends import (
@@ -45,15 +45,40 @@ from gpu_workers._pool import ensure_pool, read_pool_state
 from gpu_workers._routing import PrefixAffinityRouter
 from gpu_workers._server import LocalServerOptions, ensure_local_server
 
+T = TypeVar("T")
+
 __all__ = ["LocalModelBackend", "OfflineVLLMBackend", "VLLMPoolBackend", "prepare_pool", "resolve_local_server"]
 
 
-def _check_engine_options(options: Mapping[str, Any], path: str) -> None:
-    """Engine options are ``LocalServerOptions`` fields; checked on the driver when the config is read."""
-    try:
-        LocalServerOptions.from_mapping(options)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+class _OnceInThread(Generic[T]):
+    """A blocking start-up (a server to find or start), run once in a worker thread; callers wait for it."""
+
+    def __init__(self, start: Callable[..., T], *args: Any) -> None:
+        self._start = start
+        self._args = args
+        self.value: T | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self) -> T:
+        if self.value is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self.value is None:
+                    self.value = await asyncio.get_running_loop().run_in_executor(None, self._start, *self._args)
+        return self.value
+
+
+class _EngineOptions:
+    """The engine options of every kind here are ``LocalServerOptions`` fields."""
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
+        """Checked on the driver when the config is read, before any task runs."""
+        try:
+            LocalServerOptions.from_mapping(options)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def resolve_local_server(local: LocalModel) -> str:
@@ -78,7 +103,7 @@ def prepare_pool(pool: VLLMPool) -> str | None:
         raise LocalEngineError(f"could not start the vllm_pool of {pool.model!r} ({pool.replicas} replicas): {exc}") from exc
 
 
-class LocalModelBackend(OpenAICompatibleBackend):
+class LocalModelBackend(_EngineOptions, OpenAICompatibleBackend):
     """A model served on this machine over the OpenAI-compatible API (``local_model``)."""
 
     capabilities = Capabilities(limiter="gradient", needs_start=True)
@@ -86,14 +111,8 @@ class LocalModelBackend(OpenAICompatibleBackend):
     def __init__(self, entity: ServedEntity) -> None:
         assert entity.local_model is not None
         self.entity = entity
-        self._local: LocalModel = entity.local_model
-        self._base_url: str | None = None
-        self._model = self._local.model
-        self._lock: asyncio.Lock | None = None
-
-    @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        _check_engine_options(options, path)
+        self._model = entity.local_model.model
+        self._server = _OnceInThread(resolve_local_server, entity.local_model)
 
     @classmethod
     def prepare(cls, entity: ServedEntity) -> None:
@@ -105,23 +124,16 @@ class LocalModelBackend(OpenAICompatibleBackend):
         return model_path(model) if model in KNOWN_MODELS else None
 
     async def start(self) -> None:
-        await self.base_url()
+        await self._server()
 
     async def base_url(self) -> str:
-        if self._base_url is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._base_url is None:
-                    loop = asyncio.get_running_loop()
-                    self._base_url = await loop.run_in_executor(None, resolve_local_server, self._local)
-        return self._base_url
+        return await self._server()
 
     def _headers(self) -> dict[str, str]:
         return {"content-type": "application/json"}
 
 
-class VLLMPoolBackend(BackendBase):
+class VLLMPoolBackend(_EngineOptions, BackendBase):
     """Routes each request to a replica of the node's pool (``mode = "server"``)."""
 
     capabilities = Capabilities(limiter="gradient", accepts_files=True)  # a vision model reads the images
@@ -134,10 +146,6 @@ class VLLMPoolBackend(BackendBase):
         return OfflineVLLMBackend(entity) if entity.vllm_pool.is_offline else cls(entity)  # type: ignore[return-value]
 
     @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        _check_engine_options(options, path)
-
-    @classmethod
     def prepare(cls, entity: ServedEntity) -> None:
         assert entity.vllm_pool is not None
         prepare_pool(entity.vllm_pool)
@@ -148,20 +156,17 @@ class VLLMPoolBackend(BackendBase):
         self.pool = entity.vllm_pool
         self.router = PrefixAffinityRouter(self.pool.prefix_block_chars, self.pool.max_load_imbalance, clock=clock)
         self._clock = clock
-        self._name: str | None = None
+        self._pool_name = _OnceInThread(prepare_pool, self.pool)
         self._model: str = self.pool.model
         self._statuses: dict[str, str] = {}
         self._refreshed = -1e9
-        self._lock: asyncio.Lock | None = None
+
+    @property
+    def _name(self) -> str | None:
+        return self._pool_name.value
 
     async def _ensure(self) -> None:
-        if self._name is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._name is None:
-                    loop = asyncio.get_running_loop()
-                    self._name = await loop.run_in_executor(None, prepare_pool, self.pool)
+        await self._pool_name()
         if self._clock() - self._refreshed >= self.REFRESH_S:
             self._refresh()
 
@@ -211,7 +216,7 @@ class VLLMPoolBackend(BackendBase):
         return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)
 
 
-class OfflineVLLMBackend(BackendBase):
+class OfflineVLLMBackend(_EngineOptions, BackendBase):
     """Runs whole batches through ``vllm.LLM`` in this process (``mode = "offline"``)."""
 
     capabilities = Capabilities(limiter="gradient", accepts_files=True, runs_whole_batches=True, in_process=True)
@@ -220,10 +225,6 @@ class OfflineVLLMBackend(BackendBase):
         assert entity.vllm_pool is not None
         self.entity = entity
         self.pool = entity.vllm_pool
-
-    @classmethod
-    def validate_options(cls, options: Mapping[str, Any], path: str) -> None:
-        _check_engine_options(options, path)
 
     async def invoke_batch(self, task: str, values: Sequence[Any], params: ModelParameters,
                            response_format: Mapping[str, Any] | None,
