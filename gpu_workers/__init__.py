@@ -14,8 +14,11 @@
 - ``ensure_pool(config)`` starts (or finds) a node's pool of vLLM servers, one per device, that
   restarts crashed replicas (``gpu_workers._pool``); ``list_pools()`` / ``stop_pools()`` /
   ``read_pool_state()`` inspect and stop pools; ``ai-query workers ...`` is the shell face.
-- ``offline_generate(config, task, rows, params, response_format)`` runs a batch through
-  ``vllm.LLM`` in this process (``gpu_workers._offline``).
+- ``offline_generate(config, task, rows, params, response_format, gpu_ids=...)`` runs a batch
+  through ``vllm.LLM`` in this process (``gpu_workers._offline``).
+- ``gpu_workers._backends`` plugs the ``local_model`` and ``vllm_pool`` kinds into ``ai_query``
+  through the ``ai_query.backends`` entry-point group; this package uses only ``ai_query``'s
+  public API and never imports pyspark (``tests/unit/test_imports.py``).
 
 Importing this package imports neither vllm, torch nor transformers: they are loaded by the
 model builders and the server processes only.

@@ -26,7 +26,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
-from ai_query import ConfigError, LocalEngineError, LocalModel, ModelParameters, ModelResponse, RetryableEndpointError, ServedEntity, VLLMPool
+from ai_query import (
+    ConfigError,
+    LocalEngineError,
+    LocalModel,
+    ModelParameters,
+    ModelResponse,
+    RetryableEndpointError,
+    ServedEntity,
+    VLLMPool,
+)
 from ai_query.backends import (
     PATHS,
     Backend,
