@@ -12,7 +12,7 @@ serving endpoint. Quick use::
 from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
 from ._concurrency import AdaptiveConcurrencyLimiter
 from ._gradient import GradientConcurrencyLimiter
-from ._config import (
+from .config import (
     TASKS,
     ClientConfig,
     EndpointConfig,
@@ -42,7 +42,7 @@ from ._errors import (
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
-from ._secrets import resolve_secret
+from .config import resolve_secret
 
 __version__ = "0.1.0"
 

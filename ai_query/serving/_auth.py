@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .._errors import ConfigError
-from .._secrets import is_secret_ref, resolve_secret
+from ..config import is_secret_ref, resolve_secret
 from ._errors import ServingError
 
 LEVELS: dict[str, int] = {"CAN_QUERY": 1, "CAN_MANAGE": 2}

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .._config import RateLimit
+from ..config import RateLimit
 from ._shared import LocalCells, SharedCells
 
 PERIOD_S = {"minute": 60.0}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .._client import AIQueryClient, EndpointClient
-from .._config import TASKS, EndpointConfig, EndpointRegistry
+from ..config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError
 from .._mlflow_provider import import_mlflow
 from ._errors import ServingError

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ai_query import ConfigError, EndpointRegistry, UnknownEndpointError
-from ai_query._secrets import resolve_secret, secret_env_var
+from ai_query.config import resolve_secret, secret_env_var
 from ai_query import SecretNotFoundError
 
 DOC_EXAMPLE = {
