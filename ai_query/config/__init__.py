@@ -13,7 +13,7 @@ JSON or directly in code; every error names the field's path, the value and the 
     _secrets.py   {{secrets/scope/key}} references
 """
 
-from ._checks import TASKS, ConfigStruct, Task
+from ._checks import TASKS, ConfigStruct, Task, building
 from ._client import ClientConfig, RateLimit
 from ._endpoint import EndpointConfig
 from ._entities import ENTITY_KINDS, POOL_DEVICES, POOL_MODES, EntityKind, LocalModel, Pricing, ServedEntity, VLLMPool
@@ -44,6 +44,7 @@ __all__ = [
     "TASKS",
     "Task",
     "VLLMPool",
+    "building",
     "is_secret_ref",
     "mask",
     "resolve_secret",

@@ -57,13 +57,18 @@ class ConfigStruct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             for name, annotation in _field_types(type(self)).items():
                 problem = value_problem(getattr(self, name), annotation)
                 if problem is not None:
-                    raise ConfigError(f"{path}.{name} {problem}")
+                    raise ConfigError(f"{self._field_path(path, name)} {problem}")
             self._check(path)
         finally:
             _PATH.reset(token)
 
     def _check(self, path: str) -> None:
         """Cross-field rules of this config; raise ``ConfigError`` naming ``path``."""
+
+    @classmethod
+    def _field_path(cls, path: str, name: str) -> str:
+        """How messages name field ``name`` of the config at ``path`` (a file format may spell it otherwise)."""
+        return f"{path}.{name}"
 
     def __repr__(self) -> str:
         # plain-text credentials (``*_plaintext``) are never shown
@@ -103,7 +108,9 @@ def value_problem(value: Any, annotation: Any) -> str | None:
         if value is None:
             return None if len(options) < len(get_args(annotation)) else "is required"
         problems = [value_problem(value, a) for a in options]
-        return None if any(p is None for p in problems) else problems[0]
+        if any(p is None for p in problems):
+            return None
+        return f"must be {meta.description}, got {value!r:.80}" if meta is not None and meta.description else problems[0]
     if origin is Literal:
         choices = get_args(annotation)
         return None if value in choices else f"is {value!r}; use one of {', '.join(map(str, choices))}"
@@ -117,6 +124,8 @@ def value_problem(value: Any, annotation: Any) -> str | None:
         if not isinstance(value, str) or (meta is not None and meta.pattern and not re.search(meta.pattern, value)):
             return f"must be {meta.description if meta and meta.description else 'a string'}, got {value!r:.80}"
         return None
+    if origin is dict or annotation is dict:
+        return None if isinstance(value, dict) else f"must be a table, got {value!r:.80}"
     if origin is tuple or annotation is tuple:
         return None if isinstance(value, tuple) else f"must be a list, got {value!r:.80}"
     if isinstance(annotation, type) and not isinstance(value, annotation):
