@@ -6,7 +6,7 @@ really must, a plain value in a ``*_plaintext`` field that is masked in every re
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 from .._errors import ConfigError
 from ._checks import TASKS, ConfigStruct, HttpUrl, NonEmpty, Task, building, check_keys, decode, mapping
@@ -25,22 +25,48 @@ def _check_credential(path: str, ref_key: str, ref: str | None, plain_key: str, 
         raise ConfigError(f"{path}: set only one of {ref_key} and {plain_key}")
 
 
-def _strip_slash(data: Any, key: str, path: str) -> Mapping[str, Any]:
-    data = mapping(data, path)
-    return {**data, key: data[key].rstrip("/")} if isinstance(data.get(key), str) else data
+class _ProviderConfig(ConfigStruct):
+    """What the provider configs share: a credential (a secret reference or a plain value, at
+    most one) and a base URL given without its trailing slash."""
+
+    _credential_fields: ClassVar[tuple[str, str]]
+    """(the secret reference's field, the plain value's field)"""
+    _url_field: ClassVar[str]
+    _accepted: ClassVar[tuple[str, ...]] = ()
+    """Fields of the Databricks format accepted and ignored."""
+
+    def _check(self, path: str) -> None:
+        ref_key, plain_key = self._credential_fields
+        _check_credential(path, ref_key, getattr(self, ref_key), plain_key, getattr(self, plain_key))
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> Any:
+        data = mapping(data, path)
+        url = data.get(cls._url_field)
+        if isinstance(url, str):
+            data = {**data, cls._url_field: url.rstrip("/")}
+        return decode(cls, data, path, accepted=cls._accepted)
+
+    def credential(self) -> tuple[str | None, str | None]:
+        """(secret reference, plain value); at most one is set."""
+        ref_key, plain_key = self._credential_fields
+        return getattr(self, ref_key), getattr(self, plain_key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict: unset fields left out, a plain-text credential masked."""
+        return {
+            name: "********" if name.endswith("_plaintext") else value
+            for name, value in self.to_builtins().items()
+            if value is not None
+        }
 
 
-def _masked(config: ConfigStruct) -> dict[str, Any]:
-    """The config as a dict: unset fields left out, plain-text credentials masked."""
-    return {
-        name: "********" if name.endswith("_plaintext") else value
-        for name, value in config.to_builtins().items()
-        if value is not None
-    }
-
-
-class OpenAIConfig(ConfigStruct):
+class OpenAIConfig(_ProviderConfig):
     """Credentials and base URL of an OpenAI-compatible API (any ``openai_api_base``)."""
+
+    _credential_fields = ("openai_api_key", "openai_api_key_plaintext")
+    _url_field = "openai_api_base"
+    _accepted = ("openai_api_type",)
 
     openai_api_key: NonEmpty | None = None
     """A secret reference ``{{secrets/scope/key}}``; resolved at call time."""
@@ -49,62 +75,28 @@ class OpenAIConfig(ConfigStruct):
     openai_api_base: HttpUrl = "https://api.openai.com/v1"
     openai_organization: NonEmpty | None = None
 
-    def _check(self, path: str) -> None:
-        _check_credential(path, "openai_api_key", self.openai_api_key, "openai_api_key_plaintext", self.openai_api_key_plaintext)
 
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> "OpenAIConfig":
-        return decode(cls, _strip_slash(data, "openai_api_base", path), path, accepted=("openai_api_type",))  # type: ignore[no-any-return]
-
-    def credential(self) -> tuple[str | None, str | None]:
-        return self.openai_api_key, self.openai_api_key_plaintext
-
-    def to_dict(self) -> dict[str, Any]:
-        return _masked(self)
-
-
-class AnthropicConfig(ConfigStruct):
+class AnthropicConfig(_ProviderConfig):
     """Credentials of the Anthropic Messages API."""
+
+    _credential_fields = ("anthropic_api_key", "anthropic_api_key_plaintext")
+    _url_field = "anthropic_api_base"
 
     anthropic_api_key: NonEmpty | None = None
     anthropic_api_key_plaintext: NonEmpty | None = None
     anthropic_api_base: HttpUrl = "https://api.anthropic.com"
     anthropic_version: NonEmpty = "2023-06-01"
 
-    def _check(self, path: str) -> None:
-        _check_credential(path, "anthropic_api_key", self.anthropic_api_key, "anthropic_api_key_plaintext", self.anthropic_api_key_plaintext)
 
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> "AnthropicConfig":
-        return decode(cls, _strip_slash(data, "anthropic_api_base", path), path)  # type: ignore[no-any-return]
-
-    def credential(self) -> tuple[str | None, str | None]:
-        return self.anthropic_api_key, self.anthropic_api_key_plaintext
-
-    def to_dict(self) -> dict[str, Any]:
-        return _masked(self)
-
-
-class ServingEndpointConfig(ConfigStruct):
+class ServingEndpointConfig(_ProviderConfig):
     """A serving endpoint of a workspace: ``POST {workspace_url}/serving-endpoints/{name}/invocations``."""
+
+    _credential_fields = ("databricks_api_token", "databricks_api_token_plaintext")
+    _url_field = "databricks_workspace_url"
 
     databricks_workspace_url: HttpUrl
     databricks_api_token: NonEmpty | None = None
     databricks_api_token_plaintext: NonEmpty | None = None
-
-    def _check(self, path: str) -> None:
-        _check_credential(path, "databricks_api_token", self.databricks_api_token,
-                          "databricks_api_token_plaintext", self.databricks_api_token_plaintext)
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> "ServingEndpointConfig":
-        return decode(cls, _strip_slash(data, "databricks_workspace_url", path), path)  # type: ignore[no-any-return]
-
-    def credential(self) -> tuple[str | None, str | None]:
-        return self.databricks_api_token, self.databricks_api_token_plaintext
-
-    def to_dict(self) -> dict[str, Any]:
-        return _masked(self)
 
 
 ProviderConfig = OpenAIConfig | AnthropicConfig | ServingEndpointConfig
