@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .._config import AnthropicConfig, ServedEntity
+from ..config import AnthropicConfig, ServedEntity
 from .._files import anthropic_content
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._http_common import bearer, malformed_answer, raise_for_status

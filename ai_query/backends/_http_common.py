@@ -12,10 +12,10 @@ import json
 import time
 from typing import Any, Mapping
 
-from .._config import ServedEntity
+from ..config import ServedEntity
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
-from .._secrets import resolve_secret
+from ..config import resolve_secret
 
 PATHS = {"llm/v1/chat": "/chat/completions", "llm/v1/completions": "/completions", "llm/v1/embeddings": "/embeddings"}
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from .._config import TASKS, ServedEntity
+from ..config import TASKS, ServedEntity
 from .._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._protocol import Backend, BackendBase, Capabilities

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .._config import ServedEntity
+from ..config import ServedEntity
 from .._schemas import ModelParameters, ModelResponse
 from ._http_common import PATHS, bearer, llm_v1_body, parse_openai_shape
 from ._protocol import BackendBase, Capabilities, HTTPRequest

@@ -28,7 +28,7 @@ from .._errors import ConfigError
 from .._files import text_of_content
 
 if TYPE_CHECKING:
-    from .._config import ServedEntity
+    from ..config import ServedEntity
     from .._schemas import ModelParameters, ModelResponse
 
 

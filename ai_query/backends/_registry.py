@@ -24,7 +24,7 @@ from .._errors import ConfigError
 from ._protocol import Backend, Capabilities
 
 if TYPE_CHECKING:
-    from .._config import ServedEntity
+    from ..config import ServedEntity
 
 ENTRY_POINT_GROUP = "ai_query.backends"
 
@@ -47,14 +47,9 @@ _lock = threading.Lock()
 
 def entity_kind(entity: ServedEntity) -> str:
     """The registry key of a served entity."""
-    if entity.local_model is not None:
-        return "local_model"
-    if entity.vllm_pool is not None:
-        return "vllm_pool"
-    if entity.is_mlflow:
-        return "mlflow"
-    assert entity.external_model is not None
-    return entity.external_model.provider
+    if entity.external_model is not None:  # one kind per provider
+        return entity.external_model.provider
+    return entity.kind
 
 
 def _load(target: str) -> type:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .._config import ServedEntity, ServingEndpointConfig
+from ..config import ServedEntity, ServingEndpointConfig
 from .._schemas import ModelParameters, ModelResponse
 from ._http_common import bearer, llm_v1_body, parse_openai_shape
 from ._protocol import BackendBase, Capabilities, HTTPRequest
