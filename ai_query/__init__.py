@@ -39,6 +39,7 @@ from ._errors import (
     SystemicEndpointError,
     UnknownEndpointError,
 )
+from ._commands import Command
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
@@ -53,6 +54,7 @@ __all__ = [
     "ArgumentError",
     "CallResult",
     "ClientConfig",
+    "Command",
     "ConfigError",
     "EndpointClient",
     "EndpointConfig",

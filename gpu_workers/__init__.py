@@ -25,7 +25,6 @@ from gpu_workers._errors import LocalServerError, ModelBuildError
 from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
 from gpu_workers._offline import offline_engine_info, offline_generate
 from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
-from gpu_workers._workers_cli import workers_main
 from gpu_workers._server import (
     LocalServerInfo,
     LocalServerOptions,
@@ -55,5 +54,4 @@ __all__ = [
     "read_pool_state",
     "stop_local_servers",
     "stop_pools",
-    "workers_main",
 ]
