@@ -167,9 +167,8 @@ def _command_name(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def debug_requested(environ: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
-    value = (os.environ if environ is None else environ).get("AIQ_DEBUG", "")
-    return value.strip().lower() not in ("", "0", "false", "no")
+def _debug_requested() -> bool:
+    return os.environ.get("AIQ_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models are built from wheels, never downloaded
-    return run_command(found.commands[args.command], args, debug=args.debug or debug_requested())
+    return run_command(found.commands[args.command], args, debug=args.debug or _debug_requested())
 
 
 def _add_endpoints_arguments(parser: "argparse.ArgumentParser") -> None:

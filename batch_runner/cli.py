@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Callable
 
 from ai_query import Command, ConfigError
 
@@ -210,40 +211,45 @@ def _add_sample_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
 
 
-SAMPLE_DATA_COMMAND = Command(
-    name="sample-data", help="write a sample Delta table of product reviews", example="ai-query sample-data .aiq-demo/reviews",
-    description="Write deterministic sample product reviews as a Delta table.",
-    add_arguments=_add_sample_data_arguments, run=_cmd_sample_data, explain_error=_explain_error,
-)
-RUN_COMMAND = Command(
-    name="run", help="run job specs: query -> model endpoint -> Delta table", example="ai-query run examples/reviews.toml",
-    description=RUN_HELP, add_arguments=_add_run_arguments, run=_cmd_run, explain_error=_explain_error,
-)
-PLAN_COMMAND = Command(
-    name="plan", help="estimate rows, tokens, cost and time of the next run", example="ai-query plan examples/reviews.toml",
-    description="Estimate the next run of an incremental job: pending rows, and per endpoint the input tokens\n"
-                "(counted with the model's tokenizer when the model is local, else (characters + 1) / 4),\n"
-                "output tokens, cost and duration. A pilot sends options.pilot_rows pending rows (default 20)\n"
-                "through the real query to calibrate the counts; its answers are journaled, so the run\n"
-                "reuses them instead of paying again. --no-pilot sends no request at all.",
-    add_arguments=_add_plan_arguments, run=_cmd_plan, explain_error=_explain_error,
-)
-STATUS_COMMAND = Command(
-    name="status", help="done / failed / pending rows, last runs, usage totals", example="ai-query status examples/reviews.toml",
-    description="Show an incremental job's state: rows done, failed and pending (pending needs Spark only when the\n"
-                "input is [input] sql), the last runs (an 'interrupted' run was killed), and the totals of its\n"
-                "endpoint_usage table.",
-    add_arguments=_add_status_arguments, run=_cmd_status, explain_error=_explain_error,
-)
-SCHEDULE_COMMAND = Command(
-    name="schedule", help="run a job on its cron schedule, in the foreground", example="ai-query schedule examples/reviews.toml",
-    description="Run `ai-query run JOB.toml` at every time the job's schedule (cron: minute hour day-of-month month\n"
-                "day-of-week; ranges 1-5, steps */15, lists 1,15, names mon/jan, @daily ...) fires, in the\n"
-                "foreground, until Ctrl-C. A firing that comes while a run is still going is skipped. Times are\n"
-                "this machine's local time. For production prefer your scheduler (cron, Airflow: see the README)\n"
-                "calling `ai-query run`; it is the same run.",
-    add_arguments=_add_schedule_arguments, run=_cmd_schedule, explain_error=_explain_error,
-)
+PLAN_HELP = """\
+Estimate the next run of an incremental job: pending rows, and per endpoint the input tokens
+(counted with the model's tokenizer when the model is local, else (characters + 1) / 4),
+output tokens, cost and duration. A pilot sends options.pilot_rows pending rows (default 20)
+through the real query to calibrate the counts; its answers are journaled, so the run
+reuses them instead of paying again. --no-pilot sends no request at all.
+"""
+
+STATUS_HELP = """\
+Show an incremental job's state: rows done, failed and pending (pending needs Spark only when the
+input is [input] sql), the last runs (an 'interrupted' run was killed), and the totals of its
+endpoint_usage table.
+"""
+
+SCHEDULE_HELP = """\
+Run `ai-query run JOB.toml` at every time the job's schedule (cron: minute hour day-of-month month
+day-of-week; ranges 1-5, steps */15, lists 1,15, names mon/jan, @daily ...) fires, in the
+foreground, until Ctrl-C. A firing that comes while a run is still going is skipped. Times are
+this machine's local time. For production prefer your scheduler (cron, Airflow: see the README)
+calling `ai-query run`; it is the same run.
+"""
+
+
+def _job_command(name: str, help: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                 run: Callable[[argparse.Namespace], int], example: str = "examples/reviews.toml") -> Command:
+    """A batch-job command; an error Spark wraps around ours is read by ``explain_error``."""
+    return Command(name=name, help=help, description=description, example=f"ai-query {name} {example}",
+                   add_arguments=add_arguments, run=run, explain_error=_explain_error)
+
+
+SAMPLE_DATA_COMMAND = _job_command("sample-data", "write a sample Delta table of product reviews",
+                                   "Write deterministic sample product reviews as a Delta table.",
+                                   _add_sample_data_arguments, _cmd_sample_data, example=".aiq-demo/reviews")
+RUN_COMMAND = _job_command("run", "run job specs: query -> model endpoint -> Delta table", RUN_HELP, _add_run_arguments, _cmd_run)
+PLAN_COMMAND = _job_command("plan", "estimate rows, tokens, cost and time of the next run", PLAN_HELP, _add_plan_arguments, _cmd_plan)
+STATUS_COMMAND = _job_command("status", "done / failed / pending rows, last runs, usage totals", STATUS_HELP,
+                              _add_status_arguments, _cmd_status)
+SCHEDULE_COMMAND = _job_command("schedule", "run a job on its cron schedule, in the foreground", SCHEDULE_HELP,
+                                _add_schedule_arguments, _cmd_schedule)
 
 
 if __name__ == "__main__":  # `python -m batch_runner.cli run ...` is `ai-query run ...`

@@ -183,3 +183,29 @@ def test_a_command_imports_only_the_module_that_registers_it(plugin):
                       if m in sys.modules))
     """, str(plugin))
     assert loaded == ["aiq_fake_plugin"]
+
+
+def test_sample_data_then_status_json_needs_no_spark(tmp_path, capsys):
+    assert main(["sample-data", str(tmp_path / "reviews"), "--rows", "12"]) == 0
+    assert capsys.readouterr().out == f"wrote 12 sample reviews to {tmp_path / 'reviews'}\n"
+    job = tmp_path / "job.toml"
+    job.write_text(textwrap.dedent("""\
+        name = "status-json"
+        key = ["review_id"]
+        query = "SELECT review_id, ai_query('local-chat', review) AS answer FROM reviews"
+        [sources]
+        reviews = "reviews"
+        [output]
+        path = "out"
+        mode = "merge"
+    """))
+    state = tmp_path / "out.aiq"
+    state.mkdir()
+    (state / "runs.jsonl").write_text("".join(json.dumps({"run_id": f"r{i}", "started": f"2026-01-0{i}T00:00:00", "status": "done", "rows": i}) + "\n"
+                                              for i in (1, 2, 3)))
+    assert main(["status", str(job), "--json", "--last", "2"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["job"], status["done"], status["failed"], status["pending"], status["usage_requests"]) == ("status-json", 0, 0, 12, 0)
+    assert [r["run_id"] for r in status["runs"]] == ["r2", "r3"]
+    assert main(["status", str(job)]) == 0
+    assert "pending               12" in capsys.readouterr().out
