@@ -33,7 +33,7 @@ from gpu_workers._pool import ensure_pool, list_pools, read_pool_state, stop_poo
 
 def _config(args: argparse.Namespace) -> dict:
     config = {"model": args.model, "task": args.task, "replicas": args.replicas, "device": args.device,
-              "options": json.loads(args.options)}
+              "options": args.options}
     if args.gpu_ids:
         config["gpu_ids"] = [int(g) for g in args.gpu_ids.split(",")]
     if args.tensor_parallel_size:
@@ -41,6 +41,16 @@ def _config(args: argparse.Namespace) -> dict:
     if args.gpu_memory_utilization:
         config["gpu_memory_utilization"] = args.gpu_memory_utilization
     return config
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc}); write e.g. '{{\"dtype\": \"bfloat16\"}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"dtype\": \"bfloat16\"}}'")
+    return value
 
 
 def _print_pool(state: dict) -> None:
@@ -113,7 +123,7 @@ def add_workers_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--gpu-ids", help="GPUs to use, e.g. 0,1,2,3 (default: the first replicas x tp)")
     start.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
     start.add_argument("--gpu-memory-utilization", type=float, help="share of each GPU's memory (default 0.9)")
-    start.add_argument("--options", default="{}", help='engine options as JSON, e.g. \'{"dtype": "bfloat16"}\'')
+    start.add_argument("--options", type=_json_object, default={}, help='engine options as JSON, e.g. \'{"dtype": "bfloat16"}\'')
     start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the pool")
     start.set_defaults(action_run=_start)
     status = sub.add_parser("status", help="list pools and their replicas")

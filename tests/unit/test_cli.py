@@ -209,3 +209,18 @@ def test_sample_data_then_status_json_needs_no_spark(tmp_path, capsys):
     assert [r["run_id"] for r in status["runs"]] == ["r2", "r3"]
     assert main(["status", str(job)]) == 0
     assert "pending               12" in capsys.readouterr().out
+
+
+def test_workers_start_refuses_options_that_are_not_a_json_object(capsys):
+    for bad, why in (("{bad", "is not JSON (Expecting property name"), ("[1]", "is not a JSON object")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["workers", "start", "--model", "tiny-llama", "--options", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument --options: {bad!r} {why}" in err and '{"dtype": "bfloat16"}' in err
+
+
+def test_prepare_names_the_known_aliases(capsys):
+    assert main(["prepare", "tiny-lama"]) == 2
+    assert capsys.readouterr().err == (
+        "ai-query: ConfigError: unknown model alias(es) ['tiny-lama']; known: ['all-minilm-l6-v2', 'smollm2-135m-instruct', "
+        "'tiny-llama']. Pick known aliases, or pass no alias to prepare them all\n")
