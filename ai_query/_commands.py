@@ -36,6 +36,7 @@ GROUP = "ai_query.commands"
 EXIT_OK = 0
 EXIT_SYSTEMIC = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 
 DESCRIPTION = "SQL batch LLM inference on Spark and Delta Lake."
 
@@ -135,10 +136,13 @@ def build_parser(found: CommandSet) -> "argparse.ArgumentParser":
 
 def run_command(command: Command, args: "argparse.Namespace", *, debug: bool = False) -> int:
     """Run ``command``; every error becomes one paragraph on stderr and an exit code, never a traceback unless ``debug``."""
-    from ._errors import AIQueryError
+    from . import AIQueryError
 
     try:
         code = command.run(args)
+    except BrokenPipeError:  # `ai-query endpoints | head`: the reader has gone; say nothing, as cat would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -199,7 +203,7 @@ def _add_endpoints_arguments(parser: "argparse.ArgumentParser") -> None:
 def _endpoints(args: "argparse.Namespace") -> int:
     import json
 
-    from ._config import EndpointRegistry
+    from . import EndpointRegistry
 
     registry = EndpointRegistry.default(args.endpoints)
     if args.name:

@@ -27,6 +27,7 @@ def _add_arguments(parser):
     parser.add_argument("--name", default="world")
     parser.add_argument("--fail", choices=["typed", "untyped", "interrupt"])
     parser.add_argument("--exit", type=int)
+    parser.add_argument("--lines", type=int, default=0)
 
 
 def _run(args):
@@ -37,6 +38,8 @@ def _run(args):
     if args.fail == "interrupt":
         raise KeyboardInterrupt
     print(f"hello {args.name}; argv {args.command_argv}")
+    for i in range(args.lines):
+        print(f"line {i}")
     return args.exit
 
 
@@ -118,6 +121,16 @@ def test_debug_shows_the_traceback(plugin, capsys, monkeypatch, how):
 def test_ctrl_c_exits_130(plugin, capsys):
     assert main(["hello", "--fail", "interrupt"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(plugin):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "ai_query", "hello", "--lines", "200000"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("hello world")  # `ai-query hello | head -1`
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == ""
 
 
 def test_a_registered_command_that_cannot_load_says_why(plugin, capsys):
