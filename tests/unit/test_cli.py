@@ -237,3 +237,13 @@ def test_prepare_names_the_known_aliases(capsys):
     assert capsys.readouterr().err == (
         "ai-query: ConfigError: unknown model alias(es) ['tiny-lama']; known: ['all-minilm-l6-v2', 'smollm2-135m-instruct', "
         "'tiny-llama']. Pick known aliases, or pass no alias to prepare them all\n")
+
+
+def test_job_commands_show_our_error_from_inside_a_spark_failure():
+    from batch_runner.cli import PLAN_COMMAND, RUN_COMMAND, SCHEDULE_COMMAND, STATUS_COMMAND
+
+    wrapped = RuntimeError("An error occurred while calling o42.collectToPython.\n: org.apache.spark.SparkException: Job aborted\n"
+                           "  File \"/x/_udf.py\", line 9, in run\nai_query._errors.UnknownEndpointError: unknown endpoint 'nope': "
+                           "known endpoints are 'sim-chat'.\n\tat org.apache.spark.api.python.BasePythonRunner")
+    for command in (RUN_COMMAND, PLAN_COMMAND, STATUS_COMMAND, SCHEDULE_COMMAND):
+        assert command.explain_error(wrapped) == "UnknownEndpointError: unknown endpoint 'nope': known endpoints are 'sim-chat'."
