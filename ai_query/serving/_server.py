@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._commands import Command
-from .._config import EndpointRegistry
+from ..config import EndpointRegistry
 from ._app import ServingApp
 from ._auth import TokenAuthenticator
 from ._ratelimit import RateLimiter
