@@ -93,17 +93,10 @@ def _answers_of_this_stage() -> StageAnswers:
     return stage_answers(ctx.stageId() if ctx is not None else None)
 
 
-def start_task_rows(
-    client: AIQueryClient,
-    progress_address: tuple[str, int] | None,
-    endpoints: list[Any],
-    requests: list[Any],
-    params: list[Any],
-    response_formats: list[Any],
-) -> PendingRows:
-    """``start_rows`` with the Spark task's response journal and this stage's answer cache."""
-    return start_rows(client, progress_address, endpoints, requests, params, response_formats,
-                      journal=_task_journal(), answers=_answers_of_this_stage())
+def start_task_rows(client: AIQueryClient, progress_address: tuple[str, int] | None, *columns: list[Any]) -> PendingRows:
+    """``start_rows`` (``columns``: endpoints, requests, parameters, response formats) with the
+    Spark task's response journal and this stage's answer cache."""
+    return start_rows(client, progress_address, *columns, journal=_task_journal(), answers=_answers_of_this_stage())
 
 
 @dataclass

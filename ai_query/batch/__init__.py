@@ -1,19 +1,21 @@
 """The batch pipeline, one module per stage, in the order rows flow through them.
 
-=================  ==========================================================================
-``request``        [plan] a request's identity, computed once: ``RequestKey`` (dedup, the
-                   journal) and the prompt text (prefix order, the traffic split)
-``plan``           [plan] rows grouped by endpoint and parameters, dedup, prefix order
-``answers``        [plan] the stage's answer cache: identical requests of later batches share
-``journal``        [plan] answers a killed run already received, replayed instead of re-sent
-``scheduler``      [fan out] the window scheduler: rows start in dispatch order, a window at a time
-(``ai_query._client``) [fan out] the endpoint exchange: route -> admit -> send -> classify -> retry
-``results``        [collect] ``CallResult``, the exactly-once check
-``pipeline``       the entry: ``start_rows`` runs the stages for one batch; ``shared_client``
-=================  ==========================================================================
+Plan:
+  ``request``    a request's identity, computed once: ``RequestKey`` (dedup, the journal) and
+                 the prompt text (prefix order, the traffic split)
+  ``plan``       rows grouped by endpoint and parameters, dedup, prefix order
+  ``answers``    the stage's answer cache: identical requests of later batches share an answer
+  ``journal``    answers a killed run already received, replayed instead of sent again
+Fan out:
+  ``scheduler``  the window scheduler: rows start in dispatch order, a window at a time
+  (``ai_query._client``: the endpoint exchange, route -> admit -> send -> classify -> retry)
+Collect:
+  ``results``    ``CallResult`` and the exactly-once check
+Entry:
+  ``pipeline``   ``start_rows`` runs the stages for one batch of rows; ``shared_client``
 
-``pipeline`` drives the client, which itself uses the stages above it, so it is imported on its
-own (``from ai_query.batch.pipeline import start_rows``) rather than from this package.
+``pipeline`` drives the client, which itself uses the stages above, so it is imported on its own
+(``from ai_query.batch.pipeline import start_rows``) rather than re-exported here.
 """
 
 from .answers import StageAnswers, stage_answers

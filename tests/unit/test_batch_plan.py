@@ -7,14 +7,13 @@ import concurrent.futures
 import hashlib
 import json
 
-import httpx
 import pytest
 
-from ai_query import AIQueryClient, CallResult, EndpointRegistry
+from ai_query import CallResult
 from ai_query.batch import StageAnswers, group_rows, plan_group, prompt_text_of, request_key
 from ai_query.batch.pipeline import start_rows
 
-from .fakes import chat_body, json_response
+from .fakes import echo_client
 
 
 def test_a_request_key_is_canonical_and_tells_different_requests_apart():
@@ -79,17 +78,7 @@ def test_requests_of_an_earlier_batch_share_its_answer_settled_or_in_flight():
 @pytest.fixture
 def counting_client(monkeypatch):
     monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
-    prompts: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        prompt = json.loads(request.content)["messages"][0]["content"]
-        prompts.append(prompt)
-        return json_response(200, chat_body(f"echo: {prompt}"))
-
-    registry = EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
-        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
-        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
-    client = AIQueryClient(registry, transport=httpx.MockTransport(handler))
+    client, prompts = echo_client()
     yield client, prompts
     client.close()
 

@@ -3,16 +3,13 @@ instead of being sent again; new answers are journaled as they arrive."""
 
 from __future__ import annotations
 
-import json
-
-import httpx
 import pytest
 
-from ai_query import AIQueryClient, CallResult, EndpointRegistry
+from ai_query import CallResult
 from ai_query.batch import ResponseJournal, read_entries, replay, request_key
 from ai_query.batch.pipeline import start_rows
 
-from .fakes import chat_body, json_response
+from .fakes import echo_client
 
 
 def test_replay_places_journaled_answers_at_their_rows_and_leaves_the_rest_to_send(tmp_path):
@@ -29,17 +26,7 @@ def test_replay_places_journaled_answers_at_their_rows_and_leaves_the_rest_to_se
 @pytest.fixture
 def counting_client(monkeypatch):
     monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
-    prompts: list[str] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        prompt = json.loads(request.content)["messages"][0]["content"]
-        prompts.append(prompt)
-        return json_response(200, chat_body(f"echo: {prompt}"))
-
-    registry = EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
-        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
-        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
-    client = AIQueryClient(registry, transport=httpx.MockTransport(handler))
+    client, prompts = echo_client()
     yield client, prompts
     client.close()
 

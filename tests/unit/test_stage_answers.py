@@ -10,11 +10,11 @@ import threading
 import httpx
 import pytest
 
-from ai_query import AIQueryClient, EndpointRegistry, UnknownEndpointError
+from ai_query import AIQueryClient, UnknownEndpointError
 from ai_query.batch import StageAnswers, request_key
 from ai_query.batch.pipeline import start_rows
 
-from .fakes import chat_body, json_response
+from .fakes import chat_body, echo_registry, json_response
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +37,9 @@ class SlowTransport(httpx.AsyncBaseTransport):
         return json_response(200, chat_body(f"echo: {prompt}"))
 
 
-def registry() -> EndpointRegistry:
-    return EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
-        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
-        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
-
-
 def test_a_later_batch_shares_an_identical_request_still_in_flight():
     transport = SlowTransport()
-    client = AIQueryClient(registry(), transport=transport)
+    client = AIQueryClient(echo_registry(), transport=transport)
     answers = StageAnswers()
     try:
         first = start_rows(client, None, ["fake"] * 2, ["a", "b"], [None] * 2, [None] * 2, answers=answers)
@@ -63,7 +57,7 @@ def test_a_later_batch_shares_an_identical_request_still_in_flight():
 def test_a_batch_that_fails_to_start_releases_its_requests():
     transport = SlowTransport()
     transport.release.set()
-    client = AIQueryClient(registry(), transport=transport)
+    client = AIQueryClient(echo_registry(), transport=transport)
     answers = StageAnswers()
     try:
         # the first group marks "a" as in flight, the second names an endpoint that does not exist
@@ -82,7 +76,7 @@ def test_a_replayed_answer_is_shared_by_later_batches(tmp_path):
 
     transport = SlowTransport()
     transport.release.set()
-    client = AIQueryClient(registry(), transport=transport)
+    client = AIQueryClient(echo_registry(), transport=transport)
     killed = ResponseJournal(str(tmp_path / "run-1"))
     try:  # the killed run got "a" (one request, 8 tokens) before it died
         [answer] = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=killed, answers=StageAnswers()).wait()
