@@ -45,7 +45,7 @@ from ._share import ConcurrencyShare
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .batch.plan import prefix_order
 from .batch.request import prompt_text_of, traffic_point
-from .batch.results import CallResult, check_exactly_once
+from .batch.results import CallResult, answered_result, check_exactly_once, failed_result
 from .batch.scheduler import WindowScheduler
 
 T = TypeVar("T")
@@ -319,38 +319,12 @@ class EndpointClient:
         return self._ok_result(index, route, response, t0, attempts), False
 
     def _failed_result(self, index: int, route: _Route, exc: EndpointError, t0: float, attempts: int, why: str) -> CallResult:
-        return CallResult(
-            index,
-            self.config.name,
-            "error",
-            error=f"{exc} ({why} after {attempts} attempt{'s' if attempts != 1 else ''})",
-            model=route.entity.model_name,
-            latency_ms=(self._clock() - t0) * 1000.0,
-            attempts=attempts,
-            request_id=exc.request_id,
-            status_code=exc.status_code,
-        )
+        return failed_result(index, self.config.name, route.entity.model_name, exc, why,
+                             latency_ms=(self._clock() - t0) * 1000.0, attempts=attempts)
 
     def _ok_result(self, index: int, route: _Route, response: ModelResponse, t0: float, attempts: int) -> CallResult:
-        usage = response.usage
-        pricing = route.entity.pricing
-        return CallResult(
-            index,
-            self.config.name,
-            "ok",
-            value=response.value,
-            model=response.model or route.entity.model_name,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            usage_estimated=usage.estimated,
-            cost_usd=pricing.cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
-            latency_ms=(self._clock() - t0) * 1000.0,
-            attempts=attempts,
-            request_id=response.request_id,
-            finish_reason=response.finish_reason,
-            logprobs=_logprobs(response),
-        )
+        return answered_result(index, self.config.name, route.entity.model_name, route.entity.pricing, response,
+                               latency_ms=(self._clock() - t0) * 1000.0, attempts=attempts)
 
     @property
     def runs_batches(self) -> bool:
@@ -375,13 +349,6 @@ class EndpointClient:
             else:
                 results[i] = self._ok_result(i, route, outcome, t0, 1)
         return results
-
-
-def _logprobs(response: ModelResponse) -> Any:
-    choices = response.raw.get("choices") if isinstance(response.raw, Mapping) else None
-    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
-        return choices[0].get("logprobs")
-    return None
 
 
 RowBatch = tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]

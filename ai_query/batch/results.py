@@ -1,4 +1,5 @@
-"""[4 collect] A row's outcome, and the check that every row comes back exactly once, in order.
+"""[4 collect] A row's outcome with its audit fields, and the check that every row comes back
+exactly once, in order.
 
 Every stage before this one may reorder rows (prefix order, dedup, journal replay, rows of
 several endpoints sent in one round); each result carries its row's ``index`` so that
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from .._errors import AIQueryError
+from .._errors import AIQueryError, EndpointError
+from .._schemas import ModelResponse
 
 
 @dataclass
@@ -47,6 +49,52 @@ class CallResult:
         return self.status == "ok"
 
 
+def answered_result(index: int, endpoint: str, model: str | None, pricing: Any, response: ModelResponse, *,
+                    latency_ms: float, attempts: int) -> CallResult:
+    """A row's result from its endpoint's answer: the value and the audit fields (tokens, cost)."""
+    usage = response.usage
+    return CallResult(
+        index,
+        endpoint,
+        "ok",
+        value=response.value,
+        model=response.model or model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        usage_estimated=usage.estimated,
+        cost_usd=pricing.cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
+        latency_ms=latency_ms,
+        attempts=attempts,
+        request_id=response.request_id,
+        finish_reason=response.finish_reason,
+        logprobs=_logprobs(response),
+    )
+
+
+def failed_result(index: int, endpoint: str, model: str | None, exc: EndpointError, why: str, *,
+                  latency_ms: float, attempts: int) -> CallResult:
+    """A row's result when its endpoint gave no answer: the error says why and after how many attempts."""
+    return CallResult(
+        index,
+        endpoint,
+        "error",
+        error=f"{exc} ({why} after {attempts} attempt{'s' if attempts != 1 else ''})",
+        model=model,
+        latency_ms=latency_ms,
+        attempts=attempts,
+        request_id=exc.request_id,
+        status_code=exc.status_code,
+    )
+
+
+def _logprobs(response: ModelResponse) -> Any:
+    choices = response.raw.get("choices") if isinstance(response.raw, Mapping) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+        return choices[0].get("logprobs")
+    return None
+
+
 def shared_copy(original: CallResult, index: int) -> CallResult:
     """Row ``index``'s result when its request was sent for another row: the same answer, no cost.
 
@@ -75,4 +123,4 @@ def without_gaps(results: Sequence[CallResult | None]) -> list[CallResult]:
     return list(results)  # type: ignore[arg-type]
 
 
-__all__ = ["CallResult", "check_exactly_once", "shared_copy", "without_gaps"]
+__all__ = ["CallResult", "answered_result", "check_exactly_once", "failed_result", "shared_copy", "without_gaps"]
