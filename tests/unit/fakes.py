@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -66,8 +67,10 @@ def echo_registry() -> EndpointRegistry:
         "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
 
 
-def echo_client() -> tuple[AIQueryClient, list[str]]:
+@contextlib.contextmanager
+def echo_client(monkeypatch: Any) -> Iterator[tuple[AIQueryClient, list[str]]]:
     """A client on ``echo_registry`` answering ``echo: <prompt>``, and the prompts it was sent."""
+    monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
     prompts: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -75,4 +78,8 @@ def echo_client() -> tuple[AIQueryClient, list[str]]:
         prompts.append(prompt)
         return json_response(200, chat_body(f"echo: {prompt}"))
 
-    return AIQueryClient(echo_registry(), transport=httpx.MockTransport(handler)), prompts
+    client = AIQueryClient(echo_registry(), transport=httpx.MockTransport(handler))
+    try:
+        yield client, prompts
+    finally:
+        client.close()

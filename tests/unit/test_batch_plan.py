@@ -77,10 +77,8 @@ def test_requests_of_an_earlier_batch_share_its_answer_settled_or_in_flight():
 
 @pytest.fixture
 def counting_client(monkeypatch):
-    monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
-    client, prompts = echo_client()
-    yield client, prompts
-    client.close()
+    with echo_client(monkeypatch) as (client, prompts):
+        yield client, prompts
 
 
 def test_start_rows_sends_each_request_once_and_every_row_gets_its_answer(counting_client):

@@ -25,10 +25,8 @@ def test_replay_places_journaled_answers_at_their_rows_and_leaves_the_rest_to_se
 
 @pytest.fixture
 def counting_client(monkeypatch):
-    monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
-    client, prompts = echo_client()
-    yield client, prompts
-    client.close()
+    with echo_client(monkeypatch) as (client, prompts):
+        yield client, prompts
 
 
 def test_a_rerun_sends_only_what_the_killed_run_did_not_receive(tmp_path, counting_client):
