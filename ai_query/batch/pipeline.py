@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable
 
 from .._client import AIQueryClient
-from .._config import EndpointRegistry
+from ..config import EndpointRegistry
 from .._progress import reporter_for
 from .._schemas import ModelParameters
 from .answers import StageAnswers
