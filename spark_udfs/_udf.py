@@ -58,37 +58,32 @@ def _column(values: pa.Array | None, n: int) -> list[Any]:
     return [None] * n if values is None else values.to_pylist()
 
 
-def _row_label(position: int) -> str:
+def _task_context() -> Any:
+    """The running Spark task's ``TaskContext``; ``None`` outside a task (the driver, unit tests)."""
     try:
         from pyspark import TaskContext
 
-        ctx = TaskContext.get()
-        if ctx is not None:
-            return f"row {position} of the Arrow batch in partition {ctx.partitionId()}"
-    except Exception:  # noqa: BLE001 - only a label
-        pass
+        return TaskContext.get()
+    except Exception:  # noqa: BLE001 - no Spark here
+        return None
+
+
+def _row_label(position: int) -> str:
+    ctx = _task_context()
+    if ctx is not None:
+        return f"row {position} of the Arrow batch in partition {ctx.partitionId()}"
     return f"row {position} of the batch"
 
 
 def _task_journal() -> ResponseJournal | None:
     """The response journal a batch job asked for through a Spark local property (else none)."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        return ResponseJournal.from_property(ctx.getLocalProperty(JOURNAL_PROPERTY)) if ctx is not None else None
-    except Exception:  # noqa: BLE001 - outside a task (tests, the driver): no journal
-        return None
+    ctx = _task_context()
+    return ResponseJournal.from_property(ctx.getLocalProperty(JOURNAL_PROPERTY)) if ctx is not None else None
 
 
 def _answers_of_this_stage() -> StageAnswers:
     """This Spark stage's answers in this worker; outside a Spark task, a fresh empty cache."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-    except Exception:  # noqa: BLE001 - no Spark here
-        ctx = None
+    ctx = _task_context()
     # The stage id is unique in the SparkContext; a retried stage may reuse its answers.
     return stage_answers(ctx.stageId() if ctx is not None else None)
 
