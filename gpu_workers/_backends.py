@@ -46,8 +46,8 @@ from ai_query.backends import (
     OpenAICompatibleBackend,
     llm_v1_body,
     parse_openai_shape,
-    prompt_text,
 )
+from ai_query.batch import prompt_text_of
 from gpu_workers._models import KNOWN_MODELS, model_path
 from gpu_workers._offline import offline_generate
 from gpu_workers._pool import ensure_pool, read_pool_state
@@ -195,7 +195,7 @@ class VLLMPoolBackend(_EngineOptions, BackendBase):
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
         await self._ensure()
-        url = self.router.pick(prompt_text(value))
+        url = self.router.pick(prompt_text_of(value))
         if url is None:
             self._refreshed = -1e9  # look at the state file again on the retry
             raise RetryableEndpointError(

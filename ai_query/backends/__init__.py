@@ -7,7 +7,7 @@ The names below are the public API a backend package builds on.
 
 from ._http_common import PATHS, bearer, llm_v1_body, malformed_answer, parse_openai_shape, parse_retry_after, raise_for_status
 from ._openai import OpenAICompatibleBackend
-from ._protocol import Backend, BackendBase, BatchContext, Capabilities, HTTPRequest, prompt_text
+from ._protocol import Backend, BackendBase, BatchContext, Capabilities, HTTPRequest
 from ._registry import (
     ENTRY_POINT_GROUP,
     backend_class,
@@ -40,7 +40,6 @@ __all__ = [
     "parse_openai_shape",
     "parse_retry_after",
     "prepare",
-    "prompt_text",
     "raise_for_status",
     "register",
     "validate_options",

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Protocol, Sequence
 
 from .._errors import ConfigError
-from .._files import text_of_content
 
 if TYPE_CHECKING:
     from ..config import ServedEntity
@@ -59,15 +58,6 @@ class BatchContext:
 
     gpu_ids: tuple[str, ...] = ()
     """GPU addresses the scheduler assigned to this task (Spark resource scheduling)."""
-
-
-def prompt_text(value: Any) -> str:
-    """The text of a request (chat messages joined): what routing, ordering and estimates read."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # chat messages (content: a string or content parts)
-        return "".join(text_of_content(m.get("content", "")) for m in value if isinstance(m, Mapping))
-    return str(value)
 
 
 @dataclass(frozen=True)
