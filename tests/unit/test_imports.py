@@ -6,7 +6,9 @@ name too) and reports every import that breaks a rule of DESIGN.md's layout:
 
 - ``ai_query/`` imports none of ``gpu_workers``, ``spark_udfs``, ``batch_runner``, ``pyspark``, ``vllm``;
 - ``gpu_workers/`` imports none of ``spark_udfs``, ``batch_runner``, ``pyspark``, and of ``ai_query``
-  only the public API (no module or name that starts with ``_``).
+  only the public API (no module or name that starts with ``_``);
+- ``spark_udfs/`` and ``batch_runner/`` reach the engines only through the core's backends (no
+  ``gpu_workers``, no ``vllm``), and ``spark_udfs/`` imports no ``batch_runner``.
 
 The mutation tests add one such import to a copy of the tree and expect the checker to fail.
 """
@@ -26,6 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FORBIDDEN: dict[str, set[str]] = {
     "ai_query": {"gpu_workers", "spark_udfs", "batch_runner", "pyspark", "vllm"},
     "gpu_workers": {"spark_udfs", "batch_runner", "pyspark"},
+    "spark_udfs": {"gpu_workers", "batch_runner", "vllm"},
+    "batch_runner": {"gpu_workers", "vllm"},
 }
 PUBLIC_ONLY: dict[str, set[str]] = {"gpu_workers": {"ai_query"}}
 """Packages that may import these others only through their public names."""
@@ -117,6 +121,8 @@ MUTATIONS = [
     ("gpu_workers/_backends.py", "from ai_query._client import shared_client\n", "not part of ai_query's public API"),
     ("gpu_workers/_offline.py", "def _mutant():\n    from ai_query import _config\n", "gpu_workers imports ai_query._config, not part"),
     ("gpu_workers/_backends.py", "from ai_query.backends._http_common import bearer\n", "not part of ai_query's public API"),
+    ("spark_udfs/__init__.py", "def _mutant():\n    from gpu_workers._models import model_path\n", "spark_udfs imports gpu_workers._models"),
+    ("batch_runner/_plan.py", "def _mutant():\n    import gpu_workers\n", "batch_runner imports gpu_workers"),
 ]
 
 
