@@ -44,7 +44,7 @@ from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from ._secrets import resolve_secret
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AIQueryClient",

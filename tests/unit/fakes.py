@@ -6,9 +6,8 @@ import asyncio
 import json
 from typing import Any, Callable
 
-import httpx
-
 from ai_query import EndpointRegistry
+from ai_query.transport import MockTransport, Request, Response
 
 
 class FakeClock:
@@ -51,9 +50,9 @@ def registry(max_attempts: int = 4, rate_limit_wait_s: float = 600.0, task: str 
     })
 
 
-def transport(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
-    return httpx.MockTransport(handler)
+def transport(handler: Callable[[Request], Response]) -> MockTransport:
+    return MockTransport(handler)
 
 
-def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(status, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})

@@ -7,10 +7,10 @@ import asyncio
 import json
 import threading
 
-import httpx
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry, UnknownEndpointError
+from ai_query.transport import MockTransport, Request, Response
 from spark_udfs._udf import _StageAnswers, start_rows
 
 from .fakes import chat_body, json_response
@@ -21,14 +21,15 @@ def api_key(monkeypatch):
     monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
 
 
-class SlowTransport(httpx.AsyncBaseTransport):
+class SlowTransport(MockTransport):
     """Answers ``echo: <prompt>`` once ``release`` is set, counting the requests."""
 
     def __init__(self) -> None:
+        super().__init__(self.answer)
         self.release = threading.Event()
         self.prompts: list[str] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def answer(self, request: Request) -> Response:
         prompt = json.loads(request.content)["messages"][0]["content"]
         self.prompts.append(prompt)
         while not self.release.is_set():
