@@ -29,6 +29,8 @@ from ai_query.transport import (
     make_transport,
 )
 
+from tests.raw_wire import RawServer, answer, fault, ok
+
 pytestmark = pytest.mark.integration
 
 
@@ -37,51 +39,6 @@ def kind(request, monkeypatch):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     return request.param
-
-
-class RawServer:
-    """A TCP server on 127.0.0.1 whose ``handler(request_bytes, writer)`` writes whatever it likes."""
-
-    def __init__(self, handler, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.handler = handler
-        self.ssl_context = ssl_context
-        self.connections = 0
-        self.requests: list[bytes] = []
-
-    async def __aenter__(self) -> "RawServer":
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
-        self.port = self.server.sockets[0].getsockname()[1]
-        scheme = "https" if self.ssl_context else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}/v1/chat"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0"))
-                request = head + await reader.readexactly(length)
-                self.requests.append(request)
-                if await self.handler(request, writer) == "close":
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-
-def answer(status: int, body: bytes, *headers: str) -> bytes:
-    lines = [f"HTTP/1.1 {status} X", f"content-length: {len(body)}", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def ok(request, writer):
-    writer.write(answer(200, b'{"ok": 1}'))
-    await writer.drain()
 
 
 def run(coro):
@@ -186,19 +143,6 @@ def test_max_connections_holds_requests_until_a_connection_is_free(kind):
 
     server, answers = run(main())
     assert [r.status_code for r in answers] == [200] * 6 and server.connections == 2
-
-
-async def fault(behaviour: str, request, writer):
-    """What the fault servers do (also used by the error-parity tests)."""
-    if behaviour == "silent":
-        await asyncio.sleep(5)
-    elif behaviour == "half":  # headers and part of the body, then the end
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"cho")
-        await writer.drain()
-    elif behaviour == "garbage":
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        await writer.drain()
-    return "close"  # "reset": the request read, the connection closed without a word
 
 
 @pytest.mark.parametrize("behaviour, error, text", [
