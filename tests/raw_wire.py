@@ -16,6 +16,7 @@ class RawServer:
         self.ssl_context = ssl_context
         self.connections = 0
         self.requests: list[bytes] = []
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> "RawServer":
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
@@ -26,9 +27,14 @@ class RawServer:
 
     async def __aexit__(self, *exc) -> None:
         self.server.close()
+        for writer in list(self._writers):  # kept-alive connections: their handlers end now, not at loop teardown
+            writer.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -40,6 +46,7 @@ class RawServer:
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 
