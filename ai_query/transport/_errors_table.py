@@ -10,7 +10,7 @@ That is what makes a reset read the same in a Spark row (aiohttp) and in a serve
     ------------------------------------------------------  ----------------------  ---------------------------------------------
     TransportError (already ours)                           itself
     TimeoutError, aiohttp.ServerTimeoutError                TransportTimeoutError   no answer within {timeout} s
-    aiohttp.InvalidURL (not http/https, no host)            ConnectFailedError      cannot send to {url}: only http:// and https:// URLs
+    aiohttp.InvalidURL (not http/https, no host)            ConnectFailedError      cannot send to {origin}: only http:// and https:// URLs
     aiohttp.ClientConnectorError (DNS, refused, TLS, proxy) ConnectFailedError      cannot connect to {origin}: {reason}
     aiohttp.ClientHttpProxyError (CONNECT refused)          ConnectFailedError      cannot connect to {origin}: the proxy answered {status}
     aiohttp.ClientResponseError, httptools.HttpParserError  ConnectionLostError     the answer from {origin} is not valid HTTP/1.1
