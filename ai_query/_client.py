@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeV
 
 from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
 from ._gradient import GradientConcurrencyLimiter
-from ._config import EndpointConfig, EndpointRegistry, ServedEntity
+from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
     EndpointError,

@@ -26,8 +26,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from ._config import ClientConfig, EndpointConfig
 from ._errors import TransportError, TransportTimeoutError
+from .config import ClientConfig, EndpointConfig
 from .transport import Request, request_blocking
 
 BROKER_ATTEMPTS = 6
