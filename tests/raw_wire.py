@@ -98,6 +98,14 @@ class ThreadedRawServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.raw.__aexit__(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        await self.raw.__aexit__()
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # e.g. a silent one, asleep
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
