@@ -9,7 +9,7 @@ serving endpoint. Quick use::
     r.status, r.value, r.total_tokens
 """
 
-from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
+from ._client import AIQueryClient, EndpointClient
 from ._concurrency import AdaptiveConcurrencyLimiter
 from ._gradient import GradientConcurrencyLimiter
 from .config import (
@@ -48,6 +48,8 @@ from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .config import resolve_secret
+from .batch.pipeline import shared_client
+from .batch.results import CallResult, check_exactly_once
 
 from ._version import __version__
 
