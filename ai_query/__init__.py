@@ -44,6 +44,7 @@ from ._errors import (
     UnsupportedFileError,
     recover_error,
 )
+from ._commands import Command
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
@@ -61,6 +62,7 @@ __all__ = [
     "BadRequestError",
     "CallResult",
     "ClientConfig",
+    "Command",
     "ConfigError",
     "CronError",
     "EndpointClient",
