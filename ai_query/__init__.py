@@ -10,8 +10,8 @@ serving endpoint. Quick use::
 """
 
 from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
-from ._concurrency import AdaptiveConcurrencyLimiter
-from ._gradient import GradientConcurrencyLimiter
+from .limits.aimd import AdaptiveConcurrencyLimiter
+from .limits.gradient import GradientConcurrencyLimiter
 from ._config import (
     TASKS,
     ClientConfig,
@@ -40,7 +40,7 @@ from ._errors import (
     UnknownEndpointError,
 )
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
-from ._retry import make_retrying
+from .limits.retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from ._secrets import resolve_secret
 

@@ -25,8 +25,9 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeV
 
 import httpx
 
-from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
-from ._gradient import GradientConcurrencyLimiter
+from .limits.aimd import AdaptiveConcurrencyLimiter
+from .limits.slots import Outcome
+from .limits.gradient import GradientConcurrencyLimiter
 from ._config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
@@ -40,12 +41,12 @@ from ._errors import (
     SystemicEndpointError,
 )
 from ._providers import Provider, provider_for
-from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
+from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from ._files import text_of_content
 from ._http import DirectAiohttpClient
 from ._prefix import prefix_order
-from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
-from ._share import ConcurrencyShare
+from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
+from .limits.share import ConcurrencyShare
 from ._schemas import ModelParameters, ModelResponse, Usage
 
 T = TypeVar("T")
