@@ -26,7 +26,7 @@ from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_mod
 from gpu_workers._offline import offline_engine_info, offline_generate
 from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
 from gpu_workers._workers_cli import workers_main
-from gpu_workers._server import (
+from gpu_workers._local_servers import (
     LocalServerInfo,
     LocalServerOptions,
     ensure_local_server,

@@ -32,7 +32,7 @@ import threading
 from typing import Any, Mapping, Sequence
 
 from gpu_workers._pool import plan_pool
-from gpu_workers._server import run_dir
+from gpu_workers._state_files import run_dir
 
 __all__ = ["offline_generate", "offline_engine_info"]
 
