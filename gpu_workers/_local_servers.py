@@ -8,24 +8,23 @@ pooling runner.
 
 Sharing across processes
     Spark's Python workers are separate processes from the driver, so the in-memory state of
-    one process is useless to the others. Each server is described by a JSON state file,
-    ``<cache>/run/<key>.json``, where ``key`` names the model, the kind of task and a hash of
-    the options that change the server (dtype, max_model_len, ...). A caller reads the state
-    file and checks that the supervisor process is alive and ``/health`` answers; if not, it
-    takes ``flock`` on ``<cache>/run/<key>.lock``, looks again, cleans up stale state and
-    starts the server. Concurrent callers therefore start at most one server per key, and the
-    others wait on the lock and attach.
+    one process is useless to the others. Each server is described by a state file
+    (``gpu_workers._state_files``) under a key naming the model, the kind of task and a hash of
+    the options that change the server (``gpu_workers._server_options``). A caller reads the
+    state file and checks that the supervisor process is alive and ``/health`` answers
+    (``gpu_workers._health``); if not, it takes the key's lock, looks again, cleans up stale
+    state and starts the server. Concurrent callers therefore start at most one server per key,
+    and the others wait on the lock and attach.
 
 No orphans
     The server runs under ``gpu_workers._supervisor``, which the kernel signals when its owner
     (the process that started it) dies, even by SIGKILL, and which then takes down the whole
-    server process tree. ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child
-    exits, not the process: ``ai_query`` calls ``ensure_local_server`` from short-lived
-    executor threads, so every supervisor is forked from one long-lived daemon thread
-    (``_LauncherThread``) that lives as long as the process. The owner also stops its servers
-    at interpreter exit (``atexit``), and ``stop_local_servers()`` stops them on demand.
-    A server therefore lives as long as its owner: start servers from a long-lived process
-    (the Spark driver does, in ``spark_udfs.prepare_endpoints``), not from a task.
+    server process tree. Every supervisor is forked from one long-lived launcher thread
+    (``gpu_workers._lifecycle``: ``PR_SET_PDEATHSIG`` follows the forking *thread*). The owner
+    also stops its servers at interpreter exit (``atexit``), and ``stop_local_servers()`` stops
+    them on demand. A server therefore lives as long as its owner: start servers from a
+    long-lived process (the Spark driver does, in ``spark_udfs.prepare_endpoints``), not from a
+    task.
 
 Logs go to ``<cache>/run/logs/<key>.log`` (the previous start's log is kept as ``.log.1``).
 """

@@ -48,7 +48,7 @@ from ai_query.process import (
     signal_group,
     stop_process,
 )
-from gpu_workers._health import _http_get
+from gpu_workers._health import _http_get, _serves_model
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -109,15 +109,7 @@ class Replica:
         _log(f"replica {self.index}: started pid {self.proc.pid} on port {self.port}")
 
     def _ready(self) -> bool:
-        root = self.base_url[: -len("/v1")]
-        status, _ = _http_get(root + "/health", 2.0)
-        if status != 200:
-            return False
-        status, body = _http_get(self.base_url + "/models", 5.0)
-        try:
-            return status == 200 and any(m.get("id") == self.manager.served_model_name for m in json.loads(body)["data"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return False
+        return _serves_model(self.base_url, self.manager.served_model_name)
 
     def stop(self, grace: float) -> None:
         proc = self.proc

@@ -10,11 +10,11 @@ round trips instead of one step per round trip.
 After that, growth per round trip is shaped like TCP CUBIC's around ``W_max``, the limit at the
 last decrease: below it, half the gap (back quickly to what worked); at it, a slow probe (a
 quarter request); above it, faster the further it has grown without a signal (the endpoint has
-more room now). A flat +1 per round trip probed past the endpoint's capacity every two or three
-round trips: with two workers probing a cap of 48, 2% of requests were 429s (benchmark and a
-round-by-round model alike). In that model the plateau halves the 429s for 0.5% less in
-flight, and it finds new room sooner (17 round trips instead of 23 from 24 to 48 in flight).
-The clock is injected, so tests need no real time.
+more room now). A flat +1 per round trip probes past the endpoint's capacity every two or three
+round trips, and each probe costs a burst of 429s; the plateau makes probes rarer where the
+last overload happened and still finds new room sooner (the measurements are in
+``bench/README.md``, "Why the AIMD limiter plateaus"). The clock is injected, so tests need no
+real time.
 """
 
 from __future__ import annotations
