@@ -21,17 +21,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-_HOST = "127.0.0.1"
+from gpu_workers._server_options import _HOST
 
 
 def _free_port() -> int:
+    """A port free on 127.0.0.1 now (another program may still take it before the server binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return sock.getsockname()[1]
 
 
 class _LauncherThread:
-    """Forks every supervisor from one long-lived daemon thread.
+    """Forks every owned process (a server's supervisor, a pool's manager) from one long-lived daemon thread.
 
     ``PR_SET_PDEATHSIG`` is tied to the *thread* that forked the child: a supervisor forked
     from a thread-pool thread would be told its parent died as soon as that thread exits
