@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+
 def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
     """A GET that ignores proxy variables: the servers are on 127.0.0.1."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

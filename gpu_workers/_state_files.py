@@ -21,6 +21,7 @@ from typing import Any
 from gpu_workers._errors import LocalServerError
 from gpu_workers._models import cache_dir
 
+
 def run_dir() -> pathlib.Path:
     """Where state files, locks and logs of local servers live: ``<cache>/run``."""
     return cache_dir() / "run"
