@@ -12,7 +12,7 @@ serving endpoint. Quick use::
 from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
 from .limits.aimd import AdaptiveConcurrencyLimiter
 from .limits.gradient import GradientConcurrencyLimiter
-from ._config import (
+from .config import (
     TASKS,
     ClientConfig,
     EndpointConfig,
@@ -26,7 +26,9 @@ from ._config import (
 from ._errors import (
     AIQueryError,
     ArgumentError,
+    BadRequestError,
     ConfigError,
+    CronError,
     EndpointError,
     EndpointTimeoutError,
     LocalEngineError,
@@ -36,13 +38,16 @@ from ._errors import (
     RetryableEndpointError,
     RowFailedError,
     SecretNotFoundError,
+    ServingError,
     SystemicEndpointError,
     UnknownEndpointError,
+    UnsupportedFileError,
+    recover_error,
 )
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from .limits.retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
-from ._secrets import resolve_secret
+from .config import resolve_secret
 
 __version__ = "0.1.0"
 
@@ -51,9 +56,11 @@ __all__ = [
     "AIQueryError",
     "AdaptiveConcurrencyLimiter",
     "ArgumentError",
+    "BadRequestError",
     "CallResult",
     "ClientConfig",
     "ConfigError",
+    "CronError",
     "EndpointClient",
     "EndpointConfig",
     "EndpointError",
@@ -77,12 +84,15 @@ __all__ = [
     "RowFailedError",
     "SecretNotFoundError",
     "ServedEntity",
+    "ServingError",
     "SystemicEndpointError",
     "TASKS",
     "UnknownEndpointError",
+    "UnsupportedFileError",
     "Usage",
     "check_exactly_once",
     "make_retrying",
+    "recover_error",
     "resolve_secret",
     "shared_client",
     "__version__",

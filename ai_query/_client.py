@@ -28,7 +28,7 @@ import httpx
 from .limits.aimd import AdaptiveConcurrencyLimiter
 from .limits.slots import Outcome
 from .limits.gradient import GradientConcurrencyLimiter
-from ._config import EndpointConfig, EndpointRegistry, ServedEntity
+from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
     EndpointError,

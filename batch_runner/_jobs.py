@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -73,8 +73,8 @@ def job_registry(spec: JobSpec) -> EndpointRegistry:
     changed = []
     for name, cap in per_endpoint.items():
         ep = registry.get(name)
-        client = replace(ep.client_config, max_concurrency=cap, initial_concurrency=min(cap, ep.client_config.initial_concurrency))
-        changed.append(replace(ep, client_config=client))
+        client = ep.client_config.replace(max_concurrency=cap, initial_concurrency=min(cap, ep.client_config.initial_concurrency))
+        changed.append(ep.replace(client_config=client))
     return registry.with_endpoints(changed)
 
 
