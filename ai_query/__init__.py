@@ -9,7 +9,7 @@ serving endpoint. Quick use::
     r.status, r.value, r.total_tokens
 """
 
-from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
+from ._client import AIQueryClient, EndpointClient
 from .limits.aimd import AdaptiveConcurrencyLimiter
 from .limits.gradient import GradientConcurrencyLimiter
 from .config import (
@@ -44,12 +44,15 @@ from ._errors import (
     UnsupportedFileError,
     recover_error,
 )
+from ._commands import Command
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from .limits.retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .config import resolve_secret
+from .batch.pipeline import shared_client
+from .batch.results import CallResult, check_exactly_once
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AIQueryClient",
@@ -59,6 +62,7 @@ __all__ = [
     "BadRequestError",
     "CallResult",
     "ClientConfig",
+    "Command",
     "ConfigError",
     "CronError",
     "EndpointClient",

@@ -8,7 +8,7 @@ A run of a job with a ``key`` and output mode ``merge`` or ``append``:
    rows whose status is ``error``), ordered by key, at most ``max_rows``;
 3. **chunks** of ``chunk_rows``: the input view is narrowed to the chunk's keys, the job's query
    runs with audit columns, every answer is journaled on the executor as it arrives
-   (``ai_query._journal``), and the driver then commits, each with app transaction
+   (``ai_query.batch.journal``), and the driver then commits, each with app transaction
    (``ai-query:<job>``, ``v``): the output (merge by key, or append), then the chunk's usage
    rows (``endpoint_usage``) and, optionally, its payload rows;
 4. **budget**: after each chunk the run's cost and tokens are checked against ``max_cost_usd`` /
@@ -41,8 +41,7 @@ import pyarrow.compute as pc
 
 import spark_udfs
 from ai_query import ConfigError, EndpointRegistry, ProgressCollector
-from ai_query._client import CallResult
-from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
+from ai_query.batch import JOURNAL_PROPERTY, CallResult, ResponseJournal, read_entries
 from ai_query._usage import INFERENCE_SCHEMA, USAGE_SCHEMA, DeltaAppender, inference_record, usage_record
 
 from ._runner import _ProgressDisplay, explain_error, flatten_audit
@@ -344,8 +343,6 @@ class _ReplayedAnswers:
     _ZEROED = {"aiq_prompt_tokens": 0, "aiq_completion_tokens": 0, "aiq_total_tokens": 0, "aiq_attempts": 0}
 
     def __init__(self, spec: JobSpec, journal_dirs: list[str]) -> None:
-        from ai_query._journal import read_entries
-
         self.ids: set[str] = set()
         for directory in journal_dirs:
             for path in Path(directory).glob("*.jsonl"):

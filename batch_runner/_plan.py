@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import spark_udfs
-from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
+from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
 from ._jobs import _INPUT_ALIAS, _journal_dirs, open_job, pending_keys, request_query, rows_of_keys
 from ._runner import flatten_audit

@@ -36,10 +36,8 @@ _EXPORTS = {
     "offline_engine_info": "_offline", "offline_generate": "_offline",
     "PoolInfo": "_pool", "PoolPlan": "_pool", "ensure_pool": "_pool", "list_pools": "_pool", "plan_pool": "_pool",
     "read_pool_state": "_pool", "stop_pools": "_pool",
-    "workers_main": "_workers_cli",
-    "LocalServerInfo": "_local_servers", "LocalServerOptions": "_local_servers",
-    "ensure_local_server": "_local_servers", "list_local_servers": "_local_servers",
-    "stop_local_servers": "_local_servers",
+    "LocalServerInfo": "_local_servers", "LocalServerOptions": "_local_servers", "ensure_local_server": "_local_servers",
+    "list_local_servers": "_local_servers", "stop_local_servers": "_local_servers",
 }
 
 if TYPE_CHECKING:
@@ -54,7 +52,6 @@ if TYPE_CHECKING:
         list_local_servers,
         stop_local_servers,
     )
-    from gpu_workers._workers_cli import workers_main
 
 
 def __getattr__(name: str) -> Any:
@@ -87,5 +84,4 @@ __all__ = [
     "read_pool_state",
     "stop_local_servers",
     "stop_pools",
-    "workers_main",
 ]

@@ -1,29 +1,26 @@
 """Is a local server up: ``/health`` answers 200, and ``/v1/models`` lists the model it was started for.
 
-The servers listen on 127.0.0.1, so proxy variables are ignored. A failed request is a status
-of 0, never an exception: callers poll.
+Requests go through the core's transport (loopback never goes through a proxy). A request that
+nothing answered is a status of 0, never an exception: callers poll.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 
 def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
-    """A GET that ignores proxy variables: the servers are on 127.0.0.1."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """A GET through the core's transport (loopback never goes through a proxy); 0 when nothing answered."""
+    from ai_query.transport import Request, TransportError, request_blocking
+
     try:
-        with opener.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except (OSError, ValueError):
+        response = request_blocking(Request("GET", url, timeout=timeout))
+    except TransportError:
         return 0, b""
+    return response.status_code, response.content
 
 
 def _root_url(base_url: str) -> str:
