@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import spark_udfs
 from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
 
-from ._jobs import _INPUT_ALIAS, _journal_dirs, open_job, pending_keys, request_query, rows_of_keys
+from ._job_input import _INPUT_ALIAS, open_job, pending_keys, request_query, rows_of_keys
+from ._job_state import _journal_dirs
 from ._runner import flatten_audit
 from ._spec import JobSpec
 
