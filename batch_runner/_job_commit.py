@@ -3,9 +3,9 @@
 Every commit carries the app transaction (the job's id, the chunk's version) through the one
 Delta committer (``ai_query.sinks``), so a chunk committed before a kill is skipped by the re-run.
 The output and the usage table are two tables, so no single commit covers both: usage rows are
-staged as parquet before the output commit and committed after it (``_Staging``), and a later run
-commits what a killed one staged. Answers replayed from the journal are billed once
-(``_ReplayedAnswers``).
+staged as parquet before the output commit and committed after it (``UsageStaging``), and a
+later run commits what a killed one staged. Answers replayed from the journal are billed once
+(``ReplayedAnswers``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
     return committer.append(table, chunk_transaction(spec, version))
 
 
-class _Staging:
+class UsageStaging:
     """Usage and payload rows written next to the job before the output commit, committed after it.
 
     The output and the usage table are two Delta tables: no single commit covers both. A chunk's
@@ -163,7 +163,7 @@ class _Staging:
         return len(recovered)
 
 
-class _ReplayedAnswers:
+class ReplayedAnswers:
     """Journaled answers of earlier runs, so that each one is billed in the usage table once.
 
     The journal is keyed by request content: two pending rows with the same request both get
@@ -207,4 +207,5 @@ class _ReplayedAnswers:
         return result
 
 
-__all__ = ["commit_output", "landed_version", "next_chunk_version", "usage_rows"]
+__all__ = ["ReplayedAnswers", "UsageStaging", "chunk_transaction", "commit_output", "landed_version", "next_chunk_version",
+           "usage_rows"]

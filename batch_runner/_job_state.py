@@ -92,12 +92,12 @@ class JobRunReport:
         return "\n".join(lines)
 
 
-def _journal_dirs(spec: JobSpec) -> list[str]:
+def journal_dirs(spec: JobSpec) -> list[str]:
     root = Path(spec.state_path) / "journal"
     return sorted(str(p) for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
 
 
-def _log_run(spec: JobSpec, record: dict[str, Any]) -> None:
+def log_run(spec: JobSpec, record: dict[str, Any]) -> None:
     path = Path(spec.state_path) / "runs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
@@ -183,4 +183,4 @@ def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
     )
 
 
-__all__ = ["JobRunReport", "JobStatus", "job_status", "read_runs"]
+__all__ = ["JobRunReport", "JobStatus", "job_status", "journal_dirs", "log_run", "read_runs"]

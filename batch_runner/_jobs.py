@@ -18,6 +18,10 @@ Killed at any point, a re-run loses and duplicates nothing: committed chunks are
 keys are in the output, their versions in the tables' transaction logs), staged usage is
 committed exactly once, and answers received before the kill come from the journal, not the
 endpoint, so the usage table's tokens equal what the endpoint served.
+
+This module is the run itself (chunks, budget); beside it: ``_job_input`` (endpoints, sources,
+pending keys), ``_job_commit`` (a chunk's commits, usage staging), ``_job_state`` (the run
+report, the run log, ``job_status``).
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ import spark_udfs
 from ai_query import ConfigError, ProgressCollector
 from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
 
-from ._job_commit import _ReplayedAnswers, _Staging, commit_output, next_chunk_version, usage_rows
+from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys
-from ._job_state import JobRunReport, _journal_dirs, _log_run
+from ._job_state import JobRunReport, journal_dirs, log_run
 from ._runner import _ProgressDisplay, flatten_audit
 from ._spec import JobSpec
 
@@ -108,18 +112,18 @@ def run_incremental(
     report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id)
     input_df = open_job(spec, spark)
     _check_budget_pricing(spark, spec)
-    staging = _Staging(spec)
+    staging = UsageStaging(spec)
     report.recovered_chunks = staging.recover()
 
     caps = [n for n in (limit, spec.max_rows) if n is not None]
     keys = pending_keys(spark, spec, input_df, retry_failed=retry_failed, limit=min(caps) if caps else None)
     report.pending_before = keys.num_rows
     log.info("job %s: %d pending rows (%.1f s)", spec.name, keys.num_rows, time.monotonic() - started)
-    _log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
+    log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
                     "retry_failed": retry_failed, "status": "running"})
     journal_root = Path(spec.state_path) / "journal"
-    earlier_journals = _journal_dirs(spec)
-    replayed = _ReplayedAnswers(spec, earlier_journals)
+    earlier_journals = journal_dirs(spec)
+    replayed = ReplayedAnswers(spec, earlier_journals)
     journal = ResponseJournal.property_value(str(journal_root / f"run-{run_id}"), earlier_journals)
     names = list(spec.key)
     req_sql, _ = request_query(spark, spec)
@@ -161,7 +165,7 @@ def run_incremental(
             shutil.rmtree(journal_root, ignore_errors=True)  # every journaled answer is committed
         elif status != "failed":
             shutil.rmtree(journal_root / f"run-{run_id}", ignore_errors=True)  # this run's answers are committed
-        _log_run(spec, {"run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(), "status": status,
+        log_run(spec, {"run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(), "status": status,
                         "rows": report.rows, "ok": report.rows_ok, "failed": report.rows_failed,
                         "prompt_tokens": report.prompt_tokens, "completion_tokens": report.completion_tokens,
                         "cost_usd": report.cost_usd, "chunks": report.chunks, "seconds": round(report.seconds, 3),
@@ -179,8 +183,8 @@ def run_incremental(
 
 
 def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chunk_keys: pa.Table, names: list[str],
-               req_sql: str, staging: _Staging, version: int, run_id: str, report: JobRunReport,
-               replayed: "_ReplayedAnswers") -> None:
+               req_sql: str, staging: UsageStaging, version: int, run_id: str, report: JobRunReport,
+               replayed: ReplayedAnswers) -> None:
     # The chunk's input rows come to the driver once and go back as a local relation: the model
     # query and the request-text query then read it without scanning the sources again, and Spark
     # spreads a local relation over all its cores (a scan would give one task per source file).
