@@ -93,11 +93,13 @@ class JobRunReport:
 
 
 def journal_dirs(spec: JobSpec) -> list[str]:
+    """The journal directories of the job's earlier runs (answers received but maybe not committed)."""
     root = Path(spec.state_path) / "journal"
     return sorted(str(p) for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
 
 
 def log_run(spec: JobSpec, record: dict[str, Any]) -> None:
+    """Add a line to the run log: a run's start, or its end (the same ``run_id``)."""
     path = Path(spec.state_path) / "runs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
