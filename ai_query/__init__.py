@@ -12,7 +12,7 @@ serving endpoint. Quick use::
 from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
 from ._concurrency import AdaptiveConcurrencyLimiter
 from ._gradient import GradientConcurrencyLimiter
-from ._config import (
+from .config import (
     TASKS,
     ClientConfig,
     EndpointConfig,
@@ -26,7 +26,9 @@ from ._config import (
 from ._errors import (
     AIQueryError,
     ArgumentError,
+    BadRequestError,
     ConfigError,
+    CronError,
     DeltaCommitError,
     EndpointError,
     EndpointTimeoutError,
@@ -37,13 +39,16 @@ from ._errors import (
     RetryableEndpointError,
     RowFailedError,
     SecretNotFoundError,
+    ServingError,
     SystemicEndpointError,
     UnknownEndpointError,
+    UnsupportedFileError,
+    recover_error,
 )
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
-from ._secrets import resolve_secret
+from .config import resolve_secret
 
 __version__ = "0.1.0"
 
@@ -52,9 +57,11 @@ __all__ = [
     "AIQueryError",
     "AdaptiveConcurrencyLimiter",
     "ArgumentError",
+    "BadRequestError",
     "CallResult",
     "ClientConfig",
     "ConfigError",
+    "CronError",
     "DeltaCommitError",
     "EndpointClient",
     "EndpointConfig",
@@ -79,12 +86,15 @@ __all__ = [
     "RowFailedError",
     "SecretNotFoundError",
     "ServedEntity",
+    "ServingError",
     "SystemicEndpointError",
     "TASKS",
     "UnknownEndpointError",
+    "UnsupportedFileError",
     "Usage",
     "check_exactly_once",
     "make_retrying",
+    "recover_error",
     "resolve_secret",
     "shared_client",
     "__version__",

@@ -27,7 +27,7 @@ import httpx
 
 from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
 from ._gradient import GradientConcurrencyLimiter
-from ._config import EndpointConfig, EndpointRegistry, ServedEntity
+from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     AIQueryError,
     EndpointError,

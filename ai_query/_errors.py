@@ -2,30 +2,57 @@
 
     AIQueryError
     ├── ConfigError                 an endpoint config or job spec is invalid (names the field and the fix)
-    │   └── UnknownEndpointError    no endpoint of that name in the registry (lists the known ones)
+    │   ├── UnknownEndpointError    no endpoint of that name in the registry (lists the known ones)
+    │   └── CronError               a cron expression (a job's schedule) that cannot be parsed
     ├── SecretNotFoundError         a {{secrets/scope/key}} reference cannot be resolved
     ├── ArgumentError               a bad ai_query argument (returnType, modelParameters, a named argument)
+    │   └── UnsupportedFileError    a file whose type no endpoint takes (a row error)
     ├── EndpointError               a call to a model endpoint failed
     │   ├── RetryableEndpointError  429, 5xx, timeouts, resets, an unparseable 200: worth another attempt
-    │   │   ├── RateLimitedError    429 (or 503) with an optional Retry-After
+    │   │   ├── RateLimitedError    429 (or 503) with an optional Retry-After; also the serving
+    │   │   │                       endpoint's refusal of a caller over its per-key rate limit
     │   │   ├── EndpointTimeoutError  no answer within request_timeout_s (a sign of load)
     │   │   └── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
+    ├── ServingError                an HTTP error answer of a server of ours (status, error_code, headers)
+    │   └── BadRequestError         a request body that does not follow the wire format (400)
     ├── RowFailedError              a row failed and ``failOnError`` is true
     ├── LocalEngineError            the embedded local engine could not be prepared or started
+    │   └── (gpu_workers) LocalServerError > ModelBuildError
     ├── DeltaCommitError            a Delta commit was refused or failed (names the table and the fix)
     │   └── (spark_udfs) DeltaWriteError   a Spark write to a Delta table: mode, schema, options, commit
     └── (spark_udfs) DeltaReadError        a Delta table cannot be read by the delta-rs data source
 
 Row failures are data (``errorMessage``); only systemic failures and ``failOnError`` raise.
+
+Every error pickles whatever its ``__init__`` takes (``AIQueryError.__reduce__``), so it crosses
+process boundaries intact. Spark, though, hands a Python worker's error to the driver as text;
+``recover_error`` finds our error in that text and rebuilds it typed, message only.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping, TypeVar
+
+E = TypeVar("E", bound="AIQueryError")
+
 
 class AIQueryError(Exception):
     """Root of every error raised by ai-query."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as ``cls(*args)``, which breaks for any __init__ that takes other
+        # arguments than the message (UnknownEndpointError, ServingError): rebuild without __init__
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[E], args: tuple[Any, ...], state: dict[str, Any]) -> E:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(AIQueryError):
@@ -49,8 +76,16 @@ class SecretNotFoundError(AIQueryError):
     """A ``{{secrets/scope/key}}`` reference could not be resolved."""
 
 
+class CronError(ConfigError, ValueError):
+    """A cron expression that cannot be parsed; the message names the field and the fix."""
+
+
 class ArgumentError(AIQueryError):
     """A bad argument to ``ai_query`` or a task function, found before any task runs."""
+
+
+class UnsupportedFileError(ArgumentError, ValueError):
+    """A file whose type the endpoints cannot take (a row error, not a systemic one)."""
 
 
 class EndpointError(AIQueryError):
@@ -98,6 +133,29 @@ class SystemicEndpointError(PermanentEndpointError):
     """No request to this endpoint can succeed (bad key, no permission, no such model)."""
 
 
+class ServingError(AIQueryError):
+    """An error answer of a server of ours: HTTP ``status``, a Databricks-style ``error_code``
+    (``PERMISSION_DENIED``, ``RESOURCE_DOES_NOT_EXIST``, ...), a message for the caller, and extra
+    headers (``Retry-After``)."""
+
+    def __init__(self, status: int, error_code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class BadRequestError(ServingError):
+    """A request body that does not follow the wire format: answered 400 (or ``status``), in the
+    error shape of the API the server speaks (``code`` and ``param`` as that API names them)."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(status, code or "BAD_REQUEST", message)
+        self.code = code
+        self.param = param
+
+
 class RowFailedError(AIQueryError):
     """A row failed while ``failOnError`` is true."""
 
@@ -108,3 +166,34 @@ class LocalEngineError(AIQueryError):
 
 class DeltaCommitError(AIQueryError):
     """A Delta commit was refused (a bad app transaction) or failed (the store, a conflict)."""
+
+
+def _subclasses(root: type) -> dict[str, type]:
+    found = {root.__name__: root}
+    for sub in root.__subclasses__():
+        for name, cls in _subclasses(sub).items():
+            found.setdefault(name, cls)
+    return found
+
+
+def recover_error(text: str, expected: type[E]) -> E | None:
+    """Our error of type ``expected`` (or a subclass) named in ``text``, rebuilt typed; else ``None``.
+
+    Spark hands a Python worker's failure to the driver as text, a traceback whose last line names
+    the error: ``ai_query._errors.ConfigError: <message>`` or ``spark_udfs._delta.DeltaWriteError:
+    <message>``. The last such line is the error that ended the task; its first line of message is
+    kept (no worker traceback). Classes are known by name (``expected``'s subclasses loaded now).
+    """
+    classes = _subclasses(expected)
+    names = "|".join(re.escape(name) for name in sorted(classes, key=len, reverse=True))
+    found = re.findall(rf"(?<![\w])(?:[A-Za-z_]\w*\.)*({names}): *([^\n]*)", text)
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = classes[name]
+    try:
+        return cls(message.strip())  # type: ignore[return-value]
+    except TypeError:  # an __init__ that takes more than the message: the message alone, still typed
+        error = cls.__new__(cls)
+        Exception.__init__(error, message.strip())
+        return error  # type: ignore[return-value]

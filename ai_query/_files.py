@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 from typing import Any, Mapping, Sequence
 
+from ._errors import UnsupportedFileError
+
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -24,10 +26,6 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"%PDF-", "application/pdf"),
 )
 SUPPORTED = ("image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf")
-
-
-class UnsupportedFileError(ValueError):
-    """A file whose type the endpoints cannot take (a row error, not a systemic one)."""
 
 
 def media_type(data: bytes) -> str:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ._config import TASKS
+from .config import TASKS
 from ._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
 from ._schemas import ModelParameters, ModelResponse, Usage
 

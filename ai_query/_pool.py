@@ -41,7 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from ._config import ServedEntity, VLLMPool
+from .config import ServedEntity, VLLMPool
 from ._errors import LocalEngineError, RetryableEndpointError
 from ._providers import _PATHS, HTTPRequest, _parse_openai_shape, llm_v1_body
 from ._schemas import ModelParameters, ModelResponse, Usage

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
-from ._config import AnthropicConfig, LocalModel, ServedEntity, ServingEndpointConfig
+from .config import AnthropicConfig, LocalModel, ServedEntity, ServingEndpointConfig
 from ._errors import (
     EndpointError,
     LocalEngineError,
@@ -26,7 +26,7 @@ from ._errors import (
 )
 from ._files import anthropic_content
 from ._schemas import ModelParameters, ModelResponse, Usage
-from ._secrets import resolve_secret
+from .config import resolve_secret
 
 _PATHS = {"llm/v1/chat": "/chat/completions", "llm/v1/completions": "/completions", "llm/v1/embeddings": "/embeddings"}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Awaitable, Callable, Protocol
 
-from ._config import ClientConfig, EndpointConfig
+from .config import ClientConfig, EndpointConfig
 
 
 class SlidingWindowLimit:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from ai_query import CronError
+
 _MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -33,10 +35,6 @@ _FIELDS = (  # name, low, high, names
     ("month", 1, 12, _MONTHS),
     ("day of week", 0, 7, _DAYS),
 )
-
-
-class CronError(ValueError):
-    """A cron expression that cannot be parsed; the message names the field and the fix."""
 
 
 def _number(text: str, field: str, low: int, high: int, names: dict[str, int]) -> int:

@@ -9,7 +9,6 @@ query with its model call replaced by the call's request) for usage character co
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -44,8 +43,8 @@ def job_registry(spec: JobSpec) -> EndpointRegistry:
     changed = []
     for name, cap in per_endpoint.items():
         ep = registry.get(name)
-        client = replace(ep.client_config, max_concurrency=cap, initial_concurrency=min(cap, ep.client_config.initial_concurrency))
-        changed.append(replace(ep, client_config=client))
+        client = ep.client_config.replace(max_concurrency=cap, initial_concurrency=min(cap, ep.client_config.initial_concurrency))
+        changed.append(ep.replace(client_config=client))
     return registry.with_endpoints(changed)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import threading
 import time
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 import spark_udfs
-from ai_query import AIQueryError, ConfigError, ProgressCollector
+from ai_query import AIQueryError, ConfigError, ProgressCollector, recover_error
 from spark_udfs import AUDIT_COLUMNS
 
 from ._spec import JobSpec
@@ -72,18 +71,14 @@ class RunSummary:
         return "\n".join(lines)
 
 
-_ERROR_LINE = re.compile(r"(?:ai_query\._errors\.|^)(\w*Error): (.+?)(?:\n|$)", re.M)
-
-
 def explain_error(exc: BaseException) -> str:
     """The useful line of an error, also when it arrives wrapped in a Spark task failure."""
     if isinstance(exc, AIQueryError):
         return f"{type(exc).__name__}: {exc}"
     text = str(exc)
-    ours = re.findall(r"ai_query\._errors\.(\w+): (.+)", text)
-    if ours:
-        name, message = ours[-1]
-        return f"{name}: {message.strip()}"
+    ours = recover_error(text, AIQueryError)
+    if ours is not None:
+        return f"{type(ours).__name__}: {ours}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"{type(exc).__name__}: {first[:500]}"
 

@@ -53,45 +53,80 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args
+
+from msgspec import Meta
 
 from ai_query import ConfigError
+from ai_query.config import ConfigStruct, building
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VIEW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MODES = ("overwrite", "append", "merge")
+Mode = Literal["overwrite", "append", "merge"]
+MODES: tuple[str, ...] = get_args(Mode)
 _OPTIONS = ("allowed_failure_rate", "chunk_rows", "master", "max_concurrency", "max_cost_usd", "max_rows", "max_tokens", "pilot_rows")
 _MODEL_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty")
+_WHOLE = Annotated[int, Meta(ge=1, description="a whole number >= 1")]
+# where a field lives in the TOML file: messages name it as the user wrote it
+_TOML_KEYS = {
+    "output_path": "output.path", "output_mode": "output.mode", "usage_path": "output.usage_path",
+    "inference_path": "output.inference_path", "max_payload_bytes": "output.max_payload_bytes",
+    "state_dir": "output.state_dir", "input_view": "input.view", "input_sql": "input.sql",
+    **{option: f"options.{option}" for option in _OPTIONS},
+}
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    name: str
+class JobSpec(ConfigStruct):
+    """A batch job, checked when built (from a TOML file by ``load``, or directly)."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short identifier (letters, digits, '_', '-', '.')")]
     query: str
-    sources: Mapping[str, str]
+    sources: dict[str, str]
     output_path: str
-    output_mode: str = "overwrite"
+    output_mode: Mode = "overwrite"
     key: tuple[str, ...] = ()
     endpoints: str | None = None
-    allowed_failure_rate: float = 0.0
-    master: str | None = None
-    source_file: str | None = field(default=None, compare=False)
+    allowed_failure_rate: Annotated[float, Meta(ge=0, le=1, description="a number between 0 and 1")] = 0.0
+    master: Annotated[str, Meta(description="a Spark master URL string")] | None = None
+    source_file: str | None = None
     input_view: str | None = None
     input_sql: str | None = None
     usage_path: str | None = None
     inference_path: str | None = None
-    max_payload_bytes: int = 65536
+    max_payload_bytes: Annotated[int, Meta(ge=1, description="a whole number of bytes >= 1")] = 65536
     state_dir: str | None = None
-    max_rows: int | None = None
-    chunk_rows: int = 500
-    max_concurrency: Mapping[str, int] | int | None = None
-    max_cost_usd: float | None = None
-    max_tokens: int | None = None
-    pilot_rows: int = 20
+    max_rows: _WHOLE | None = None
+    chunk_rows: _WHOLE = 500
+    max_concurrency: Annotated[
+        dict[str, int] | int | None, Meta(description="a whole number >= 1 (every endpoint) or a table {endpoint = N}")
+    ] = None
+    max_cost_usd: Annotated[float, Meta(gt=0, description="a positive number of dollars, e.g. 5.0")] | None = None
+    max_tokens: _WHOLE | None = None
+    pilot_rows: Annotated[int, Meta(ge=0, description="a whole number >= 0")] = 20
     schedule: str | None = None
-    prompt: Mapping[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+    @classmethod
+    def _field_path(cls, path: str, name: str) -> str:
+        return f"{path}: {_TOML_KEYS.get(name, name)}"
+
+    def _check(self, path: str) -> None:
+        def fail(key: str, message: str) -> ConfigError:
+            return ConfigError(f"{path}: {key} {message}")
+
+        if not self.sources:
+            raise fail("[sources]", "must name at least one Delta table the query reads, e.g. [sources] reviews = \"data/reviews\"")
+        caps = self.max_concurrency
+        if isinstance(caps, int) and caps < 1:
+            raise fail("options.max_concurrency", f"must be a whole number >= 1 (every endpoint) or a table {{endpoint = N}}, got {caps!r}")
+        for ep, cap in (caps.items() if isinstance(caps, dict) else ()):
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise fail(f"options.max_concurrency.{ep}", f"must be a whole number >= 1, got {cap!r}")
+        if self.output_mode == "merge" and not self.key:
+            raise fail("output.mode", "'merge' merges by key: add key = [\"<column>\", ...] naming the columns that identify a row")
+        if self.key and self.output_mode != "overwrite" and self.input_view is None and len(self.sources) > 1:
+            raise fail("[input]", f"is needed with several sources ({', '.join(self.sources)}): add [input] view = \"<the source holding the key>\" "
+                       "(or sql = \"SELECT ...\" to build the input rows)")
 
     @property
     def incremental(self) -> bool:
@@ -128,9 +163,6 @@ class JobSpec:
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
-        name = data.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise fail("name", f"must be a short identifier (letters, digits, '_', '-', '.'), got {name!r}")
         query = data.get("query")
         prompt = data.get("prompt")
         if query is not None and prompt is not None:
@@ -175,8 +207,6 @@ class JobSpec:
                 raise fail("input.view", f"{input_view!r} is not one of [sources] ({', '.join(sources)}); add sql = \"SELECT ...\" to define it")
             if input_sql is not None and input_view in sources:
                 raise fail("input.view", f"{input_view!r} is already a source; pick another name for the SQL input")
-        elif len(sources) > 1 and data.get("key") and prompt is None:
-            pass  # checked below once the mode is known
 
         output = data.get("output")
         if not isinstance(output, Mapping) or not isinstance(output.get("path"), str):
@@ -188,23 +218,12 @@ class JobSpec:
         for name_ in ("usage_path", "inference_path", "state_dir"):
             if name_ in output and (not isinstance(output[name_], str) or not output[name_]):
                 raise fail(f"output.{name_}", f"must be a path string, got {output[name_]!r}")
-        payload_cap = output.get("max_payload_bytes", 65536)
-        if isinstance(payload_cap, bool) or not isinstance(payload_cap, int) or payload_cap < 1:
-            raise fail("output.max_payload_bytes", f"must be a whole number of bytes >= 1, got {payload_cap!r}")
-        mode = output.get("mode", "overwrite")
-        if mode not in MODES:
-            raise fail("output.mode", f"is {mode!r}; use one of {', '.join(MODES)}")
 
         key = data.get("key", [])
         if isinstance(key, str):
             key = [key]
         if not isinstance(key, list) or not all(isinstance(k, str) and k for k in key):
             raise fail("key", f"must be a column name or a list of column names, got {key!r}")
-        if mode == "merge" and not key:
-            raise fail("output.mode", "'merge' merges by key: add key = [\"<column>\", ...] naming the columns that identify a row")
-        if key and mode != "overwrite" and input_view is None and len(sources) > 1:
-            raise fail("[input]", f"is needed with several sources ({', '.join(sources)}): add [input] view = \"<the source holding the key>\" "
-                       "(or sql = \"SELECT ...\" to build the input rows)")
 
         options = data.get("options", {})
         if not isinstance(options, Mapping):
@@ -212,66 +231,48 @@ class JobSpec:
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise fail("[options]", f"has unknown key(s) {', '.join(unknown)}; allowed are {', '.join(_OPTIONS)}")
-        max_rows = _whole(options, "max_rows", fail, None)
-        chunk_rows = _whole(options, "chunk_rows", fail, 500)
-        pilot_rows = _whole(options, "pilot_rows", fail, 20, minimum=0)
-        max_tokens = _whole(options, "max_tokens", fail, None)
-        max_cost = options.get("max_cost_usd")
-        if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or max_cost <= 0):
-            raise fail("options.max_cost_usd", f"must be a positive number of dollars, e.g. 5.0, got {max_cost!r}")
         concurrency = options.get("max_concurrency")
-        if concurrency is not None:
-            if isinstance(concurrency, Mapping):
-                for ep, cap in concurrency.items():
-                    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-                        raise fail(f"options.max_concurrency.{ep}", f"must be a whole number >= 1, got {cap!r}")
-                concurrency = dict(concurrency)
-            elif isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-                raise fail("options.max_concurrency", f"must be a whole number >= 1 (every endpoint) or a table {{endpoint = N}}, got {concurrency!r}")
         schedule = data.get("schedule")
         if schedule is not None:
-            from ._cron import Cron, CronError
+            from ai_query import CronError
+
+            from ._cron import Cron
 
             try:
                 Cron.parse(schedule)
             except CronError as exc:
                 raise fail("schedule", f"is not a valid cron expression: {exc}") from None
-        rate = options.get("allowed_failure_rate", 0.0)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-            raise fail("options.allowed_failure_rate", f"must be a number between 0 and 1, got {rate!r}")
-        master = options.get("master")
-        if master is not None and not isinstance(master, str):
-            raise fail("options.master", f"must be a Spark master URL string, got {master!r}")
         endpoints = data.get("endpoints")
         if endpoints is not None and not isinstance(endpoints, str):
             raise fail("endpoints", f"must be the path of an endpoints JSON file, got {endpoints!r}")
 
-        return cls(
-            name=name,
-            query=query if prompt is None else _prompt_query(prompt, input_view or next(iter(sources))),
-            sources=sources,
-            output_path=resolve(output["path"]),
-            output_mode=mode,
-            key=tuple(key),
-            endpoints=resolve(endpoints) if endpoints else None,
-            allowed_failure_rate=float(rate),
-            master=master,
-            source_file=source_file,
-            input_view=input_view,
-            input_sql=input_sql,
-            usage_path=resolve(output["usage_path"]) if "usage_path" in output else None,
-            inference_path=resolve(output["inference_path"]) if "inference_path" in output else None,
-            max_payload_bytes=payload_cap,
-            state_dir=resolve(output["state_dir"]) if "state_dir" in output else None,
-            max_rows=max_rows,
-            chunk_rows=chunk_rows,  # type: ignore[arg-type]
-            max_concurrency=concurrency,
-            max_cost_usd=float(max_cost) if max_cost is not None else None,
-            max_tokens=max_tokens,
-            pilot_rows=pilot_rows,  # type: ignore[arg-type]
-            schedule=schedule,
-            prompt=prompt,
-        )
+        with building(where):
+            return cls(
+                name=data.get("name"),  # type: ignore[arg-type]
+                query=query if prompt is None else _prompt_query(prompt, input_view or next(iter(sources))),
+                sources=sources,
+                output_path=resolve(output["path"]),
+                output_mode=output.get("mode", "overwrite"),
+                key=tuple(key),
+                endpoints=resolve(endpoints) if endpoints else None,
+                allowed_failure_rate=options.get("allowed_failure_rate", 0.0),
+                master=options.get("master"),
+                source_file=source_file,
+                input_view=input_view,
+                input_sql=input_sql,
+                usage_path=resolve(output["usage_path"]) if "usage_path" in output else None,
+                inference_path=resolve(output["inference_path"]) if "inference_path" in output else None,
+                max_payload_bytes=output.get("max_payload_bytes", 65536),
+                state_dir=resolve(output["state_dir"]) if "state_dir" in output else None,
+                max_rows=options.get("max_rows"),
+                chunk_rows=options.get("chunk_rows", 500),
+                max_concurrency=dict(concurrency) if isinstance(concurrency, Mapping) else concurrency,
+                max_cost_usd=options.get("max_cost_usd"),
+                max_tokens=options.get("max_tokens"),
+                pilot_rows=options.get("pilot_rows", 20),
+                schedule=schedule,
+                prompt=prompt,
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> "JobSpec":
@@ -285,15 +286,6 @@ class JobSpec:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job spec {p} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, p.resolve().parent, str(p))
-
-
-def _whole(options: Mapping[str, Any], key: str, fail: Any, default: int | None, minimum: int = 1) -> int | None:
-    value = options.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise fail(f"options.{key}", f"must be a whole number >= {minimum}, got {value!r}")
-    return value
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")

@@ -21,18 +21,42 @@ Importing this package imports neither vllm, torch nor transformers: they are lo
 model builders and the server processes only.
 """
 
-from gpu_workers._errors import LocalServerError, ModelBuildError
-from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
-from gpu_workers._offline import offline_engine_info, offline_generate
-from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
-from gpu_workers._workers_cli import workers_main
-from gpu_workers._server import (
-    LocalServerInfo,
-    LocalServerOptions,
-    ensure_local_server,
-    list_local_servers,
-    stop_local_servers,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Exports load on first use (PEP 562): ``python -m gpu_workers._supervisor`` (and the embeddings
+# server) run this package's __init__ first, and must start in a blink, without importing the
+# core (``ai_query``, which ``_errors`` subclasses) or the server machinery.
+_EXPORTS = {
+    "LocalServerError": "_errors", "ModelBuildError": "_errors",
+    "KNOWN_MODELS": "_models", "cache_dir": "_models", "model_path": "_models", "prepare_model": "_models",
+    "offline_engine_info": "_offline", "offline_generate": "_offline",
+    "PoolInfo": "_pool", "PoolPlan": "_pool", "ensure_pool": "_pool", "list_pools": "_pool", "plan_pool": "_pool",
+    "read_pool_state": "_pool", "stop_pools": "_pool",
+    "workers_main": "_workers_cli",
+    "LocalServerInfo": "_server", "LocalServerOptions": "_server", "ensure_local_server": "_server",
+    "list_local_servers": "_server", "stop_local_servers": "_server",
+}
+
+if TYPE_CHECKING:
+    from gpu_workers._errors import LocalServerError, ModelBuildError
+    from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
+    from gpu_workers._offline import offline_engine_info, offline_generate
+    from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
+    from gpu_workers._server import LocalServerInfo, LocalServerOptions, ensure_local_server, list_local_servers, stop_local_servers
+    from gpu_workers._workers_cli import workers_main
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpu_workers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gpu_workers.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "KNOWN_MODELS",

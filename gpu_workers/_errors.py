@@ -1,18 +1,18 @@
-"""Errors of the embedded local engine::
+"""Errors of the embedded local engine, under the core's tree (``ai_query.AIQueryError``)::
 
-    LocalServerError        a local model server could not be prepared, started or reached
-    └── ModelBuildError     a model artefact could not be built (missing wheel, failed conversion)
-
-Both derive from ``Exception`` for now; ``ai_query`` re-roots them under ``AIQueryError`` (its
-``LocalEngineError``) when the packages are wired together.
+    LocalEngineError            (ai_query) the local engine could not be prepared or started
+    └── LocalServerError        a local model server could not be prepared, started or reached
+        └── ModelBuildError     a model artefact could not be built (missing wheel, failed conversion)
 """
 
 from __future__ import annotations
 
+from ai_query import LocalEngineError
+
 __all__ = ["LocalServerError", "ModelBuildError"]
 
 
-class LocalServerError(Exception):
+class LocalServerError(LocalEngineError):
     """A local model server could not be prepared, started or reached.
 
     Start-up failures carry the tail of the server's log in the message and the log's path in

@@ -172,7 +172,7 @@ def _prompt_key(value: Any) -> str:
 def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mapping[str, Any],
                      response_format: Mapping[str, Any] | None) -> list[Any]:
     """One ``ModelResponse`` or ``Exception`` per value, in order (see the module docstring)."""
-    from ai_query._config import VLLMPool
+    from ai_query.config import VLLMPool
     from ai_query._pool import offline_response
 
     if not isinstance(pool, VLLMPool):

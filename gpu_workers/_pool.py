@@ -64,7 +64,7 @@ _MANAGER_MODULE = "gpu_workers._pool_manager"
 
 def _pool_config(config: Any):
     """An ``ai_query.VLLMPool`` from one, or from its JSON shape (validated, errors name the field)."""
-    from ai_query._config import VLLMPool
+    from ai_query.config import VLLMPool
 
     if isinstance(config, VLLMPool):
         return config

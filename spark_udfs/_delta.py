@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ai_query import recover_error
 from ai_query.sinks import DeltaCommitter
 from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, DataSourceReader
 from pyspark.sql.types import StructType
@@ -127,19 +128,6 @@ def register_delta(spark: "SparkSession") -> str:
     return "delta-rs"
 
 
-def _unwrap_spark_error(exc: Exception, error_type: type[Exception]) -> Exception | None:
-    """Spark runs the data source in Python workers, so our typed error arrives as text inside its own.
-
-    Re-raising it typed (message only, no worker traceback) lets callers catch ``DeltaWriteError``.
-    """
-    marker = f"{error_type.__name__}: "
-    text = str(exc)
-    if marker not in text:
-        return None
-    message = text.split(marker, 1)[1].strip().splitlines()[0].strip()
-    return error_type(message)
-
-
 def write_delta(
     df: "DataFrame",
     path: str,
@@ -180,7 +168,7 @@ def write_delta(
     except DeltaWriteError:
         raise
     except Exception as exc:
-        typed = _unwrap_spark_error(exc, DeltaWriteError)
+        typed = recover_error(str(exc), DeltaWriteError)
         if typed is None:
             raise
         raise typed from exc
@@ -201,7 +189,7 @@ def read_delta(spark: "SparkSession", path: str, version: int | None = None) -> 
     except DeltaReadError:
         raise
     except Exception as exc:
-        typed = _unwrap_spark_error(exc, DeltaReadError)
+        typed = recover_error(str(exc), DeltaReadError)
         if typed is None:
             raise
         raise typed from exc

@@ -5,18 +5,22 @@ it in a background thread. Routes, auth and rate limits: see ``ai_query.serving.
 and uvicorn are imported only when an app is built, so ``import ai_query`` stays light.
 """
 
+from .._errors import RateLimitedError, ServingError
 from ._app import ServingApp
 from ._auth import LEVELS, Principal, TokenAuthenticator
-from ._errors import ServingError
-from ._ratelimit import RateLimited, RateLimiter
+from ._ratelimit import RateLimiter
 from ._server import ServingServer, build_app, mask_text, serve_main
 from ._store import EndpointStore, masked
+
+RateLimited = RateLimitedError
+"""The old name of a refusal by ``RateLimiter`` (exported before the error tree was one)."""
 
 __all__ = [
     "EndpointStore",
     "LEVELS",
     "Principal",
     "RateLimited",
+    "RateLimitedError",
     "RateLimiter",
     "ServingApp",
     "ServingError",

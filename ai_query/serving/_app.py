@@ -25,12 +25,11 @@ import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from .._errors import AIQueryError, ArgumentError
+from .._errors import AIQueryError, ArgumentError, RateLimitedError, ServingError
 from .._mlflow_provider import import_mlflow
 from ._auth import Principal, TokenAuthenticator
-from ._errors import ServingError
 from ._json import dumps, loads
-from ._ratelimit import RateLimited, RateLimiter, retry_after_header
+from ._ratelimit import RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
 from ._wire import parse_request, render_response, sse_chunks
@@ -207,7 +206,7 @@ class ServingApp:
         config = dep.config
         try:
             self.limiter.admit(name, config.rate_limits, principal.user)
-        except RateLimited as exc:
+        except RateLimitedError as exc:
             raise ServingError(429, "REQUEST_LIMIT_EXCEEDED", str(exc), {"Retry-After": retry_after_header(exc.retry_after)}) from None
         if task is not None and task != config.task:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} serves {config.task}, not {task}")

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .._errors import ConfigError
-from .._secrets import is_secret_ref, resolve_secret
-from ._errors import ServingError
+from .._errors import ConfigError, ServingError
+from ..config import is_secret_ref, resolve_secret
 
 LEVELS: dict[str, int] = {"CAN_QUERY": 1, "CAN_MANAGE": 2}
 """Permission levels, weakest first."""

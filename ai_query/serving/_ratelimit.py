@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .._config import RateLimit
+from .._errors import RateLimitedError
+from ..config import RateLimit
 from ._shared import LocalCells, SharedCells
 
 PERIOD_S = {"minute": 60.0}
 
 
-@dataclass
-class RateLimited(Exception):
-    """The request is over a limit; ``retry_after`` seconds until it would pass."""
-
-    endpoint: str
-    limit: RateLimit
-    retry_after: float
-
-    def __str__(self) -> str:
-        who = "per user" if self.limit.key == "user" else "for the whole endpoint"
-        return (f"rate limit of serving endpoint {self.endpoint!r} exceeded: {self.limit.calls} calls per "
-                f"{self.limit.renewal_period} {who}; retry after {self.retry_after:.2f} s")
+def _refusal(endpoint: str, limit: RateLimit, wait: float) -> RateLimitedError:
+    """The request is over ``limit``; ``retry_after`` seconds until it would pass."""
+    who = "per user" if limit.key == "user" else "for the whole endpoint"
+    return RateLimitedError(
+        f"rate limit of serving endpoint {endpoint!r} exceeded: {limit.calls} calls per "
+        f"{limit.renewal_period} {who}; retry after {wait:.2f} s",
+        retry_after=wait,
+    )
 
 
 class RateLimiter:
@@ -45,7 +41,7 @@ class RateLimiter:
         self._cells = cells if cells is not None else LocalCells()
 
     def admit(self, endpoint: str, limits: Iterable[RateLimit], user: str) -> None:
-        """Count one request of ``user`` to ``endpoint``, or raise ``RateLimited`` (counting nothing)."""
+        """Count one request of ``user`` to ``endpoint``, or raise ``RateLimitedError`` (counting nothing)."""
         limits = tuple(limits)
         if not limits:
             return
@@ -59,7 +55,7 @@ class RateLimiter:
                 tat = max(cells.get(key, now), now)
                 wait = tat - tolerance - now
                 if wait > 0:
-                    raise RateLimited(endpoint, limit, wait)
+                    raise _refusal(endpoint, limit, wait)
                 updates.append((key, tat + interval))
             cells.update(updates, now)  # only when every limit admits: a refusal costs nothing
 

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._config import EndpointRegistry
+from ..config import EndpointRegistry
 from ._app import ServingApp
 from ._auth import TokenAuthenticator
 from ._ratelimit import RateLimiter

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .._client import AIQueryClient, EndpointClient
-from .._config import TASKS, EndpointConfig, EndpointRegistry
-from .._errors import AIQueryError, ConfigError
+from ..config import TASKS, EndpointConfig, EndpointRegistry
+from .._errors import AIQueryError, ConfigError, ServingError
 from .._mlflow_provider import import_mlflow
-from ._errors import ServingError
 from ._shared import SharedControl
 
 log = logging.getLogger("ai_query.serving")

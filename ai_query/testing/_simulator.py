@@ -72,7 +72,8 @@ from aiohttp import web
 from ._latency import Latency
 from ._limits import FixedWindowQuota
 from ._stats import SimulatorStats
-from ._wire import ANTHROPIC, OPENAI, SERVING, Answer, BadRequest, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
+from .._errors import BadRequestError
+from ._wire import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
 
 __all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
 
@@ -458,7 +459,7 @@ class ProviderSimulator:
             call = fmt.parse(task, loads(await request.read()))
         except ValueError:
             return self._error(fmt, 400, "The request body is not valid JSON.", headers)
-        except BadRequest as exc:
+        except BadRequestError as exc:
             return self._error(fmt, exc.status, exc.message, headers, exc.code)
 
         prompts = call.prompts

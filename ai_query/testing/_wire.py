@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .._errors import BadRequestError
 from .._files import parse_data_uri
 from ._limits import FixedWindowQuota
 
@@ -46,16 +47,6 @@ def dumps(payload: Any) -> bytes:
 def loads(raw: bytes) -> Any:
     """A request body as JSON (``ValueError`` when it is not UTF-8 JSON)."""
     return _DECODER.decode(raw.decode())
-
-
-class BadRequest(Exception):
-    """The request body does not follow the format: answered 400 (or ``status``)."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
 
 
 @dataclass(slots=True)
@@ -125,7 +116,7 @@ def _int_field(body: Mapping[str, Any], name: str, *, minimum: int = 1) -> int |
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise BadRequest(f"'{name}' must be an integer >= {minimum}; got {value!r}")
+        raise BadRequestError(f"'{name}' must be an integer >= {minimum}; got {value!r}")
     return value
 
 
@@ -134,7 +125,7 @@ def _number_field(body: Mapping[str, Any], name: str, low: float, high: float) -
     if value is None:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise BadRequest(f"'{name}' must be a number between {low} and {high}; got {value!r}")
+        raise BadRequestError(f"'{name}' must be a number between {low} and {high}; got {value!r}")
 
 
 def _stop_field(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
@@ -145,7 +136,7 @@ def _stop_field(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return tuple(value)
-    raise BadRequest(f"'{name}' must be a string or a list of strings; got {value!r}")
+    raise BadRequestError(f"'{name}' must be a string or a list of strings; got {value!r}")
 
 
 def _media_of(part: dict[str, Any], where: str) -> str:
@@ -161,15 +152,15 @@ def _media_of(part: dict[str, Any], where: str) -> str:
         elif kind in ("image", "document"):
             source = part["source"]
             if source.get("type") != "base64":
-                raise BadRequest(f"{where}: only base64 {kind} sources are supported here")
+                raise BadRequestError(f"{where}: only base64 {kind} sources are supported here")
             uri = f"data:{source['media_type']};base64,{source['data']}"
         else:
-            raise BadRequest(f"{where}: unknown content part type {kind!r}")
+            raise BadRequestError(f"{where}: unknown content part type {kind!r}")
         if not isinstance(uri, str):
-            raise BadRequest(f"{where}: a {kind} part needs a base64 data URI (data:<type>;base64,...)")
+            raise BadRequestError(f"{where}: a {kind} part needs a base64 data URI (data:<type>;base64,...)")
         media, data = parse_data_uri(uri)
     except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
-        raise BadRequest(f"{where}: invalid {kind} part: {exc}") from exc
+        raise BadRequestError(f"{where}: invalid {kind} part: {exc}") from exc
     return f"[{media} {len(data)} bytes sha256:{hashlib.sha256(data).hexdigest()[:8]}]"
 
 
@@ -183,26 +174,26 @@ def _text_of(content: Any, where: str) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict):
-                raise BadRequest(f"{where}: content parts must be objects; got {part!r}")
+                raise BadRequestError(f"{where}: content parts must be objects; got {part!r}")
             if part.get("type") == "text":
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise BadRequest(f"{where}: a text part needs a string 'text'")
+                    raise BadRequestError(f"{where}: a text part needs a string 'text'")
                 texts.append(text)
             else:
                 texts.append(_media_of(part, where))
         return "\n".join(texts)
-    raise BadRequest(f"{where}: 'content' must be a string or a list of content parts; got {type(content).__name__}")
+    raise BadRequestError(f"{where}: 'content' must be a string or a list of content parts; got {type(content).__name__}")
 
 
 def _openai_messages(body: Mapping[str, Any]) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is a required property and must be a non-empty list")
+        raise BadRequestError("'messages' is a required property and must be a non-empty list")
     parts = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a 'role'")
+            raise BadRequestError(f"messages[{i}] must be an object with a 'role'")
         parts.append(_text_of(message.get("content"), f"messages[{i}]"))
     return "\n".join(parts)
 
@@ -213,7 +204,7 @@ def _string_list(value: Any, name: str) -> list[str]:
     elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         values = value
     else:
-        raise BadRequest(f"'{name}' is a required property: a string or a non-empty list of strings")
+        raise BadRequestError(f"'{name}' is a required property: a string or a non-empty list of strings")
     return values
 
 
@@ -221,11 +212,11 @@ def _openai_call(task: str, body: Mapping[str, Any], *, embeddings_base64: bool 
     if task == "embeddings":
         inputs = _string_list(body.get("input"), "input")
         if any(not s for s in inputs):
-            raise BadRequest("'input' cannot contain an empty string")
+            raise BadRequestError("'input' cannot contain an empty string")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64") or (encoding == "base64" and not embeddings_base64):
             allowed = "'float' or 'base64'" if embeddings_base64 else "'float'"
-            raise BadRequest(f"'encoding_format' must be {allowed}; got {encoding!r}")
+            raise BadRequestError(f"'encoding_format' must be {allowed}; got {encoding!r}")
         return Call("embeddings", inputs, dimensions=_int_field(body, "dimensions"), base64=encoding == "base64")
     if task == "chat":
         prompts = [_openai_messages(body)]
@@ -236,10 +227,10 @@ def _openai_call(task: str, body: Mapping[str, Any], *, embeddings_base64: bool 
     _number_field(body, "top_p", 0.0, 1.0)
     n = body.get("n", 1)
     if n != 1:
-        raise BadRequest(f"the simulator answers n=1 only; got n={n!r}")
+        raise BadRequestError(f"the simulator answers n=1 only; got n={n!r}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be true or false; got {stream!r}")
+        raise BadRequestError(f"'stream' must be true or false; got {stream!r}")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return Call(task, prompts, max_tokens, _stop_field(body, "stop"), stream, include_usage)
@@ -286,7 +277,7 @@ class WireFormat:
 
     def parse(self, task: str | None, body: Any) -> Call:
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+            raise BadRequestError("the request body must be a JSON object")
         return _openai_call(task or "chat", body)
 
     # -- answers --------------------------------------------------------------------------
@@ -399,28 +390,28 @@ class AnthropicFormat(WireFormat):
 
     def parse(self, task: str | None, body: Any) -> Call:
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+            raise BadRequestError("the request body must be a JSON object")
         if not isinstance(body.get("model"), str):
-            raise BadRequest("model: Field required")
+            raise BadRequestError("model: Field required")
         if body.get("max_tokens") is None:
-            raise BadRequest("max_tokens: Field required")
+            raise BadRequestError("max_tokens: Field required")
         max_tokens = _int_field(body, "max_tokens")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages: Field required (a non-empty list)")
+            raise BadRequestError("messages: Field required (a non-empty list)")
         parts = []
         system = body.get("system")
         if system is not None:
             parts.append(_text_of(system, "system"))
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-                raise BadRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+                raise BadRequestError(f"messages.{i}.role: Input should be 'user' or 'assistant'")
             parts.append(_text_of(message.get("content"), f"messages.{i}"))
         _number_field(body, "temperature", 0.0, 1.0)
         _number_field(body, "top_p", 0.0, 1.0)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise BadRequest(f"stream: Input should be a valid boolean; got {stream!r}")
+            raise BadRequestError(f"stream: Input should be a valid boolean; got {stream!r}")
         return Call("chat", ["\n".join(parts)], max_tokens, _stop_field(body, "stop_sequences"), stream)
 
     @staticmethod
@@ -494,7 +485,7 @@ class ServingFormat(WireFormat):
 
     def parse(self, task: str | None, body: Any) -> Call:
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+            raise BadRequestError("the request body must be a JSON object")
         if "messages" in body:
             task = "chat"
         elif "prompt" in body:
@@ -502,7 +493,7 @@ class ServingFormat(WireFormat):
         elif "input" in body:
             task = "embeddings"
         else:
-            raise BadRequest(
+            raise BadRequestError(
                 "the body matches no schema: send 'messages' (llm/v1/chat), 'prompt' (llm/v1/completions) or 'input' (llm/v1/embeddings)"
             )
         return _openai_call(task, body, embeddings_base64=False)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ai_query import ConfigError, EndpointRegistry, UnknownEndpointError
-from ai_query._secrets import resolve_secret, secret_env_var
+from ai_query.config import resolve_secret, secret_env_var
 from ai_query import SecretNotFoundError
 
 DOC_EXAMPLE = {
@@ -103,3 +103,109 @@ def test_plaintext_key_is_masked_everywhere():
     ep = EndpointRegistry.from_data(data).get("openai_endpoint")
     assert "sk-very-secret" not in repr(ep)
     assert "sk-very-secret" not in json.dumps(ep.to_dict())
+
+
+# --- typed configs: checked at construction, whatever builds them ---------------------------
+
+import pickle  # noqa: E402
+
+from ai_query.config import (  # noqa: E402
+    ClientConfig,
+    EndpointConfig,
+    LocalModel,
+    OpenAIConfig,
+    Pricing,
+    RateLimit,
+    ServedEntity,
+    VLLMPool,
+)
+
+
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (lambda: ClientConfig(initial_concurrency=100, max_concurrency=1),
+         "ClientConfig.initial_concurrency (100) is larger than max_concurrency (1); lower it or raise max_concurrency"),
+        (lambda: ClientConfig(max_concurrency=0), "ClientConfig.max_concurrency must be >= 1, got 0"),
+        (lambda: ClientConfig(request_timeout_s="soon"), "ClientConfig.request_timeout_s must be a number >= 0.001, got 'soon'"),
+        (lambda: ClientConfig(concurrency="fast"), "ClientConfig.concurrency is 'fast'; use one of auto, aimd, gradient"),
+        (lambda: ClientConfig(deduplicate="yes"), "ClientConfig.deduplicate must be true or false, got 'yes'"),
+        (lambda: ClientConfig().replace(max_attempts=0), "ClientConfig.max_attempts must be >= 1, got 0"),
+        (lambda: RateLimit(0), "RateLimit.calls must be >= 1, got 0"),
+        (lambda: VLLMPool("m", "llm/v1/chat", gpu_memory_utilization=1.5),
+         "VLLMPool.gpu_memory_utilization must be a fraction in (0, 1], e.g. 0.9, got 1.5"),
+        (lambda: VLLMPool("m", "llm/v1/chat", replicas=2, gpu_ids=(0,)), "needs 2; list 2 GPUs or change replicas"),
+        (lambda: LocalModel("", "llm/v1/chat"), "LocalModel.model must be a non-empty string, got ''"),
+        (lambda: OpenAIConfig(openai_api_key="sk-123"), "OpenAIConfig.openai_api_key must be a secret reference"),
+        (lambda: ServedEntity("x"), "ServedEntity must have exactly one of external_model, local_model"),
+        (lambda: ServedEntity("x", local_model=LocalModel("m", "llm/v1/chat"), min_provisioned_throughput=5),
+         "min_provisioned_throughput needs max_provisioned_throughput"),
+        (lambda: Pricing(-1.0, 0.0), "Pricing.input_usd_per_million_tokens must be >= 0, got -1.0"),
+        (lambda: EndpointConfig("e", ()), "EndpointConfig.config.served_entities must be a non-empty list"),
+        (lambda: EndpointConfig("e", (ServedEntity("a", local_model=LocalModel("m", "llm/v1/chat")),), traffic_routes=(("b", 100),)),
+         "EndpointConfig.config.traffic_config.routes[0] names 'b', which is not a served entity of this endpoint (a)"),
+    ],
+)
+def test_configs_built_directly_are_checked_with_the_same_messages(build, expected):
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert expected in str(info.value)
+
+
+def _client_config(client_config):
+    data = json.loads(json.dumps(DOC_EXAMPLE))
+    data["client_config"] = client_config
+    return {"endpoints": [data]}
+
+
+@pytest.mark.parametrize(
+    "client_config, expected",
+    [
+        ({"max_concurrency": 0}, "endpoints[0]['openai_endpoint'].client_config.max_concurrency must be >= 1, got 0"),
+        ({"max_concurrency": True}, "endpoints[0]['openai_endpoint'].client_config.max_concurrency must be an integer >= 1, got True"),
+        ({"max_concurrency": 2.5}, "client_config.max_concurrency must be an integer >= 1, got 2.5"),
+        ({"retry_budget": "lots"}, "client_config.retry_budget must be a number >= 0, got 'lots'"),
+        ({"prefix_ordering": "sometimes"}, "client_config.prefix_ordering is 'sometimes'; use one of auto, on, off"),
+        ({"max_concurency": 4, "retries": 2}, "client_config: unknown field(s) 'max_concurency', 'retries'; allowed fields are"),
+        ([1], "client_config: expected a JSON object, got list"),
+    ],
+)
+def test_from_dict_translates_msgspec_errors_into_messages_naming_the_path(client_config, expected):
+    with pytest.raises(ConfigError) as info:
+        EndpointRegistry.from_data(_client_config(client_config), "endpoints")
+    assert expected in str(info.value)
+    assert "Expected `" not in str(info.value)  # msgspec's own wording never reaches a user
+
+
+def test_from_dict_coerces_json_numbers_and_keeps_defaults():
+    ep = EndpointRegistry.from_data(_client_config({"request_timeout_s": 5, "max_concurrency": 16})).get("openai_endpoint")
+    assert ep.client_config.request_timeout_s == 5.0 and isinstance(ep.client_config.request_timeout_s, float)
+    assert ep.client_config.max_concurrency == 16 and ep.client_config.initial_concurrency == 8
+
+
+def test_configs_are_frozen_hashable_and_pickle():
+    registry = EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data(DOC_EXAMPLE))
+    for ep in registry:
+        again = pickle.loads(pickle.dumps(ep))
+        assert again == ep and hash(again) == hash(ep)
+    with pytest.raises(AttributeError):
+        registry.get("openai_endpoint").client_config.max_concurrency = 3  # type: ignore[misc]
+
+
+def test_served_entity_kind_names_the_one_of():
+    registry = EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([
+        DOC_EXAMPLE,
+        {"name": "pool", "config": {"served_entities": [{"vllm_pool": {"model": "tiny-llama", "task": "llm/v1/chat"}}]}},
+        {"name": "mlflow", "config": {"served_entities": [{"entity_name": "m", "entity_version": 3, "task": "llm/v1/chat"}]}},
+    ]))
+    assert registry.get("openai_endpoint").entity.kind == "external_model"
+    assert registry.get("local-chat").entity.kind == "local_model"
+    assert registry.get("pool").entity.kind == "vllm_pool"
+    mlflow = registry.get("mlflow").entity
+    assert mlflow.kind == "mlflow" and mlflow.entity_version == "3" and mlflow.model_name == "models:/m/3"
+
+
+def test_plaintext_credentials_are_masked_in_repr_of_configs_built_directly():
+    config = OpenAIConfig(openai_api_key_plaintext="sk-very-secret")
+    assert "sk-very-secret" not in repr(config)
+    assert config.to_dict()["openai_api_key_plaintext"] == "********"

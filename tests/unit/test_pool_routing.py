@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ai_query import ConfigError, EndpointRegistry
-from ai_query._config import VLLMPool
+from ai_query.config import VLLMPool
 from ai_query._pool import PrefixAffinityRouter, prefix_hashes
 
 

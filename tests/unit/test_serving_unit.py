@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ai_query import ArgumentError, ConfigError, RateLimit
-from ai_query.serving import RateLimited, RateLimiter, ServingError, TokenAuthenticator, mask_text, masked
+from ai_query.serving import RateLimitedError, RateLimiter, ServingError, TokenAuthenticator, mask_text, masked
 from ai_query.serving._server import SecretMaskingFilter
 from ai_query.serving._shared import PROBES, SharedCells, SharedControl
 from ai_query.serving._wire import parse_request
@@ -43,16 +43,16 @@ def test_rate_limit_admits_a_burst_of_calls_then_one_per_interval_with_exact_ret
     limit = [RateLimit(3, "user")]
     for limiter in (a, b, a):
         limiter.admit("ep", limit, "alice")
-    with pytest.raises(RateLimited) as info:
+    with pytest.raises(RateLimitedError) as info:
         b.admit("ep", limit, "alice")
     assert info.value.retry_after == pytest.approx(20.0)  # 60 s / 3 calls
     a.admit("ep", limit, "bob")  # per user: bob has his own allowance
     clock.now += 19.9
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         b.admit("ep", limit, "alice")
     clock.now += 0.1
     b.admit("ep", limit, "alice")
-    with pytest.raises(RateLimited) as again:
+    with pytest.raises(RateLimitedError) as again:
         a.admit("ep", limit, "alice")
     assert again.value.retry_after == pytest.approx(20.0)
 
@@ -62,21 +62,21 @@ def test_endpoint_key_is_shared_and_a_refusal_costs_nothing(limiters):
     limits = [RateLimit(2, "endpoint"), RateLimit(60, "user")]
     a.admit("ep", limits, "alice")
     b.admit("ep", limits, "bob")
-    with pytest.raises(RateLimited) as info:
+    with pytest.raises(RateLimitedError) as info:
         a.admit("ep", limits, "carol")
     assert "for the whole endpoint" in str(info.value)
     b.admit("other", limits, "carol")  # endpoints do not share counters
     a.admit("other", limits, "dave")
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         b.admit("other", limits, "frank")
     clock.now += 30
     b.admit("ep", limits, "carol")  # the refusal cost nothing: one call came back after 30 s
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         a.admit("ep", limits, "erin")
     a.forget("ep")  # one worker forgets for all
     b.admit("ep", limits, "erin")
     b.admit("other", limits, "frank")
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         a.admit("other", limits, "george")  # the other endpoint's counts were kept
 
 
@@ -91,11 +91,11 @@ def test_shared_cells_reuse_expired_slots_and_admit_uncounted_when_a_window_is_f
         limiter.admit("ep", limit, "one-too-many")
         limiter.admit("ep", limit, "one-too-many")  # not counted: the window is full of live cells
     assert "rate-limit table is full" in caplog.text
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         limiter.admit("ep", limit, "user0")  # the counted keys still hold
     clock.now += 60.0  # every cell has expired: its slot is free again
     limiter.admit("ep", limit, "newcomer")
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimitedError):
         limiter.admit("ep", limit, "newcomer")
     control.close()
 

@@ -112,3 +112,37 @@ def test_cli_reports_a_bad_spec_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "batch_runner.cli", "plan", str(tmp_path / "j.toml")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "schedule is not a valid cron expression: minute 61 is out of range" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+_DIRECT = dict(name="j", query="SELECT 1", sources={"t": "/data/t"}, output_path="/data/out")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"chunk_rows": 0}, "JobSpec: options.chunk_rows must be a whole number >= 1, got 0"),
+        ({"output_mode": "merge"}, "JobSpec: output.mode 'merge' merges by key: add key"),
+        ({"output_mode": "upsert"}, "JobSpec: output.mode is 'upsert'; use one of overwrite, append, merge"),
+        ({"name": "two words"}, "JobSpec: name must be a short identifier"),
+        ({"max_concurrency": True}, "JobSpec: options.max_concurrency must be a whole number >= 1 (every endpoint) or a table"),
+        ({"max_concurrency": {"e": 0}}, "JobSpec: options.max_concurrency.e must be a whole number >= 1, got 0"),
+        ({"max_cost_usd": 0}, "JobSpec: options.max_cost_usd must be a positive number of dollars, e.g. 5.0, got 0"),
+        ({"allowed_failure_rate": 2}, "JobSpec: options.allowed_failure_rate must be a number between 0 and 1, got 2"),
+        ({"sources": {}}, "JobSpec: [sources] must name at least one Delta table"),
+        ({"key": ("id",), "output_mode": "append", "sources": {"a": "/a", "b": "/b"}}, "JobSpec: [input] is needed with several sources (a, b)"),
+    ],
+)
+def test_specs_built_directly_are_checked_with_the_same_messages(changes, message):
+    with pytest.raises(ConfigError) as info:
+        JobSpec(**{**_DIRECT, **changes})
+    assert message in str(info.value)
+
+
+def test_spec_replace_is_checked_and_specs_pickle():
+    import pickle
+
+    spec = JobSpec(**_DIRECT, key=("id",), output_mode="merge", max_concurrency={"e": 4})
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert spec.replace(max_cost_usd=None).max_cost_usd is None
+    with pytest.raises(ConfigError, match="options.max_rows must be a whole number >= 1, got 0"):
+        spec.replace(max_rows=0)

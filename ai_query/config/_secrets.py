@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from ._errors import SecretNotFoundError
+from .._errors import SecretNotFoundError
 
 SECRET_REF = re.compile(r"^\{\{\s*secrets/([^/\s{}]+)/([^/\s{}]+)\s*\}\}$")
 
