@@ -9,7 +9,7 @@ serving endpoint. Quick use::
     r.status, r.value, r.total_tokens
 """
 
-from ._client import AIQueryClient, CallResult, EndpointClient, check_exactly_once, shared_client
+from ._client import AIQueryClient, EndpointClient
 from ._concurrency import AdaptiveConcurrencyLimiter
 from ._gradient import GradientConcurrencyLimiter
 from .config import (
@@ -49,6 +49,8 @@ from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .config import resolve_secret
+from .batch.pipeline import shared_client
+from .batch.results import CallResult, check_exactly_once
 
 __version__ = "0.1.0"
 

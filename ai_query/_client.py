@@ -1,26 +1,25 @@
-"""The client: every row of a batch to its endpoint, concurrently, exactly once, in order.
+"""The endpoint exchange: each row routed, admitted, sent, classified and retried.
 
-One ``AIQueryClient`` per Python process (``shared_client``) owns a background event loop, one
-long-lived aiohttp session (``DirectAiohttpClient``: httpx's models cost a third of the loop's
-time, and plain httpx's pool collapses at high concurrency; an injected httpx transport replaces
-it in tests), and per endpoint a provider adapter, an adaptive concurrency limiter and the retry
-policy. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` / ``acall()`` the
-asynchronous one used by the serving endpoint.
+``EndpointClient`` is the exchange for one endpoint: route (the traffic split over its served
+entities, falling back to the next), admit (quota, then a concurrency slot), send, classify the
+answer (ok, a row error, a retryable fault, a sign of overload, a systemic failure) and retry
+per policy. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived aiohttp
+session (``DirectAiohttpClient``: httpx's models cost a third of the loop's time, and plain
+httpx's pool collapses at high concurrency; an injected httpx transport replaces it in tests) and
+a background event loop. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` /
+``acall()`` the asynchronous one used by the serving endpoint. The stages around the exchange
+(request keys, dedup, prefix order, the window scheduler, collection) live in ``ai_query.batch``;
+one client per process is ``ai_query.batch.pipeline.shared_client``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
-import hashlib
-import json
 import math
-import os
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeVar
 
 import httpx
@@ -29,7 +28,6 @@ from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
 from ._gradient import GradientConcurrencyLimiter
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
-    AIQueryError,
     EndpointError,
     EndpointTimeoutError,
     LocalEngineError,
@@ -41,12 +39,14 @@ from ._errors import (
 )
 from ._providers import Provider, provider_for
 from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
-from ._files import text_of_content
 from ._http import DirectAiohttpClient
-from ._prefix import prefix_order
 from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from ._share import ConcurrencyShare
 from ._schemas import ModelParameters, ModelResponse, Usage
+from .batch.plan import prefix_order
+from .batch.request import prompt_text_of, traffic_point
+from .batch.results import CallResult, answered_result, check_exactly_once, failed_result
+from .batch.scheduler import WindowScheduler
 
 T = TypeVar("T")
 DEFAULT_MAX_TOKENS_RESERVED = 256
@@ -54,46 +54,6 @@ DEFAULT_MAX_TOKENS_RESERVED = 256
 
 # Failures that no row can get past: they stop the whole batch instead of becoming row errors.
 SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (SystemicEndpointError, SecretNotFoundError, LocalEngineError)
-
-
-@dataclass
-class CallResult:
-    """One row's outcome: the value or the error, and the audit fields."""
-
-    index: int
-    endpoint: str
-    status: str  # "ok" | "error"
-    value: Any = None
-    error: str | None = None
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    usage_estimated: bool = False
-    cost_usd: float | None = None
-    latency_ms: float = 0.0
-    attempts: int = 0
-    request_id: str | None = None
-    finish_reason: str | None = None
-    completed_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    deduplicated: bool = False
-    """The same request was sent for another row of the batch; this row shares its answer."""
-    status_code: int | None = None
-    """The endpoint's HTTP status of a failed row's last attempt (None: no answer, e.g. a timeout)."""
-    logprobs: Any = None
-    """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-def _prompt_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # chat messages (content: a string or content parts)
-        return "".join(text_of_content(m.get("content", "")) for m in value if isinstance(m, Mapping))
-    return str(value)
 
 
 @dataclass
@@ -189,7 +149,7 @@ class EndpointClient:
         if len(weighted) <= 1:
             first = weighted[0] if weighted else self.routes[0]
         else:
-            point = int.from_bytes(hashlib.blake2b(prompt_text.encode(), digest_size=8).digest(), "big") % sum(r.weight for r in weighted)
+            point = traffic_point(prompt_text, sum(r.weight for r in weighted))
             for first in weighted:
                 point -= first.weight
                 if point < 0:
@@ -282,15 +242,18 @@ class EndpointClient:
         response_format: Mapping[str, Any] | None = None,
         *,
         index: int = 0,
+        prompt_text: str | None = None,
     ) -> CallResult:
         """One row, retried per policy, falling back to the next entity if the endpoint allows.
 
-        Row failures come back as ``status='error'``; systemic ones raise.
+        Row failures come back as ``status='error'``; systemic ones raise. ``prompt_text`` is the
+        value's ``prompt_text_of``, when the caller computed it already (for the prefix order).
         """
         if value is None:
             return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
                               model=self.config.entity.model_name)
-        prompt_text = _prompt_text(value)
+        if prompt_text is None:
+            prompt_text = prompt_text_of(value)
         t0 = self._clock()
         attempts = 0
         errors: list[str] = []
@@ -356,38 +319,12 @@ class EndpointClient:
         return self._ok_result(index, route, response, t0, attempts), False
 
     def _failed_result(self, index: int, route: _Route, exc: EndpointError, t0: float, attempts: int, why: str) -> CallResult:
-        return CallResult(
-            index,
-            self.config.name,
-            "error",
-            error=f"{exc} ({why} after {attempts} attempt{'s' if attempts != 1 else ''})",
-            model=route.entity.model_name,
-            latency_ms=(self._clock() - t0) * 1000.0,
-            attempts=attempts,
-            request_id=exc.request_id,
-            status_code=exc.status_code,
-        )
+        return failed_result(index, self.config.name, route.entity.model_name, exc, why,
+                             latency_ms=(self._clock() - t0) * 1000.0, attempts=attempts)
 
     def _ok_result(self, index: int, route: _Route, response: ModelResponse, t0: float, attempts: int) -> CallResult:
-        usage = response.usage
-        pricing = route.entity.pricing
-        return CallResult(
-            index,
-            self.config.name,
-            "ok",
-            value=response.value,
-            model=response.model or route.entity.model_name,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            usage_estimated=usage.estimated,
-            cost_usd=pricing.cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
-            latency_ms=(self._clock() - t0) * 1000.0,
-            attempts=attempts,
-            request_id=response.request_id,
-            finish_reason=response.finish_reason,
-            logprobs=_logprobs(response),
-        )
+        return answered_result(index, self.config.name, route.entity.model_name, route.entity.pricing, response,
+                               latency_ms=(self._clock() - t0) * 1000.0, attempts=attempts)
 
     @property
     def runs_batches(self) -> bool:
@@ -412,13 +349,6 @@ class EndpointClient:
             else:
                 results[i] = self._ok_result(i, route, outcome, t0, 1)
         return results
-
-
-def _logprobs(response: ModelResponse) -> Any:
-    choices = response.raw.get("choices") if isinstance(response.raw, Mapping) else None
-    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
-        return choices[0].get("logprobs")
-    return None
 
 
 RowBatch = tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None, Mapping[str, Any] | None]
@@ -547,65 +477,27 @@ class AIQueryClient:
             check_exactly_once(results, len(values))
             return results
 
-        async def one(i: int, value: Any) -> CallResult:
-            result = await client.call(value, params, response_format, index=i)
+        if not values:
+            return []
+        texts = [prompt_text_of(v) for v in values]  # once per row: for the prefix order and the traffic split
+        mode = client.config.client_config.prefix_ordering
+        order = None if mode == "off" else prefix_order(texts, mode)
+
+        async def one(i: int) -> CallResult:
+            result = await client.call(values[i], params, response_format, index=i, prompt_text=texts[i])
             if on_result is not None:
                 on_result(result)
             return result
 
-        if not values:
-            return []
-        # Rows start in the prefix-aware order and queue FIFO on the limiter, but a window at a
-        # time, not all at once: a row's set-up (retry state, request body) costs ~0.15 ms, and
-        # 3,200 rows started together held the first request back by half a second (the loop
-        # ran every set-up before any connection could proceed). The window covers the rows
-        # in flight, as many again queued to take each freed slot at once, and rows waiting to
-        # retry; it follows the limiters as they grow.
-        mode = client.config.client_config.prefix_ordering
-        order = None if mode == "off" else prefix_order([_prompt_text(v) for v in values], mode)
-        positions = iter(order if order is not None else range(len(values)))
-        tasks: list[asyncio.Future[CallResult] | None] = [None] * len(values)
-        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        counts = {"running": 0, "done": 0}
-
-        def start_more() -> None:
-            window = 2 * sum(route.limiter.limit for route in client.routes) + 16
-            while counts["running"] < window and not outcome.done():
-                i = next(positions, None)
-                if i is None:
-                    return
-                task = tasks[i] = asyncio.ensure_future(one(i, values[i]))
-                counts["running"] += 1
-                task.add_done_callback(finished)
-
-        def finished(task: asyncio.Future[CallResult]) -> None:
-            counts["running"] -= 1
-            counts["done"] += 1
-            if outcome.done() or task.cancelled():
-                return
-            if task.exception() is not None:  # systemic: stop starting rows, cancel the rest
-                outcome.set_exception(task.exception())  # type: ignore[arg-type]
-            elif counts["done"] == len(values):
-                outcome.set_result(None)
-            else:
-                start_more()
-
+        scheduler = WindowScheduler(one, len(values), [route.limiter for route in client.routes], order)
         share = client.concurrency_share
         if share is not None:
             share.enter()
         try:
-            start_more()
-            await outcome
+            results = await scheduler.run()
         finally:
-            started = [t for t in tasks if t is not None]
-            for task in started:
-                if not task.done():
-                    task.cancel()
-            # Collect every outcome (also of cancelled rows) so no exception goes unretrieved.
-            await asyncio.gather(*started, return_exceptions=True)
             if share is not None:
                 await share.exit()
-        results = [t.result() for t in tasks]  # type: ignore[union-attr]
         check_exactly_once(results, len(values))
         return results
 
@@ -684,47 +576,3 @@ class AIQueryClient:
             self._loop_thread.stop()
             self._loop_thread = None
         self._endpoints.clear()
-
-
-def check_exactly_once(results: Sequence[CallResult], expected: int) -> None:
-    """Every input row must come back once, in order; anything else is a bug, never silent."""
-    if len(results) != expected or any(r.index != i for i, r in enumerate(results)):
-        indices = [r.index for r in results]
-        raise AIQueryError(
-            f"internal error: expected rows 0..{expected - 1} exactly once and in order, got {len(results)} "
-            f"results (first indices {indices[:10]}); please report this"
-        )
-
-
-_SHARED: dict[str, AIQueryClient] = {}
-_SHARED_PID = os.getpid()
-_SHARED_LOCK = threading.Lock()
-
-
-def registry_fingerprint(registry: EndpointRegistry) -> str:
-    """A stable digest of a registry's content (no secrets: they are only references)."""
-    data = json.dumps([e.to_dict() for e in registry], sort_keys=True, default=str)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
-
-
-def shared_client(
-    registry: EndpointRegistry, quota_broker: tuple[str, int] | None = None, quota_share: float = 1.0
-) -> AIQueryClient:
-    """The process-wide client for ``registry``: one long-lived client per Python worker."""
-    global _SHARED_PID
-    key = f"{registry_fingerprint(registry)}|{quota_broker}|{quota_share}"
-    with _SHARED_LOCK:
-        if os.getpid() != _SHARED_PID:  # forked: the parent's loop thread does not exist here
-            _SHARED.clear()
-            _SHARED_PID = os.getpid()
-        client = _SHARED.get(key)
-        if client is None:
-            client = _SHARED[key] = AIQueryClient(registry, quota_broker=quota_broker, quota_share=quota_share)
-        return client
-
-
-@atexit.register
-def _close_shared() -> None:
-    for client in list(_SHARED.values()):
-        client.close()
-    _SHARED.clear()

@@ -45,6 +45,7 @@ from .config import ServedEntity, VLLMPool
 from ._errors import LocalEngineError, RetryableEndpointError
 from ._providers import _PATHS, HTTPRequest, _parse_openai_shape, llm_v1_body
 from ._schemas import ModelParameters, ModelResponse, Usage
+from .batch.request import prompt_text_of
 
 __all__ = ["OfflineVLLMProvider", "PrefixAffinityRouter", "VLLMPoolProvider", "prefix_hashes"]
 
@@ -228,9 +229,7 @@ class VLLMPoolProvider:
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
         await self._ensure()
-        from ._client import _prompt_text  # the client module imports this one
-
-        url = self.router.pick(_prompt_text(value))
+        url = self.router.pick(prompt_text_of(value))
         if url is None:
             self._refreshed = -1e9  # look at the state file again on the retry
             raise RetryableEndpointError(

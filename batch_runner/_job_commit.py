@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ai_query._client import CallResult
+from ai_query.batch import CallResult, read_entries
 from ai_query.sinks import (
     INFERENCE_SCHEMA,
     USAGE_SCHEMA,
@@ -175,8 +175,6 @@ class ReplayedAnswers:
     _ZEROED = {"aiq_prompt_tokens": 0, "aiq_completion_tokens": 0, "aiq_total_tokens": 0, "aiq_attempts": 0}
 
     def __init__(self, spec: JobSpec, journal_dirs: list[str]) -> None:
-        from ai_query._journal import read_entries
-
         self.ids: set[str] = set()
         for directory in journal_dirs:
             for path in Path(directory).glob("*.jsonl"):

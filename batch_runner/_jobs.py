@@ -8,7 +8,7 @@ A run of a job with a ``key`` and output mode ``merge`` or ``append``:
    rows whose status is ``error``), ordered by key, at most ``max_rows``;
 3. **chunks** of ``chunk_rows``: the input view is narrowed to the chunk's keys, the job's query
    runs with audit columns, every answer is journaled on the executor as it arrives
-   (``ai_query._journal``), and the driver then commits, each with app transaction
+   (``ai_query.batch.journal``), and the driver then commits, each with app transaction
    (``ai-query:<job>``, ``v``): the output (merge by key, or append), then the chunk's usage
    rows (``endpoint_usage``) and, optionally, its payload rows;
 4. **budget**: after each chunk the run's cost and tokens are checked against ``max_cost_usd`` /
@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 
 import spark_udfs
 from ai_query import ConfigError, ProgressCollector
-from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
+from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import spark_udfs
-from ai_query._journal import JOURNAL_PROPERTY, ResponseJournal
+from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
 from ._job_input import _INPUT_ALIAS, open_job, pending_keys, request_query, rows_of_keys
 from ._job_state import journal_dirs

@@ -31,6 +31,7 @@ import os
 import threading
 from typing import Any, Mapping, Sequence
 
+from ai_query.batch import prefix_order
 from gpu_workers._pool import plan_pool
 from gpu_workers._server import run_dir
 
@@ -184,7 +185,7 @@ def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mappin
         sampling = engine.sampling_params(params, response_format)
     except (ValueError, TypeError) as exc:  # the same for every row: each row says so
         return [ValueError(str(exc)) for _ in values]
-    order = sorted(range(len(values)), key=lambda i: _prompt_key(values[i])) if pool.group_by_prefix else list(range(len(values)))
+    order = (prefix_order([_prompt_key(v) for v in values], "on") if pool.group_by_prefix else None) or list(range(len(values)))
     ordered = [values[i] for i in order]
     try:
         outputs = engine.run(task, ordered, sampling)

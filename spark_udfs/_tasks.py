@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ai_query import EndpointRegistry, RowFailedError, shared_client
 
-from ._udf import start_rows
+from ._udf import start_task_rows
 
 SENTIMENTS = ["positive", "negative", "neutral", "mixed"]
 CHAT_PARAMS = {"temperature": 0.0}
@@ -172,7 +172,7 @@ def evaluate_task(
     if task.name == "ai_similarity":
         a, b = columns[0], columns[1]
         texts = [t for pair in zip(a, b) for t in pair]
-        results = start_rows(client, progress_address, [endpoint] * len(texts), texts, [None] * len(texts), [None] * len(texts)).wait()
+        results = start_task_rows(client, progress_address, [endpoint] * len(texts), texts, [None] * len(texts), [None] * len(texts)).wait()
         out: list[Any] = []
         for i in range(n):
             ra, rb = results[2 * i], results[2 * i + 1]
@@ -198,7 +198,7 @@ def evaluate_task(
             raise RowFailedError(f"{task.name}: bad arguments in row {i} of the batch: {exc}") from None
         skip.append(False)
         prompts.append(prompt), formats.append(fmt), params.append(p)
-    results = start_rows(client, progress_address, [endpoint] * n, prompts, params, formats).wait()
+    results = start_task_rows(client, progress_address, [endpoint] * n, prompts, params, formats).wait()
     out = []
     for i, result in enumerate(results):
         if skip[i]:

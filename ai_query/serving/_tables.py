@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .._client import CallResult
+from ..batch.results import CallResult
 from ..sinks import INFERENCE_SCHEMA, USAGE_SCHEMA, AppTransaction, DeltaAppender, inference_record, usage_record
 
 log = logging.getLogger("ai_query.serving")

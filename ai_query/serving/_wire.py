@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .._client import CallResult
+from ..batch.results import CallResult
 from .._errors import ArgumentError
 from .._schemas import _PARAMETER_TYPES, ModelParameters
 from ._json import dumps

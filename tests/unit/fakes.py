@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
-from ai_query import EndpointRegistry
+from ai_query import AIQueryClient, EndpointRegistry
 
 
 class FakeClock:
@@ -57,3 +58,28 @@ def transport(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockT
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(status, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
+
+
+def echo_registry() -> EndpointRegistry:
+    """One chat endpoint ``fake`` whose key is the secret ``test/key`` (set ``AIQ_SECRET_TEST_KEY``)."""
+    return EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
+        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
+
+
+@contextlib.contextmanager
+def echo_client(monkeypatch: Any) -> Iterator[tuple[AIQueryClient, list[str]]]:
+    """A client on ``echo_registry`` answering ``echo: <prompt>``, and the prompts it was sent."""
+    monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
+    prompts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["messages"][0]["content"]
+        prompts.append(prompt)
+        return json_response(200, chat_body(f"echo: {prompt}"))
+
+    client = AIQueryClient(echo_registry(), transport=httpx.MockTransport(handler))
+    try:
+        yield client, prompts
+    finally:
+        client.close()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ai_query._client import CallResult
-from ai_query._journal import ResponseJournal, read_entries, request_key
+from ai_query.batch import CallResult, ResponseJournal, read_entries, request_key
 
 
 def test_answers_are_replayed_by_a_later_run_and_errors_are_not(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry
-from ai_query._prefix import mean_shared_prefix, prefix_order
+from ai_query.batch import mean_shared_prefix, prefix_order
 
 from .fakes import chat_body, json_response, transport
 

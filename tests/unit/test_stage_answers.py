@@ -1,4 +1,4 @@
-"""Rows of later Arrow batches share the answers of identical requests sent earlier in the stage,
+"""Rows of later batches (Arrow batches of a Spark stage) share the answers of identical requests sent earlier in the stage,
 also while those are still in flight; a batch that fails releases what it marked as in flight."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import threading
 import httpx
 import pytest
 
-from ai_query import AIQueryClient, EndpointRegistry, UnknownEndpointError
-from spark_udfs._udf import _StageAnswers, start_rows
+from ai_query import AIQueryClient, UnknownEndpointError
+from ai_query.batch import StageAnswers, request_key
+from ai_query.batch.pipeline import start_rows
 
-from .fakes import chat_body, json_response
+from .fakes import chat_body, echo_registry, json_response
 
 
 @pytest.fixture(autouse=True)
@@ -36,16 +37,10 @@ class SlowTransport(httpx.AsyncBaseTransport):
         return json_response(200, chat_body(f"echo: {prompt}"))
 
 
-def registry() -> EndpointRegistry:
-    return EndpointRegistry.from_data({"name": "fake", "config": {"served_entities": [{"name": "m", "external_model": {
-        "name": "fake-model", "provider": "openai", "task": "llm/v1/chat",
-        "openai_config": {"openai_api_key": "{{secrets/test/key}}", "openai_api_base": "http://fake.invalid/v1"}}}]}})
-
-
 def test_a_later_batch_shares_an_identical_request_still_in_flight():
     transport = SlowTransport()
-    client = AIQueryClient(registry(), transport=transport)
-    answers = _StageAnswers()
+    client = AIQueryClient(echo_registry(), transport=transport)
+    answers = StageAnswers()
     try:
         first = start_rows(client, None, ["fake"] * 2, ["a", "b"], [None] * 2, [None] * 2, answers=answers)
         second = start_rows(client, None, ["fake"] * 3, ["b", "c", "a"], [None] * 3, [None] * 3, answers=answers)
@@ -62,13 +57,13 @@ def test_a_later_batch_shares_an_identical_request_still_in_flight():
 def test_a_batch_that_fails_to_start_releases_its_requests():
     transport = SlowTransport()
     transport.release.set()
-    client = AIQueryClient(registry(), transport=transport)
-    answers = _StageAnswers()
+    client = AIQueryClient(echo_registry(), transport=transport)
+    answers = StageAnswers()
     try:
         # the first group marks "a" as in flight, the second names an endpoint that does not exist
         with pytest.raises(UnknownEndpointError):
             start_rows(client, None, ["fake", "nope"], ["a", "x"], [None] * 2, [None] * 2, answers=answers)
-        assert answers.get(("fake", "null", "null", "a")) is None  # not left marked as in flight
+        assert answers.get(request_key("fake", "a")) is None  # not left marked as in flight
         # a retried task of the stage sends "a" itself instead of waiting for an answer that never comes
         [again] = start_rows(client, None, ["fake"], ["a"], [None], [None], answers=answers).wait()
         assert again.ok and not again.deduplicated
@@ -77,17 +72,17 @@ def test_a_batch_that_fails_to_start_releases_its_requests():
 
 
 def test_a_replayed_answer_is_shared_by_later_batches(tmp_path):
-    from ai_query._journal import ResponseJournal
+    from ai_query.batch import ResponseJournal
 
     transport = SlowTransport()
     transport.release.set()
-    client = AIQueryClient(registry(), transport=transport)
+    client = AIQueryClient(echo_registry(), transport=transport)
     killed = ResponseJournal(str(tmp_path / "run-1"))
     try:  # the killed run got "a" (one request, 8 tokens) before it died
-        [answer] = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=killed, answers=_StageAnswers()).wait()
+        [answer] = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=killed, answers=StageAnswers()).wait()
         assert transport.prompts == ["a"]
         rerun = ResponseJournal(None, [str(tmp_path / "run-1")])
-        answers = _StageAnswers()
+        answers = StageAnswers()
         first = start_rows(client, None, ["fake"], ["a"], [None], [None], journal=rerun, answers=answers).wait()
         later = start_rows(client, None, ["fake", "fake"], ["a", "b"], [None] * 2, [None] * 2, journal=rerun, answers=answers).wait()
         assert transport.prompts == ["a", "b"]  # "a" never again

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deltalake import DeltaTable
 
-from ai_query._client import CallResult
+from ai_query import CallResult
 from ai_query.sinks import (
     INFERENCE_SCHEMA,
     USAGE_SCHEMA,

@@ -11,7 +11,9 @@ Layout (a directory every executor and the driver can reach, like the Delta tabl
     <journal>/run-<id>/part-<host>-<pid>-<n>.jsonl     one file per Python worker process
 
 A run *writes* under its own ``run-<id>`` and *replays* the directories of earlier runs. Lines
-are keyed by a hash of (endpoint, request, parameters, response format); only ``ok`` answers are
+are keyed by ``RequestKey.digest`` (a hash of endpoint, request, parameters and response
+format: the key dedup compares, so a journal and dedup never disagree on "the same request");
+only ``ok`` answers are
 journaled (a failed request is not billed, and ``--retry-failed`` must ask again). A line cut
 short by a kill is skipped. The driver deletes a run's directory once its rows are committed.
 
@@ -26,7 +28,6 @@ endpoint billed, never fewer).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -35,9 +36,10 @@ import threading
 from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-from ._client import CallResult
+from .request import RequestKey
+from .results import CallResult
 
 JOURNAL_PROPERTY = "aiq.journal"
 """The Spark local property that carries a :class:`JournalConfig` as JSON to the tasks."""
@@ -46,10 +48,8 @@ _RESULT_FIELDS = tuple(f.name for f in fields(CallResult))
 _counter = itertools.count()
 
 
-def request_key(endpoint: str, request: Any, params: Any, response_format: Any) -> str:
-    """The journal key of one request: a hash of everything that decides its answer."""
-    text = json.dumps([endpoint, request, params, response_format], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def _line_key(key: RequestKey | str) -> str:
+    return key if isinstance(key, str) else key.digest
 
 
 def _encode(result: CallResult) -> dict[str, Any]:
@@ -96,16 +96,16 @@ class ResponseJournal:
             self._replay = entries
         return self._replay
 
-    def lookup(self, key: str) -> CallResult | None:
-        """A journaled answer to the request with ``key``, or ``None``."""
-        entry = self._load().get(key) if self.replay_dirs else None
+    def lookup(self, key: RequestKey | str) -> CallResult | None:
+        """A journaled answer to the request with ``key`` (a key or its digest), or ``None``."""
+        entry = self._load().get(_line_key(key)) if self.replay_dirs else None
         return _decode(entry["result"]) if entry is not None else None
 
-    def record(self, key: str, result: CallResult) -> None:
+    def record(self, key: RequestKey | str, result: CallResult) -> None:
         """Append an ``ok`` answer (flushed to the OS at once: a killed process keeps it)."""
         if self.write_dir is None or not result.ok:
             return
-        line = json.dumps({"key": key, "result": _encode(result)}, default=str) + "\n"
+        line = json.dumps({"key": _line_key(key), "result": _encode(result)}, default=str) + "\n"
         with self._lock:
             if self._file is None:
                 os.makedirs(self.write_dir, exist_ok=True)
@@ -130,6 +130,21 @@ def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def replay(journal: ResponseJournal, rows: Sequence[int], keys: Mapping[int, RequestKey]
+           ) -> tuple[list[CallResult], list[int]]:
+    """Split ``rows`` into the answers ``journal`` holds (each placed at its row) and the rows to send."""
+    answered: list[CallResult] = []
+    to_send: list[int] = []
+    for i in rows:
+        result = journal.lookup(keys[i])
+        if result is None:
+            to_send.append(i)
+        else:
+            result.index = i
+            answered.append(result)
+    return answered, to_send
+
+
 _JOURNALS: dict[tuple[str | None, tuple[str, ...]], ResponseJournal] = {}
 
 
@@ -142,4 +157,4 @@ def _cached(write_dir: str | None, replay_dirs: tuple[str, ...]) -> ResponseJour
     return journal
 
 
-__all__ = ["JOURNAL_PROPERTY", "ResponseJournal", "read_entries", "request_key"]
+__all__ = ["JOURNAL_PROPERTY", "ResponseJournal", "read_entries", "replay"]
