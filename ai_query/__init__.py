@@ -45,6 +45,7 @@ from ._errors import (
     UnsupportedFileError,
     recover_error,
 )
+from ._commands import Command
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from ._retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
@@ -62,6 +63,7 @@ __all__ = [
     "BadRequestError",
     "CallResult",
     "ClientConfig",
+    "Command",
     "ConfigError",
     "CronError",
     "DeltaCommitError",

@@ -62,6 +62,8 @@ from ai_query import ConfigError
 from ai_query.config import ConfigStruct, building
 
 _VIEW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_TEXT = "a short identifier (letters, digits, '_', '-', '.')"
 Mode = Literal["overwrite", "append", "merge"]
 MODES: tuple[str, ...] = get_args(Mode)
 _OPTIONS = ("allowed_failure_rate", "chunk_rows", "master", "max_concurrency", "max_cost_usd", "max_rows", "max_tokens", "pilot_rows")
@@ -79,7 +81,7 @@ _TOML_KEYS = {
 class JobSpec(ConfigStruct):
     """A batch job, checked when built (from a TOML file by ``load``, or directly)."""
 
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a short identifier (letters, digits, '_', '-', '.')")]
+    name: Annotated[str, Meta(pattern=_NAME.pattern, description=_NAME_TEXT)]
     query: str
     sources: dict[str, str]
     output_path: str
@@ -163,6 +165,9 @@ class JobSpec(ConfigStruct):
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
+        name = data.get("name")  # first: a job is named in every later message and state file
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise fail("name", f"must be {_NAME_TEXT}, got {name!r}")
         query = data.get("query")
         prompt = data.get("prompt")
         if query is not None and prompt is not None:

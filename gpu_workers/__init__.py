@@ -35,7 +35,6 @@ _EXPORTS = {
     "offline_engine_info": "_offline", "offline_generate": "_offline",
     "PoolInfo": "_pool", "PoolPlan": "_pool", "ensure_pool": "_pool", "list_pools": "_pool", "plan_pool": "_pool",
     "read_pool_state": "_pool", "stop_pools": "_pool",
-    "workers_main": "_workers_cli",
     "LocalServerInfo": "_server", "LocalServerOptions": "_server", "ensure_local_server": "_server",
     "list_local_servers": "_server", "stop_local_servers": "_server",
 }
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from gpu_workers._offline import offline_engine_info, offline_generate
     from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
     from gpu_workers._server import LocalServerInfo, LocalServerOptions, ensure_local_server, list_local_servers, stop_local_servers
-    from gpu_workers._workers_cli import workers_main
 
 
 def __getattr__(name: str) -> Any:
@@ -79,5 +77,4 @@ __all__ = [
     "read_pool_state",
     "stop_local_servers",
     "stop_pools",
-    "workers_main",
 ]

@@ -18,19 +18,12 @@ import json
 import signal
 import sys
 import threading
-import time
 
+from ai_query import AIQueryError
 from gpu_workers._errors import LocalServerError
-from gpu_workers._models import KNOWN_MODELS, cache_dir, prepare_model
+from gpu_workers._models import KNOWN_MODELS, cache_dir
 from gpu_workers._server import ensure_local_server, list_local_servers, stop_local_servers
-
-
-def _prepare(aliases: list[str]) -> int:
-    for alias in aliases or sorted(KNOWN_MODELS):
-        started = time.monotonic()
-        path = prepare_model(alias)
-        print(f"{alias:24} {time.monotonic() - started:7.1f}s  {path}", flush=True)
-    return 0
+from gpu_workers._workers_cli import prepare_models
 
 
 def _status(as_json: bool) -> int:
@@ -91,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            unknown = [a for a in args.aliases if a not in KNOWN_MODELS]
-            if unknown:
-                parser.error(f"unknown alias(es) {unknown}; known: {sorted(KNOWN_MODELS)}")
-            return _prepare(args.aliases)
+            return prepare_models(args.aliases)
         if args.command == "status":
             return _status(args.json)
         if args.command == "stop":
@@ -104,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LocalServerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except AIQueryError as exc:  # e.g. an unknown model alias
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""``ai-query workers start|status|stop``: manage a node's vLLM pool from a shell.
+"""``ai-query workers start|status|stop`` and ``ai-query prepare``: gpu_workers' commands.
+
+Registered in ai_query's ``ai_query.commands`` entry-point group (see ``pyproject.toml``).
 
 ::
 
@@ -10,6 +12,8 @@
 it stays attached and stops on Ctrl-C. A ``vllm_pool`` endpoint with the same model, task,
 replicas and options uses the pool ``start`` made instead of starting its own (e.g. a cluster
 init script runs ``start`` on every node).
+
+``prepare`` builds the embedded local models into the cache once (``make demo`` runs it).
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ import json
 import signal
 import sys
 import threading
+import time
+from typing import Sequence
 
-from gpu_workers._errors import LocalServerError
-from gpu_workers._models import cache_dir
+from ai_query import Command, ConfigError
+from gpu_workers._models import KNOWN_MODELS, cache_dir, prepare_model
 from gpu_workers._pool import ensure_pool, list_pools, read_pool_state, stop_pools
 
 
 def _config(args: argparse.Namespace) -> dict:
     config = {"model": args.model, "task": args.task, "replicas": args.replicas, "device": args.device,
-              "options": json.loads(args.options)}
+              "options": args.options}
     if args.gpu_ids:
         config["gpu_ids"] = [int(g) for g in args.gpu_ids.split(",")]
     if args.tensor_parallel_size:
@@ -35,6 +41,16 @@ def _config(args: argparse.Namespace) -> dict:
     if args.gpu_memory_utilization:
         config["gpu_memory_utilization"] = args.gpu_memory_utilization
     return config
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc}); write e.g. '{{\"dtype\": \"bfloat16\"}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"dtype\": \"bfloat16\"}}'")
+    return value
 
 
 def _print_pool(state: dict) -> None:
@@ -90,9 +106,14 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(prog: str = "ai-query workers") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+WORKERS_DESCRIPTION = """\
+Manage this node's pool of vLLM engines: start one (detached; --foreground stays attached and
+Ctrl-C stops it), list pools and their replicas, stop them. A vllm_pool endpoint with the same
+model, task, replicas and options uses the pool `start` made instead of starting its own.
+"""
+
+
+def add_workers_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     start = sub.add_parser("start", help="start a pool (or find the running one) and wait until it is ready")
     start.add_argument("--model", required=True, help="a model alias (tiny-llama, smollm2-135m-instruct) or folder")
@@ -102,30 +123,49 @@ def build_parser(prog: str = "ai-query workers") -> argparse.ArgumentParser:
     start.add_argument("--gpu-ids", help="GPUs to use, e.g. 0,1,2,3 (default: the first replicas x tp)")
     start.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
     start.add_argument("--gpu-memory-utilization", type=float, help="share of each GPU's memory (default 0.9)")
-    start.add_argument("--options", default="{}", help='engine options as JSON, e.g. \'{"dtype": "bfloat16"}\'')
+    start.add_argument("--options", type=_json_object, default={}, help='engine options as JSON, e.g. \'{"dtype": "bfloat16"}\'')
     start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the pool")
-    start.set_defaults(run=_start)
+    start.set_defaults(action_run=_start)
     status = sub.add_parser("status", help="list pools and their replicas")
     status.add_argument("--json", action="store_true")
-    status.set_defaults(run=_status)
+    status.set_defaults(action_run=_status)
     stop = sub.add_parser("stop", help="stop pools (default: all of this cache dir)")
     stop.add_argument("--name", help="the pool to stop (see status)")
-    stop.set_defaults(run=_stop)
-    return parser
+    stop.set_defaults(action_run=_stop)
 
 
-def workers_main(argv: list[str] | None = None, prog: str = "ai-query workers") -> int:
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (LocalServerError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        from ai_query import AIQueryError
+def _run_workers(args: argparse.Namespace) -> int:
+    return args.action_run(args)
 
-        if isinstance(exc, AIQueryError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def prepare_models(aliases: Sequence[str]) -> int:
+    """Build each model alias (default: every known one) into the cache; print its folder and build time."""
+    unknown = [a for a in aliases if a not in KNOWN_MODELS]
+    if unknown:
+        raise ConfigError(f"unknown model alias(es) {unknown}; known: {sorted(KNOWN_MODELS)}. "
+                          "Pick known aliases, or pass no alias to prepare them all")
+    for alias in aliases or sorted(KNOWN_MODELS):
+        started = time.monotonic()
+        path = prepare_model(alias)
+        print(f"{alias:24} {time.monotonic() - started:7.1f}s  {path}", flush=True)
+    return 0
+
+
+def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="*", metavar="alias", help=f"model aliases (default: all of {', '.join(sorted(KNOWN_MODELS))})")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    return prepare_models(args.models)
+
+
+WORKERS_COMMAND = Command(
+    name="workers", help="start|status|stop a pool of vLLM engines on this node",
+    example="ai-query workers start --model M --replicas N", description=WORKERS_DESCRIPTION,
+    add_arguments=add_workers_arguments, run=_run_workers,
+)
+PREPARE_COMMAND = Command(
+    name="prepare", help="build the embedded local models (once)", example="ai-query prepare",
+    description="Prepare local model folders in the cache ($AIQ_CACHE_DIR, default ~/.cache/ai-query).",
+    add_arguments=_add_prepare_arguments, run=_run_prepare,
+)

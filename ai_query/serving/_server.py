@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._commands import Command
 from ..config import EndpointRegistry
 from ._app import ServingApp
 from ._auth import TokenAuthenticator
@@ -151,16 +152,21 @@ class ServingServer:
         self.stop()
 
 
+SERVE_DESCRIPTION = (
+    "Serve endpoints in real time through the batch code path: POST /serving-endpoints/NAME/invocations,\n"
+    "OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, and the\n"
+    "management API /api/2.0/serving-endpoints (create, get, list, update config, rate limits, tags, delete)."
+)
+
+
 def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Serve endpoints in real time through the batch code path: POST /serving-endpoints/NAME/invocations,\n"
-            "OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, and the\n"
-            "management API /api/2.0/serving-endpoints (create, get, list, update config, rate limits, tags, delete)."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ai-query serve`` (also ``python -m ai_query.serving``)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--endpoints", help="an endpoints JSON file served read-only (besides built-ins and $AIQ_ENDPOINTS)")
@@ -177,7 +183,6 @@ def build_parser(prog: str = "ai-query serve") -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
     add_worker_options(parser)
-    return parser
 
 
 def default_state_dir() -> Path:
@@ -188,13 +193,18 @@ def default_state_dir() -> Path:
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``ai-query serve``: run until Ctrl-C / SIGTERM (with ``--workers N``, as N processes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    return serve(build_parser().parse_args(argv), argv)
+
+
+def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Serve with parsed options; ``argv`` (the options as typed) is what each ``--workers`` process gets."""
     workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise SystemExit(f"ai-query serve: --workers must be 1 or more, got {workers}")
     worker = args.worker_control is not None
     tag = f" [worker {args.worker_index}]" if worker else ""
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag} %(message)s")
+    # force: under `ai-query serve` the dispatcher has configured logging already; --log-level wins
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag} %(message)s", force=True)
     install_log_masking()
     state_dir = args.state_dir or str(default_state_dir())
     if workers > 1 and not worker:
@@ -237,6 +247,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         if control is not None:
             control.close()
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    return serve(args, args.command_argv)
+
+
+SERVE_COMMAND = Command(
+    name="serve", help="serve endpoints in real time: invocations, OpenAI-compatible /v1, the management API",
+    example="ai-query serve --port 8080", description=SERVE_DESCRIPTION, add_arguments=add_serve_arguments, run=_run_serve,
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

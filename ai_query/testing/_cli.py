@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Sequence
 
+from .._commands import Command
 from ._latency import Latency
 from ._simulator import FAULT_KINDS, ProviderSimulator
 
@@ -52,20 +53,25 @@ def _latency(text: str) -> Latency:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+DESCRIPTION = (
+    "Run a provider simulator: a real HTTP server on 127.0.0.1 speaking the wire formats of\n"
+    "  OpenAI             POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models\n"
+    "  Anthropic          POST /v1/messages\n"
+    "  serving endpoints  POST /serving-endpoints/NAME/invocations (llm/v1/chat, completions, embeddings)\n"
+    "with latency, a concurrency cap, request/token quotas and fault injection. It prints its URLs,\n"
+    "runs until Ctrl-C or SIGTERM, then prints its counters as JSON (also at GET /_sim/stats)."
+)
+
+
 def build_parser(prog: str = "ai-query simulate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Run a provider simulator: a real HTTP server on 127.0.0.1 speaking the wire formats of\n"
-            "  OpenAI             POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models\n"
-            "  Anthropic          POST /v1/messages\n"
-            "  serving endpoints  POST /serving-endpoints/NAME/invocations (llm/v1/chat, completions, embeddings)\n"
-            "with latency, a concurrency cap, request/token quotas and fault injection. It prints its URLs,\n"
-            "runs until Ctrl-C or SIGTERM, then prints its counters as JSON (also at GET /_sim/stats)."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_simulator_arguments(parser)
+    return parser
+
+
+def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ai-query simulate`` (also ``python -m ai_query.testing``)."""
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -98,7 +104,6 @@ def build_parser(prog: str = "ai-query simulate") -> argparse.ArgumentParser:
 
     out = parser.add_argument_group("output")
     out.add_argument("--stats-every", type=float, default=0.0, metavar="S", help="also print the counters every S seconds (one JSON line)")
-    return parser
 
 
 def simulator_main(argv: Sequence[str] | None = None, *, prog: str = "ai-query simulate") -> int:
@@ -108,6 +113,11 @@ def simulator_main(argv: Sequence[str] | None = None, *, prog: str = "ai-query s
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0)
+    return run_simulator(args, prog=parser.prog)
+
+
+def run_simulator(args: argparse.Namespace, *, prog: str = "ai-query simulate") -> int:
+    """Run the simulator with parsed options until Ctrl-C or SIGTERM; return the exit code."""
     try:
         sim = ProviderSimulator(
             api_key=args.api_key,
@@ -131,7 +141,7 @@ def simulator_main(argv: Sequence[str] | None = None, *, prog: str = "ai-query s
         )
         sim.start()
     except (ValueError, RuntimeError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
     stop = threading.Event()
@@ -160,3 +170,10 @@ def simulator_main(argv: Sequence[str] | None = None, *, prog: str = "ai-query s
         sim.stop()
     print(json.dumps(final, indent=2), flush=True)
     return 0
+
+
+SIMULATE_COMMAND = Command(
+    name="simulate", help="a provider simulator (OpenAI, Anthropic, serving-endpoint wire formats)",
+    example="ai-query simulate --port 8000", description=DESCRIPTION, epilog=EXAMPLES,
+    add_arguments=add_simulator_arguments, run=run_simulator,
+)

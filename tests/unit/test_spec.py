@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ai_query import ConfigError
+from ai_query._commands import build_parser, load_commands
 from batch_runner import JobSpec
-from batch_runner.cli import build_parser
 
 BASE = '''name = "j"
 key = ["id"]
@@ -102,7 +102,7 @@ def test_examples_load(name):
 ])
 def test_every_command_has_help(command, words, capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
+        build_parser(load_commands()).parse_args([command, "--help"])
     text = capsys.readouterr().out
     assert all(w in text for w in words), text
 

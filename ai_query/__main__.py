@@ -1,0 +1,7 @@
+"""``python -m ai_query ...`` is ``ai-query ...``."""
+
+import sys
+
+from ._commands import main
+
+sys.exit(main())
