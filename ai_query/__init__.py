@@ -53,7 +53,7 @@ from .config import resolve_secret
 from .batch.pipeline import shared_client
 from .batch.results import CallResult, check_exactly_once
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AIQueryClient",

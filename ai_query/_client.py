@@ -3,10 +3,9 @@
 ``EndpointClient`` is the exchange for one endpoint: route (the traffic split over its served
 entities, falling back to the next), admit (quota, then a concurrency slot), send, classify the
 answer (ok, a row error, a retryable fault, a sign of overload, a systemic failure) and retry
-per policy. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived aiohttp
-session (``DirectAiohttpClient``: httpx's models cost a third of the loop's time, and plain
-httpx's pool collapses at high concurrency; an injected httpx transport replaces it in tests) and
-a background event loop. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` /
+per policy. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived transport
+(``ai_query.transport``: aiohttp by default, ``MockTransport`` in unit tests) and a background
+event loop. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` /
 ``acall()`` the asynchronous one used by the serving endpoint. The stages around the exchange
 (request keys, dedup, prefix order, the window scheduler, collection) live in ``ai_query.batch``;
 one client per process is ``ai_query.batch.pipeline.shared_client``.
@@ -22,8 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeVar
 
-import httpx
-
 from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
 from ._gradient import GradientConcurrencyLimiter
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
@@ -36,12 +33,15 @@ from ._errors import (
     RetryableEndpointError,
     SecretNotFoundError,
     SystemicEndpointError,
+    ConnectionLostError,
+    TransportError,
+    TransportTimeoutError,
 )
 from ._providers import Provider, provider_for
 from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
-from ._http import DirectAiohttpClient
 from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from ._share import ConcurrencyShare
+from .transport import Request, Transport, make_transport
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .batch.plan import prefix_order
 from .batch.request import prompt_text_of, traffic_point
@@ -66,26 +66,11 @@ class _Route:
     weight: int
 
 
-def _is_real_timeout(exc: BaseException) -> bool:
-    """httpx-aiohttp 0.2 maps every aiohttp ClientConnectionError (a reset, a server disconnect)
-    to ``httpx.ConnectTimeout``; only a real timeout is a sign of load."""
-    cause = exc.__cause__
-    if cause is None:
-        return True
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - a shipped dependency
-        return True
-    timeouts = (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)
-    return isinstance(cause, timeouts) or not isinstance(cause, aiohttp.ClientConnectionError)
-
-
-def _connection_failure(name: str, exc: httpx.TransportError) -> str:
-    """The row's error for a failed connection: "lost" when an open one broke (a reset, a disconnect)."""
-    cause = exc.__cause__
-    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException)):
-        return f"connection lost calling {name!r}: {type(cause or exc).__name__}: {cause or exc}"
-    return f"connection error calling {name!r}: {type(exc).__name__}: {str(exc) or 'no connection'}"
+def _connection_failure(name: str, exc: TransportError) -> str:
+    """The row's error for a failed exchange: "lost" when an open connection broke (a reset, a disconnect)."""
+    if isinstance(exc, ConnectionLostError):
+        return f"connection lost calling {name!r}: {exc}"
+    return f"connection error calling {name!r}: {exc}"
 
 
 def _limiter_for(entity: ServedEntity, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
@@ -102,7 +87,7 @@ class EndpointClient:
     def __init__(
         self,
         config: EndpointConfig,
-        http: httpx.AsyncClient | DirectAiohttpClient,
+        http: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -190,11 +175,11 @@ class EndpointClient:
             else:
                 assert request is not None
                 try:
-                    response = await self._http.request(
-                        request.method, request.url, json=request.json, headers=dict(request.headers), timeout=timeout
+                    response = await self._http.send(
+                        Request.json(request.method, request.url, request.json, headers=request.headers, timeout=timeout)
                     )
-                except httpx.TransportError as exc:
-                    if isinstance(exc, httpx.TimeoutException) and _is_real_timeout(exc):
+                except TransportError as exc:
+                    if isinstance(exc, TransportTimeoutError):
                         outcome = "overload"
                         raise EndpointTimeoutError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
                     raise RetryableEndpointError(_connection_failure(self.config.name, exc)) from exc
@@ -375,7 +360,7 @@ class _LoopThread:
 class AIQueryClient:
     """Sends rows to the endpoints of a registry.
 
-    ``transport`` replaces the network (e.g. ``httpx.MockTransport(handler)``) and ``clock`` /
+    ``transport`` replaces the network (e.g. ``ai_query.transport.MockTransport(handler)``) and ``clock`` /
     ``sleep`` replace time, so tests are hermetic without patching anything.
     """
 
@@ -383,7 +368,7 @@ class AIQueryClient:
         self,
         registry: EndpointRegistry | None = None,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         quota_broker: tuple[str, int] | None = None,
@@ -397,30 +382,15 @@ class AIQueryClient:
         self._transport = transport
         self._clock = clock
         self._sleep = sleep
-        self._http: httpx.AsyncClient | None = None
-        self._direct: DirectAiohttpClient | None = None
         self._endpoints: dict[str, EndpointClient] = {}
         self._loop_thread: _LoopThread | None = None
         self._lock = threading.Lock()
 
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            transport = self._transport
-            if transport is None:
-                from httpx_aiohttp import AiohttpTransport
-
-                limits = httpx.Limits(max_connections=2048, max_keepalive_connections=2048)
-                transport = AiohttpTransport(limits=limits, trust_env=False)
-            self._http = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(120.0, connect=10.0))
-        return self._http
-
-    def _sender(self) -> Any:
-        """What requests go through: httpx on an injected transport, else aiohttp directly."""
-        if self._transport is not None:
-            return self._http_client()
-        if self._direct is None:
-            self._direct = DirectAiohttpClient()
-        return self._direct
+    def _sender(self) -> Transport:
+        """What requests go through: the injected transport, else aiohttp (made on first use)."""
+        if self._transport is None:
+            self._transport = make_transport("aiohttp")
+        return self._transport
 
     def endpoint(self, name: str) -> EndpointClient:
         """The per-endpoint client (created on first use; raises ``UnknownEndpointError``)."""
@@ -563,8 +533,7 @@ class AIQueryClient:
 
     def close(self) -> None:
         """Close the HTTP client and stop the background loop."""
-        senders = [s for s in (self._http, self._direct) if s is not None]
-        self._http = self._direct = None
+        senders = [self._transport] if self._transport is not None else []
         shares = [c.concurrency_share for c in self._endpoints.values() if c.concurrency_share is not None]
         if self._loop_thread is not None:
             for closing in [share.aclose() for share in shares] + [sender.aclose() for sender in senders]:

@@ -15,6 +15,10 @@
     │   │   └── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
+    ├── TransportError              the request got no HTTP answer (the transport's own errors)
+    │   ├── ConnectFailedError      no connection: refused, unresolvable, TLS handshake failed
+    │   ├── ConnectionLostError     an open connection closed, broke or spoke no HTTP mid-answer
+    │   └── TransportTimeoutError   no complete answer within the request's timeout
     ├── ServingError                an HTTP error answer of a server of ours (status, error_code, headers)
     │   └── BadRequestError         a request body that does not follow the wire format (400)
     ├── RowFailedError              a row failed and ``failOnError`` is true
@@ -131,6 +135,25 @@ class PermanentEndpointError(EndpointError):
 
 class SystemicEndpointError(PermanentEndpointError):
     """No request to this endpoint can succeed (bad key, no permission, no such model)."""
+
+
+class TransportError(AIQueryError):
+    """A request got no HTTP answer. Transports raise only these (``ai_query/transport/_errors_table.py``
+    maps each library's exceptions onto them), so a failure reads the same in a batch row and in a
+    served response whichever transport carried it; the endpoint client turns them into
+    ``RetryableEndpointError`` (a timeout into ``EndpointTimeoutError``)."""
+
+
+class ConnectFailedError(TransportError):
+    """No connection could be made: refused, unresolvable, unroutable, or the TLS handshake failed."""
+
+
+class ConnectionLostError(TransportError):
+    """A connection closed or broke before the answer was complete, or the answer was not HTTP."""
+
+
+class TransportTimeoutError(TransportError):
+    """No complete answer within the request's timeout."""
 
 
 class ServingError(AIQueryError):

@@ -19,15 +19,19 @@ import asyncio
 import json
 import threading
 import time
-import socket
-import urllib.error
-import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Awaitable, Callable, Protocol
 
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from ._errors import TransportError, TransportTimeoutError
 from .config import ClientConfig, EndpointConfig
+from .transport import Request, request_blocking
+
+BROKER_ATTEMPTS = 6
+"""Tries of one broker call that times out (``timeout_s`` each) before this worker keeps to its static share."""
 
 
 class SlidingWindowLimit:
@@ -284,10 +288,14 @@ class QuotaBroker:
 
 
 def post_json(url: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """POST ``msg`` to the driver's broker and return its JSON answer (blocking; run it off the loop)."""
-    request = urllib.request.Request(url, data=json.dumps(msg).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    """POST ``msg`` to the driver's broker and return its JSON answer (blocking; run it off the loop).
+
+    Raises the transport's ``TransportError``s, and a ``TransportError`` for an answer other than 200.
+    """
+    response = request_blocking(Request.json("POST", url, msg, timeout=timeout))
+    if response.status_code != 200:
+        raise TransportError(f"the quota broker at {url} answered HTTP {response.status_code}")
+    return json.loads(response.content)
 
 
 class BrokeredQuota:
@@ -308,22 +316,22 @@ class BrokeredQuota:
     async def _call(self, path: str, msg: dict[str, Any]) -> dict[str, Any] | None:
         """The broker's answer; ``None`` once it is known to be unreachable.
 
-        Only a refused or unroutable connection counts as unreachable: a slow answer on a busy
-        driver is retried, because the broker may already have granted it, and falling back
-        then would admit the request twice.
+        A refused, broken or refusing connection counts as unreachable at once. A slow answer on
+        a busy driver is retried (the broker may already have granted it, and falling back then
+        would admit the request twice), but through tenacity and bounded: after
+        ``BROKER_ATTEMPTS`` timeouts the broker counts as unreachable too.
         """
+        if self.broker_failed:
+            return None
         loop = asyncio.get_running_loop()
-        while not self.broker_failed:
-            try:
-                return await loop.run_in_executor(None, self._post, path, msg)
-            except (TimeoutError, socket.timeout):
-                continue
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    continue
-                self.broker_failed = True  # from now on this process keeps to its static share
-            except OSError:
-                self.broker_failed = True
+        retrying = AsyncRetrying(retry=retry_if_exception_type(TransportTimeoutError), stop=stop_after_attempt(BROKER_ATTEMPTS),
+                                 wait=wait_exponential_jitter(initial=0.05, max=1.0), sleep=self._sleep, reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await loop.run_in_executor(None, self._post, path, msg)
+        except (TransportError, ValueError):  # ValueError: an answer that is not JSON
+            self.broker_failed = True  # from now on this process keeps to its static share
         return None
 
     async def admit(self, tokens: float) -> None:
@@ -342,7 +350,7 @@ class BrokeredQuota:
         def send() -> None:
             try:
                 self._post(path, msg)
-            except OSError:
+            except (TransportError, ValueError):
                 self.broker_failed = True
 
         try:

@@ -24,6 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ._errors import TransportError
 from ._quota import post_json
 
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -58,7 +59,7 @@ class ConcurrencyShare:
             reply = await asyncio.get_running_loop().run_in_executor(self._threads, post_json, self.url, msg,
                                                                      2.0 + self.interval_s)
             return int(reply["workers"])
-        except (OSError, ValueError, KeyError):
+        except (TransportError, ValueError, KeyError):
             self.failed = True  # keep the static share from now on
             return None
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test, not a measurement)")
     parser.add_argument("--wait-quiet", action="store_true", help="first wait (up to 10 min) until other processes use under 0.25 cores")
     parser.add_argument("--concurrency", type=int, action="append", help="QPS sweep points (default 32 64 128 256)")
-    parser.add_argument("--http-client", default="direct", choices=["direct", "httpx"], help="the server's client to the backend")
+    parser.add_argument("--http-client", default="httptools", choices=["httptools", "aiohttp"], help="the server's transport to the backend")
     parser.add_argument("--workers", type=int, default=None,
                         help="server processes (ai-query serve --workers; default: the server's default, the number of cores)")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick writes nothing unless given)")

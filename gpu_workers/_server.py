@@ -48,8 +48,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -439,15 +437,14 @@ def _tree_rss_bytes(pid: int) -> int:
 
 
 def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
-    """A GET that ignores proxy variables: the servers are on 127.0.0.1."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """A GET through the core's transport (loopback never goes through a proxy); 0 when nothing answered."""
+    from ai_query.transport import Request, TransportError, request_blocking
+
     try:
-        with opener.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except (OSError, ValueError):
+        response = request_blocking(Request("GET", url, timeout=timeout))
+    except TransportError:
         return 0, b""
+    return response.status_code, response.content
 
 
 def _root_url(base_url: str) -> str:

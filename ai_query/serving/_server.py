@@ -78,7 +78,7 @@ def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegi
 
 def build_app(*, endpoints: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
               tokens: str | os.PathLike[str] | None = None, usage_table: str | None = None,
-              inference_table: str | None = None, include_registry: bool = True, http_client: str = "direct",
+              inference_table: str | None = None, include_registry: bool = True, http_client: str = "httptools",
               control: SharedControl | None = None, workers: int = 1) -> ServingApp:
     """A ``ServingApp`` from the same options as ``ai-query serve``.
 
@@ -176,10 +176,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(else $AIQ_SERVING_TOKENS_FILE, $AIQ_SERVING_TOKENS, $AIQ_SERVING_TOKEN; none: auth off)")
     parser.add_argument("--usage-table", help="append one usage row per request to this Delta table (batch jobs' schema)")
     parser.add_argument("--inference-table", help="also append request and response payloads to this Delta table")
-    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="direct",
-                        help="HTTP client to backends: 'direct' (default, least CPU: keep-alive HTTP/1.1 parsed by httptools) "
-                             "or 'httpx' on aiohttp as batch tasks use; both send the same requests through the same "
-                             "provider adapters")
+    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="httptools",
+                        help="transport to backends: 'httptools' (default, least CPU: keep-alive HTTP/1.1 parsed by "
+                             "httptools) or 'aiohttp' as batch tasks use; both send the same requests through the same "
+                             "provider adapters and fail with the same errors")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request line (never headers)")
     add_worker_options(parser)

@@ -31,13 +31,14 @@ from .._client import AIQueryClient, EndpointClient
 from ..config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError, ServingError
 from .._mlflow_provider import import_mlflow
+from ..transport import TRANSPORT_KINDS, Transport, make_transport
 from ._shared import SharedControl
 
 log = logging.getLogger("ai_query.serving")
 
 _CONFIG_KEYS = ("served_entities", "traffic_config", "auto_capture_config")
-HTTP_CLIENTS = ("direct", "httpx")
-"""The server's clients to backends (``ai-query serve --http-client``); see ``_http``."""
+HTTP_CLIENTS = TRANSPORT_KINDS
+"""The server's transports to backends (``ai-query serve --http-client``); see ``ai_query.transport``."""
 _MASK = "********"
 
 
@@ -214,15 +215,15 @@ class EndpointStore:
     """
 
     def __init__(self, registry: EndpointRegistry, state_dir: str | os.PathLike[str] | None, *,
-                 sources: Mapping[str, str] | None = None, http_client: str = "direct",
+                 sources: Mapping[str, str] | None = None, http_client: str = "httptools",
                  control: SharedControl | None = None, share: float = 1.0) -> None:
         if http_client not in HTTP_CLIENTS:
-            raise ConfigError(f"http_client is {http_client!r}; use 'direct' (least CPU) or 'httpx' (as batch tasks do)")
+            raise ConfigError(f"http_client is {http_client!r}; use 'httptools' (least CPU) or 'aiohttp' (as batch tasks do)")
         if control is not None and state_dir is None:
             raise ConfigError("several workers share their endpoints through the state dir: give a state_dir")
         self.registry = registry
         self.http_client = http_client
-        self._direct: Any = None
+        self._transport: Transport | None = None
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._control = control
         self._generation = control.generation() if control is not None else 0
@@ -320,14 +321,10 @@ class EndpointStore:
             self._latest.pop(name, None)
 
     # -- deployments ------------------------------------------------------------------------
-    def _http(self) -> Any:
-        if self.http_client == "httpx":
-            return self._factory._http_client()
-        if self._direct is None:
-            from ._http import DirectHTTPClient
-
-            self._direct = DirectHTTPClient()
-        return self._direct
+    def _http(self) -> Transport:
+        if self._transport is None:
+            self._transport = make_transport(self.http_client)  # type: ignore[arg-type]
+        return self._transport
 
     def _new_deployment(self, config: EndpointConfig) -> Deployment:
         factory = self._factory
@@ -388,9 +385,8 @@ class EndpointStore:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for http in (self._factory._http, self._direct):
-            if http is not None:
-                await http.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     def config_of(self, record: EndpointRecord) -> EndpointConfig:
         """The validated config of ``record`` (a registry endpoint's own, with its real credentials)."""

@@ -59,10 +59,10 @@ def test_spark_openai_client_and_invocations_give_identical_answers(batch_rows, 
     assert "paris" in batch_rows[0].response.lower()
 
 
-def test_the_httpx_backend_client_gives_the_same_answers(batch_rows, tmp_path):
-    """The server's default backend client is its own (direct); with --http-client httpx it is httpx
-    on the aiohttp transport. Both answer every row exactly as the batch did (through aiohttp)."""
-    with ServingServer(state_dir=tmp_path / "state", http_client="httpx") as s, httpx.Client(base_url=s.url, timeout=300) as http:
+def test_the_aiohttp_backend_transport_gives_the_same_answers(batch_rows, tmp_path):
+    """The server's default transport to backends is httptools; with --http-client aiohttp it is the
+    batch tasks' own. Both answer every row exactly as the batch did (through aiohttp)."""
+    with ServingServer(state_dir=tmp_path / "state", http_client="aiohttp") as s, httpx.Client(base_url=s.url, timeout=300) as http:
         for i, prompt in enumerate(PROMPTS):
             body = http.post("/serving-endpoints/local-chat/invocations",
                              json={"messages": [{"role": "user", "content": prompt}], **PARAMS}).json()

@@ -7,9 +7,8 @@ import contextlib
 import json
 from typing import Any, Callable, Iterator
 
-import httpx
-
 from ai_query import AIQueryClient, EndpointRegistry
+from ai_query.transport import MockTransport, Request, Response
 
 
 class FakeClock:
@@ -52,12 +51,12 @@ def registry(max_attempts: int = 4, rate_limit_wait_s: float = 600.0, task: str 
     })
 
 
-def transport(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
-    return httpx.MockTransport(handler)
+def transport(handler: Callable[[Request], Response]) -> MockTransport:
+    return MockTransport(handler)
 
 
-def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.Response(status, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, content=json.dumps(body).encode(), headers={"content-type": "application/json", **(headers or {})})
 
 
 def echo_registry() -> EndpointRegistry:
@@ -73,12 +72,12 @@ def echo_client(monkeypatch: Any) -> Iterator[tuple[AIQueryClient, list[str]]]:
     monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
     prompts: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: Request) -> Response:
         prompt = json.loads(request.content)["messages"][0]["content"]
         prompts.append(prompt)
         return json_response(200, chat_body(f"echo: {prompt}"))
 
-    client = AIQueryClient(echo_registry(), transport=httpx.MockTransport(handler))
+    client = AIQueryClient(echo_registry(), transport=MockTransport(handler))
     try:
         yield client, prompts
     finally:

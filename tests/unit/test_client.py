@@ -1,10 +1,11 @@
 import asyncio
 import json
+from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from ai_query import AIQueryClient, SystemicEndpointError, SecretNotFoundError
+from ai_query.transport import MockTransport, Request, Response, TransportTimeoutError
 
 from .fakes import FakeClock, chat_body, json_response, registry, transport
 
@@ -26,9 +27,9 @@ def run(coro):
 def test_rows_come_back_in_order_with_usage_and_the_request_is_well_formed():
     seen = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: Request) -> Response:
         body = json.loads(request.content)
-        seen.append((request.url.path, request.headers["authorization"], body))
+        seen.append((urlsplit(request.url).path, request.headers["authorization"], body))
         return json_response(200, chat_body(body["messages"][0]["content"].upper()), {"x-request-id": "req-" + body["messages"][0]["content"]})
 
     client, _ = make_client(handler)
@@ -92,7 +93,7 @@ def test_5xx_and_malformed_bodies_are_retried_then_become_a_row_error():
     def handler(request):
         status = next(statuses, 502)
         if status == 200:
-            return httpx.Response(200, content=b"{not json")
+            return Response(200, content=b"{not json")
         return json_response(status, {"error": "boom"})
 
     client, clock = make_client(handler, max_attempts=4)
@@ -110,7 +111,7 @@ def test_a_row_faulting_again_on_a_healthy_endpoint_retries_at_once():
         prompt = json.loads(request.content)["messages"][0]["content"]
         if faults.get(prompt, 0) > 0:
             faults[prompt] -= 1
-            return json_response(503, {"error": "boom"}) if faults[prompt] % 2 else httpx.Response(200, content=b"{oops")
+            return json_response(503, {"error": "boom"}) if faults[prompt] % 2 else Response(200, content=b"{oops")
         return json_response(200, chat_body("ok"))
 
     client, clock = make_client(handler, max_attempts=5)
@@ -159,7 +160,7 @@ def test_signs_of_load_back_off_from_the_first_retry(first):
         calls["n"] += 1
         if calls["n"] == 1:
             if first == "timeout":
-                raise httpx.ReadTimeout("no answer", request=request)
+                raise TransportTimeoutError("no answer within 30 s")
             return json_response(429, {"error": {"message": "slow down"}})
         return json_response(200, chat_body("ok"))
 
@@ -171,7 +172,7 @@ def test_signs_of_load_back_off_from_the_first_retry(first):
 
 def test_malformed_200_then_good_body_recovers():
     bodies = iter([b"<html>oops</html>", json.dumps(chat_body("fine")).encode()])
-    client, _ = make_client(lambda r: httpx.Response(200, content=next(bodies)))
+    client, _ = make_client(lambda r: Response(200, content=next(bodies)))
     [result] = run(client.amap("fake", ["x"]))
     assert result.status == "ok" and result.value == "fine" and result.attempts == 2
 
@@ -214,7 +215,7 @@ def test_usage_is_estimated_and_marked_when_the_endpoint_sends_none():
 
 def test_embeddings_task():
     def handler(request):
-        assert request.url.path == "/v1/embeddings"
+        assert urlsplit(request.url).path == "/v1/embeddings"
         return json_response(200, {"data": [{"embedding": [0.5, 0.25], "index": 0}], "model": "e",
                                    "usage": {"prompt_tokens": 2, "total_tokens": 2}})
 
@@ -233,7 +234,7 @@ def test_concurrency_never_exceeds_the_limiter():
         state["in_flight"] -= 1
         return json_response(200, chat_body("ok"))
 
-    client = AIQueryClient(registry(initial=3, maximum=3), transport=httpx.MockTransport(handler))
+    client = AIQueryClient(registry(initial=3, maximum=3), transport=MockTransport(handler))
     results = run(client.amap("fake", ["x"] * 50))
     assert all(r.ok for r in results)
     assert 1 < state["peak"] <= 3

@@ -3,11 +3,11 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry
 from ai_query._quota import QuotaBroker, SlidingWindowLimit
+from ai_query.transport import MockTransport
 
 from .fakes import FakeClock, chat_body, json_response
 
@@ -50,7 +50,7 @@ def test_requests_per_minute_are_never_exceeded_and_rows_wait_instead_of_failing
         return json_response(200, chat_body("ok", 3, 2))
 
     registry = EndpointRegistry.from_data(endpoint(requests_per_minute=20, max_concurrency=1, initial_concurrency=1))
-    client = AIQueryClient(registry, transport=httpx.MockTransport(handler), clock=clock, sleep=clock.sleep, quota_clock=clock)
+    client = AIQueryClient(registry, transport=MockTransport(handler), clock=clock, sleep=clock.sleep, quota_clock=clock)
     results = asyncio.run(client.amap("q", ["x"] * 50))
     assert all(r.ok for r in results) and len(admitted) == 50
     for t in admitted:
@@ -60,7 +60,7 @@ def test_requests_per_minute_are_never_exceeded_and_rows_wait_instead_of_failing
 
 def test_cost_from_pricing():
     registry = EndpointRegistry.from_data(endpoint())
-    client = AIQueryClient(registry, transport=httpx.MockTransport(lambda r: json_response(200, chat_body("ok", 1000, 500))))
+    client = AIQueryClient(registry, transport=MockTransport(lambda r: json_response(200, chat_body("ok", 1000, 500))))
     [r] = asyncio.run(client.amap("q", ["x"]))
     assert r.cost_usd == pytest.approx((1000 * 2.0 + 500 * 10.0) / 1e6)
 
@@ -81,7 +81,7 @@ def test_retry_budget_stops_a_retry_storm():
 
     clock = FakeClock()
     registry = EndpointRegistry.from_data(endpoint(max_attempts=6, retry_budget=0.2))  # banks 10 + 0.2 per row
-    client = AIQueryClient(registry, transport=httpx.MockTransport(handler), clock=clock, sleep=clock.sleep)
+    client = AIQueryClient(registry, transport=MockTransport(handler), clock=clock, sleep=clock.sleep)
     results = asyncio.run(client.amap("q", ["x"] * 100))
     assert all(not r.ok for r in results)
     assert calls["n"] <= 100 + 10 + 0.2 * 100 + 1  # not 600
@@ -100,7 +100,7 @@ def run_two_workers(registry, broker_address, share, rows_each=30):
         return json_response(200, chat_body("ok", 2, 10))
 
     def worker():
-        client = AIQueryClient(registry, transport=httpx.MockTransport(handler), quota_broker=broker_address, quota_share=share)
+        client = AIQueryClient(registry, transport=MockTransport(handler), quota_broker=broker_address, quota_share=share)
         results = client.map("q", ["twelve chars"] * rows_each, {"max_tokens": 10})
         client.close()
         assert all(r.ok for r in results)
@@ -162,6 +162,6 @@ def test_retry_budget_grows_with_requests_sent_not_rows_queued():
 
     clock = FakeClock()
     registry = EndpointRegistry.from_data(endpoint(max_concurrency=16, initial_concurrency=16))
-    client = AIQueryClient(registry, transport=httpx.MockTransport(handler), clock=clock, sleep=clock.sleep)
+    client = AIQueryClient(registry, transport=MockTransport(handler), clock=clock, sleep=clock.sleep)
     results = asyncio.run(client.amap("q", ["x"] * 3000))
     assert [r.error for r in results if not r.ok] == []

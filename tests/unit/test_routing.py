@@ -1,11 +1,12 @@
 import asyncio
 import json
 from collections import Counter
+from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from ai_query import AIQueryClient, ConfigError, EndpointRegistry
+from ai_query.transport import MockTransport
 
 from .fakes import chat_body, json_response
 
@@ -29,10 +30,10 @@ def test_traffic_split_follows_percentages_and_is_stable_per_request():
     hosts = Counter()
 
     def handler(request):
-        hosts[request.url.host] += 1
-        return json_response(200, chat_body(request.url.host))
+        hosts[urlsplit(request.url).hostname] += 1
+        return json_response(200, chat_body(urlsplit(request.url).hostname))
 
-    client = AIQueryClient(registry([("a", 80), ("b", 20)]), transport=httpx.MockTransport(handler))
+    client = AIQueryClient(registry([("a", 80), ("b", 20)]), transport=MockTransport(handler))
     prompts = [f"row {i}" for i in range(1000)]
     first = asyncio.run(client.amap("split", prompts))
     assert 720 <= hosts["a.test"] <= 880 and hosts["a.test"] + hosts["b.test"] == 1000
@@ -43,11 +44,11 @@ def test_traffic_split_follows_percentages_and_is_stable_per_request():
 
 def test_fallback_to_the_next_entity_after_retries():
     def handler(request):
-        if request.url.host == "a.test":
+        if urlsplit(request.url).hostname == "a.test":
             return json_response(503, {"error": "overloaded"})
         return json_response(200, chat_body("from b"))
 
-    client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=httpx.MockTransport(handler))
+    client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=MockTransport(handler))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert r.ok and r.value == "from b" and r.attempts == 3  # 2 on a, then 1 on b
     assert client.endpoint("split").fallbacks == 1
@@ -55,12 +56,12 @@ def test_fallback_to_the_next_entity_after_retries():
 
 def test_no_fallback_on_a_bad_request_or_when_disabled():
     def handler(request):
-        return json_response(400 if request.url.host == "a.test" else 200, chat_body("b") if request.url.host == "b.test" else {"error": "bad"})
+        return json_response(400 if urlsplit(request.url).hostname == "a.test" else 200, chat_body("b") if urlsplit(request.url).hostname == "b.test" else {"error": "bad"})
 
-    client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=httpx.MockTransport(handler))
+    client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=MockTransport(handler))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert not r.ok and "HTTP 400" in r.error
-    client = AIQueryClient(registry([("a", 100), ("b", 0)]), transport=httpx.MockTransport(lambda req: json_response(503, {})))
+    client = AIQueryClient(registry([("a", 100), ("b", 0)]), transport=MockTransport(lambda req: json_response(503, {})))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert not r.ok and r.attempts == 2
 
@@ -81,8 +82,8 @@ def test_anthropic_and_serving_endpoint_wire_formats():
 
     def handler(request):
         body = json.loads(request.content)
-        seen[request.url.path] = (dict(request.headers), body)
-        if request.url.path == "/v1/messages":
+        seen[urlsplit(request.url).path] = (dict(request.headers), body)
+        if urlsplit(request.url).path == "/v1/messages":
             return json_response(200, {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
                                        "content": [{"type": "text", "text": "hi"}], "stop_reason": "max_tokens",
                                        "usage": {"input_tokens": 7, "output_tokens": 2}})
@@ -96,7 +97,7 @@ def test_anthropic_and_serving_endpoint_wire_formats():
             "name": "my-endpoint", "provider": "databricks-model-serving", "task": "llm/v1/chat",
             "databricks_model_serving_config": {"databricks_api_token_plaintext": "dt", "databricks_workspace_url": "http://ws.test"}}}]}},
     ])
-    client = AIQueryClient(reg, transport=httpx.MockTransport(handler))
+    client = AIQueryClient(reg, transport=MockTransport(handler))
     [a] = asyncio.run(client.amap("claude", ["hello"], {"max_tokens": 2, "stop": ["\n"], "temperature": 0.0}))
     assert a.ok and a.value == "hi" and (a.prompt_tokens, a.completion_tokens) == (7, 2) and a.finish_reason == "length"
     headers, body = seen["/v1/messages"]

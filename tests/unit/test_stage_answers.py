@@ -7,12 +7,12 @@ import asyncio
 import json
 import threading
 
-import httpx
 import pytest
 
 from ai_query import AIQueryClient, UnknownEndpointError
 from ai_query.batch import StageAnswers, request_key
 from ai_query.batch.pipeline import start_rows
+from ai_query.transport import MockTransport, Request, Response
 
 from .fakes import chat_body, echo_registry, json_response
 
@@ -22,14 +22,15 @@ def api_key(monkeypatch):
     monkeypatch.setenv("AIQ_SECRET_TEST_KEY", "sk-test")
 
 
-class SlowTransport(httpx.AsyncBaseTransport):
+class SlowTransport(MockTransport):
     """Answers ``echo: <prompt>`` once ``release`` is set, counting the requests."""
 
     def __init__(self) -> None:
+        super().__init__(self.answer)
         self.release = threading.Event()
         self.prompts: list[str] = []
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def answer(self, request: Request) -> Response:
         prompt = json.loads(request.content)["messages"][0]["content"]
         self.prompts.append(prompt)
         while not self.release.is_set():

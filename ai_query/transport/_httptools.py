@@ -1,41 +1,41 @@
-"""The serving endpoint's HTTP client to backends: keep-alive HTTP/1.1 of its own, in httpx's shape.
+"""The transport on httptools: keep-alive HTTP/1.1 connections of its own.
 
-``EndpointClient`` in the batch tasks sends through aiohttp directly (``ai_query._http``).
-Per served request, httpx's request and response models cost about as much CPU as the rest of
-the server together, and aiohttp's client machinery (sessions, connectors, payload objects,
-timeouts, stream readers) still about 0.25 ms of 0.55 ms. The server therefore gives the same
-``EndpointClient`` a ``DirectHTTPClient``: the one method it calls (``request(method, url, json=,
-headers=, timeout=)``), the request head and body written at once on a kept-alive connection,
-the answer parsed by ``httptools`` (uvicorn's parser) into ``status_code`` / ``headers`` /
-``content``, and failures raised as the httpx exceptions the client already maps to retries (a
-timeout as ``httpx.ReadTimeout`` caused by the ``TimeoutError``, a refused or reset connection as
-``httpx.ConnectError``). Everything above it (provider adapters, retries, concurrency, parsing)
-is the batch path's own code. The body is encoded as httpx encodes ``json=`` (compact UTF-8),
-with msgspec (floats may be spelled ``1e-7`` where httpx writes ``1e-07``: the same values).
-``ai-query serve --http-client httpx`` uses httpx instead.
+The serving endpoint's default (``ai-query serve --http-client httptools``). Per served request
+aiohttp's client machinery (sessions, connectors, payload objects, timeouts, stream readers)
+costs about 0.25 ms of 0.55 ms; this transport writes the request head and body at once on a
+kept-alive connection and parses the answer with ``httptools`` (uvicorn's parser). It is kept
+beside ``AiohttpTransport`` only while ``bench/serving.py`` measures it faster; both pass the
+same conformance suite (``tests/integration/test_transport_conformance.py``).
+
+No redirects followed; bodies in ``gzip`` / ``deflate`` decoded (none is asked for, a server may
+send one anyway); proxies per ``_proxies.proxy_for`` (``http://`` targets in absolute form,
+``https://`` ones through a ``CONNECT`` tunnel); TLS with the system's default context unless
+one is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 from urllib.parse import urlsplit
 
-import httpx
+import httptools
 
-from .._http import DirectResponse
-from ._json import dumps
+from .._errors import ConnectFailedError, ConnectionLostError, TransportError
+from ._errors_table import transport_error
+from ._models import Request, Response
+from ._proxies import proxy_for
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection: a request written, its answer parsed by httptools."""
 
     def __init__(self) -> None:
-        import httptools
-
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -57,12 +57,10 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        import httptools
-
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._finish(httpx.RemoteProtocolError(f"malformed HTTP response: {exc}"))
+            self._finish(exc)
             self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -71,13 +69,13 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
             self._finish(None)  # an answer delimited by the end of the connection
         else:
-            self._finish(ConnectionResetError(f"the server closed the connection{f': {exc}' if exc else ''}"))
+            self._finish(exc if isinstance(exc, OSError) else ConnectionResetError())
 
     # -- httptools callbacks ------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         old = self.headers.get(key)
-        self.headers[key] = text if old is None else f"{old}, {text}"  # as httpx's Headers.get joins repeats
+        self.headers[key] = text if old is None else f"{old}, {text}"  # repeated headers joined, as RFC 9110 reads them
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -106,67 +104,72 @@ class _Connection(asyncio.Protocol):
 
 @dataclass(frozen=True)
 class _Target:
-    key: tuple[str, str, int]
+    key: tuple[str, str, int, str | None]
+    """Connections are shared by scheme, host, port and the proxy they go through."""
     host_line: bytes
-    path: str
+    target: str
+    """The request line's target: the path, or the absolute URL when an ``http://`` proxy forwards it."""
 
 
-class DirectHTTPClient:
-    """``httpx.AsyncClient.request`` for JSON bodies on keep-alive HTTP/1.1 connections of its own.
+class HttptoolsTransport:
+    """``send`` on keep-alive HTTP/1.1 connections, one per request in flight, up to ``max_connections``."""
 
-    The least a backend call needs and no more: one connection per request in flight, kept
-    open for the next; the request written at once; the answer parsed by ``httptools`` (uvicorn's
-    parser). No redirects followed (as httpx), no proxies (as ``trust_env=False``), TLS for
-    ``https`` URLs with the system's default context.
-    """
-
-    def __init__(self, max_connections: int = 2048) -> None:
+    def __init__(self, max_connections: int = 2048, *, ssl_context: ssl.SSLContext | None = None,
+                 proxy: str | None = None) -> None:
         self.max_connections = max_connections
+        self.proxy = proxy
         self._in_use = 0
+        # Requests waiting for a connection slot. NOTE for the lead: a third FIFO waiter queue
+        # beside the limiters' (issue 12: one cancel-safe slot queue in ai_query/limits).
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
-        self._ssl: Any = None
+        self._ssl = ssl_context
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
         if target is None:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise httpx.UnsupportedProtocol(f"cannot send to {url!r}: only http:// and https:// URLs")
+                raise ConnectFailedError(f"cannot send to {url!r}: only http:// and https:// URLs with a host")
             port = parts.port or (443 if parts.scheme == "https" else 80)
             host = parts.netloc.rpartition("@")[2]
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            target = self._targets[url] = _Target((parts.scheme, parts.hostname, port), f"host: {host}\r\n".encode("latin-1"), path)
+            proxy = proxy_for(url, self.proxy)
+            if proxy is not None and parts.scheme == "http":
+                path = f"http://{host}{path}"  # absolute form: the proxy forwards it
+            if len(self._targets) >= 1024:  # URLs that vary per request: no point keeping them
+                self._targets.clear()
+            target = self._targets[url] = _Target((parts.scheme, parts.hostname, port, proxy),
+                                                  f"host: {host}\r\n".encode("latin-1"), path)
         return target
 
-    async def request(self, method: str, url: str, *, json: Any = None, headers: Mapping[str, str] | None = None,
-                      timeout: float | None = None) -> DirectResponse:
-        target = self._target(url)
-        # compact UTF-8 like httpx 0.28's ``json=``: the batch path's values (float spellings may differ)
-        body = dumps(json) if json is not None else b""
-        lines = [f"{method} {target.path} HTTP/1.1\r\n".encode("latin-1"), target.host_line, b"accept: */*\r\n"]
-        for name, value in (headers or {}).items():
+    async def send(self, request: Request) -> Response:
+        target = self._target(request.url)
+        body = request.content
+        lines = [f"{request.method} {target.target} HTTP/1.1\r\n".encode("latin-1"), target.host_line]
+        for name, value in request.headers.items():
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise httpx.LocalProtocolError(f"header {name!r} has a line break")
+                raise TransportError(f"header {name!r} has a line break")
             try:
                 lines.append(f"{name}: {value}\r\n".encode("latin-1"))
             except UnicodeEncodeError:
-                raise httpx.LocalProtocolError(f"header {name!r} has characters HTTP headers cannot carry") from None
+                raise TransportError(f"header {name!r} has characters HTTP headers cannot carry") from None
         lines.append(b"content-length: %d\r\n\r\n" % len(body))
         lines.append(body)
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if request.timeout is None else loop.time() + request.timeout
         try:
             return await self._exchange(target, lines, loop, deadline)
-        except TimeoutError as exc:  # before OSError: it is one
-            raise httpx.ReadTimeout(f"no answer within {timeout} s") from exc
-        except OSError as exc:  # refused, reset, closed, DNS, TLS
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        except _ConnectFailed as exc:  # refused, DNS, TLS
+            cause = exc.__cause__ or exc
+            raise transport_error(cause, request.url, request.timeout, connecting=True) from cause
+        except (OSError, TransportError, httptools.HttpParserError) as exc:  # reset, closed, timed out, not HTTP
+            raise transport_error(exc, request.url, request.timeout) from exc
 
     async def _exchange(self, target: _Target, lines: list[bytes], loop: asyncio.AbstractEventLoop,
-                        deadline: float | None) -> DirectResponse:
+                        deadline: float | None) -> Response:
         # A deadline timer on the answer's future, not ``asyncio.timeout``: the same total timeout
         # at a third of the cost (a served request's hot path).
         while self._in_use >= self.max_connections:
@@ -192,7 +195,7 @@ class DirectHTTPClient:
             finally:
                 if expiry is not None:
                     expiry.cancel()
-            response = DirectResponse(conn.status, conn.headers, _decoded(conn.headers, b"".join(conn.body)))
+            response = Response(conn.status, headers=conn.headers, content=_decoded(conn.headers, b"".join(conn.body)))
             if conn.keep_alive and not conn.closed:
                 self._idle.setdefault(target.key, []).append(conn)
             else:
@@ -206,7 +209,7 @@ class DirectHTTPClient:
                     slot.set_result(None)
                     break
 
-    def _idle_connection(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _idle_connection(self, key: tuple[str, str, int, str | None]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -215,16 +218,27 @@ class DirectHTTPClient:
             self._open.discard(conn)
         return None
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
-        scheme, host, port = key
+    async def _connect(self, key: tuple[str, str, int, str | None]) -> _Connection:
+        scheme, host, port, proxy = key
         context = None
         if scheme == "https":
             if self._ssl is None:
-                import ssl
-
                 self._ssl = ssl.create_default_context()
             context = self._ssl
-        _, conn = await asyncio.get_running_loop().create_connection(_Connection, host, port, ssl=context)
+        loop = asyncio.get_running_loop()
+        try:
+            if proxy is None:
+                _, conn = await loop.create_connection(_Connection, host, port, ssl=context)
+            elif scheme == "http":
+                proxy_parts = urlsplit(proxy)
+                _, conn = await loop.create_connection(_Connection, proxy_parts.hostname, proxy_parts.port or 80)
+            else:
+                sock = await _tunnel(loop, proxy, host, port)
+                _, conn = await loop.create_connection(_Connection, sock=sock, ssl=context, server_hostname=host)
+        except (OSError, ConnectFailedError) as exc:  # TimeoutError (an OSError) is the deadline's, not a refusal
+            if isinstance(exc, (TimeoutError, ConnectFailedError)):
+                raise
+            raise _ConnectFailed() from exc
         self._open.add(conn)
         return conn
 
@@ -236,6 +250,36 @@ class DirectHTTPClient:
         for conn in list(self._open):
             self._discard(conn)
         self._idle.clear()
+
+
+class _ConnectFailed(OSError):
+    """Marks an ``OSError`` raised before a connection existed (its cause is the real one)."""
+
+
+async def _tunnel(loop: asyncio.AbstractEventLoop, proxy: str, host: str, port: int) -> socket.socket:
+    """A socket to ``host:port`` through the proxy's ``CONNECT`` tunnel (TLS is started on it after)."""
+    parts = urlsplit(proxy)
+    infos = await loop.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, f"CONNECT {host}:{port} HTTP/1.1\r\nhost: {host}:{port}\r\n\r\n".encode("latin-1"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                raise ConnectionResetError()
+            head += chunk
+        status = head.split(b" ", 2)[1:2]
+        if status != [b"200"]:
+            raise ConnectFailedError(f"cannot connect to https://{host}:{port}: the proxy answered "
+                                     f"{status[0].decode('latin-1') if status else '?'}")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -257,5 +301,6 @@ def _decoded(headers: Mapping[str, str], content: bytes) -> bytes:
             except zlib.error:
                 return zlib.decompress(content, -zlib.MAX_WBITS)
     except zlib.error as exc:  # a broken answer: retried like a broken connection
-        raise httpx.TransportError(f"the {encoding} answer does not decompress: {exc}") from exc
-    raise httpx.TransportError(f"the answer is encoded with {encoding!r}, which this client does not decode")
+        raise ConnectionLostError(f"the {encoding} answer does not decompress: {exc}") from exc
+    raise ConnectionLostError(f"the answer is encoded with {encoding!r}, which this transport does not decode")
+
