@@ -10,8 +10,8 @@ serving endpoint. Quick use::
 """
 
 from ._client import AIQueryClient, EndpointClient
-from ._concurrency import AdaptiveConcurrencyLimiter
-from ._gradient import GradientConcurrencyLimiter
+from .limits.aimd import AdaptiveConcurrencyLimiter
+from .limits.gradient import GradientConcurrencyLimiter
 from .config import (
     TASKS,
     ClientConfig,
@@ -30,6 +30,7 @@ from ._errors import (
     BadRequestError,
     ConfigError,
     CronError,
+    DeltaCommitError,
     EndpointError,
     EndpointTimeoutError,
     LocalEngineError,
@@ -47,7 +48,7 @@ from ._errors import (
 )
 from ._commands import Command
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
-from ._retry import make_retrying
+from .limits.retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .config import resolve_secret
 from .batch.pipeline import shared_client
@@ -66,6 +67,7 @@ __all__ = [
     "Command",
     "ConfigError",
     "CronError",
+    "DeltaCommitError",
     "EndpointClient",
     "EndpointConfig",
     "EndpointError",

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeVar
 
-from ._concurrency import AdaptiveConcurrencyLimiter, Outcome
-from ._gradient import GradientConcurrencyLimiter
+from .limits.aimd import AdaptiveConcurrencyLimiter
+from .limits.gradient import GradientConcurrencyLimiter
+from .limits.slots import Outcome
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     EndpointError,
@@ -38,9 +39,9 @@ from ._errors import (
     TransportTimeoutError,
 )
 from .backends import Backend, BatchContext, backend_for
-from ._quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
-from ._retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
-from ._share import ConcurrencyShare
+from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
+from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
+from .limits.share import ConcurrencyShare
 from .transport import Request, Transport, make_transport
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .batch.plan import prefix_order

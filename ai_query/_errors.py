@@ -24,7 +24,9 @@
     ├── RowFailedError              a row failed and ``failOnError`` is true
     ├── LocalEngineError            the embedded local engine could not be prepared or started
     │   └── (gpu_workers) LocalServerError > ModelBuildError
-    └── (spark_udfs) DeltaWriteError / DeltaReadError   a Delta table cannot be written or read
+    ├── DeltaCommitError            a Delta commit was refused or failed (names the table and the fix)
+    │   └── (spark_udfs) DeltaWriteError   a Spark write to a Delta table: mode, schema, options, commit
+    └── (spark_udfs) DeltaReadError        a Delta table cannot be read by the delta-rs data source
 
 Row failures are data (``errorMessage``); only systemic failures and ``failOnError`` raise.
 
@@ -183,6 +185,10 @@ class RowFailedError(AIQueryError):
 
 class LocalEngineError(AIQueryError):
     """The embedded local engine could not be prepared or started."""
+
+
+class DeltaCommitError(AIQueryError):
+    """A Delta commit was refused (a bad app transaction) or failed (the store, a conflict)."""
 
 
 def _subclasses(root: type) -> dict[str, type]:

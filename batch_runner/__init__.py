@@ -14,13 +14,13 @@ _HOMES = {
     "Cron": "._cron",
     "CronError": "._cron",
     "JobPlan": "._plan",
-    "JobRunReport": "._jobs",
+    "JobRunReport": "._job_state",
     "JobSpec": "._spec",
-    "JobStatus": "._jobs",
+    "JobStatus": "._job_state",
     "RunSummary": "._runner",
     "explain_error": "._runner",
     "flatten_audit": "._runner",
-    "job_status": "._jobs",
+    "job_status": "._job_state",
     "plan_job": "._plan",
     "run_incremental": "._jobs",
     "run_job": "._runner",
@@ -32,7 +32,8 @@ __all__ = sorted(_HOMES)
 
 if TYPE_CHECKING:
     from ._cron import Cron, CronError
-    from ._jobs import JobRunReport, JobStatus, job_status, run_incremental
+    from ._job_state import JobRunReport, JobStatus, job_status
+    from ._jobs import run_incremental
     from ._plan import JobPlan, plan_job
     from ._runner import RunSummary, explain_error, flatten_audit, run_job
     from ._sample import sample_reviews, write_sample_reviews

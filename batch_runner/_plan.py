@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import spark_udfs
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
-from ._jobs import _INPUT_ALIAS, _journal_dirs, open_job, pending_keys, request_query, rows_of_keys
+from ._job_input import _INPUT_ALIAS, open_job, pending_keys, request_query, rows_of_keys
+from ._job_state import journal_dirs
 from ._runner import flatten_audit
 from ._spec import JobSpec
 
@@ -227,7 +228,7 @@ def _run_pilot(spark: "SparkSession", spec: JobSpec, input_df: Any, pilot_keys: 
     try:
         rows_of_keys(spark, input_df, pilot_keys, names).createOrReplaceTempView(spec.driving_view)
         out_df, _ = flatten_audit(spark_udfs.sql(spark, spec.query, audit=True))
-        sc.setLocalProperty(JOURNAL_PROPERTY, ResponseJournal.property_value(journal_dir, _journal_dirs(spec)))
+        sc.setLocalProperty(JOURNAL_PROPERTY, ResponseJournal.property_value(journal_dir, journal_dirs(spec)))
         result = out_df.toArrow()
     finally:
         sc.setLocalProperty(JOURNAL_PROPERTY, None)

@@ -122,7 +122,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from batch_runner._jobs import job_status
+    from batch_runner._job_state import job_status
     from batch_runner._spec import JobSpec
 
     spec = JobSpec.load(args.job)

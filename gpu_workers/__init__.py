@@ -30,16 +30,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Exports load on first use (PEP 562): ``python -m gpu_workers._supervisor`` (and the embeddings
-# server) run this package's __init__ first, and must start in a blink, without importing the
-# core (``ai_query``, which ``_errors`` subclasses) or the server machinery.
+# server) run this package's __init__ first, and must start quickly, without the server
+# machinery. The supervisor and the pool manager do import ``ai_query.process`` (the one copy of
+# the /proc, prctl and process-group helpers), which loads the core package (~0.3 s).
 _EXPORTS = {
     "LocalServerError": "_errors", "ModelBuildError": "_errors",
     "KNOWN_MODELS": "_models", "cache_dir": "_models", "model_path": "_models", "prepare_model": "_models",
     "offline_engine_info": "_offline", "offline_generate": "_offline",
     "PoolInfo": "_pool", "PoolPlan": "_pool", "ensure_pool": "_pool", "list_pools": "_pool", "plan_pool": "_pool",
     "read_pool_state": "_pool", "stop_pools": "_pool",
-    "LocalServerInfo": "_server", "LocalServerOptions": "_server", "ensure_local_server": "_server",
-    "list_local_servers": "_server", "stop_local_servers": "_server",
+    "LocalServerInfo": "_local_servers", "LocalServerOptions": "_local_servers", "ensure_local_server": "_local_servers",
+    "list_local_servers": "_local_servers", "stop_local_servers": "_local_servers",
 }
 
 if TYPE_CHECKING:
@@ -47,7 +48,13 @@ if TYPE_CHECKING:
     from gpu_workers._models import KNOWN_MODELS, cache_dir, model_path, prepare_model
     from gpu_workers._offline import offline_engine_info, offline_generate
     from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
-    from gpu_workers._server import LocalServerInfo, LocalServerOptions, ensure_local_server, list_local_servers, stop_local_servers
+    from gpu_workers._local_servers import (
+        LocalServerInfo,
+        LocalServerOptions,
+        ensure_local_server,
+        list_local_servers,
+        stop_local_servers,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ import threading
 from ai_query import AIQueryError
 from gpu_workers._errors import LocalServerError
 from gpu_workers._models import KNOWN_MODELS, cache_dir
-from gpu_workers._server import ensure_local_server, list_local_servers, stop_local_servers
+from gpu_workers._local_servers import ensure_local_server, list_local_servers, stop_local_servers
 from gpu_workers._workers_cli import prepare_models
 
 

@@ -52,7 +52,8 @@ from gpu_workers._models import KNOWN_MODELS, model_path
 from gpu_workers._offline import offline_generate
 from gpu_workers._pool import ensure_pool, read_pool_state
 from gpu_workers._routing import PrefixAffinityRouter
-from gpu_workers._server import LocalServerOptions, ensure_local_server
+from gpu_workers._local_servers import ensure_local_server
+from gpu_workers._server_options import LocalServerOptions
 
 T = TypeVar("T")
 

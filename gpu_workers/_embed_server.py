@@ -6,7 +6,7 @@ three processes and gave ~160 sentences/s, while this server starts in a few sec
 ~0.5 GiB and encodes several hundred sentences/s. vLLM pooling stays available for
 non-sentence-transformers models (``backend="vllm"``).
 
-Run by ``gpu_workers._server`` (under the supervisor)::
+Run by ``gpu_workers._local_servers`` (under the supervisor)::
 
     python -m gpu_workers._embed_server --model DIR --port N --served-model-name NAME
 

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 from ai_query import ModelResponse, Usage, VLLMPool
 from ai_query.batch import prefix_order
 from gpu_workers._pool import plan_pool
-from gpu_workers._server import run_dir
+from gpu_workers._state_files import run_dir
 
 __all__ = ["offline_generate", "offline_engine_info"]
 

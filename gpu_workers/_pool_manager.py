@@ -21,7 +21,8 @@ in Spark tasks read it): per replica ``status`` (``starting``, ``ready``, ``rest
   without, it runs until ``SIGTERM`` (``ai-query workers stop``). Stopping SIGTERMs every replica
   group, waits ``grace`` seconds, SIGKILLs the rest, and removes the state file.
 
-Only the standard library is used: this must start fast and import nothing heavy.
+Only the standard library and ``ai_query.process`` are used: this must start fast and import
+nothing heavy.
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ import threading
 import time
 from typing import Any
 
-from gpu_workers._server import _http_get
-from gpu_workers._supervisor import PR_SET_CHILD_SUBREAPER, _descendants, _prctl, _reap, set_parent_death_signal
+from ai_query.process import (
+    become_subreaper,
+    descendants,
+    die_with_parent,
+    proc_stat,
+    reap_children,
+    set_parent_death_signal,
+    signal_group,
+    stop_process,
+)
+from gpu_workers._health import _http_get, _serves_model
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -48,23 +58,6 @@ STABLE_S = 60.0
 def _log(message: str) -> None:
     sys.stderr.write(f"{time.strftime('%H:%M:%S')} [aiq-pool-manager {os.getpid()}] {message}\n")
     sys.stderr.flush()
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 class Replica:
@@ -116,29 +109,13 @@ class Replica:
         _log(f"replica {self.index}: started pid {self.proc.pid} on port {self.port}")
 
     def _ready(self) -> bool:
-        root = self.base_url[: -len("/v1")]
-        status, _ = _http_get(root + "/health", 2.0)
-        if status != 200:
-            return False
-        status, body = _http_get(self.base_url + "/models", 5.0)
-        try:
-            return status == 200 and any(m.get("id") == self.manager.served_model_name for m in json.loads(body)["data"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return False
+        return _serves_model(self.base_url, self.manager.served_model_name)
 
     def stop(self, grace: float) -> None:
         proc = self.proc
         if proc is None:
             return
-        _kill_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
-            time.sleep(0.1)
-        _kill_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
-            pass
+        stop_process(proc.pid, grace, proc=proc, group=True)
 
     def _run(self) -> None:
         stop = self.manager.stopping
@@ -236,15 +213,15 @@ class PoolManager:
         _log(f"stopping the pool ({reason[0] if reason else 'stop requested'})")
         for r in self.replicas:
             if r.proc is not None:
-                _kill_group(r.proc.pid, signal.SIGTERM)
+                signal_group(r.proc.pid, signal.SIGTERM)
         for r in self.replicas:
             r.stop(self.grace)
-        for pid in _descendants(os.getpid()):  # anything that escaped its group
+        for pid in descendants(os.getpid()):  # anything that escaped its group
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        _reap()
+        reap_children()
         for r in self.replicas:
             r.thread.join(timeout=5)
         with self._publish_lock:
@@ -264,12 +241,8 @@ def _reap_orphans(replicas: list[Replica]) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in ours:
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().decode(errors="replace").rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and fields[0] == "Z" and int(fields[1]) == me:
+        stat = proc_stat(int(entry))
+        if stat is not None and stat.state == "Z" and stat.ppid == me:
             try:
                 os.waitpid(int(entry), os.WNOHANG)
             except ChildProcessError:
@@ -283,10 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(pathlib.Path(args.spec).read_text())
     spec["owner_pid"] = args.owner_pid
-    _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    become_subreaper()
     if args.owner_pid is not None:
-        set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != args.owner_pid:
+        if not die_with_parent(args.owner_pid):
             _log(f"owner {args.owner_pid} is gone before start-up; not starting the pool")
             return 1
     return PoolManager(spec).run()

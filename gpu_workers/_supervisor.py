@@ -1,6 +1,6 @@
 """A tiny supervisor that runs one model server and guarantees it never outlives its owner.
 
-Started by ``gpu_workers._server`` as::
+Started by ``gpu_workers._local_servers`` as::
 
     python -m gpu_workers._supervisor --owner-pid PID [--grace S] -- python -m vllm... --port N
 
@@ -19,14 +19,13 @@ the server dies, least of all on SIGKILL. The supervisor closes that gap:
 The server gets ``PR_SET_PDEATHSIG(SIGTERM)`` too, so even a ``SIGKILL`` of the supervisor
 itself makes the server shut down its engine.
 
-Only the standard library is used: this must start fast and import nothing heavy.
+Only the standard library and ``ai_query.process`` (the one copy of the /proc, prctl and
+process-group helpers) are used: this must start fast and import nothing heavy.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -34,22 +33,16 @@ import subprocess
 import sys
 import time
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send ``sig`` to this process when the thread that forked it exits.
-
-    Safe to call between fork and exec (``preexec_fn``): ``_prctl`` is resolved at import time,
-    so the child only makes a plain libc call.
-    """
-    _prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+from ai_query.process import (
+    become_subreaper,
+    descendants,
+    die_with_parent,
+    group_alive,
+    reap_children,
+    set_parent_death_signal,
+    signal_group,
+    wait_until,
+)
 
 
 def _log(message: str) -> None:
@@ -57,84 +50,31 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
-def _children_of(pid: int) -> list[int]:
-    """Direct children of ``pid``, read from /proc (no psutil: this process must stay light)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        kids = [k for p in frontier for k in _children_of(p)]
-        found.extend(kids)
-        frontier = kids
-    return found
-
-
-def _reap() -> None:
-    """Collect exited children (we are a subreaper, so orphans of the server land here)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _signal_all(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-    for pid in _descendants(os.getpid()):
+    """The server's group, and our descendants that escaped it (we are their subreaper)."""
+    signal_group(pgid, sig)
+    for pid in descendants(os.getpid()):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
 
+def _all_gone(pgid: int) -> bool:
+    reap_children()
+    return not group_alive(pgid) and not descendants(os.getpid())
+
+
 def _shutdown(child: subprocess.Popen, grace: float) -> None:
     """SIGTERM the server's group and our descendants; SIGKILL what survives ``grace`` seconds."""
     pgid = child.pid
     _signal_all(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap()
-        if not _group_alive(pgid) and not _descendants(os.getpid()):
-            return
-        time.sleep(0.1)
+    if wait_until(lambda: _all_gone(pgid), grace):
+        return
     _log(f"server did not stop within {grace:.0f}s of SIGTERM; sending SIGKILL")
     _signal_all(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and (_group_alive(pgid) or _descendants(os.getpid())):
-        _reap()
-        time.sleep(0.05)
-    _reap()
+    wait_until(lambda: _all_gone(pgid), 5.0, 0.05)
+    reap_children()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no server command given after --")
 
-    set_parent_death_signal(signal.SIGTERM)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    # The owner may have died between fork and the prctl above: then nobody will signal us.
-    if os.getppid() != args.owner_pid:
+    become_subreaper()
+    # The owner may have died between fork and the prctl: then nobody will signal us.
+    if not die_with_parent(args.owner_pid):
         _log(f"owner {args.owner_pid} is gone before start-up; not starting the server")
         return 1
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
-from ai_query._quota import QuotaBroker
 from ai_query.backends import entity_kind, prepare
+from ai_query.limits.quota import QuotaBroker
 
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names

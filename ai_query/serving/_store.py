@@ -31,6 +31,7 @@ from .._client import AIQueryClient, EndpointClient
 from ..config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError, ServingError
 from ..backends._mlflow import import_mlflow
+from ..process import proc_stat, process_identity
 from ..transport import TRANSPORT_KINDS, Transport, make_transport
 from ._shared import SharedControl
 
@@ -86,17 +87,6 @@ class EndpointRecord:
             self.update_message = "the server process deploying this config exited before it was ready; send the update again"
 
 
-def process_identity(pid: int | None = None) -> str:
-    """``pid:start-time`` of a process (this one by default): unlike a pid, never reused."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rpartition(b")")[2].split()
-        return f"{pid}:{int(fields[19])}"  # field 22 of stat: start time in clock ticks since boot
-    except (OSError, IndexError, ValueError):  # no /proc (not Linux): the pid alone
-        return str(pid)
-
-
 def _alive(identity: str | None) -> bool:
     """Whether the process ``identity`` names runs (a zombie or a reused pid does not count)."""
     if not identity:
@@ -108,12 +98,9 @@ def _alive(identity: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            if fh.read().rpartition(b")")[2].split()[0] == b"Z":
-                return False
-    except (OSError, IndexError):
-        pass
+    stat = proc_stat(pid)
+    if stat is not None and stat.state == "Z":
+        return False
     return process_identity(pid) == identity
 
 

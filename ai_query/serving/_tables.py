@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..batch.results import CallResult
-from .._usage import INFERENCE_SCHEMA, USAGE_SCHEMA, DeltaAppender, inference_record, usage_record
+from ..sinks import INFERENCE_SCHEMA, USAGE_SCHEMA, AppTransaction, DeltaAppender, inference_record, usage_record
 
 log = logging.getLogger("ai_query.serving")
 
@@ -108,7 +108,7 @@ class ServingTables:
                     batch = box.batches[0]
                     check, batch.tried = batch.tried, True  # an interrupted attempt may still commit: the next one checks
                     try:
-                        await asyncio.to_thread(box.appender.append, batch.rows, app_id=box.app_id, version=batch.version,
+                        await asyncio.to_thread(box.appender.append, batch.rows, txn=AppTransaction(box.app_id, batch.version),
                                                 check_committed=check)
                     except Exception as exc:  # noqa: BLE001 - a failed append must not stop serving
                         log.warning("could not append %d rows to %s (kept for the next flush): %s", len(batch.rows),

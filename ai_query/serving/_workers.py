@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Sequence
 
+from ..process import die_with_parent
 from ._shared import SharedControl
 
 log = logging.getLogger("ai_query.serving")
@@ -80,15 +81,9 @@ def worker_socket(host: str, port: int) -> socket.socket:
 
 
 def die_with_supervisor(supervisor: int) -> None:
-    """Ask the kernel for SIGTERM when the supervisor exits, however it exits (Linux)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM is the only stop
-        pass
-    if os.getppid() != supervisor:  # it exited before the request took effect
+    """Ask the kernel for SIGTERM when the supervisor exits, however it exits (Linux; elsewhere the
+    supervisor's SIGTERM is the only stop)."""
+    if not die_with_parent(supervisor):  # it exited before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -277,7 +277,7 @@ def test_no_registry_configured_says_to_set_the_tracking_uri(monkeypatch, tmp_pa
 
 def test_importing_ai_query_imports_no_mlflow():
     code = (
-        "import sys, ai_query, ai_query.backends._mlflow, ai_query._gradient;"
+        "import sys, ai_query, ai_query.backends._mlflow, ai_query.limits.gradient;"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

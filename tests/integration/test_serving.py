@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry
-from ai_query._usage import USAGE_SCHEMA
+from ai_query.sinks import USAGE_SCHEMA
 from ai_query.serving import ServingServer
 from ai_query.testing import ProviderSimulator
 

@@ -236,6 +236,26 @@ def test_commit_skips_when_the_same_transaction_landed_while_tasks_ran(delta, tm
     assert _ids_delta_rs(path) == _ids_spark(delta, path) == [0, 1, 10]
 
 
+def test_a_table_created_with_another_schema_while_tasks_ran_gets_no_commit(delta, tmp_path):
+    """The driver re-checks the schema at commit time; the refusal is a DeltaWriteError, itself a
+    DeltaCommitError of the core, and the job's files are deleted."""
+    from deltalake import write_deltalake
+
+    from ai_query import DeltaCommitError
+
+    path = tmp_path / "t"
+    options = CaseInsensitiveDict({"path": str(path), "txnAppId": "job", "txnVersion": "1"})
+    writer = DeltaDataSource(options).writer(StructType([StructField("id", LongType())]), overwrite=False)
+    message = writer.write(iter([pa.RecordBatch.from_pylist([{"id": 1}], schema=pa.schema([("id", pa.int64())]))]))
+    write_deltalake(str(path), pa.table({"id": pa.array(["a"], pa.string())}))  # another writer got there first
+
+    with pytest.raises(DeltaWriteError, match="another schema was created") as caught:
+        writer.commit([message])
+    assert isinstance(caught.value, DeltaCommitError)
+    assert DeltaTable(str(path)).version() == 0 and delta_txn_version(str(path), "job") is None
+    assert message.files[0].path not in _parquet_files(path)
+
+
 def test_a_failing_task_leaves_no_commit_and_no_data_files(delta, tmp_path):
     path = tmp_path / "t"
     write_delta(delta.createDataFrame(_rows(3), SCHEMA), str(path))

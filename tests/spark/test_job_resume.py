@@ -24,7 +24,7 @@ from deltalake import DeltaTable
 
 from ai_query.testing import ProviderSimulator
 from batch_runner import JobSpec, write_sample_reviews
-from batch_runner._jobs import job_status, run_incremental
+from batch_runner import job_status, run_incremental
 
 ROWS = 2000
 CHUNK = 200

@@ -14,7 +14,7 @@ from deltalake import DeltaTable, write_deltalake
 from ai_query import ConfigError
 from ai_query.testing import ProviderSimulator
 from batch_runner import JobSpec, sample_reviews, write_sample_reviews
-from batch_runner._jobs import job_status, run_incremental
+from batch_runner import job_status, run_incremental
 from batch_runner._plan import plan_job
 
 pytestmark = pytest.mark.spark

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from ai_query._gradient import GradientConcurrencyLimiter, default_queue_size
+from ai_query.limits.gradient import GradientConcurrencyLimiter, default_queue_size
 
 from .fakes import FakeClock
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry
-from ai_query._quota import QuotaBroker, SlidingWindowLimit
+from ai_query.limits.quota import QuotaBroker, SlidingWindowLimit
 from ai_query.transport import MockTransport
 
 from .fakes import FakeClock, chat_body, json_response

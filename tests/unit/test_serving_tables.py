@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timezone
 
 from ai_query import CallResult
-from ai_query._usage import USAGE_SCHEMA, DeltaAppender
+from ai_query.sinks import USAGE_SCHEMA, DeltaAppender
 from ai_query.serving._tables import ServingTables
 
 

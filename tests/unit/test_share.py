@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from ai_query import EndpointRegistry
-from ai_query._concurrency import AdaptiveConcurrencyLimiter
-from ai_query._gradient import GradientConcurrencyLimiter
-from ai_query._quota import QuotaBroker
-from ai_query._share import ConcurrencyShare
+from ai_query.limits.aimd import AdaptiveConcurrencyLimiter
+from ai_query.limits.gradient import GradientConcurrencyLimiter
+from ai_query.limits.quota import QuotaBroker
+from ai_query.limits.share import ConcurrencyShare
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import httptools
 import pytest
 
 from ai_query import AIQueryClient, EndpointRegistry, __version__
-from ai_query._quota import BROKER_ATTEMPTS, BrokeredQuota, LocalQuota, QuotaLimits
+from ai_query.limits.quota import BROKER_ATTEMPTS, BrokeredQuota, LocalQuota, QuotaLimits
 from ai_query.transport import (
     USER_AGENT,
     ConnectFailedError,

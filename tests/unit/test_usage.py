@@ -5,7 +5,15 @@ from __future__ import annotations
 from deltalake import DeltaTable
 
 from ai_query import CallResult
-from ai_query._usage import INFERENCE_SCHEMA, USAGE_SCHEMA, DeltaAppender, inference_record, usage_record
+from ai_query.sinks import (
+    INFERENCE_SCHEMA,
+    USAGE_SCHEMA,
+    AppTransaction,
+    CommitResult,
+    DeltaAppender,
+    inference_record,
+    usage_record,
+)
 
 
 def _result(i: int, status: str = "ok") -> CallResult:
@@ -16,16 +24,16 @@ def _result(i: int, status: str = "ok") -> CallResult:
 def test_usage_rows_append_once_per_transaction(tmp_path):
     table = DeltaAppender(str(tmp_path / "usage"))
     records = [usage_record(_result(i), request="hello", source="batch:job") for i in range(3)]
-    assert table.append(records, app_id="job-1", version=0)
-    assert not table.append(records, app_id="job-1", version=0)  # a re-run of the same chunk
-    assert table.append(records[:1], app_id="job-1", version=1)
+    assert table.append(records, txn=AppTransaction("job-1", 0)) is CommitResult.COMMITTED
+    assert table.append(records, txn=AppTransaction("job-1", 0)) is CommitResult.ALREADY_COMMITTED  # a re-run of the chunk
+    assert table.append(records[:1], txn=AppTransaction("job-1", 1)) is CommitResult.COMMITTED
     got = DeltaTable(str(tmp_path / "usage")).to_pyarrow_table()
     assert got.schema.names == USAGE_SCHEMA.names
     assert got.num_rows == 4
     assert sum(got.column("input_token_count").to_pylist()) == 3 + 4 + 5 + 3
     assert set(got.column("input_character_count").to_pylist()) == {5}
     assert set(got.column("output_character_count").to_pylist()) == {len("an answer")}
-    assert table.committed_version("job-1") == 1 and table.committed_version("other") == -1
+    assert table.committed_version("job-1") == 1 and table.committed_version("other") is None
 
 
 def test_failed_rows_have_no_output_and_payloads_are_capped(tmp_path):
@@ -35,5 +43,6 @@ def test_failed_rows_have_no_output_and_payloads_are_capped(tmp_path):
     assert payload["request"] == "éééé" and payload["request_truncated"] and not payload["response_truncated"]
     table = DeltaAppender(str(tmp_path / "payloads"), INFERENCE_SCHEMA)
     assert table.read().num_rows == 0
-    table.append([payload])
+    assert table.append([]) is CommitResult.NOTHING_TO_COMMIT and table.read().num_rows == 0
+    assert table.append([payload]) is CommitResult.COMMITTED
     assert table.read().column("request").to_pylist() == ["éééé"]

@@ -26,9 +26,9 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from ._errors import TransportError, TransportTimeoutError
-from .config import ClientConfig, EndpointConfig
-from .transport import Request, request_blocking
+from .._errors import TransportError, TransportTimeoutError
+from ..config import ClientConfig, EndpointConfig
+from ..transport import Request, request_blocking
 
 BROKER_ATTEMPTS = 6
 """Tries of one broker call that times out (``timeout_s`` each) before this worker keeps to its static share."""

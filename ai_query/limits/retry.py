@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from ._errors import EndpointTimeoutError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
+from .._errors import EndpointTimeoutError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
 
 
 class wait_retry_after(wait_base):

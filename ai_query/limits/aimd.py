@@ -10,21 +10,19 @@ round trips instead of one step per round trip.
 After that, growth per round trip is shaped like TCP CUBIC's around ``W_max``, the limit at the
 last decrease: below it, half the gap (back quickly to what worked); at it, a slow probe (a
 quarter request); above it, faster the further it has grown without a signal (the endpoint has
-more room now). A flat +1 per round trip probed past the endpoint's capacity every two or three
-round trips: with two workers probing a cap of 48, 2% of requests were 429s (benchmark and a
-round-by-round model alike). In that model the plateau halves the 429s for 0.5% less in
-flight, and it finds new room sooner (17 round trips instead of 23 from 24 to 48 in flight).
-The clock is injected, so tests need no real time.
+more room now). A flat +1 per round trip probes past the endpoint's capacity every two or three
+round trips, and each probe costs a burst of 429s; the plateau makes probes rarer where the
+last overload happened and still finds new room sooner (the measurements are in
+``bench/README.md``, "Why the AIMD limiter plateaus"). The clock is injected, so tests need no
+real time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
-from typing import Callable, Literal
+from typing import Callable
 
-Outcome = Literal["ok", "overload", "error"]
+from .slots import Outcome, SlotQueue
 
 
 class AdaptiveConcurrencyLimiter:
@@ -49,10 +47,9 @@ class AdaptiveConcurrencyLimiter:
         self.backoff = backoff
         self._clock = clock
         self._limit = float(initial)
-        self._in_flight = 0
+        self._slots = SlotQueue(lambda: self.limit)
         self._last_decrease = -float("inf")
         self._rtt = 0.0  # smoothed latency of recent requests, the spacing between two decreases
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._slow_start = slow_start
         self._ssthresh: float | None = None
         """Where a slow start after a raised ceiling ends (None: at the first overload signal)."""
@@ -68,39 +65,12 @@ class AdaptiveConcurrencyLimiter:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._slots.in_flight
 
     async def acquire(self) -> float:
-        """Wait for a slot; returns the clock reading at admission (pass it to ``release``).
-
-        Waiters are served first come, first served, and a completion wakes only as many as it
-        has slots for (a ``Condition.notify_all`` would wake thousands of waiting rows each time).
-        """
-        if self._in_flight < self.limit and not self._waiters:
-            self._in_flight += 1
-            return self._clock()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed a slot just as it gave up: pass it on
-                self._in_flight -= 1
-                self._hand_over()
-            else:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-            raise
+        """Wait for a slot (first come, first served); returns the clock reading at admission (pass it to ``release``)."""
+        await self._slots.take()
         return self._clock()
-
-    def _hand_over(self) -> None:
-        while self._waiters and self._in_flight < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._in_flight += 1
-                waiter.set_result(None)
 
     def set_maximum(self, maximum: int) -> None:
         """A new ceiling: this worker's share of the endpoint changed (other workers came or went).
@@ -121,14 +91,11 @@ class AdaptiveConcurrencyLimiter:
             self._slow_start = True
             self._ssthresh = self._limit * maximum / self.maximum
         self.maximum = maximum
-        self._hand_over()
+        self._slots.hand_over()
 
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now (no waiting); ``None`` otherwise."""
-        if self._in_flight >= self.limit or self._waiters:
-            return None
-        self._in_flight += 1
-        return self._clock()
+        return self._clock() if self._slots.try_take() else None
 
     def on_outcome(self, outcome: Outcome, started: float | None = None) -> None:
         """Adjust the limit for one finished request (without releasing a slot)."""
@@ -162,5 +129,4 @@ class AdaptiveConcurrencyLimiter:
     async def release(self, outcome: Outcome, started: float | None = None) -> None:
         """Free the slot, adapt the limit to the outcome, and hand free slots to waiting rows."""
         self.on_outcome(outcome, started)
-        self._in_flight -= 1
-        self._hand_over()
+        self._slots.give_back()

@@ -24,8 +24,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._errors import TransportError
-from ._quota import post_json
+from .._errors import TransportError
+from .quota import post_json
 
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

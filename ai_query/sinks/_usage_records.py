@@ -2,8 +2,9 @@
 ``system.serving.endpoint_usage`` (plus endpoint name, latency, attempts and cost), written to
 Delta by batch jobs and by the serving endpoint alike, so one table answers "what did we spend".
 
-Writers append with an optional Delta app-transaction id (``app_id`` + ``version``): a chunk of
-usage committed twice (a job killed after the commit and re-run) is skipped the second time.
+Writers append through the one Delta committer (``_delta_commit``) with an optional app
+transaction: a chunk of usage committed twice (a job killed after the commit and re-run, a serving
+flush whose reply was lost) is skipped the second time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
+
+from ._delta_commit import AppTransaction, CommitResult, DeltaCommitter
 
 USAGE_SCHEMA = pa.schema(
     [
@@ -138,40 +141,24 @@ def inference_record(
 
 @dataclass
 class DeltaAppender:
-    """Appends rows of a fixed schema to a Delta table (created on first write) with delta-rs."""
+    """Appends rows of a fixed schema to a Delta table (created on first write), once per app transaction."""
 
     path: str
     schema: pa.Schema = USAGE_SCHEMA
 
     def append(self, records: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]], *,
-               app_id: str | None = None, version: int | None = None, check_committed: bool = True) -> bool:
-        """Append ``records``; with ``app_id`` + ``version``, a version already committed is skipped.
+               txn: AppTransaction | None = None, check_committed: bool = True) -> CommitResult:
+        """Append ``records`` in one commit; with ``txn``, a transaction already committed is skipped.
 
         ``check_committed=False`` skips that check (one read of the table) when the caller knows
-        the version was never tried before. Returns whether anything was committed.
+        the transaction was never tried before.
         """
-        from deltalake import CommitProperties, Transaction, write_deltalake
+        table = pa.Table.from_pylist(list(records), schema=self.schema)
+        return DeltaCommitter(self.path).append(table, txn, check_committed=check_committed)
 
-        rows = list(records)
-        if app_id is not None and version is not None and check_committed and self.committed_version(app_id) >= version:
-            return False
-        if not rows and app_id is None:
-            return False
-        table = pa.Table.from_pylist(rows, schema=self.schema)
-        props = None
-        if app_id is not None and version is not None:
-            props = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=version)])
-        write_deltalake(self.path, table, mode="append", commit_properties=props)
-        return True
-
-    def committed_version(self, app_id: str) -> int:
-        """The highest app-transaction version committed for ``app_id`` (-1 if none)."""
-        from deltalake import DeltaTable
-
-        if not DeltaTable.is_deltatable(self.path):
-            return -1
-        version = DeltaTable(self.path).transaction_version(app_id)
-        return -1 if version is None else int(version)
+    def committed_version(self, app_id: str) -> int | None:
+        """The highest app-transaction version committed for ``app_id`` (``None``: none, or no table)."""
+        return DeltaCommitter(self.path).committed_version(app_id)
 
     def read(self) -> pa.Table:
         from deltalake import DeltaTable

@@ -45,13 +45,13 @@ clock is injected so tests need no real time.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections import Counter, deque
-from typing import Callable, Literal
+from collections import Counter
+from typing import Callable
 
-Outcome = Literal["ok", "overload", "error"]
+from .slots import Outcome, SlotQueue
+
 WARMUP_WINDOWS = 10
 """The long-term latency is the plain mean of the first windows before it becomes a slow EMA."""
 
@@ -115,8 +115,7 @@ class GradientConcurrencyLimiter:
         self.min_samples = min_samples
         self._clock = clock
         self._limit = float(initial)
-        self._in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._slots = SlotQueue(lambda: self.limit)
         # latency state
         self._short = 0.0  # mean latency of the last closed window
         self._long = 0.0  # slow EMA of the window means: the latency without queueing
@@ -151,7 +150,7 @@ class GradientConcurrencyLimiter:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._slots.in_flight
 
     @property
     def short_latency(self) -> float:
@@ -167,47 +166,22 @@ class GradientConcurrencyLimiter:
     def probing(self) -> bool:
         return self._probe_started is not None
 
-    def _admit(self, *, reserved: bool = False) -> float:
-        """Count a request in (``reserved``: its slot was already taken for it by ``_hand_over``)."""
+    def _admitted(self) -> float:
+        """Count a request that has just taken its slot into the window (and the probe's cohort)."""
         now = self._clock()
-        if self._in_flight == (1 if reserved else 0) and self._window_count == 0:
+        in_flight = self._slots.in_flight
+        if in_flight == 1 and self._window_count == 0:
             self._window_start = now  # after an idle spell the window starts with the first request
-        if not reserved:
-            self._in_flight += 1
-        self._window_peak_in_flight = max(self._window_peak_in_flight, self._in_flight)
+        self._window_peak_in_flight = max(self._window_peak_in_flight, in_flight)
         if self._probe_started is not None and self._probe_admitted < self._probe_cohort:
             self._probe_admitted += 1
             self._probe_starts[now] += 1
         return now
 
     async def acquire(self) -> float:
-        """Wait for a slot; returns the clock reading at admission (pass it to ``release``).
-
-        Waiters are served first come, first served, and each completion wakes only the waiters
-        it has slots for: with thousands of rows waiting, an ``asyncio.Condition`` with
-        ``notify_all`` would wake all of them on every completion.
-        """
-        if self._in_flight < self.limit and not self._waiters:
-            return self._admit()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # a slot was handed over just as we gave up
-                self._in_flight -= 1
-                self._hand_over()
-            raise
-        return self._admit(reserved=True)
-
-    def _hand_over(self) -> None:
-        """Give free slots to the longest waiting callers."""
-        while self._waiters and self._in_flight < self.limit:
-            waiter = self._waiters.popleft()
-            if waiter.done():  # cancelled while waiting
-                continue
-            self._in_flight += 1  # reserved for it until it runs
-            waiter.set_result(None)
+        """Wait for a slot (first come, first served); returns the clock reading at admission (pass it to ``release``)."""
+        await self._slots.take()
+        return self._admitted()
 
     def set_maximum(self, maximum: int) -> None:
         """A new ceiling: this worker's share of the endpoint changed (other workers came or went).
@@ -220,13 +194,11 @@ class GradientConcurrencyLimiter:
             return
         self._limit = max(float(self.minimum), min(float(maximum), self._limit * maximum / self.maximum))
         self.maximum = maximum
-        self._hand_over()
+        self._slots.hand_over()
 
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now and nobody waits for one; ``None`` otherwise."""
-        if self._in_flight >= self.limit or self._waiters:
-            return None
-        return self._admit()
+        return self._admitted() if self._slots.try_take() else None
 
     def on_outcome(self, outcome: Outcome, started: float | None = None) -> None:
         """Adjust the limit for one finished request (without releasing a slot)."""
@@ -279,7 +251,7 @@ class GradientConcurrencyLimiter:
         self._window_start = now
         self._window_sum = 0.0
         self._window_count = 0
-        self._window_peak_in_flight = self._in_flight
+        self._window_peak_in_flight = self._slots.in_flight
 
     def _close_window(self, now: float) -> None:
         short = max(self._window_sum / self._window_count, 1e-9)
@@ -358,5 +330,4 @@ class GradientConcurrencyLimiter:
     async def release(self, outcome: Outcome, started: float | None = None) -> None:
         """Free the slot and adapt the limit to the outcome."""
         self.on_outcome(outcome, started)
-        self._in_flight -= 1
-        self._hand_over()
+        self._slots.give_back()

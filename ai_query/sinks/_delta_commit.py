@@ -1,0 +1,159 @@
+"""One Delta committer: every idempotent write of the project goes through it.
+
+A Delta app transaction (``app_id``, ``version``) recorded in the same commit as the data makes a
+write idempotent: a writer that tries again (a job re-run after a kill, a serving flush whose
+reply from the store was lost, a Spark write retried) asks the table which version of its
+``app_id`` landed and skips what is already there. Usage tables, batch-job outputs and the Spark
+data source's driver commit share this one rule and one answer for what happened:
+
+* ``COMMITTED``: a new table version holds the data and the transaction;
+* ``ALREADY_COMMITTED``: the table records ``app_id`` at ``version`` or later, so nothing was
+  written (an older version counts as committed: a writer's versions only move forward);
+* ``NOTHING_TO_COMMIT``: no change to the table and no transaction to record, so no new version.
+  With a transaction an empty write still commits: the version is recorded, in order.
+
+:meth:`DeltaCommitter.committed_version` answers ``None`` when ``app_id`` has no transaction in
+the table (or there is no table yet); ``0`` is a real version. Worked example::
+
+    committer = DeltaCommitter("/data/usage")
+    txn = AppTransaction("job-42", 7)
+    committer.append(rows, txn)    # CommitResult.COMMITTED
+    committer.append(rows, txn)    # CommitResult.ALREADY_COMMITTED: the log has one version
+
+The check reads the table before the commit, so two writers racing with one transaction could
+both commit; the callers here never run one transaction from two places at once (a job holds its
+chunk versions, a serving process its own app id). deltalake is imported inside the methods, so
+``import ai_query`` stays light.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._errors import AIQueryError, DeltaCommitError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+class CommitResult(enum.Enum):
+    """What a commit call did to the table."""
+
+    COMMITTED = "committed"
+    ALREADY_COMMITTED = "already committed"
+    NOTHING_TO_COMMIT = "nothing to commit"
+
+
+@dataclass(frozen=True)
+class AppTransaction:
+    """A Delta app transaction: ``app_id`` (a job, a serving process) at ``version`` (a chunk, a batch)."""
+
+    app_id: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.app_id, str) or not self.app_id.strip():
+            raise DeltaCommitError(f"an app transaction needs a non-empty app_id, e.g. the job's id; got {self.app_id!r}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
+            raise DeltaCommitError(f"an app transaction's version must be an integer >= 0, got {self.version!r}")
+
+
+class DeltaCommitter:
+    """Commits to the Delta table at ``path`` at most once per app transaction."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def exists(self) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.path)
+
+    def committed_version(self, app_id: str) -> int | None:
+        """The highest version of ``app_id`` the table records (``None``: none, or no table)."""
+        from deltalake import DeltaTable
+
+        if not self.exists():
+            return None
+        version = DeltaTable(self.path).transaction_version(app_id)
+        return None if version is None else int(version)
+
+    def is_committed(self, txn: AppTransaction) -> bool:
+        """Whether ``txn`` (or a later version of its app id) is in the table."""
+        done = self.committed_version(txn.app_id)
+        return done is not None and done >= txn.version
+
+    def commit_once(
+        self,
+        txn: AppTransaction | None,
+        write: Callable[[Any], object],
+        *,
+        changes: bool = True,
+        check_committed: bool = True,
+        custom_metadata: dict[str, str] | None = None,
+    ) -> CommitResult:
+        """Run ``write(commit_properties)`` unless ``txn`` already landed or there is nothing to commit.
+
+        ``write`` makes the one Delta commit with the properties it is given (they carry ``txn``).
+        ``changes`` says whether the commit would change the table's data or schema; without
+        changes and without a transaction there is nothing to commit. ``check_committed=False``
+        skips the table read when the caller knows ``txn`` was never tried before.
+        """
+        from deltalake import CommitProperties, Transaction
+
+        if txn is not None and check_committed and self.is_committed(txn):
+            return CommitResult.ALREADY_COMMITTED
+        if not changes and txn is None:
+            return CommitResult.NOTHING_TO_COMMIT
+        txns = [Transaction(app_id=txn.app_id, version=txn.version)] if txn is not None else None
+        props = CommitProperties(app_transactions=txns, custom_metadata=custom_metadata)
+        try:
+            write(props)
+        except AIQueryError:
+            raise
+        except Exception as exc:
+            if txn is not None:
+                where = f" (app transaction {txn.app_id!r} version {txn.version})"
+                fix = "retry it: if this commit landed after all, the retry finds the transaction and skips it"
+            else:
+                where = ""
+                fix = "check the table's history before retrying: without an app transaction a retry may write twice"
+            raise DeltaCommitError(f"the Delta commit to {self.path}{where} failed: {exc}; {fix}") from exc
+        return CommitResult.COMMITTED
+
+    def append(self, data: "pa.Table", txn: AppTransaction | None = None, *,
+               check_committed: bool = True) -> CommitResult:
+        """Append ``data`` (the first write creates the table) in one commit recording ``txn``."""
+        from deltalake import write_deltalake
+
+        return self.commit_once(
+            txn, lambda props: write_deltalake(self.path, data, mode="append", commit_properties=props),
+            changes=data.num_rows > 0, check_committed=check_committed)
+
+    def merge(self, data: "pa.Table", keys: Sequence[str], txn: AppTransaction | None = None, *,
+              check_committed: bool = True) -> CommitResult:
+        """Upsert ``data`` by ``keys`` (matched rows updated, others inserted) in one commit recording ``txn``.
+
+        The first write creates the table with an append: there is nothing to match yet.
+        """
+        if not keys:
+            raise DeltaCommitError(f"a merge into {self.path} needs key columns to match rows on; pass keys=[...]")
+
+        def write(props: Any) -> None:
+            from deltalake import DeltaTable, write_deltalake
+
+            if not self.exists():
+                write_deltalake(self.path, data, mode="append", commit_properties=props)
+                return
+            predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+            (DeltaTable(self.path)
+             .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props)
+             .when_matched_update_all().when_not_matched_insert_all().execute())
+
+        return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)
+
+
+__all__ = ["AppTransaction", "CommitResult", "DeltaCommitter"]

@@ -1,0 +1,209 @@
+"""What a chunk writes, each table once: the output rows, then their usage and payload rows.
+
+Every commit carries the app transaction (the job's id, the chunk's version) through the one
+Delta committer (``ai_query.sinks``), so a chunk committed before a kill is skipped by the re-run.
+The output and the usage table are two tables, so no single commit covers both: usage rows are
+staged as parquet before the output commit and committed after it (``UsageStaging``), and a
+later run commits what a killed one staged. Answers replayed from the journal are billed once
+(``ReplayedAnswers``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ai_query.batch import CallResult, read_entries
+from ai_query.sinks import (
+    INFERENCE_SCHEMA,
+    USAGE_SCHEMA,
+    AppTransaction,
+    CommitResult,
+    DeltaAppender,
+    DeltaCommitter,
+    inference_record,
+    usage_record,
+)
+
+from ._spec import JobSpec
+
+# --------------------------------------------------------------------------------------------
+# usage rows from a chunk's output
+
+
+def _call_result(row: dict[str, Any], response_column: str) -> CallResult:
+    return CallResult(
+        index=0, endpoint=row["aiq_endpoint"], status=row["aiq_status"], value=row.get(response_column),
+        error=row.get("aiq_error"), model=row.get("aiq_model"), prompt_tokens=row["aiq_prompt_tokens"] or 0,
+        completion_tokens=row["aiq_completion_tokens"] or 0, total_tokens=row["aiq_total_tokens"] or 0,
+        usage_estimated=bool(row.get("aiq_usage_estimated")), cost_usd=row.get("aiq_cost_usd"),
+        latency_ms=row.get("aiq_latency_ms") or 0.0, attempts=row.get("aiq_attempts") or 0,
+        request_id=row.get("aiq_request_id"), completed_at=row.get("aiq_completed_at") or datetime.now(timezone.utc),
+    )
+
+
+def usage_rows(spec: JobSpec, result: pa.Table, requests: dict[Any, str], response_column: str, run_id: str,
+               version: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(usage rows, payload rows) of a chunk: one per request sent (in-batch duplicates sent none)."""
+    requester = _requester()
+    usage, payloads = [], []
+    names = list(spec.key)
+    for row in result.to_pylist():
+        if not row.get("aiq_attempts"):
+            continue  # a copy of an identical request in the batch, or a NULL endpoint: nothing was sent
+        key = tuple(row[k] for k in names)
+        key_text = json.dumps(key[0] if len(key) == 1 else list(key), default=str)
+        res = _call_result(row, response_column)
+        request = requests.get(key)
+        context = {"job": spec.name, "run": run_id, "chunk": str(version), "key": key_text}
+        client_id = f"{spec.name}/{key_text}"
+        usage.append(usage_record(res, request=request, requester=requester, source=f"batch:{spec.name}",
+                                  client_request_id=client_id, usage_context=context))
+        if spec.inference_path:
+            payloads.append(inference_record(res, request, max_payload_bytes=spec.max_payload_bytes,
+                                             source=f"batch:{spec.name}", client_request_id=client_id))
+    return usage, payloads
+
+
+def _requester() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# commits: one app transaction (the job's id, the chunk's version) in every table a chunk writes
+
+
+def chunk_transaction(spec: JobSpec, version: int) -> AppTransaction:
+    return AppTransaction(spec.job_id, version)
+
+
+def landed_version(spec: JobSpec) -> int | None:
+    """The last chunk version the output table committed (``None``: none yet)."""
+    return DeltaCommitter(spec.output_path).committed_version(spec.job_id)
+
+
+def next_chunk_version(spec: JobSpec) -> int:
+    """Chunk versions count from 1, after the last one the output committed."""
+    last = landed_version(spec)
+    return 1 if last is None else last + 1
+
+
+def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
+    """Write a chunk to the output (merge by key, or append) with app transaction (job, version)."""
+    committer = DeltaCommitter(spec.output_path)
+    if spec.output_mode == "merge":
+        return committer.merge(table, spec.key, chunk_transaction(spec, version))
+    return committer.append(table, chunk_transaction(spec, version))
+
+
+class UsageStaging:
+    """Usage and payload rows written next to the job before the output commit, committed after it.
+
+    The output and the usage table are two Delta tables: no single commit covers both. A chunk's
+    usage rows are therefore staged as parquet first; whatever kills the run, the next run
+    commits the staged rows whose output landed (each once: app transaction per table) and drops
+    the others (their rows are still pending and will be answered from the journal).
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.dir = Path(spec.state_path) / "staged"
+
+    def _path(self, version: int, kind: str) -> Path:
+        return self.dir / f"v{version:08d}-{kind}.parquet"
+
+    def stage(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]]) -> None:
+        import pyarrow.parquet as pq
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for kind, rows, schema in (("usage", usage, USAGE_SCHEMA), ("inference", payloads, INFERENCE_SCHEMA)):
+            if kind == "inference" and not self.spec.inference_path:
+                continue
+            tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+            os.replace(tmp, self._path(version, kind))
+
+    def commit(self, version: int) -> None:
+        import pyarrow.parquet as pq
+
+        for kind, path, schema in (("usage", self.spec.usage_table, USAGE_SCHEMA),
+                                   ("inference", self.spec.inference_path, INFERENCE_SCHEMA)):
+            staged = self._path(version, kind)
+            if path is None or not staged.exists():
+                continue
+            DeltaAppender(path, schema).append(pq.read_table(staged).to_pylist(), txn=chunk_transaction(self.spec, version))
+            staged.unlink()
+
+    def recover(self) -> int:
+        """Commit what a killed run staged for chunks whose output landed; drop the rest. Returns chunks recovered."""
+        if not self.dir.is_dir():
+            return 0
+        landed = landed_version(self.spec)
+        recovered = set()
+        for staged in sorted(self.dir.glob("v*-*.parquet")):
+            version = int(staged.name[1:9])
+            if landed is not None and version <= landed:
+                self.commit(version)
+                recovered.add(version)
+            else:
+                staged.unlink()
+        for tmp in self.dir.glob(".tmp-*"):
+            tmp.unlink()
+        return len(recovered)
+
+
+class ReplayedAnswers:
+    """Journaled answers of earlier runs, so that each one is billed in the usage table once.
+
+    The journal is keyed by request content: two pending rows with the same request both get
+    the one journaled answer. The first use carries its tokens; later uses (in this run, or
+    already in the usage table from an earlier one) become copies with zero tokens, as
+    identical requests inside one batch do.
+    """
+
+    _ZEROED = {"aiq_prompt_tokens": 0, "aiq_completion_tokens": 0, "aiq_total_tokens": 0, "aiq_attempts": 0}
+
+    def __init__(self, spec: JobSpec, journal_dirs: list[str]) -> None:
+        self.ids: set[str] = set()
+        for directory in journal_dirs:
+            for path in Path(directory).glob("*.jsonl"):
+                self.ids.update(e["result"].get("request_id") for e in read_entries(path).values())
+        self.ids.discard(None)  # type: ignore[arg-type]
+        self.billed: set[str] = set()
+        if self.ids:
+            usage = DeltaAppender(spec.usage_table).read()
+            if usage.num_rows:
+                self.billed = self.ids & set(usage.column("databricks_request_id").to_pylist())
+
+    def zero_repeats(self, result: pa.Table) -> pa.Table:
+        if not self.ids:
+            return result
+        repeat = []
+        for rid in result.column("aiq_request_id").to_pylist():
+            again = rid in self.ids and rid in self.billed
+            if rid in self.ids:
+                self.billed.add(rid)
+            repeat.append(again)
+        if not any(repeat):
+            return result
+        mask = pa.array(repeat)
+        for name, zero in {**self._ZEROED, "aiq_cost_usd": 0.0}.items():
+            i = result.column_names.index(name)
+            column = result.column(i)
+            result = result.set_column(i, result.field(i), pc.if_else(mask, pa.scalar(zero, column.type), column))
+        return result
+
+
+__all__ = ["ReplayedAnswers", "UsageStaging", "chunk_transaction", "commit_output", "landed_version", "next_chunk_version",
+           "usage_rows"]

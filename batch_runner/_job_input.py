@@ -1,0 +1,168 @@
+"""What a job reads and what it still has to do: endpoints, sources, the input view, pending keys.
+
+A job's input is a view (one source, or ``input.sql`` over several); its output is a Delta table
+keyed by ``key``. A key is done when the output holds it (with ``retry_failed``: holds it with
+status ``ok``); the pending keys are the input's keys minus the done ones, computed in Arrow on the
+driver from the key columns only. ``request_query`` gives the request text of each row (the job's
+query with its model call replaced by the call's request) for usage character counts and the plan.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import spark_udfs
+from ai_query import ConfigError, EndpointRegistry
+
+from ._runner import explain_error
+from ._spec import JobSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+_INPUT_ALIAS = "__aiq_input"
+
+
+# --------------------------------------------------------------------------------------------
+# the session: endpoints, sources, the input view
+
+
+def job_registry(spec: JobSpec) -> EndpointRegistry:
+    """The job's endpoints, with ``options.max_concurrency`` applied to their client configs."""
+    registry = EndpointRegistry.default(spec.endpoints)
+    caps = spec.max_concurrency
+    if caps is None:
+        return registry
+    per_endpoint = caps if isinstance(caps, dict) else {ep.name: caps for ep in registry}
+    unknown = sorted(set(per_endpoint) - set(registry.names()))
+    if unknown:
+        registry.get(unknown[0])  # raises, naming the known endpoints
+    changed = []
+    for name, cap in per_endpoint.items():
+        ep = registry.get(name)
+        client = ep.client_config.replace(max_concurrency=cap, initial_concurrency=min(cap, ep.client_config.initial_concurrency))
+        changed.append(ep.replace(client_config=client))
+    return registry.with_endpoints(changed)
+
+
+def open_job(spec: JobSpec, spark: "SparkSession") -> "DataFrame":
+    """Register ``ai_query`` with the job's endpoints and the source views; return the input rows."""
+    spark_udfs.register(spark, job_registry(spec))
+    for view, path in spec.sources.items():
+        try:
+            spark_udfs.read_delta(spark, path).createOrReplaceTempView(view)
+        except Exception as exc:
+            raise ConfigError(f"cannot read source {view!r} from {path}: {explain_error(exc)}; check [sources] in the job spec") from exc
+    if spec.input_sql is not None:
+        try:
+            spark.sql(spec.input_sql).createOrReplaceTempView(spec.driving_view)
+        except Exception as exc:
+            raise ConfigError(f"input.sql fails: {explain_error(exc)}; fix the SELECT in [input]") from exc
+    input_df = spark.table(spec.driving_view)
+    input_df.createOrReplaceTempView(_INPUT_ALIAS)
+    missing = [k for k in spec.key if k not in input_df.columns]
+    if missing:
+        raise ConfigError(
+            f"key column(s) {', '.join(missing)} are not in the input view {spec.driving_view!r} "
+            f"({', '.join(input_df.columns)}); fix key = [...] or [input]"
+        )
+    if spec.prompt is not None:
+        from ._spec import template_parts
+
+        absent = [c for kind, c in template_parts(spec.prompt["template"]) if kind == "column" and c not in input_df.columns]
+        if absent:
+            raise ConfigError(f"prompt.template uses column(s) {', '.join(absent)}, which {spec.driving_view!r} lacks; "
+                              f"it has {', '.join(input_df.columns)}")
+    return spark.table(_INPUT_ALIAS)
+
+
+# --------------------------------------------------------------------------------------------
+# what is done, what is pending
+
+
+def _output_exists(spec: JobSpec) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(spec.output_path)
+
+
+def key_states(spec: JobSpec) -> pa.Table:
+    """One row per key in the output: its key columns and ``ok`` (any row of the key succeeded)."""
+    from deltalake import DeltaTable
+
+    names = list(spec.key)
+    if not _output_exists(spec):
+        return pa.table({**{k: pa.array([], pa.string()) for k in names}, "ok": pa.array([], pa.bool_())})
+    table = DeltaTable(spec.output_path).to_pyarrow_table(columns=[*names, "aiq_status"])
+    table = table.append_column("is_ok", pc.equal(table.column("aiq_status"), "ok"))
+    grouped = table.group_by(names).aggregate([("is_ok", "max")])
+    return grouped.rename_columns([*names, "ok"]).select([*names, "ok"])
+
+
+def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *, retry_failed: bool = False,
+                 limit: int | None = None) -> pa.Table:
+    """The keys still to do, ordered, at most ``limit``.
+
+    Only the key columns travel to the driver, where the anti-join and the sort run in Arrow:
+    a Spark shuffle costs more than the keys of millions of rows.
+    """
+    names = list(spec.key)
+    keys = input_df.select(*names).toArrow()
+    keys = keys.group_by(names).aggregate([])  # distinct
+    states = key_states(spec)
+    done = states.filter(states.column("ok")) if retry_failed else states
+    if done.num_rows:
+        done = done.select(names).cast(keys.schema)
+        keys = keys.join(done, keys=names, join_type="left anti")
+    keys = keys.sort_by([(n, "ascending") for n in names])
+    if limit is not None:
+        keys = keys.slice(0, limit)
+    return keys.combine_chunks()
+
+
+def rows_of_keys(spark: "SparkSession", input_df: "DataFrame", keys: pa.Table, names: list[str]) -> "DataFrame":
+    """The input rows whose key is in ``keys``, with the input's columns in their order."""
+    from pyspark.sql.functions import broadcast
+
+    joined = input_df.join(broadcast(spark.createDataFrame(keys)), on=names, how="left_semi")
+    return joined.select(*[f"`{c}`" for c in input_df.columns])
+
+
+# --------------------------------------------------------------------------------------------
+# the request text of each row (for usage character counts and the plan)
+
+
+def request_query(spark: "SparkSession", spec: JobSpec) -> tuple[str, list[tuple[str, str | None]]]:
+    """The job's query with its model call replaced by the call's request, and the calls' endpoints.
+
+    Returns (SQL, [(column alias unknown: the SQL keeps the alias), endpoint or None]) where the
+    SQL's result has the same columns as the job's output, the answer column holding the request.
+    """
+    from spark_udfs._rewrite import bind_arguments, find_calls
+    from spark_udfs._tasks import TASKS
+    from spark_udfs._udf import SIGNATURE
+
+    state_task_endpoints = spark_udfs._state(spark).task_endpoints  # noqa: SLF001 - same project
+    calls = [c for c in find_calls(spec.query, {"ai_query", *TASKS})]
+    if not calls:
+        raise ConfigError("the job query has no ai_query(...) call in its SELECT list; add one, e.g. ai_query('local-chat', text) AS answer")
+    outer = [c for c in calls if not any(o is not c and o.start <= c.start and c.end <= o.end for o in calls)]
+    sql = spec.query
+    endpoints: list[tuple[str, str | None]] = []
+    for call in sorted(outer, key=lambda c: c.start, reverse=True):
+        if call.name.lower() == "ai_query":
+            bound = bind_arguments(call, SIGNATURE, required=2)
+            endpoint = bound["endpoint"].literal
+            request = bound["request"].text
+            endpoints.append((call.name, endpoint if isinstance(endpoint, str) else None))
+        else:
+            request = call.args[0].text
+            endpoints.append((call.name, state_task_endpoints.get(call.name.lower())))
+        sql = sql[:call.start] + f"CAST(({request}) AS STRING)" + sql[call.end:]
+    return sql, endpoints
+
+
+__all__ = ["job_registry", "key_states", "open_job", "pending_keys", "request_query", "rows_of_keys"]

@@ -1,0 +1,188 @@
+"""A job's record: what one run did (``JobRunReport``), the run log, and the job's status.
+
+The run log (``<state>/runs.jsonl``) gets a line when a run starts and one when it ends; a run
+with a start and no end was interrupted. ``job_status`` reads the output table, the run log and
+the usage table, and needs Spark only for an ``input.sql`` job's pending count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.compute as pc
+
+from ai_query.sinks import DeltaAppender
+
+from ._job_input import key_states, open_job, pending_keys
+from ._spec import JobSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+@dataclass
+class JobRunReport:
+    """What one incremental run did, and the state of the output table after it."""
+
+    job: str
+    output_path: str
+    usage_path: str
+    run_id: str
+    rows: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    chunks: int = 0
+    seconds: float = 0.0
+    pending_before: int = 0
+    pending_after: int = 0
+    table_rows: int = 0
+    table_failed: int = 0
+    stopped: str | None = None
+    """Why the run stopped before doing every pending row (budget), else ``None``."""
+    recovered_chunks: int = 0
+    rows_deduplicated: int = 0
+    """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
+    per_endpoint: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def failure_rate(self) -> float:
+        """Failed rows of the output table (its latest state), over its rows."""
+        return self.table_failed / self.table_rows if self.table_rows else 0.0
+
+    @property
+    def rows_failed_total(self) -> int:
+        return self.table_failed
+
+    def render(self) -> str:
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        cost = "unknown (no pricing)" if self.cost_usd is None else f"{self.cost_usd:.4f} USD"
+        lines = [
+            f"job {self.job!r} run {self.run_id}: {self.rows} rows in {self.chunks} chunk(s) -> {self.output_path}",
+            f"  {'':<22}{'this run':>12}",
+            f"  {'rows ok':<22}{self.rows_ok:>12}",
+            f"  {'rows failed':<22}{self.rows_failed:>12}",
+            f"  {'rows deduplicated':<22}{self.rows_deduplicated:>12}",
+            f"  {'prompt tokens':<22}{self.prompt_tokens:>12}",
+            f"  {'completion tokens':<22}{self.completion_tokens:>12}",
+            f"  {'cost':<22}{cost:>12}",
+            f"  {'time':<22}{self.seconds:>10.1f} s",
+            f"  {'rows/s':<22}{rate:>12.2f}",
+            f"  pending: {self.pending_before} before, {self.pending_after} after; "
+            f"output table: {self.table_rows} rows, {self.table_failed} failed; usage: {self.usage_path}",
+        ]
+        if self.per_endpoint:
+            lines.append(f"  {'endpoint':<22}{'rows':>8}{'tokens':>12}{'cost USD':>12}")
+            for name, e in sorted(self.per_endpoint.items()):
+                c = "-" if e.get("cost") is None else f"{e['cost']:.4f}"
+                lines.append(f"  {name:<22}{int(e['rows']):>8}{int(e['tokens']):>12}{c:>12}")
+        if self.recovered_chunks:
+            lines.append(f"  recovered the usage rows of {self.recovered_chunks} chunk(s) committed by an interrupted run")
+        if self.stopped:
+            lines.append(f"  STOPPED: {self.stopped}")
+        return "\n".join(lines)
+
+
+def journal_dirs(spec: JobSpec) -> list[str]:
+    """The journal directories of the job's earlier runs (answers received but maybe not committed)."""
+    root = Path(spec.state_path) / "journal"
+    return sorted(str(p) for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+
+
+def log_run(spec: JobSpec, record: dict[str, Any]) -> None:
+    """Add a line to the run log: a run's start, or its end (the same ``run_id``)."""
+    path = Path(spec.state_path) / "runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
+def read_runs(spec: JobSpec) -> list[dict[str, Any]]:
+    """The job's run log, oldest first (a run that has a start but no end was interrupted)."""
+    path = Path(spec.state_path) / "runs.jsonl"
+    if not path.exists():
+        return []
+    runs: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        runs.setdefault(rec["run_id"], {}).update(rec)
+    return list(runs.values())
+
+
+@dataclass
+class JobStatus:
+    job: str
+    done: int
+    failed: int
+    pending: int | None
+    runs: list[dict[str, Any]]
+    usage_requests: int
+    usage_prompt_tokens: int
+    usage_completion_tokens: int
+    usage_cost_usd: float | None
+
+    def render(self, last: int = 5) -> str:
+        pending = "unknown" if self.pending is None else str(self.pending)
+        cost = "unknown (no pricing)" if self.usage_cost_usd is None else f"{self.usage_cost_usd:.4f} USD"
+        lines = [
+            f"job {self.job!r}",
+            f"  done (ok)     {self.done:>10}",
+            f"  failed        {self.failed:>10}   (ai-query run --retry-failed to ask again)",
+            f"  pending       {pending:>10}",
+            f"  usage         {self.usage_requests} requests, {self.usage_prompt_tokens} prompt + "
+            f"{self.usage_completion_tokens} completion tokens, {cost}",
+            f"  runs          {len(self.runs)}" + (f" (last {last}):" if self.runs else ""),
+        ]
+        for run in self.runs[-last:]:
+            state = run.get("status", "?")
+            if state == "running":
+                state = "interrupted"
+            lines.append(f"    {run.get('started', '?')[:19]}  {state:<11} rows {run.get('rows', '-')!s:>6}  "
+                         f"failed {run.get('failed', '-')!s:>5}  tokens {(run.get('prompt_tokens') or 0) + (run.get('completion_tokens') or 0):>8}"
+                         + (f"  ({run['stopped'][:80]})" if run.get("stopped") else ""))
+        return "\n".join(lines)
+
+
+def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
+    """Done / failed / pending counts, the run log, and usage totals. Spark only for SQL inputs."""
+    states = key_states(spec)
+    ok = pc.sum(states.column("ok")).as_py() or 0 if states.num_rows else 0
+    pending: int | None = None
+    if spec.input_sql is None:
+        from deltalake import DeltaTable
+
+        source = spec.sources[spec.driving_view]
+        if DeltaTable.is_deltatable(source):
+            keys = DeltaTable(source).to_pyarrow_table(columns=list(spec.key)).group_by(list(spec.key)).aggregate([])
+            if states.num_rows:
+                keys = keys.join(states.select(list(spec.key)).cast(keys.schema), keys=list(spec.key), join_type="left anti")
+            pending = keys.num_rows
+    elif spark is not None:
+        input_df = open_job(spec, spark)
+        pending = pending_keys(spark, spec, input_df).num_rows
+    usage = DeltaAppender(spec.usage_table).read()
+    if spec.usage_path:  # a shared table: this job's rows only
+        usage = usage.filter(pc.equal(usage.column("source"), f"batch:{spec.name}"))
+    cost_col = usage.column("cost_usd")
+    return JobStatus(
+        job=spec.name, done=ok, failed=states.num_rows - ok, pending=pending, runs=read_runs(spec),
+        usage_requests=usage.num_rows,
+        usage_prompt_tokens=pc.sum(usage.column("input_token_count")).as_py() or 0,
+        usage_completion_tokens=pc.sum(usage.column("output_token_count")).as_py() or 0,
+        usage_cost_usd=pc.sum(cost_col).as_py() if usage.num_rows and cost_col.null_count < usage.num_rows else None,
+    )
+
+
+__all__ = ["JobRunReport", "JobStatus", "job_status", "journal_dirs", "log_run", "read_runs"]
