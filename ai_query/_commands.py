@@ -204,6 +204,7 @@ def _endpoints(args: "argparse.Namespace") -> int:
     import json
 
     from . import EndpointRegistry
+    from .backends import entity_kind
 
     registry = EndpointRegistry.default(args.endpoints)
     if args.name:
@@ -211,15 +212,14 @@ def _endpoints(args: "argparse.Namespace") -> int:
         return EXIT_OK
     rows = []
     for ep in registry:
-        e = ep.entity
-        kind = "local" if e.local_model else ("vllm_pool" if e.vllm_pool else (e.external_model.provider if e.external_model else "mlflow"))
-        rows.append({"name": ep.name, "task": ep.task, "kind": kind, "model": e.model_name})
+        rows.append({"name": ep.name, "task": ep.task, "kind": entity_kind(ep.entity), "model": ep.entity.model_name})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    width = max((len(r["name"]) for r in rows), default=0)
+    width = max((len(r["name"]) for r in rows), default=len("NAME"))
+    print(f"{'NAME':<{width}}  {'TASK':<20}  {'KIND':<11} MODEL")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['task']:<20}  {r['kind']:<8} {r['model']}")
+        print(f"{r['name']:<{width}}  {r['task']:<20}  {r['kind']:<11} {r['model']}")
     return EXIT_OK
 
 

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 from gpu_workers._errors import LocalServerError
 from ai_query.process import cmdline as _proc_cmdline
 from ai_query.process import process_state as _proc_state
+from ai_query.process import signal_group, stop_process
 from ai_query.process import tree_rss_bytes as _tree_rss_bytes
 from gpu_workers._lifecycle import _free_port, _get_launcher
 from gpu_workers._server_options import LocalServerOptions, _resolve, _server_command, _server_env, _slug
@@ -365,23 +366,12 @@ def list_pools(*, check_health: bool = True) -> list[dict[str, Any]]:
 def _stop_manager(state: Mapping[str, Any], proc: subprocess.Popen | None) -> None:
     """SIGTERM the manager (it stops its replicas), SIGKILL everything as a last resort."""
     pid = state.get("manager_pid")
-    grace = float(state.get("grace", 10.0))
     if pid and _manager_alive(state):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace + 15.0
-        while time.monotonic() < deadline:
-            if (proc.poll() is not None) if proc is not None else _proc_state(pid) in (None, "Z", "X"):
-                break
-            time.sleep(0.1)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_process(pid, float(state.get("grace", 10.0)) + 15.0, proc=proc)
     for r in state.get("replicas", []):  # the manager could not clean up: the replica groups
         rpid = r.get("pid")
         if rpid and b"vllm.entrypoints.openai.api_server" in _proc_cmdline(rpid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(rpid, signal.SIGKILL)
+            signal_group(rpid, signal.SIGKILL)
     if proc is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)

@@ -31,7 +31,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from ai_query.process import (
     become_subreaper,

@@ -14,11 +14,11 @@ JSON or directly in code; every error names the field's path, the value and the 
 """
 
 from ._checks import TASKS, ConfigStruct, Task, building
-from ._client import ClientConfig, RateLimit
+from ._client_config import ClientConfig, RateLimit
 from ._endpoint import EndpointConfig
 from ._entities import ENTITY_KINDS, POOL_DEVICES, POOL_MODES, EntityKind, LocalModel, Pricing, ServedEntity, VLLMPool
 from ._external import PROVIDER_CONFIGS, AnthropicConfig, ExternalModel, OpenAIConfig, ProviderConfig, ServingEndpointConfig
-from ._registry import EndpointRegistry
+from ._endpoint_registry import EndpointRegistry
 from ._secrets import SECRET_REF, is_secret_ref, mask, resolve_secret, secret_env_var
 
 __all__ = [

@@ -22,7 +22,7 @@ from msgspec import Meta
 
 from .._errors import ConfigError
 from ._checks import ConfigStruct, NonEmpty, building, check_keys, mapping
-from ._client import ClientConfig, RateLimit
+from ._client_config import ClientConfig, RateLimit
 from ._entities import ServedEntity
 
 

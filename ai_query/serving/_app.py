@@ -33,7 +33,7 @@ from ._json import dumps, loads
 from ._ratelimit import RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
-from ._wire import parse_request, render_response, sse_chunks
+from ._bodies import parse_request, render_response, sse_chunks
 
 log = logging.getLogger("ai_query.serving")
 

@@ -31,7 +31,7 @@ import mmap
 import os
 import struct
 import tempfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 log = logging.getLogger("ai_query.serving")
 

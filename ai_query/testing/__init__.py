@@ -11,6 +11,6 @@ from ._cli import simulator_main
 from ._latency import Latency
 from ._simulator import FAULT_KINDS, ProviderSimulator
 from ._stats import SimulatorStats
-from ._wire import count_tokens
+from ._provider_formats import count_tokens
 
 __all__ = ["FAULT_KINDS", "Latency", "ProviderSimulator", "SimulatorStats", "count_tokens", "simulator_main"]

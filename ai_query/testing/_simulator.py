@@ -73,7 +73,7 @@ from ._latency import Latency
 from ._limits import FixedWindowQuota
 from ._stats import SimulatorStats
 from .._errors import BadRequestError
-from ._wire import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
+from ._provider_formats import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
 
 __all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
 

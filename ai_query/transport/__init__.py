@@ -28,7 +28,7 @@ from typing import Literal
 from .._errors import ConnectFailedError, ConnectionLostError, TransportError, TransportTimeoutError
 from ._blocking import request_blocking
 from ._mock import MockTransport
-from ._models import USER_AGENT, Request, Response, Transport
+from ._messages import USER_AGENT, Request, Response, Transport
 
 TransportKind = Literal["aiohttp", "httptools"]
 TRANSPORT_KINDS: tuple[TransportKind, ...] = ("aiohttp", "httptools")

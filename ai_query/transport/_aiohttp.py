@@ -13,7 +13,7 @@ import ssl
 from typing import Any
 
 from ._errors_table import transport_error
-from ._models import Request, Response
+from ._messages import Request, Response
 from ._proxies import proxy_for
 
 

@@ -13,7 +13,7 @@ import asyncio
 import atexit
 import threading
 
-from ._models import Request, Response, Transport
+from ._messages import Request, Response, Transport
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None

@@ -28,7 +28,7 @@ import httptools
 
 from .._errors import ConnectFailedError, ConnectionLostError, TransportError
 from ._errors_table import transport_error
-from ._models import Request, Response
+from ._messages import Request, Response
 from ._proxies import proxy_for
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from typing import Awaitable, Callable, Union
 
-from ._models import Request, Response
+from ._messages import Request, Response
 
 Handler = Callable[[Request], Union[Response, Awaitable[Response]]]
 

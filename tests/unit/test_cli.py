@@ -160,10 +160,11 @@ def test_endpoints_json_lists_the_registry(capsys, monkeypatch):
     monkeypatch.delenv("AIQ_ENDPOINTS", raising=False)
     assert main(["endpoints", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {"name": "local-chat", "task": "llm/v1/chat", "kind": "local", "model": "smollm2-135m-instruct"} in rows
+    assert {"name": "local-chat", "task": "llm/v1/chat", "kind": "local_model", "model": "smollm2-135m-instruct"} in rows
     assert main(["endpoints"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in table] == [r["name"] for r in rows]
+    assert table[0].split() == ["NAME", "TASK", "KIND", "MODEL"]
+    assert [line.split()[0] for line in table[1:]] == [r["name"] for r in rows]
 
 
 def _run_python(code: str, pythonpath: str) -> list[str]:

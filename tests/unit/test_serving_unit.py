@@ -12,7 +12,7 @@ from ai_query import ArgumentError, ConfigError, RateLimit
 from ai_query.serving import RateLimitedError, RateLimiter, ServingError, TokenAuthenticator, mask_text, masked
 from ai_query.serving._server import SecretMaskingFilter
 from ai_query.serving._shared import PROBES, SharedCells, SharedControl
-from ai_query.serving._wire import parse_request
+from ai_query.serving._bodies import parse_request
 
 
 class Clock:

@@ -10,7 +10,7 @@ import pytest
 
 from ai_query.testing import Latency, ProviderSimulator, count_tokens
 from ai_query.testing._limits import FixedWindowQuota
-from ai_query.testing._wire import generate
+from ai_query.testing._provider_formats import generate
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ import aiohttp
 import httptools
 import pytest
 
-from ai_query import AIQueryClient, EndpointRegistry, __version__
+from ai_query import AIQueryClient, __version__
 from ai_query.limits.quota import BROKER_ATTEMPTS, BrokeredQuota, LocalQuota, QuotaLimits
 from ai_query.transport import (
     USER_AGENT,
