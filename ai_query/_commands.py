@@ -146,17 +146,14 @@ def run_command(command: Command, args: "argparse.Namespace", *, debug: bool = F
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except AIQueryError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"ai-query: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_SYSTEMIC
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        explain = command.explain_error or _name_and_message
-        hint = "" if debug else " (--debug shows the traceback)"
-        print(f"ai-query: {explain(exc)}{hint}", file=sys.stderr)
+        if isinstance(exc, AIQueryError):
+            print(f"ai-query: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            hint = "" if debug else " (--debug shows the traceback)"
+            print(f"ai-query: {(command.explain_error or _name_and_message)(exc)}{hint}", file=sys.stderr)
         return EXIT_SYSTEMIC
     return EXIT_OK if code is None else int(code)
 
@@ -166,21 +163,12 @@ def _name_and_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _command_name(argv: Sequence[str]) -> str | None:
-    """The subcommand's name: the first word that is not an option (global options take no value)."""
-    return next((a for a in argv if not a.startswith("-")), None)
-
-
-def _debug_requested() -> bool:
-    return os.environ.get("AIQ_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``ai-query``: parse, run one command, return its exit code."""
     import logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _command_name(argv)
+    name = next((a for a in argv if not a.startswith("-")), None)  # global options take no value
     found = load_commands(only=name)
     if name is not None and name in found.broken:
         print(f"ai-query: the command {name!r} is registered but unavailable: {found.broken[name]}. "
@@ -191,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models are built from wheels, never downloaded
-    return run_command(found.commands[args.command], args, debug=args.debug or _debug_requested())
+    debug = args.debug or os.environ.get("AIQ_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return run_command(found.commands[args.command], args, debug=debug)
 
 
 def _add_endpoints_arguments(parser: "argparse.ArgumentParser") -> None:
@@ -210,9 +199,7 @@ def _endpoints(args: "argparse.Namespace") -> int:
     if args.name:
         print(json.dumps(registry.get(args.name).to_dict(), indent=2))
         return EXIT_OK
-    rows = []
-    for ep in registry:
-        rows.append({"name": ep.name, "task": ep.task, "kind": entity_kind(ep.entity), "model": ep.entity.model_name})
+    rows = [{"name": ep.name, "task": ep.task, "kind": entity_kind(ep.entity), "model": ep.entity.model_name} for ep in registry]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK

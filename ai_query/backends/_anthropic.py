@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from ..config import AnthropicConfig, ServedEntity
 from .._files import anthropic_content
 from .._schemas import ModelParameters, ModelResponse, Usage
-from ._http_common import bearer, malformed_answer, raise_for_status
+from ._http_common import json_headers, malformed_answer, raise_for_status
 from ._protocol import BackendBase, Capabilities, HTTPRequest
 
 
@@ -40,10 +40,7 @@ class AnthropicBackend(BackendBase):
         for key in ("temperature", "top_p", "top_k"):
             if key in p:
                 body[key] = p[key]
-        headers = {"content-type": "application/json", "anthropic-version": self._config.anthropic_version}
-        key = bearer(self._config.credential())
-        if key:
-            headers["x-api-key"] = key
+        headers = {**json_headers("x-api-key", self._config.credential()), "anthropic-version": self._config.anthropic_version}
         return HTTPRequest("POST", f"{self._config.anthropic_api_base}/v1/messages", headers, body)
 
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:

@@ -12,10 +12,9 @@ import json
 import time
 from typing import Any, Mapping
 
-from ..config import ServedEntity
+from ..config import ServedEntity, resolve_secret
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
-from ..config import resolve_secret
 
 PATHS = {"llm/v1/chat": "/chat/completions", "llm/v1/completions": "/completions", "llm/v1/embeddings": "/embeddings"}
 
@@ -125,6 +124,12 @@ def llm_v1_body(task: str, value: Any, params: ModelParameters, response_format:
 def bearer(credential: tuple[str | None, str | None]) -> str | None:
     ref, plain = credential
     return resolve_secret(ref) if ref is not None else plain
+
+
+def json_headers(key_header: str, credential: tuple[str | None, str | None], prefix: str = "") -> dict[str, str]:
+    """JSON content type, and the credential (when there is one) in ``key_header``."""
+    key = bearer(credential)
+    return {"content-type": "application/json", **({key_header: prefix + key} if key else {})}
 
 
 def parse_openai_shape(

@@ -209,7 +209,7 @@ class _Queue:
     """Rows waiting for a predict call, per event loop and parameter set."""
 
     rows: dict[tuple[tuple[str, Any], ...], list[_Row]] = field(default_factory=dict)
-    runners: int = 0
+    running: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -223,8 +223,8 @@ class _InputStyle:
 class MLflowPyfuncBackend(BackendBase):
     """Runs an MLflow pyfunc model in this process; the client calls ``invoke`` instead of HTTP.
 
-    ``max_batch_size=1`` turns micro-batching off; ``max_concurrent_predicts`` predict calls may
-    run at once, each in a worker thread (raise it for models that wait on I/O).
+    ``max_batch_size=1`` turns micro-batching off; one predict call runs at a time per event loop,
+    in a worker thread.
     """
 
     capabilities = Capabilities(limiter="aimd", in_process=True, needs_start=True)
@@ -244,7 +244,6 @@ class MLflowPyfuncBackend(BackendBase):
         *,
         max_batch_size: int = 64,
         batch_wait_s: float = 0.0,
-        max_concurrent_predicts: int = 1,
     ) -> None:
         if task not in TASKS:
             raise ConfigError(f"MLflow model {ref.uri!r}: task is {task!r}; use one of {', '.join(TASKS)}")
@@ -252,14 +251,11 @@ class MLflowPyfuncBackend(BackendBase):
             raise ConfigError(f"MLflow provider: max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 <= batch_wait_s <= 1.0 or not math.isfinite(batch_wait_s):
             raise ConfigError(f"MLflow provider: batch_wait_s must be between 0 and 1 second, got {batch_wait_s}")
-        if max_concurrent_predicts < 1:
-            raise ConfigError(f"MLflow provider: max_concurrent_predicts must be >= 1, got {max_concurrent_predicts}")
         self.name = entity_name_for_messages
         self.ref = ref
         self.task = task
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.max_concurrent_predicts = max_concurrent_predicts
         self._model: Any = None
         self._style: _InputStyle | None = None
         self._load_error: SystemicEndpointError | None = None
@@ -273,7 +269,7 @@ class MLflowPyfuncBackend(BackendBase):
         """Batches split in two because ``predict`` raised, to find the rows that make it fail."""
 
     def __getstate__(self) -> dict[str, Any]:  # shipped to executors without the model or loop state
-        return {k: self.__dict__[k] for k in ("name", "ref", "task", "max_batch_size", "batch_wait_s", "max_concurrent_predicts")}
+        return {k: self.__dict__[k] for k in ("name", "ref", "task", "max_batch_size", "batch_wait_s")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("name"), state.pop("ref"), state.pop("task"), **state)  # type: ignore[misc]
@@ -329,8 +325,8 @@ class MLflowPyfuncBackend(BackendBase):
             queue = self._queues[loop] = _Queue()
         future: asyncio.Future[ModelResponse] = loop.create_future()
         queue.rows.setdefault(declared, []).append(_Row(value, prompt_text, future))
-        if queue.runners < self.max_concurrent_predicts:
-            queue.runners += 1
+        if not queue.running:
+            queue.running = True
             runner = loop.create_task(self._drain(queue, task))
             queue.tasks.add(runner)
             runner.add_done_callback(queue.tasks.discard)
@@ -353,7 +349,7 @@ class MLflowPyfuncBackend(BackendBase):
                 if batch:
                     await self._run_batch(task, dict(key), batch)
         finally:
-            queue.runners -= 1
+            queue.running = False
 
     async def _run_batch(self, task: str, params: dict[str, Any], batch: list[_Row]) -> None:
         try:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from ..config import ServedEntity
 from .._schemas import ModelParameters, ModelResponse
-from ._http_common import PATHS, bearer, llm_v1_body, parse_openai_shape
+from ._http_common import PATHS, json_headers, llm_v1_body, parse_openai_shape
 from ._protocol import BackendBase, Capabilities, HTTPRequest
 
 
@@ -25,20 +25,14 @@ class OpenAICompatibleBackend(BackendBase):
     async def base_url(self) -> str:
         return self._config.openai_api_base
 
-    async def model(self) -> str:
-        return self._model
-
     def _headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        key = bearer(self._config.credential())
-        if key:
-            headers["authorization"] = f"Bearer {key}"
+        headers = json_headers("authorization", self._config.credential(), "Bearer ")
         if self._config.openai_organization:
             headers["openai-organization"] = self._config.openai_organization
         return headers
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
-        body = {"model": await self.model(), **llm_v1_body(task, value, params, response_format)}
+        body = {"model": self._model, **llm_v1_body(task, value, params, response_format)}
         return HTTPRequest("POST", (await self.base_url()) + PATHS[task], self._headers(), body)
 
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:

@@ -52,28 +52,22 @@ def entity_kind(entity: ServedEntity) -> str:
     return entity.kind
 
 
-def _load(target: str) -> type:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def backend_class(kind: str) -> type:
     """The backend class registered for ``kind``; ``ConfigError`` naming what to install if none is."""
     cls = _classes.get(kind)
-    if cls is not None:
-        return cls
-    with _lock:
-        cls = _classes.get(kind)
-        if cls is None:
-            target = _BUILT_IN.get(kind)
-            if target is not None:
-                cls = _load(target)
-            else:
-                found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == kind]
-                if not found:
-                    raise ConfigError(_missing(kind))
-                cls = found[0].load()
-            _classes[kind] = cls
+    if cls is None:
+        with _lock:
+            cls = _classes.get(kind)
+            if cls is None:
+                if kind in _BUILT_IN:
+                    module, _, attr = _BUILT_IN[kind].partition(":")
+                    cls = getattr(importlib.import_module(module), attr)
+                else:
+                    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == kind]
+                    if not found:
+                        raise ConfigError(_missing(kind))
+                    cls = found[0].load()
+                _classes[kind] = cls
     return cls
 
 
@@ -94,12 +88,11 @@ def register(kind: str, cls: type) -> None:
 
 
 def backend_for(entity: ServedEntity) -> Backend:
-    """The backend for a served entity."""
     return backend_class(entity_kind(entity)).for_entity(entity)
 
 
 def capabilities_of(entity: ServedEntity) -> Capabilities:
-    """What the backend of ``entity`` can do, without building one."""
+    """What the backend of ``entity`` can do."""
     return backend_for(entity).capabilities
 
 

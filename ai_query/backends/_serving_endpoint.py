@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from ..config import ServedEntity, ServingEndpointConfig
 from .._schemas import ModelParameters, ModelResponse
-from ._http_common import bearer, llm_v1_body, parse_openai_shape
+from ._http_common import json_headers, llm_v1_body, parse_openai_shape
 from ._protocol import BackendBase, Capabilities, HTTPRequest
 
 
@@ -26,13 +26,9 @@ class ServingEndpointBackend(BackendBase):
         self._name = entity.external_model.name
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
-        body = llm_v1_body(task, value, params, response_format)
-        headers = {"content-type": "application/json"}
-        token = bearer(self._config.credential())
-        if token:
-            headers["authorization"] = f"Bearer {token}"
         url = f"{self._config.databricks_workspace_url}/serving-endpoints/{self._name}/invocations"
-        return HTTPRequest("POST", url, headers, body)
+        headers = json_headers("authorization", self._config.credential(), "Bearer ")
+        return HTTPRequest("POST", url, headers, llm_v1_body(task, value, params, response_format))
 
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._name)

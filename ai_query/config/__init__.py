@@ -4,13 +4,13 @@ Configs are frozen msgspec Structs checked at construction (bounds and choices i
 annotations, cross-field rules in ``_check``), whether built by ``from_dict`` from serving-endpoint
 JSON or directly in code; every error names the field's path, the value and the fix.
 
-    _checks.py    ConfigStruct, the checks and the translation of msgspec's errors into ours
-    _external.py  OpenAIConfig, AnthropicConfig, ServingEndpointConfig, ExternalModel
-    _entities.py  LocalModel, VLLMPool, Pricing, ServedEntity (one of four kinds: ``kind``)
-    _client.py    ClientConfig, RateLimit
-    _endpoint.py  EndpointConfig (traffic split, fallback)
-    _registry.py  EndpointRegistry
-    _secrets.py   {{secrets/scope/key}} references
+    _checks.py            ConfigStruct, the checks and the translation of msgspec's errors into ours
+    _external.py          OpenAIConfig, AnthropicConfig, ServingEndpointConfig, ExternalModel
+    _entities.py          LocalModel, VLLMPool, Pricing, ServedEntity (one of four kinds: ``kind``)
+    _client_config.py     ClientConfig, RateLimit
+    _endpoint.py          EndpointConfig (traffic split, fallback)
+    _endpoint_registry.py EndpointRegistry
+    _secrets.py           {{secrets/scope/key}} references
 """
 
 from ._checks import TASKS, ConfigStruct, Task, building

@@ -82,10 +82,6 @@ class ConfigStruct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """A copy with ``changes``, checked like any new config."""
         return msgspec.structs.replace(self, **changes)
 
-    def to_builtins(self) -> dict[str, Any]:
-        """The fields as plain data (nested configs as dicts)."""
-        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
-
 
 @cache
 def _field_types(cls: type) -> dict[str, Any]:

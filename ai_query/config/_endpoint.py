@@ -120,7 +120,7 @@ class EndpointConfig(ConfigStruct):
             "name": self.name,
             "config": config,
             **extra,
-            "rate_limits": [{"calls": r.calls, "key": r.key, "renewal_period": r.renewal_period} for r in self.rate_limits],
+            "rate_limits": [msgspec.structs.asdict(r) for r in self.rate_limits],
             "tags": [{"key": k, "value": v} for k, v in self.tags],
             "client_config": msgspec.structs.asdict(self.client_config),
         }

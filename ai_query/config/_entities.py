@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Mapping, get_args
 
+import msgspec
 from msgspec import Meta
 
 from .._errors import ConfigError
@@ -157,8 +158,7 @@ class Pricing(ConfigStruct):
         return (prompt_tokens * self.input_usd_per_million_tokens + completion_tokens * self.output_usd_per_million_tokens) / 1e6
 
     def to_dict(self) -> dict[str, float]:
-        return {"input_usd_per_million_tokens": self.input_usd_per_million_tokens,
-                "output_usd_per_million_tokens": self.output_usd_per_million_tokens}
+        return msgspec.structs.asdict(self)
 
 
 def _one_of(found: list[str], path: str) -> None:

@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import msgspec
+
 from .._errors import ConfigError
 from ._checks import TASKS, ConfigStruct, HttpUrl, NonEmpty, Task, building, check_keys, decode, mapping
 from ._secrets import is_secret_ref
-
-
-def _check_credential(path: str, ref_key: str, ref: str | None, plain_key: str, plain: str | None) -> None:
-    """At most one of a secret reference and a plain value; a reference must look like one."""
-    if ref is not None and not is_secret_ref(ref):
-        raise ConfigError(
-            f"{path}.{ref_key} must be a secret reference like '{{{{secrets/my_scope/my_key}}}}' "
-            "(the value itself must not live in a config file); put the value in the environment variable "
-            f"that reference names, or use {plain_key} if you really must"
-        )
-    if ref is not None and plain is not None:
-        raise ConfigError(f"{path}: set only one of {ref_key} and {plain_key}")
 
 
 class _ProviderConfig(ConfigStruct):
@@ -37,7 +27,15 @@ class _ProviderConfig(ConfigStruct):
 
     def _check(self, path: str) -> None:
         ref_key, plain_key = self._credential_fields
-        _check_credential(path, ref_key, getattr(self, ref_key), plain_key, getattr(self, plain_key))
+        ref, plain = self.credential()
+        if ref is not None and not is_secret_ref(ref):
+            raise ConfigError(
+                f"{path}.{ref_key} must be a secret reference like '{{{{secrets/my_scope/my_key}}}}' "
+                "(the value itself must not live in a config file); put the value in the environment variable "
+                f"that reference names, or use {plain_key} if you really must"
+            )
+        if ref is not None and plain is not None:
+            raise ConfigError(f"{path}: set only one of {ref_key} and {plain_key}")
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> Any:
@@ -56,7 +54,7 @@ class _ProviderConfig(ConfigStruct):
         """The config as a dict: unset fields left out, a plain-text credential masked."""
         return {
             name: "********" if name.endswith("_plaintext") else value
-            for name, value in self.to_builtins().items()
+            for name, value in msgspec.to_builtins(self).items()
             if value is not None
         }
 
