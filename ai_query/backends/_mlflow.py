@@ -178,23 +178,17 @@ def load_pyfunc_model(uri: str) -> Any:
         ) from exc
     key = (uri, mlflow.get_registry_uri() if uri.startswith("models:/") else "")
     with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is not None:
-            return model
         lock = _LOAD_LOCKS.setdefault(key, threading.Lock())
     with lock:  # one thread loads, the others wait for it
-        model = _MODELS.get(key)
-        if model is None:
+        if key not in _MODELS:
             try:
-                model = mlflow.pyfunc.load_model(uri)
+                _MODELS[key] = mlflow.pyfunc.load_model(uri)
             except Exception as exc:  # MlflowException, OSError, a model's own import errors, ...
                 detail = " ".join(str(exc).split())[:_MESSAGE_LIMIT]
                 raise SystemicEndpointError(
                     f"cannot load MLflow model {uri!r} ({type(exc).__name__}: {detail}). {_registry_hint(uri)}"
                 ) from exc
-            with _MODELS_LOCK:
-                _MODELS[key] = model
-    return model
+        return _MODELS[key]
 
 
 @dataclass

@@ -114,26 +114,15 @@ class VLLMPool(ConfigStruct):
             raise ConfigError(f"{path}.gpu_ids must be a list of GPU indices like [0, 1], got {gpu_ids!r}")
         options = _options(data, path)
         out: VLLMPool = decode(cls, {**data, "gpu_ids": tuple(gpu_ids), "options": options}, path)
-        _check_engine_options(dict(options), f"{path}.options")
+        from ..backends import validate_options  # the backends import this package
+
+        validate_options("vllm_pool", dict(options), f"{path}.options")  # on the driver, by the vllm_pool backend
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model": self.model, "task": self.task, "replicas": self.replicas, "mode": self.mode, "device": self.device,
-            "tensor_parallel_size": self.tensor_parallel_size, "gpu_memory_utilization": self.gpu_memory_utilization,
-            "options": dict(self.options), "prefix_block_chars": self.prefix_block_chars,
-            "max_load_imbalance": self.max_load_imbalance, "group_by_prefix": self.group_by_prefix,
-        }
-        if self.gpu_ids:
-            out["gpu_ids"] = list(self.gpu_ids)
-        return out
-
-
-def _check_engine_options(options: Mapping[str, Any], path: str) -> None:
-    """Engine options are checked now, on the driver, by the backend registered for ``vllm_pool``."""
-    from ..backends import validate_options  # the backends import this package
-
-    validate_options("vllm_pool", options, path)
+        out = {**msgspec.structs.asdict(self), "options": dict(self.options)}
+        gpu_ids = out.pop("gpu_ids")
+        return {**out, "gpu_ids": list(gpu_ids)} if gpu_ids else out
 
 
 _DOLLARS = Annotated[float, Meta(ge=0)]

@@ -235,9 +235,9 @@ class HttptoolsTransport:
             else:
                 sock = await _tunnel(loop, proxy, host, port)
                 _, conn = await loop.create_connection(_Connection, sock=sock, ssl=context, server_hostname=host)
-        except (OSError, ConnectFailedError) as exc:  # TimeoutError (an OSError) is the deadline's, not a refusal
-            if isinstance(exc, (TimeoutError, ConnectFailedError)):
-                raise
+        except TimeoutError:  # an OSError, but the deadline's, not a refusal
+            raise
+        except OSError as exc:
             raise _ConnectFailed() from exc
         self._open.add(conn)
         return conn
