@@ -149,22 +149,20 @@ def import_mlflow() -> Any:
     supported by the store with URI 'file://...'"). Both happen here, once, under a lock.
     """
     global _MLFLOW_READY
-    if _MLFLOW_READY:
-        import mlflow
-
-        return mlflow
     with _IMPORT_LOCK:
         import mlflow
-        import mlflow.models
-        import mlflow.pyfunc
 
-        try:
-            from mlflow.tracking._model_registry.utils import _get_store_registry
-        except ImportError:  # pragma: no cover - another MLflow version: nothing to fill in advance
-            pass
-        else:
-            _get_store_registry()
-        _MLFLOW_READY = True
+        if not _MLFLOW_READY:
+            import mlflow.models
+            import mlflow.pyfunc
+
+            try:
+                from mlflow.tracking._model_registry.utils import _get_store_registry
+            except ImportError:  # pragma: no cover - another MLflow version: nothing to fill in advance
+                pass
+            else:
+                _get_store_registry()
+            _MLFLOW_READY = True
     return mlflow
 
 

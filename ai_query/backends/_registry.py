@@ -92,7 +92,6 @@ def backend_for(entity: ServedEntity) -> Backend:
 
 
 def capabilities_of(entity: ServedEntity) -> Capabilities:
-    """What the backend of ``entity`` can do."""
     return backend_for(entity).capabilities
 
 

@@ -18,7 +18,6 @@ SECRET_REF = re.compile(r"^\{\{\s*secrets/([^/\s{}]+)/([^/\s{}]+)\s*\}\}$")
 
 
 def is_secret_ref(value: object) -> bool:
-    """True if ``value`` is a ``{{secrets/scope/key}}`` reference."""
     return isinstance(value, str) and SECRET_REF.match(value) is not None
 
 

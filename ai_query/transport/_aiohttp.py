@@ -13,7 +13,7 @@ import ssl
 from typing import Any
 
 from ._errors_table import transport_error
-from ._messages import Request, Response
+from ._messages import Request, Response, add_header
 from ._proxies import proxy_for
 
 
@@ -55,7 +55,10 @@ class AiohttpTransport:
                                        proxy=self._proxy(request.url), allow_redirects=False,
                                        timeout=aiohttp.ClientTimeout(total=request.timeout)) as response:
                 content = await response.read()
-                return Response(response.status, headers=_headers(response.raw_headers), content=content)
+                headers: dict[str, str] = {}
+                for name, value in response.raw_headers:
+                    add_header(headers, name, value)
+                return Response(response.status, headers=headers, content=content)
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             raise transport_error(exc, request.url, request.timeout) from exc
 
@@ -63,13 +66,3 @@ class AiohttpTransport:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
-
-
-def _headers(raw: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
-    """Names in lower case, repeated headers joined by ", " (RFC 9110), as the httptools transport reads them."""
-    headers: dict[str, str] = {}
-    for name, value in raw:
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        old = headers.get(key)
-        headers[key] = text if old is None else f"{old}, {text}"
-    return headers

@@ -28,7 +28,7 @@ import httptools
 
 from .._errors import ConnectFailedError, ConnectionLostError, TransportError
 from ._errors_table import transport_error
-from ._messages import Request, Response
+from ._messages import Request, Response, add_header
 from ._proxies import proxy_for
 
 
@@ -73,9 +73,7 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        old = self.headers.get(key)
-        self.headers[key] = text if old is None else f"{old}, {text}"  # repeated headers joined, as RFC 9110 reads them
+        add_header(self.headers, name, value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()

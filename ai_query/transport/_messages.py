@@ -64,6 +64,13 @@ class Response:
         return f"<Response {self.status_code}>"
 
 
+def add_header(headers: dict[str, str], name: bytes, value: bytes) -> None:
+    """Names in lower case, a repeated header joined to the earlier value by ", " (RFC 9110)."""
+    key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+    old = headers.get(key)
+    headers[key] = text if old is None else f"{old}, {text}"
+
+
 @runtime_checkable
 class Transport(Protocol):
     """Sends a request and returns its answer, or raises a ``TransportError`` (never a library's own)."""
