@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from ..config import AnthropicConfig, ServedEntity
+from ..config import AnthropicConfig
 from .._files import anthropic_content
 from .._schemas import ModelParameters, ModelResponse, Usage
-from ._http_common import json_headers, malformed_answer, raise_for_status
-from ._protocol import BackendBase, Capabilities, HTTPRequest
+from ._http_common import ExternalModelBackend, json_headers, malformed_answer, raise_for_status
+from ._protocol import HTTPRequest
 
 
-class AnthropicBackend(BackendBase):
+class AnthropicBackend(ExternalModelBackend):
     """Chat (and completions, sent as one user message) map to ``POST {anthropic_api_base}/v1/messages``."""
 
-    capabilities = Capabilities(limiter="aimd", accepts_files=True)
-
-    def __init__(self, entity: ServedEntity) -> None:
-        assert entity.external_model is not None and isinstance(entity.external_model.config, AnthropicConfig)
-        self.entity = entity
-        self._config: AnthropicConfig = entity.external_model.config
-        self._model = entity.external_model.name
+    _config: AnthropicConfig
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
         messages = value if isinstance(value, list) else [{"role": "user", "content": value}]

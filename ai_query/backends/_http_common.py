@@ -15,8 +15,21 @@ from typing import Any, Mapping
 from ..config import ServedEntity, resolve_secret
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
+from ._protocol import BackendBase, Capabilities
 
 PATHS = {"llm/v1/chat": "/chat/completions", "llm/v1/completions": "/completions", "llm/v1/embeddings": "/embeddings"}
+
+
+class ExternalModelBackend(BackendBase):
+    """The base of the ``external_model`` backends: one provider config, one model name."""
+
+    capabilities = Capabilities(limiter="aimd", accepts_files=True)
+
+    def __init__(self, entity: ServedEntity) -> None:
+        assert entity.external_model is not None and entity.external_model.config is not None
+        self.entity = entity
+        self._config: Any = entity.external_model.config
+        self._model = entity.external_model.name
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

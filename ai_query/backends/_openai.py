@@ -5,22 +5,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..config import ServedEntity
+from ..config import OpenAIConfig
 from .._schemas import ModelParameters, ModelResponse
-from ._http_common import PATHS, json_headers, llm_v1_body, parse_openai_shape
-from ._protocol import BackendBase, Capabilities, HTTPRequest
+from ._http_common import PATHS, ExternalModelBackend, json_headers, llm_v1_body, parse_openai_shape
+from ._protocol import HTTPRequest
 
 
-class OpenAICompatibleBackend(BackendBase):
+class OpenAICompatibleBackend(ExternalModelBackend):
     """``POST {openai_api_base}/chat/completions`` (or ``/completions``, ``/embeddings``) with a bearer key."""
 
-    capabilities = Capabilities(limiter="aimd", accepts_files=True)
-
-    def __init__(self, entity: ServedEntity) -> None:
-        assert entity.external_model is not None and entity.external_model.openai_config is not None
-        self.entity = entity
-        self._config = entity.external_model.openai_config
-        self._model = entity.external_model.name
+    _config: OpenAIConfig
 
     async def base_url(self) -> str:
         return self._config.openai_api_base
