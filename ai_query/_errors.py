@@ -108,14 +108,8 @@ class RetryableEndpointError(EndpointError):
 class RateLimitedError(RetryableEndpointError):
     """The endpoint asked us to slow down (429, or 503 with Retry-After)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = 429,
-        request_id: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, status_code: int | None = 429, request_id: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message, status_code=status_code, request_id=request_id)
         self.retry_after = retry_after
 

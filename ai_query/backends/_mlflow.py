@@ -228,15 +228,8 @@ class MLflowPyfuncBackend(BackendBase):
         backend.entity = entity
         return backend  # type: ignore[return-value]
 
-    def __init__(
-        self,
-        entity_name_for_messages: str,
-        ref: MLflowModelRef,
-        task: str,
-        *,
-        max_batch_size: int = 64,
-        batch_wait_s: float = 0.0,
-    ) -> None:
+    def __init__(self, entity_name_for_messages: str, ref: MLflowModelRef, task: str, *, max_batch_size: int = 64,
+                 batch_wait_s: float = 0.0) -> None:
         if task not in TASKS:
             raise ConfigError(f"MLflow model {ref.uri!r}: task is {task!r}; use one of {', '.join(TASKS)}")
         if max_batch_size < 1:
@@ -377,16 +370,13 @@ class MLflowPyfuncBackend(BackendBase):
         """One predict call (in a worker thread): model input from the signature, one output per input."""
         style = self._style
         assert style is not None and self._model is not None
-        if style.kind == "messages":
-            import pandas as pd
-
-            data: Any = pd.DataFrame({"messages": [_messages(v) for v in values]})
-        elif style.kind == "column":
-            import pandas as pd
-
-            data = pd.DataFrame({style.column: [_text(v) for v in values]})
+        if style.kind == "list":
+            data: Any = [_text(v) for v in values]
         else:
-            data = [_text(v) for v in values]
+            import pandas as pd
+
+            column = [_messages(v) for v in values] if style.kind == "messages" else [_text(v) for v in values]
+            data = pd.DataFrame({style.column: column})
         self.predict_calls += 1
         self.rows_predicted += len(values)
         output = self._model.predict(data, params=params) if params else self._model.predict(data)
