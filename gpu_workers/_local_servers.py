@@ -195,14 +195,11 @@ def _start(target: _Target) -> dict[str, Any]:
         _owned[target.key] = proc
         try:
             _wait_ready(target, proc, base_url, log_path, started)
-        except LocalServerError as exc:
+        except BaseException as exc:  # also KeyboardInterrupt while waiting: leave nothing behind
             _terminate({"key": target.key, "pid": proc.pid, "grace": target.options.grace})
-            last_error = exc
-            if "address already in use" in _log_tail(log_path).lower():
+            if isinstance(exc, LocalServerError) and "address already in use" in _log_tail(log_path).lower():
+                last_error = exc
                 continue
-            raise
-        except BaseException:  # KeyboardInterrupt while waiting: leave nothing behind
-            _terminate({"key": target.key, "pid": proc.pid, "grace": target.options.grace})
             raise
         children = children_of(proc.pid)
         return {
@@ -331,15 +328,8 @@ def _info(state: Mapping[str, Any], *, check_health: bool) -> LocalServerInfo:
 
 
 def _all_states() -> list[dict[str, Any]]:
-    folder = run_dir()
-    if not folder.is_dir():
-        return []
-    states = []
-    for path in sorted(folder.glob("*.json")):
-        state = _read_state(path.stem)
-        if state and state.get("key") == path.stem:
-            states.append(state)
-    return states
+    paths = sorted(run_dir().glob("*.json")) if run_dir().is_dir() else []
+    return [s for s, p in ((_read_state(p.stem), p) for p in paths) if s and s.get("key") == p.stem]
 
 
 def list_local_servers(*, check_health: bool = True) -> list[LocalServerInfo]:

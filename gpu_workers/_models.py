@@ -197,11 +197,6 @@ def _make_readable(folder: pathlib.Path) -> None:
         os.chmod(item, 0o755 if item.is_dir() else 0o644)
 
 
-def build_info(alias: str) -> dict | None:
-    """The marker of a prepared model (build time, versions), or None if not prepared."""
-    return _read_marker(model_path(alias)) if is_prepared(alias) else None
-
-
 # --------------------------------------------------------------------------- builders
 
 
