@@ -171,16 +171,9 @@ def prepare_model(alias: str) -> pathlib.Path:
         started = time.monotonic()
         try:
             facts = spec.builder(tmp)
-            marker = {
-                "alias": spec.alias,
-                "version": spec.version,
-                "tasks": list(spec.tasks),
-                "description": spec.description,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_seconds": round(time.monotonic() - started, 2),
-                "python": sys.version.split()[0],
-                **facts,
-            }
+            marker = {"alias": spec.alias, "version": spec.version, "tasks": list(spec.tasks), "description": spec.description,
+                      "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "build_seconds": round(time.monotonic() - started, 2), "python": sys.version.split()[0], **facts}
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             _make_readable(tmp)
             os.rename(tmp, final)

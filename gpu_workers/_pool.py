@@ -46,7 +46,7 @@ from ai_query.process import is_gone, signal_group, stop_process
 from ai_query.process import tree_rss_bytes as _tree_rss_bytes
 from gpu_workers._lifecycle import _free_port, _get_launcher
 from gpu_workers._server_options import LocalServerOptions, _resolve, _server_command, _server_env, _slug
-from gpu_workers._state_files import _locked, _log_tail, run_dir
+from gpu_workers._state_files import _locked, _log_tail, _read_json, run_dir
 
 __all__ = ["PoolPlan", "ensure_pool", "list_pools", "plan_pool", "read_pool_state", "stop_pools"]
 
@@ -168,14 +168,6 @@ def _manager_alive(state: Mapping[str, Any]) -> bool:
         return False
     cmd = _proc_cmdline(pid)
     return _MANAGER_MODULE.encode() in cmd and str(state.get("name", "")).encode() in cmd
-
-
-def _read_json(path: pathlib.Path) -> Any:
-    """The file's JSON, or None if it is missing or half written."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def read_pool_state(name: str) -> dict[str, Any] | None:
