@@ -99,7 +99,6 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> subprocess.Popen:
-
     command = [
         sys.executable, "-m", _SUPERVISOR_MODULE,
         "--owner-pid", str(os.getpid()),
@@ -114,22 +113,14 @@ def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> sub
 
     def launch() -> subprocess.Popen:
         with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(run_dir()),
-                env=env,
-                close_fds=True,
-                # Own session: a Ctrl-C in the owner's terminal must not stop the server behind
-                # its back; the owner's death still does (the supervisor sets PDEATHSIG itself
-                # and checks getppid() right after, closing the fork-to-prctl window).
-                # No preexec_fn: it makes the child run Python between fork and exec, where the
-                # thread-local py4j connections of a Spark driver are finalized, and their
-                # socket.shutdown() cuts the parent's connections to the JVM.
-                start_new_session=True,
-            )
+            # Own session: a Ctrl-C in the owner's terminal must not stop the server behind
+            # its back; the owner's death still does (the supervisor sets PDEATHSIG itself
+            # and checks getppid() right after, closing the fork-to-prctl window).
+            # No preexec_fn: it makes the child run Python between fork and exec, where the
+            # thread-local py4j connections of a Spark driver are finalized, and their
+            # socket.shutdown() cuts the parent's connections to the JVM.
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=str(run_dir()), env=env, close_fds=True, start_new_session=True)
 
     return _get_launcher().call(launch)
 
