@@ -219,13 +219,15 @@ def _default_max_model_len(target: _Target) -> int | None:
     2048 keeps the KV cache per sequence small on CPU; vLLM rejects a length above the model's
     ``max_position_embeddings``, so shorter models get theirs.
     """
-    if target.kind == "embed":
-        return None
+    return None if target.kind == "embed" else _generate_max_model_len(target.model_path)
+
+
+def _generate_max_model_len(model_path: str | pathlib.Path) -> int:
+    """2048, or the model's ``max_position_embeddings`` if shorter."""
     try:
-        config = json.loads((target.model_path / "config.json").read_text())
+        limit = json.loads((pathlib.Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
     except (OSError, ValueError):
-        return 2048
-    limit = config.get("max_position_embeddings")
+        limit = None
     return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
 
 
