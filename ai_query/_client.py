@@ -67,13 +67,6 @@ class _Route:
     weight: int
 
 
-def _connection_failure(name: str, exc: TransportError) -> str:
-    """The row's error for a failed exchange: "lost" when an open connection broke (a reset, a disconnect)."""
-    if isinstance(exc, ConnectionLostError):
-        return f"connection lost calling {name!r}: {exc}"
-    return f"connection error calling {name!r}: {exc}"
-
-
 def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
     """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
     engines, which queue instead and so never send AIMD a signal."""
@@ -183,7 +176,9 @@ class EndpointClient:
                     if isinstance(exc, TransportTimeoutError):
                         outcome = "overload"
                         raise EndpointTimeoutError(f"timed out after {timeout:g} s waiting for {self.config.name!r}") from exc
-                    raise RetryableEndpointError(_connection_failure(self.config.name, exc)) from exc
+                    # "lost" when an open connection broke (a reset, a disconnect)
+                    how = "lost" if isinstance(exc, ConnectionLostError) else "error"
+                    raise RetryableEndpointError(f"connection {how} calling {self.config.name!r}: {exc}") from exc
                 try:
                     result = backend.parse(task, response.status_code, response.headers, response.content, prompt_text)
                 except RateLimitedError as exc:
@@ -387,18 +382,14 @@ class AIQueryClient:
         self._loop_thread: _LoopThread | None = None
         self._lock = threading.Lock()
 
-    def _sender(self) -> Transport:
-        """What requests go through: the injected transport, else aiohttp (made on first use)."""
-        if self._transport is None:
-            self._transport = make_transport("aiohttp")
-        return self._transport
-
     def endpoint(self, name: str) -> EndpointClient:
         """The per-endpoint client (created on first use; raises ``UnknownEndpointError``)."""
         client = self._endpoints.get(name)
         if client is None:
             config = self.registry.get(name)
-            client = EndpointClient(config, self._sender(), clock=self._clock, sleep=self._sleep,
+            if self._transport is None:  # aiohttp unless a transport was injected, made on first use
+                self._transport = make_transport("aiohttp")
+            client = EndpointClient(config, self._transport, clock=self._clock, sleep=self._sleep,
                                     quota=self._quota(config), share=self.quota_share)
             if self.quota_broker is not None and self.quota_share < 1.0:  # one of several workers
                 client.concurrency_share = ConcurrencyShare(name, self.quota_broker, config.client_config.max_concurrency,
@@ -453,8 +444,7 @@ class AIQueryClient:
         if not values:
             return []
         texts = [prompt_text_of(v) for v in values]  # once per row: for the prefix order and the traffic split
-        mode = client.config.client_config.prefix_ordering
-        order = None if mode == "off" else prefix_order(texts, mode)
+        order = prefix_order(texts, client.config.client_config.prefix_ordering)
 
         async def one(i: int) -> CallResult:
             result = await client.call(values[i], params, response_format, index=i, prompt_text=texts[i])
@@ -532,21 +522,15 @@ class AIQueryClient:
         """Synchronous ``acall``."""
         return self._loop().run(self.acall(endpoint, value, params, response_format))
 
-    def requests_sent(self, endpoint: str) -> int:
-        client = self._endpoints.get(endpoint)
-        return client.requests_sent if client else 0
-
     def close(self) -> None:
         """Close the HTTP client and stop the background loop."""
-        senders = [self._transport] if self._transport is not None else []
-        shares = [c.concurrency_share for c in self._endpoints.values() if c.concurrency_share is not None]
         if self._loop_thread is not None:
-            for closing in [share.aclose() for share in shares] + [sender.aclose() for sender in senders]:
+            closables = [c.concurrency_share for c in self._endpoints.values() if c.concurrency_share is not None]
+            for closable in [*closables, *([self._transport] if self._transport is not None else [])]:
                 try:
-                    self._loop_thread.run(closing)
+                    self._loop_thread.run(closable.aclose())
                 except Exception:  # noqa: BLE001 - closing must not mask the caller's error
                     pass
-        if self._loop_thread is not None:
             self._loop_thread.stop()
             self._loop_thread = None
         self._endpoints.clear()

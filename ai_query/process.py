@@ -35,23 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = [
-    "ProcStat",
-    "become_subreaper",
-    "children_of",
-    "cmdline",
-    "descendants",
-    "die_with_parent",
-    "group_alive",
-    "is_gone",
-    "proc_stat",
-    "process_identity",
-    "process_state",
-    "reap_children",
-    "set_parent_death_signal",
-    "signal_group",
-    "stop_process",
-    "tree_rss_bytes",
-    "wait_until",
+    "ProcStat", "become_subreaper", "children_of", "cmdline", "descendants", "die_with_parent", "group_alive",
+    "is_gone", "proc_stat", "process_identity", "process_state", "reap_children", "set_parent_death_signal",
+    "signal_group", "stop_process", "tree_rss_bytes", "wait_until",
 ]
 
 PR_SET_PDEATHSIG = 1

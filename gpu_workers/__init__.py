@@ -49,11 +49,7 @@ if TYPE_CHECKING:
     from gpu_workers._offline import offline_engine_info, offline_generate
     from gpu_workers._pool import PoolInfo, PoolPlan, ensure_pool, list_pools, plan_pool, read_pool_state, stop_pools
     from gpu_workers._local_servers import (
-        LocalServerInfo,
-        LocalServerOptions,
-        ensure_local_server,
-        list_local_servers,
-        stop_local_servers,
+        LocalServerInfo, LocalServerOptions, ensure_local_server, list_local_servers, stop_local_servers,
     )
 
 
@@ -66,25 +62,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = [
-    "KNOWN_MODELS",
-    "LocalServerError",
-    "LocalServerInfo",
-    "LocalServerOptions",
-    "ModelBuildError",
-    "PoolInfo",
-    "PoolPlan",
-    "cache_dir",
-    "ensure_local_server",
-    "ensure_pool",
-    "list_local_servers",
-    "list_pools",
-    "model_path",
-    "offline_engine_info",
-    "offline_generate",
-    "plan_pool",
-    "prepare_model",
-    "read_pool_state",
-    "stop_local_servers",
-    "stop_pools",
-]
+__all__ = sorted(_EXPORTS)

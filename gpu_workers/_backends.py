@@ -175,11 +175,6 @@ class VLLMPoolBackend(_EngineOptions, BackendBase):
     def _name(self) -> str | None:
         return self._pool_name.value
 
-    async def _ensure(self) -> None:
-        await self._pool_name()
-        if self._clock() - self._refreshed >= self.REFRESH_S:
-            self._refresh()
-
     def _refresh(self) -> None:
         assert self._name is not None
         state = read_pool_state(self._name)
@@ -195,7 +190,9 @@ class VLLMPoolBackend(_EngineOptions, BackendBase):
         self.router.set_ready([r["base_url"] for r in replicas if r.get("status") == "ready"])
 
     async def build(self, task: str, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None) -> HTTPRequest:
-        await self._ensure()
+        await self._pool_name()
+        if self._clock() - self._refreshed >= self.REFRESH_S:
+            self._refresh()
         url = self.router.pick(prompt_text_of(value))
         if url is None:
             self._refreshed = -1e9  # look at the state file again on the retry

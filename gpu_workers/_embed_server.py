@@ -213,10 +213,8 @@ def _parse_input(raw: Any, embedder: SentenceEmbedder) -> list[list[int]]:
         return [embedder.check_ids(raw)]
     if all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in raw):
         return [embedder.check_ids(x) for x in raw]
-    raise _BadRequest(
-        "'input' must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        param="input",
-    )
+    raise _BadRequest("'input' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+                      param="input")
 
 
 def build_app(embedder: SentenceEmbedder, served_model_name: str, *, max_batch_inputs: int = 256):
@@ -238,13 +236,8 @@ def build_app(embedder: SentenceEmbedder, served_model_name: str, *, max_batch_i
         return PlainTextResponse("ok")
 
     async def models(_: Request) -> JSONResponse:
-        card = {
-            "id": served_model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "ai-query",
-            "max_model_len": embedder.max_seq_length,
-        }
+        card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "ai-query",
+                "max_model_len": embedder.max_seq_length}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def embeddings(request: Request) -> JSONResponse:
@@ -257,12 +250,8 @@ def build_app(embedder: SentenceEmbedder, served_model_name: str, *, max_batch_i
                 raise _BadRequest("the request body must be a JSON object")
             model = body.get("model")
             if model is not None and model != served_model_name:
-                raise _BadRequest(
-                    f"The model `{model}` does not exist; this server serves `{served_model_name}`.",
-                    param="model",
-                    status=404,
-                    code="model_not_found",
-                )
+                raise _BadRequest(f"The model `{model}` does not exist; this server serves `{served_model_name}`.",
+                                  param="model", status=404, code="model_not_found")
             if "input" not in body:
                 raise _BadRequest("'input' is required", param="input")
             fmt = body.get("encoding_format") or "float"
@@ -286,16 +275,9 @@ def build_app(embedder: SentenceEmbedder, served_model_name: str, *, max_batch_i
                 value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(len(seq) for seq in ids)
-        return JSONResponse(
-            {
-                "id": f"embd-{uuid.uuid4().hex[:16]}",
-                "object": "list",
-                "created": int(time.time()),
-                "model": served_model_name,
-                "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        return JSONResponse({"id": f"embd-{uuid.uuid4().hex[:16]}", "object": "list", "created": int(time.time()),
+                             "model": served_model_name, "data": data,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -305,14 +287,8 @@ def build_app(embedder: SentenceEmbedder, served_model_name: str, *, max_batch_i
         finally:
             await batcher.stop()
 
-    return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
-        ],
-        lifespan=lifespan,
-    )
+    return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
+                             Route("/v1/embeddings", embeddings, methods=["POST"])], lifespan=lifespan)
 
 
 def main(argv: list[str] | None = None) -> int:

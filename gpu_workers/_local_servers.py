@@ -99,7 +99,6 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> subprocess.Popen:
-
     command = [
         sys.executable, "-m", _SUPERVISOR_MODULE,
         "--owner-pid", str(os.getpid()),
@@ -114,22 +113,14 @@ def _spawn_supervisor(target: _Target, port: int, log_path: pathlib.Path) -> sub
 
     def launch() -> subprocess.Popen:
         with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(run_dir()),
-                env=env,
-                close_fds=True,
-                # Own session: a Ctrl-C in the owner's terminal must not stop the server behind
-                # its back; the owner's death still does (the supervisor sets PDEATHSIG itself
-                # and checks getppid() right after, closing the fork-to-prctl window).
-                # No preexec_fn: it makes the child run Python between fork and exec, where the
-                # thread-local py4j connections of a Spark driver are finalized, and their
-                # socket.shutdown() cuts the parent's connections to the JVM.
-                start_new_session=True,
-            )
+            # Own session: a Ctrl-C in the owner's terminal must not stop the server behind
+            # its back; the owner's death still does (the supervisor sets PDEATHSIG itself
+            # and checks getppid() right after, closing the fork-to-prctl window).
+            # No preexec_fn: it makes the child run Python between fork and exec, where the
+            # thread-local py4j connections of a Spark driver are finalized, and their
+            # socket.shutdown() cuts the parent's connections to the JVM.
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=str(run_dir()), env=env, close_fds=True, start_new_session=True)
 
     return _get_launcher().call(launch)
 
@@ -195,14 +186,11 @@ def _start(target: _Target) -> dict[str, Any]:
         _owned[target.key] = proc
         try:
             _wait_ready(target, proc, base_url, log_path, started)
-        except LocalServerError as exc:
+        except BaseException as exc:  # also KeyboardInterrupt while waiting: leave nothing behind
             _terminate({"key": target.key, "pid": proc.pid, "grace": target.options.grace})
-            last_error = exc
-            if "address already in use" in _log_tail(log_path).lower():
+            if isinstance(exc, LocalServerError) and "address already in use" in _log_tail(log_path).lower():
+                last_error = exc
                 continue
-            raise
-        except BaseException:  # KeyboardInterrupt while waiting: leave nothing behind
-            _terminate({"key": target.key, "pid": proc.pid, "grace": target.options.grace})
             raise
         children = children_of(proc.pid)
         return {
@@ -331,15 +319,8 @@ def _info(state: Mapping[str, Any], *, check_health: bool) -> LocalServerInfo:
 
 
 def _all_states() -> list[dict[str, Any]]:
-    folder = run_dir()
-    if not folder.is_dir():
-        return []
-    states = []
-    for path in sorted(folder.glob("*.json")):
-        state = _read_state(path.stem)
-        if state and state.get("key") == path.stem:
-            states.append(state)
-    return states
+    paths = sorted(run_dir().glob("*.json")) if run_dir().is_dir() else []
+    return [s for s, p in ((_read_state(p.stem), p) for p in paths) if s and s.get("key") == p.stem]
 
 
 def list_local_servers(*, check_health: bool = True) -> list[LocalServerInfo]:

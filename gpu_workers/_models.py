@@ -171,16 +171,9 @@ def prepare_model(alias: str) -> pathlib.Path:
         started = time.monotonic()
         try:
             facts = spec.builder(tmp)
-            marker = {
-                "alias": spec.alias,
-                "version": spec.version,
-                "tasks": list(spec.tasks),
-                "description": spec.description,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_seconds": round(time.monotonic() - started, 2),
-                "python": sys.version.split()[0],
-                **facts,
-            }
+            marker = {"alias": spec.alias, "version": spec.version, "tasks": list(spec.tasks), "description": spec.description,
+                      "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "build_seconds": round(time.monotonic() - started, 2), "python": sys.version.split()[0], **facts}
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             _make_readable(tmp)
             os.rename(tmp, final)
@@ -195,11 +188,6 @@ def _make_readable(folder: pathlib.Path) -> None:
     os.chmod(folder, 0o755)
     for item in folder.rglob("*"):
         os.chmod(item, 0o755 if item.is_dir() else 0o644)
-
-
-def build_info(alias: str) -> dict | None:
-    """The marker of a prepared model (build time, versions), or None if not prepared."""
-    return _read_marker(model_path(alias)) if is_prepared(alias) else None
 
 
 # --------------------------------------------------------------------------- builders

@@ -36,16 +36,14 @@ from typing import Any, Mapping, Sequence
 from ai_query import ModelResponse, Usage, VLLMPool
 from ai_query.batch import prefix_order
 from gpu_workers._pool import plan_pool
+from gpu_workers._server_options import _generate_max_model_len
 from gpu_workers._state_files import run_dir
 
 __all__ = ["offline_generate", "offline_engine_info"]
 
-# modelParameters -> SamplingParams fields (the names the OpenAI server maps them to)
-_PARAMS = {
-    "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-    "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "n": "n", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-}
+# modelParameters that are SamplingParams fields of the same name (as the OpenAI server maps them)
+_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "n",
+           "min_p", "repetition_penalty")
 
 
 class _Engine:
@@ -69,7 +67,7 @@ class _Engine:
         kwargs: dict[str, Any] = {
             "model": plan.model_path, "served_model_name": plan.served_model_name, "dtype": opts.dtype,
             "enforce_eager": True, "seed": 0,
-            "max_model_len": opts.max_model_len or _default_max_model_len(plan.model_path),
+            "max_model_len": opts.max_model_len or _generate_max_model_len(plan.model_path),
         }
         if opts.max_num_seqs:
             kwargs["max_num_seqs"] = opts.max_num_seqs
@@ -89,7 +87,7 @@ class _Engine:
         unknown = sorted(set(params) - set(_PARAMS))
         if unknown:
             raise ValueError(f"modelParameters {unknown} are not supported in offline mode; supported: {sorted(_PARAMS)}")
-        kwargs = {**self.defaults, **{_PARAMS[k]: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in params.items()}}
+        kwargs = {**self.defaults, **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in params.items()}}
         kwargs.setdefault("max_tokens", None)  # like the server: up to the end of the context
         if response_format is not None:
             kind = response_format.get("type")
@@ -107,14 +105,6 @@ class _Engine:
                 conversations = [v if isinstance(v, list) else [{"role": "user", "content": v}] for v in values]
                 return self.llm.chat(conversations, sampling, use_tqdm=False)
             return self.llm.generate(list(values), sampling, use_tqdm=False)
-
-
-def _default_max_model_len(model_path: str) -> int:
-    try:
-        limit = json.loads(open(os.path.join(model_path, "config.json")).read()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        limit = None
-    return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
 
 
 def _take_slot(name: str, slots: int) -> tuple[int, Any]:
@@ -159,12 +149,6 @@ def _prompt_key(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def offline_response(text: str, prompt_tokens: int, completion_tokens: int, model: str, finish_reason: str | None) -> ModelResponse:
-    """A ``ModelResponse`` from a ``vllm.RequestOutput``'s fields (usage is counted, not estimated)."""
-    return ModelResponse(text, Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens), model,
-                         None, finish_reason)
-
-
 def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mapping[str, Any],
                      response_format: Mapping[str, Any] | None, *, gpu_ids: Sequence[str] = ()) -> list[Any]:
     """One ``ModelResponse`` or ``Exception`` per value, in order (see the module docstring).
@@ -200,7 +184,8 @@ def offline_generate(pool: Any, task: str, values: Sequence[Any], params: Mappin
         if isinstance(out, Exception):
             results[position] = out
             continue
-        completion = out.outputs[0]
-        results[position] = offline_response(completion.text, len(out.prompt_token_ids or ()), len(completion.token_ids),
-                                             model, completion.finish_reason)
+        completion = out.outputs[0]  # usage is counted, not estimated
+        prompt, generated = len(out.prompt_token_ids or ()), len(completion.token_ids)
+        results[position] = ModelResponse(completion.text, Usage(prompt, generated, prompt + generated), model, None,
+                                          completion.finish_reason)
     return results

@@ -42,12 +42,11 @@ from typing import Any, Mapping
 
 from gpu_workers._errors import LocalServerError
 from ai_query.process import cmdline as _proc_cmdline
-from ai_query.process import process_state as _proc_state
-from ai_query.process import signal_group, stop_process
+from ai_query.process import is_gone, signal_group, stop_process
 from ai_query.process import tree_rss_bytes as _tree_rss_bytes
 from gpu_workers._lifecycle import _free_port, _get_launcher
 from gpu_workers._server_options import LocalServerOptions, _resolve, _server_command, _server_env, _slug
-from gpu_workers._state_files import _locked, _log_tail, run_dir
+from gpu_workers._state_files import _locked, _log_tail, _read_json, run_dir
 
 __all__ = ["PoolPlan", "ensure_pool", "list_pools", "plan_pool", "read_pool_state", "stop_pools"]
 
@@ -165,7 +164,7 @@ def _state_path(name: str) -> pathlib.Path:
 
 def _manager_alive(state: Mapping[str, Any]) -> bool:
     pid = state.get("manager_pid")
-    if not pid or _proc_state(pid) in (None, "Z", "X"):
+    if not pid or is_gone(pid):
         return False
     cmd = _proc_cmdline(pid)
     return _MANAGER_MODULE.encode() in cmd and str(state.get("name", "")).encode() in cmd
@@ -173,23 +172,13 @@ def _manager_alive(state: Mapping[str, Any]) -> bool:
 
 def read_pool_state(name: str) -> dict[str, Any] | None:
     """The pool's state as its manager last wrote it; None if there is no live pool of that name."""
-    try:
-        state = json.loads(_state_path(name).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if _manager_alive(state) else None
+    state = _read_json(_state_path(name))
+    return state if state is not None and _manager_alive(state) else None
 
 
 def _all_states() -> list[dict[str, Any]]:
-    out = []
-    for path in sorted(pools_dir().glob("*.json")) if pools_dir().is_dir() else []:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(state, dict) and state.get("name") == path.stem:
-            out.append(state)
-    return out
+    paths = sorted(pools_dir().glob("*.json")) if pools_dir().is_dir() else []
+    return [s for p, s in ((p, _read_json(p)) for p in paths) if isinstance(s, dict) and s.get("name") == p.stem]
 
 
 @dataclass(frozen=True)
@@ -199,19 +188,10 @@ class PoolInfo:
     name: str
     state: Mapping[str, Any]
 
-    @property
-    def base_urls(self) -> list[str]:
-        return [r["base_url"] for r in self.state.get("replicas", [])]
-
-    @property
-    def owned(self) -> bool:
-        return self.state.get("owner_pid") == os.getpid()
-
 
 # --------------------------------------------------------------------------- start
 
 
-_owned_pools: set[str] = set()
 _atexit_registered = False
 
 
@@ -278,10 +258,7 @@ def _wait_ready(plan: PoolPlan, proc: subprocess.Popen, logs: pathlib.Path, star
                 f"Last lines of {logs / 'manager.log'}:\n{_log_tail(logs / 'manager.log')}",
                 log_path=str(logs / "manager.log"),
             )
-        try:
-            state = json.loads(_state_path(plan.name).read_text())
-        except (OSError, ValueError):
-            state = {}
+        state = _read_json(_state_path(plan.name)) or {}
         replicas = state.get("replicas", [])
         crashed = [r for r in replicas if r.get("restarts", 0) > 0 and not r.get("ever_ready")]
         if crashed:
@@ -320,24 +297,16 @@ def ensure_pool(config: Any, *, detached: bool = False) -> PoolInfo:
         if state is not None:
             # Alive: a replica may be restarting; the router skips it, the pool is usable.
             return PoolInfo(plan.name, state)
-        stale = _read_raw(plan.name)
+        stale = _read_json(_state_path(plan.name))
         if stale is not None:
             _stop_manager(stale, None)
         state = _start(plan, detached=detached, startup_timeout=plan.options.startup_timeout)
         if not detached:
             global _atexit_registered
-            _owned_pools.add(plan.name)
             if not _atexit_registered:
                 atexit.register(_stop_owned_at_exit)
                 _atexit_registered = True
         return PoolInfo(plan.name, state)
-
-
-def _read_raw(name: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(_state_path(name).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- inspect / stop
@@ -379,7 +348,6 @@ def _stop_manager(state: Mapping[str, Any], proc: subprocess.Popen | None) -> No
     if name:
         with contextlib.suppress(FileNotFoundError):
             _state_path(name).unlink()
-        _owned_pools.discard(name)
 
 
 def stop_pools(name: str | None = None, *, owned_only: bool = False) -> list[str]:
@@ -402,7 +370,6 @@ def _stop_owned_at_exit() -> None:
 
 def _reset_after_fork() -> None:
     global _atexit_registered
-    _owned_pools.clear()
     _atexit_registered = False
 
 

@@ -225,10 +225,7 @@ class PoolManager:
         for r in self.replicas:
             r.thread.join(timeout=5)
         with self._publish_lock:
-            try:
-                self.state_path.unlink()
-            except FileNotFoundError:
-                pass
+            self.state_path.unlink(missing_ok=True)
         _log("pool stopped")
         return 0
 
@@ -257,10 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(pathlib.Path(args.spec).read_text())
     spec["owner_pid"] = args.owner_pid
     become_subreaper()
-    if args.owner_pid is not None:
-        if not die_with_parent(args.owner_pid):
-            _log(f"owner {args.owner_pid} is gone before start-up; not starting the pool")
-            return 1
+    if args.owner_pid is not None and not die_with_parent(args.owner_pid):
+        _log(f"owner {args.owner_pid} is gone before start-up; not starting the pool")
+        return 1
     return PoolManager(spec).run()
 
 

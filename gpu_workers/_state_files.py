@@ -31,11 +31,16 @@ def _state_path(key: str) -> pathlib.Path:
     return run_dir() / f"{key}.json"
 
 
-def _read_state(key: str) -> dict[str, Any] | None:
+def _read_json(path: pathlib.Path) -> Any:
+    """The file's JSON, or None if it is missing or half written."""
     try:
-        return json.loads(_state_path(key).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _read_state(key: str) -> dict[str, Any] | None:
+    return _read_json(_state_path(key))
 
 
 def _write_state(state: dict[str, Any]) -> None:

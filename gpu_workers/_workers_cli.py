@@ -134,10 +134,6 @@ def add_workers_arguments(parser: argparse.ArgumentParser) -> None:
     stop.set_defaults(action_run=_stop)
 
 
-def _run_workers(args: argparse.Namespace) -> int:
-    return args.action_run(args)
-
-
 def prepare_models(aliases: Sequence[str]) -> int:
     """Build each model alias (default: every known one) into the cache; print its folder and build time."""
     unknown = [a for a in aliases if a not in KNOWN_MODELS]
@@ -155,17 +151,13 @@ def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", metavar="alias", help=f"model aliases (default: all of {', '.join(sorted(KNOWN_MODELS))})")
 
 
-def _run_prepare(args: argparse.Namespace) -> int:
-    return prepare_models(args.models)
-
-
 WORKERS_COMMAND = Command(
     name="workers", help="start|status|stop a pool of vLLM engines on this node",
     example="ai-query workers start --model M --replicas N", description=WORKERS_DESCRIPTION,
-    add_arguments=add_workers_arguments, run=_run_workers,
+    add_arguments=add_workers_arguments, run=lambda args: args.action_run(args),
 )
 PREPARE_COMMAND = Command(
     name="prepare", help="build the embedded local models (once)", example="ai-query prepare",
     description="Prepare local model folders in the cache ($AIQ_CACHE_DIR, default ~/.cache/ai-query).",
-    add_arguments=_add_prepare_arguments, run=_run_prepare,
+    add_arguments=_add_prepare_arguments, run=lambda args: prepare_models(args.models),
 )

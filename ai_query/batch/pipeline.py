@@ -70,15 +70,11 @@ class PendingRows:
             original = results[source]
             assert original is not None
             results[i] = shared_copy(original, i)
-        reporter = self.reporter
-        if reporter is not None:
-            for i, _ in self.copies:
-                reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
-            for _, hit in self.earlier:
-                reporter.add(hit.ok, 0, None, None, deduplicated=True)
-            for i, _ in self.waiting:
-                reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
-            reporter.flush()
+        if self.reporter is not None:
+            shared = [*self.copies, *self.earlier, *self.waiting]
+            for i, _ in shared:
+                self.reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
+            self.reporter.flush()
         return without_gaps(results)
 
 

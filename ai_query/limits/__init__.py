@@ -17,18 +17,7 @@ from .share import ConcurrencyShare
 from .slots import Outcome, SlotQueue
 
 __all__ = [
-    "AdaptiveConcurrencyLimiter",
-    "BrokeredQuota",
-    "ConcurrencyShare",
-    "GradientConcurrencyLimiter",
-    "LocalQuota",
-    "Outcome",
-    "Quota",
-    "QuotaBroker",
-    "QuotaLimits",
-    "RecentFaults",
-    "RetryBudget",
-    "SlidingWindowLimit",
-    "SlotQueue",
+    "AdaptiveConcurrencyLimiter", "BrokeredQuota", "ConcurrencyShare", "GradientConcurrencyLimiter", "LocalQuota",
+    "Outcome", "Quota", "QuotaBroker", "QuotaLimits", "RecentFaults", "RetryBudget", "SlidingWindowLimit", "SlotQueue",
     "make_retrying",
 ]

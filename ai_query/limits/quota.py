@@ -127,7 +127,6 @@ class QuotaState:
     """The admission logic over a set of windows; shared by the local quota and the broker."""
 
     def __init__(self, limits: QuotaLimits) -> None:
-        self.limits = limits
         self._windows = limits.windows()
         self.paused_until = 0.0
         self._lock = threading.Lock()
@@ -137,17 +136,20 @@ class QuotaState:
         with self._lock:
             if now < self.paused_until:
                 return self.paused_until - now
-            wait = max((w.wait_time(requests if kind == "requests" else tokens, now) for kind, w in self._windows), default=0.0)
+            amounts = [(w, requests if kind == "requests" else tokens) for kind, w in self._windows]
+            wait = max((w.wait_time(amount, now) for w, amount in amounts), default=0.0)
             if wait > 0:
                 return wait
-            for kind, w in self._windows:
-                w.take(requests if kind == "requests" else tokens, now)
+            for w, amount in amounts:
+                w.take(amount, now)
             return 0.0
 
     def settle(self, token_delta: float, now: float) -> None:
+        if not token_delta:
+            return
         with self._lock:
             for kind, w in self._windows:
-                if kind == "tokens" and token_delta:
+                if kind == "tokens":
                     w.adjust(token_delta, now)
 
     def pause_until(self, until: float) -> None:
@@ -171,14 +173,12 @@ class LocalQuota:
         self.state = QuotaState(limits)
         self._clock = clock
         self._sleep = sleep
-        self.waited_s = 0.0
 
     async def admit(self, tokens: float) -> None:
         while True:
             wait = self.state.try_admit(1, tokens, self._clock())
             if wait <= 0:
                 return
-            self.waited_s += wait
             await self._sleep(min(wait, 5.0))
 
     def settle(self, reserved: float, actual: float) -> None:
@@ -257,8 +257,8 @@ class QuotaBroker:
             return {}
         raise KeyError(f"unknown broker path {path}")
 
-    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float, seen: int | None = None,
-                wait_s: float = 0.0) -> int:
+    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float, seen: int | None,
+                wait_s: float) -> int:
         """Register (or drop) ``worker`` as sending to ``endpoint``; the number of such workers now.
 
         A worker that stops heart-beating (a killed executor) drops out after ``ttl_s``. With

@@ -132,18 +132,14 @@ class RetryBudget:
         self.ratio = ratio
         self.cap = max(cap, floor)
         self.balance = float(floor)
-        self.first_attempts = 0
-        self.retries = 0
 
     def record_first_attempt(self) -> None:
-        self.first_attempts += 1
         self.balance = min(self.cap, self.balance + self.ratio)
 
     def can_retry(self) -> bool:
         return self.balance >= 1.0
 
     def spend(self) -> None:
-        self.retries += 1
         self.balance -= 1.0
 
 

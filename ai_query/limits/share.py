@@ -68,19 +68,12 @@ class ConcurrencyShare:
         self.workers_seen = workers
         ceiling = max(1, math.ceil(self.total / workers))
         current = self.limiters[0].maximum
-        if ceiling < current:
-            self._pending_raise = None
+        # A higher ceiling waits for a second beat in a row that says so, unless a worker left.
+        wait_to_raise = ceiling > current and not left and self._pending_raise != ceiling
+        self._pending_raise = ceiling if wait_to_raise else None
+        if ceiling != current and not wait_to_raise:
             for limiter in self.limiters:
                 limiter.set_maximum(ceiling)
-        elif ceiling > current:
-            if left or self._pending_raise == ceiling:  # a worker left, or the second beat in a row that says so
-                for limiter in self.limiters:
-                    limiter.set_maximum(ceiling)
-                self._pending_raise = None
-            else:
-                self._pending_raise = ceiling
-        else:
-            self._pending_raise = None
 
     async def _run(self) -> None:
         seen = None  # the first beat answers at once

@@ -9,12 +9,6 @@ from ._delta_commit import AppTransaction, CommitResult, DeltaCommitter
 from ._usage_records import INFERENCE_SCHEMA, USAGE_SCHEMA, DeltaAppender, inference_record, usage_record
 
 __all__ = [
-    "AppTransaction",
-    "CommitResult",
-    "DeltaAppender",
-    "DeltaCommitter",
-    "INFERENCE_SCHEMA",
-    "USAGE_SCHEMA",
-    "inference_record",
-    "usage_record",
+    "AppTransaction", "CommitResult", "DeltaAppender", "DeltaCommitter", "INFERENCE_SCHEMA", "USAGE_SCHEMA",
+    "inference_record", "usage_record",
 ]
