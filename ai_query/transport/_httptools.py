@@ -19,7 +19,6 @@ import asyncio
 import socket
 import ssl
 import zlib
-from collections import deque
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from .._errors import ConnectFailedError, ConnectionLostError, TransportError
+from ..limits.slots import SlotQueue
 from ._errors_table import transport_error
 from ._messages import Request, Response, add_header
 from ._proxies import proxy_for
@@ -116,10 +116,8 @@ class HttptoolsTransport:
                  proxy: str | None = None) -> None:
         self.max_connections = max_connections
         self.proxy = proxy
-        self._in_use = 0
-        # Requests waiting for a connection slot. NOTE for the lead: a third FIFO waiter queue
-        # beside the limiters' (issue 12: one cancel-safe slot queue in ai_query/limits).
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        # Requests in flight, at most max_connections; the rest wait their turn (the limiters' queue).
+        self._slots = SlotQueue(lambda: self.max_connections)
         self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._targets: dict[str, _Target] = {}
@@ -170,11 +168,9 @@ class HttptoolsTransport:
                         deadline: float | None) -> Response:
         # A deadline timer on the answer's future, not ``asyncio.timeout``: the same total timeout
         # at a third of the cost (a served request's hot path).
-        while self._in_use >= self.max_connections:
-            slot = loop.create_future()
-            self._slot_waiters.append(slot)
-            await asyncio.wait_for(slot, None if deadline is None else max(0.0, deadline - loop.time()))
-        self._in_use += 1
+        if not self._slots.try_take():
+            waiting = self._slots.take()
+            await (waiting if deadline is None else asyncio.wait_for(waiting, max(0.0, deadline - loop.time())))
         try:
             conn = self._idle_connection(target.key)
             if conn is None:
@@ -200,12 +196,7 @@ class HttptoolsTransport:
                 self._discard(conn)
             return response
         finally:
-            self._in_use -= 1
-            while self._slot_waiters:
-                slot = self._slot_waiters.popleft()
-                if not slot.done():
-                    slot.set_result(None)
-                    break
+            self._slots.give_back()
 
     def _idle_connection(self, key: tuple[str, str, int, str | None]) -> _Connection | None:
         idle = self._idle.get(key)

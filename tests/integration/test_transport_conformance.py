@@ -145,6 +145,33 @@ def test_max_connections_holds_requests_until_a_connection_is_free(kind):
     assert [r.status_code for r in answers] == [200] * 6 and server.connections == 2
 
 
+def test_a_request_giving_up_while_it_waits_for_a_connection_holds_up_nobody(kind):
+    async def handler(request, writer):
+        await asyncio.sleep(0.2)
+        writer.write(answer(200, b"{}"))
+        await writer.drain()
+
+    async def main():
+        transport = make_transport(kind, max_connections=1)
+        async with RawServer(handler) as server:
+            first = asyncio.ensure_future(transport.send(post(server.url, timeout=10)))
+            await asyncio.sleep(0.05)  # the one connection is taken: the next ones wait
+            impatient = asyncio.ensure_future(transport.send(post(server.url, timeout=0.05)))
+            cancelled = asyncio.ensure_future(transport.send(post(server.url, timeout=10)))
+            last = asyncio.ensure_future(transport.send(post(server.url, timeout=10)))
+            await asyncio.sleep(0.01)
+            cancelled.cancel()
+            outcomes = await asyncio.gather(first, impatient, cancelled, last, return_exceptions=True)
+            await transport.aclose()
+            return server, outcomes
+
+    server, (first, impatient, cancelled, last) = run(main())
+    assert first.status_code == 200 and last.status_code == 200
+    assert isinstance(impatient, TransportTimeoutError)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert server.connections == 1
+
+
 @pytest.mark.parametrize("behaviour, error, text", [
     ("silent", TransportTimeoutError, "no answer within 0.3 s"),
     ("reset", ConnectionLostError, "the connection to {origin} closed before the answer was complete"),
