@@ -69,6 +69,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 from aiohttp import web
 
+from ._batch_apis import BatchAPIs
 from ._latency import Latency
 from ._limits import FixedWindowQuota
 from ._stats import SimulatorStats
@@ -144,6 +145,7 @@ class ProviderSimulator:
         hang_s: float = 30.0,
         seed: int = 0,
         served_log: bool = False,
+        batch_api: Mapping[str, Any] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -171,6 +173,8 @@ class ProviderSimulator:
             seed: seeds the fault and latency draws; the same seed gives the same sequences.
             served_log: keep one record per answer served (its request id as the client sees it,
                 when, its tokens); read it with :meth:`served_answers`. Off by default (memory).
+            batch_api: knobs of the batch APIs (``_batch_apis.BatchAPIs``: ``delay_s``, ``expire_s``,
+                ``error_rate``, ``enqueued_token_limit``); they are always served.
             host, port: where to listen (port 0: a free port, read ``sim.port`` after start).
         """
         _check(api_key is None or (isinstance(api_key, str) and api_key), f"api_key={api_key!r} must be a non-empty string or None")
@@ -211,6 +215,7 @@ class ProviderSimulator:
         self._faults = _fault_table(error_rates)
         self.hang_s = float(hang_s)
         self.seed = seed
+        self.batches = BatchAPIs(self, **dict(batch_api or {}))
         self.host = host
         self._port = port
         self.port: int | None = None
@@ -288,6 +293,7 @@ class ProviderSimulator:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/serving-endpoints/{name}/invocations", self._invocations)
+        self.batches.add_routes(app.router)
         app.router.add_get("/_sim/stats", self._stats_route)
         app.router.add_post("/_sim/reset", self._reset_route)
         # handler_cancellation: a client that gives up (timeout) frees its slot at once.
@@ -359,6 +365,7 @@ class ProviderSimulator:
 
     def _snapshot_now(self) -> dict[str, Any]:
         out = self.stats.as_dict()
+        out.update(self.batches.counters)
         out["in_flight"] = self._in_flight
         out["elapsed_s"] = round(time.monotonic() - self._quota.epoch, 6)
         out["config"] = self.config()
