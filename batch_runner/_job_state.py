@@ -49,6 +49,8 @@ class JobRunReport:
     rows_deduplicated: int = 0
     """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     per_endpoint: dict[str, dict[str, float]] = field(default_factory=dict)
+    batch_phase: Any = None
+    """Batch-API mode (``[batch_api]``): what the provider batches did (``_batch_mode.BatchPhase``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +87,10 @@ class JobRunReport:
             for name, e in sorted(self.per_endpoint.items()):
                 c = "-" if e.get("cost") is None else f"{e['cost']:.4f}"
                 lines.append(f"  {name:<22}{int(e['rows']):>8}{int(e['tokens']):>12}{c:>12}")
+        if self.batch_phase is not None:
+            b = self.batch_phase
+            lines.append(f"  batch API: {b.submitted} batch(es) submitted ({b.lines} requests), {b.resumed} resumed, "
+                         f"{b.answered} answers, {b.failed_lines} failed lines and the rest sent online, {b.cancelled} cancelled at the deadline")
         if self.recovered_chunks:
             lines.append(f"  recovered the usage rows of {self.recovered_chunks} chunk(s) committed by an interrupted run")
         if self.stopped:

@@ -43,6 +43,7 @@ import spark_udfs
 from ai_query import ConfigError, ProgressCollector
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
+from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys
 from ._job_state import JobRunReport, journal_dirs, log_run
@@ -121,6 +122,12 @@ def run_incremental(
     log.info("job %s: %d pending rows (%.1f s)", spec.name, keys.num_rows, time.monotonic() - started)
     log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
                     "retry_failed": retry_failed, "status": "running"})
+    # batch mode vs online: in batch mode the pending rows' answers are journaled from provider
+    # batches first (``_batch_mode``); the chunks below then answer them from the journal.
+    batch_ids = None
+    if spec.batch_api is not None and keys.num_rows:
+        report.batch_phase = run_batch_phase(spark, spec, input_df, keys, started)
+        batch_ids = batch_ids_by_request(spec)
     journal_root = Path(spec.state_path) / "journal"
     earlier_journals = journal_dirs(spec)
     replayed = ReplayedAnswers(spec, earlier_journals)
@@ -147,7 +154,7 @@ def run_incremental(
             size = _next_chunk_size(spec, report)
             chunk_keys = keys.slice(offset, size)
             version = next_chunk_version(spec)
-            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, report, replayed)
+            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, report, replayed, batch_ids)
             offset += chunk_keys.num_rows
     except BaseException:
         status = "failed"
@@ -163,6 +170,7 @@ def run_incremental(
         report.pending_after = keys.num_rows - offset if status != "finished" or offset < keys.num_rows else 0
         if status == "finished" and report.pending_after == 0 and limit is None and spec.max_rows is None:
             shutil.rmtree(journal_root, ignore_errors=True)  # every journaled answer is committed
+            forget_batches(spec)
         elif status != "failed":
             shutil.rmtree(journal_root / f"run-{run_id}", ignore_errors=True)  # this run's answers are committed
         log_run(spec, {"run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(), "status": status,
@@ -184,7 +192,7 @@ def run_incremental(
 
 def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chunk_keys: pa.Table, names: list[str],
                req_sql: str, staging: UsageStaging, version: int, run_id: str, report: JobRunReport,
-               replayed: ReplayedAnswers) -> None:
+               replayed: ReplayedAnswers, batch_ids: dict[str, str] | None = None) -> None:
     # The chunk's input rows come to the driver once and go back as a local relation: the model
     # query and the request-text query then read it without scanning the sources again, and Spark
     # spreads a local relation over all its cores (a scan would give one task per source file).
@@ -202,6 +210,8 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
         raise ConfigError(f"the query returns several rows for one key ({', '.join(names)}): a job writes one row per key; "
                           "fix key = [...] or the query (e.g. its joins)")
     result = replayed.zero_repeats(result)
+    if batch_ids is not None:
+        result = with_batch_ids(result, batch_ids)
     request_rows = spark_udfs.sql(spark, req_sql).select(*names, response_column).toArrow().to_pylist()
     requests = {tuple(r[k] for k in names): r[response_column] for r in request_rows}
     usage, payloads = usage_rows(spec, result, requests, response_column, run_id, version)

@@ -35,6 +35,10 @@
 
     schedule = "0 2 * * *"                  # cron: minute hour day-of-month month day-of-week
 
+    [batch_api]                             # optional: pending rows go as provider batches (half price)
+    completion_window = "24h"               # the provider's window (OpenAI: 24h)
+    deadline = "6h"                         # rows not answered by then (minus online time) go online
+
 Instead of ``query``, a ``[prompt]`` table builds it from a template over the input's columns::
 
     [prompt]
@@ -107,6 +111,8 @@ class JobSpec(ConfigStruct):
     pilot_rows: Annotated[int, Meta(ge=0, description="a whole number >= 0")] = 20
     schedule: str | None = None
     prompt: dict[str, Any] | None = None
+    batch_api: dict[str, Any] | None = None
+    """``[batch_api]`` (see ``batch_api_options``): send pending rows as provider batches."""
 
     @classmethod
     def _field_path(cls, path: str, name: str) -> str:
@@ -161,7 +167,7 @@ class JobSpec(ConfigStruct):
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{where}: {key} {message}")
 
-        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule"}
+        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api"}
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
@@ -277,6 +283,7 @@ class JobSpec(ConfigStruct):
                 pilot_rows=options.get("pilot_rows", 20),
                 schedule=schedule,
                 prompt=prompt,
+                batch_api=batch_api_options(data["batch_api"], where) if "batch_api" in data else None,
             )
 
     @classmethod
@@ -291,6 +298,46 @@ class JobSpec(ConfigStruct):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job spec {p} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, p.resolve().parent, str(p))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_BATCH_KEYS = ("completion_window", "deadline", "poll_s", "max_poll_s", "online_rows_per_s", "max_requests")
+
+
+def duration_s(value: Any, where: str) -> float:
+    """``"6h"``, ``"90m"``, ``"30s"``, ``"1d"`` or a number of seconds, as seconds."""
+    m = _DURATION.match(str(value)) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{where} must be a duration such as \"6h\", \"90m\" or \"30s\", got {value!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+
+
+def batch_api_options(raw: Any, where: str = "job spec") -> dict[str, Any]:
+    """``[batch_api]`` checked: ``completion_window``, ``deadline`` (-> ``deadline_s``), ``poll_s``,
+    ``max_poll_s``, ``online_rows_per_s`` (the online rate deadline routing plans with), ``max_requests``
+    (per batch, below the provider's limit)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: [batch_api] must be a table, e.g. [batch_api] deadline = \"6h\"")
+    unknown = sorted(set(raw) - set(_BATCH_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: [batch_api] has unknown key(s) {', '.join(unknown)}; allowed are {', '.join(_BATCH_KEYS)}")
+    out: dict[str, Any] = {"completion_window": raw.get("completion_window", "24h")}
+    if not isinstance(out["completion_window"], str):
+        raise ConfigError(f"{where}: batch_api.completion_window must be a string such as \"24h\", got {out['completion_window']!r}")
+    if raw.get("deadline") is not None:
+        out["deadline_s"] = duration_s(raw["deadline"], f"{where}: batch_api.deadline")
+    for key in ("poll_s", "max_poll_s", "online_rows_per_s"):
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{where}: batch_api.{key} must be a positive number, got {value!r}")
+            out[key] = float(value)
+    if "max_requests" in raw:
+        value = raw["max_requests"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: batch_api.max_requests must be a whole number >= 1, got {value!r}")
+        out["max_requests"] = value
+    return out
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")

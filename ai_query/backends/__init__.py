@@ -5,6 +5,7 @@ backends; other packages register theirs in the ``ai_query.backends`` entry-poin
 The names below are the public API a backend package builds on.
 """
 
+from ._batch_api import LIMITS as BATCH_LIMITS, BatchLine, BatchState, ProviderBatches, provider_of
 from ._http_common import PATHS, bearer, llm_v1_body, malformed_answer, parse_openai_shape, parse_retry_after, raise_for_status
 from ._openai import OpenAICompatibleBackend
 from ._protocol import Backend, BackendBase, BatchContext, Capabilities, HTTPRequest
@@ -21,6 +22,11 @@ from ._registry import (
 )
 
 __all__ = [
+    "BATCH_LIMITS",
+    "BatchLine",
+    "BatchState",
+    "ProviderBatches",
+    "provider_of",
     "ENTRY_POINT_GROUP",
     "PATHS",
     "Backend",

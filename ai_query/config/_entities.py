@@ -129,16 +129,22 @@ _DOLLARS = Annotated[float, Meta(ge=0)]
 
 
 class Pricing(ConfigStruct):
-    """Dollars per million input and output tokens; fills ``aiq_cost_usd``."""
+    """Dollars per million input and output tokens; fills ``aiq_cost_usd``.
+
+    The ``batch_*`` rates price answers of a provider batch API (job ``[batch_api]``); unset, they
+    are half the online rates for the providers that discount batches by half (OpenAI, Anthropic).
+    """
 
     input_usd_per_million_tokens: _DOLLARS
     output_usd_per_million_tokens: _DOLLARS
+    batch_input_usd_per_million_tokens: _DOLLARS | None = None
+    batch_output_usd_per_million_tokens: _DOLLARS | None = None
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "Pricing":
         data = mapping(data, path)
         check_keys(data, cls.__struct_fields__, path)
-        for key in cls.__struct_fields__:
+        for key in cls.__struct_fields__[:2]:
             if key not in data:
                 raise ConfigError(f"{path}.{key} is required (dollars per million tokens, e.g. 0.15)")
         return decode(cls, data, path)  # type: ignore[no-any-return]
@@ -146,8 +152,15 @@ class Pricing(ConfigStruct):
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_usd_per_million_tokens + completion_tokens * self.output_usd_per_million_tokens) / 1e6
 
+    def batch_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The price of an answer from a provider batch API (the batch rates, else half the online ones)."""
+        inp = self.batch_input_usd_per_million_tokens
+        out = self.batch_output_usd_per_million_tokens
+        return (prompt_tokens * (self.input_usd_per_million_tokens / 2 if inp is None else inp)
+                + completion_tokens * (self.output_usd_per_million_tokens / 2 if out is None else out)) / 1e6
+
     def to_dict(self) -> dict[str, float]:
-        return msgspec.structs.asdict(self)
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
 def _one_of(found: list[str], path: str) -> None:

@@ -1,0 +1,268 @@
+"""Batch-API mode for jobs (``[batch_api]``): a job's pending rows go out as provider batches at
+the batch price; what the batches do not answer in time goes online.
+
+**Through the journal, not beside it.** The batch phase runs before the chunks: it builds each
+pending row's request exactly as the ``ai_query`` call would (the same request, parameters and
+request key), sends the distinct requests as provider batches, and files every answer under the
+row's request key in ``<state>/journal/batch-<batch id>/``, the directory layout the response
+journal replays. The chunks then run as online jobs do: every row whose answer is journaled is
+answered from it (nothing sent), the rest are sent online. So rows, audit columns, usage and
+payload rows are made by one code path whichever way an answer came; a batch answer differs only
+in ``aiq_cost_usd`` (the price table's batch rate), its request id (the provider's line id) and
+``aiq_batch_id``.
+
+**Exactly once, paid once.** Each batch is recorded in ``<state>/batches.json`` the moment the
+provider has accepted it, with its lines' request keys; a killed job's next run polls the recorded
+batches and submits only requests no recorded batch carries. A batch's answers are journaled once
+it has ended (then it is marked collected); a chunk commit is idempotent as in online jobs, so a
+batch's results are committed once. The state is dropped when the job has no pending rows left.
+
+**Deadline routing.** With ``deadline``, the poll loop stops waiting at ``deadline - reserve``,
+where ``reserve`` is the time the rows still unanswered would take online (their count over
+``online_rows_per_s``, or the rate of the job's last finished run); it cancels the open batches,
+journals the lines they finished, and the chunks send the rest online. Lines a batch failed
+(an error line) are not journaled either: only they are retried, online.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+import spark_udfs
+from ai_query import CallResult, ConfigError
+from ai_query.backends import BatchLine, ProviderBatches
+from ai_query.batch import ResponseJournal, prompt_text_of, request_key
+from ai_query.batch import read_entries
+
+from ._job_input import _INPUT_ALIAS, rows_of_keys
+from ._job_state import read_runs
+from ._spec import JobSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger("batch_runner")
+_STRUCT = "__aiq_batch_request"
+_DEFAULT_ONLINE_ROWS_PER_S = 5.0
+
+
+@dataclass
+class BatchPhase:
+    """What the batch phase did, for the run report."""
+
+    submitted: int = 0
+    resumed: int = 0
+    lines: int = 0
+    answered: int = 0
+    failed_lines: int = 0
+    cancelled: int = 0
+    batch_ids: list[str] = field(default_factory=list)
+
+
+def _state_file(spec: JobSpec) -> Path:
+    return Path(spec.state_path) / "batches.json"
+
+
+def _load_state(spec: JobSpec) -> dict[str, Any]:
+    path = _state_file(spec)
+    return json.loads(path.read_text()) if path.exists() else {"batches": {}}
+
+
+def _save_state(spec: JobSpec, state: dict[str, Any]) -> None:
+    path = _state_file(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)  # atomic: a kill leaves the old state or the new one
+
+
+def _call_parts(spec: JobSpec) -> tuple[str, str, str | None]:
+    """(SQL selecting each row's request and parameters, endpoint, parameters text) of the job's ai_query call."""
+    from spark_udfs._rewrite import bind_arguments, find_calls
+    from spark_udfs._udf import SIGNATURE
+
+    calls = [c for c in find_calls(spec.query, {"ai_query"})]
+    outer = [c for c in calls if not any(o is not c and o.start <= c.start and c.end <= o.end for o in calls)]
+    if len(outer) != 1:
+        raise ConfigError(f"[batch_api] needs a job query with exactly one ai_query(...) call, found {len(outer)}; "
+                          "split the job, or remove [batch_api] to run it online")
+    call = outer[0]
+    bound = bind_arguments(call, SIGNATURE, required=2)
+    endpoint = bound["endpoint"].literal
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"[batch_api] needs the endpoint of ai_query as a string literal, got {bound['endpoint'].text}; "
+                          "name the endpoint in the query, or remove [batch_api]")
+    for unsupported in ("responseFormat", "files"):
+        if unsupported in bound:
+            raise ConfigError(f"[batch_api] does not send ai_query calls with {unsupported} yet; remove [batch_api] to run "
+                              "this job online")
+    params = bound["modelParameters"].text if "modelParameters" in bound else None
+    struct = f"named_struct('request', ({bound['request'].text}), 'params', ({params or 'CAST(NULL AS STRING)'}))"
+    return spec.query[:call.start] + struct + spec.query[call.end:], endpoint, params
+
+
+def _pending_requests(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", keys: pa.Table, endpoint: str
+                      ) -> dict[str, tuple[Any, Any]]:
+    """Request key digest -> (request, parameters) of the pending rows (one entry per distinct request)."""
+    sql, _, has_params = _call_parts(spec)
+    out: dict[str, tuple[Any, Any]] = {}
+    names = list(spec.key)
+    step = max(spec.chunk_rows, 10_000)
+    for offset in range(0, keys.num_rows, step):
+        rows = rows_of_keys(spark, input_df, keys.slice(offset, step), names).toArrow()
+        spark.createDataFrame(rows, schema=input_df.schema).createOrReplaceTempView(spec.driving_view)
+        df = spark_udfs.sql(spark, sql)
+        column = next(f.name for f in df.schema.fields if f.dataType.simpleString().startswith("struct<request:"))
+        for item in df.select(column).toArrow().column(0).to_pylist():
+            request, params = item["request"], item["params"] if has_params else None
+            if request is None:
+                continue
+            out.setdefault(request_key(endpoint, request, params, None).digest, (request, params))
+    return out
+
+
+def _online_rate(spec: JobSpec) -> float:
+    configured = (spec.batch_api or {}).get("online_rows_per_s")
+    if configured:
+        return float(configured)
+    for run in reversed(read_runs(spec)):
+        if run.get("status") == "finished" and run.get("rows") and run.get("seconds"):
+            return float(run["rows"]) / float(run["seconds"])
+    return _DEFAULT_ONLINE_ROWS_PER_S
+
+
+def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", keys: pa.Table, started: float) -> BatchPhase:
+    """Send the pending rows as provider batches, wait (up to the deadline), journal the answers."""
+    options = spec.batch_api or {}
+    phase = BatchPhase()
+    _, endpoint, _ = _call_parts(spec)
+    entity = spark_udfs._state(spark).registry.get(endpoint).entity  # noqa: SLF001 - same project
+    client = ProviderBatches(entity, max_requests=options.get("max_requests"))
+    task = entity.external_model.task  # type: ignore[union-attr]
+    state = _load_state(spec)
+    journal_root = Path(spec.state_path) / "journal"
+
+    carried = {d for b in state["batches"].values() for d, _ in b["lines"].values()}
+    journaled = set()
+    for directory in journal_root.glob("*") if journal_root.is_dir() else ():
+        for path in directory.glob("*.jsonl"):
+            journaled.update(read_entries(path))
+    requests = _pending_requests(spark, spec, input_df, keys, endpoint)
+    spark.table(_INPUT_ALIAS).createOrReplaceTempView(spec.driving_view)
+    new = {d: r for d, r in requests.items() if d not in carried and d not in journaled}
+    phase.resumed = sum(1 for b in state["batches"].values() if not b["collected"])
+
+    digests = list(new)
+    lines = client.lines(task, [new[d][0] for d in digests], [new[d][1] for d in digests],
+                         [prompt_text_of(new[d][0]) for d in digests]) if digests else []
+    for part_lines, part_digests in _parts(client.split(lines), digests):
+        batch_id = client.submit(part_lines, options.get("completion_window", "24h"))
+        state["batches"][batch_id] = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
+                                      "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
+        _save_state(spec, state)
+        phase.submitted += 1
+        phase.lines += len(part_lines)
+        log.info("job %s: batch %s submitted (%d requests)", spec.name, batch_id, len(part_lines))
+
+    deadline_s = options.get("deadline_s")
+    poll = float(options.get("poll_s", 2.0))
+    rate = _online_rate(spec)
+    while True:
+        open_ids = [bid for bid, b in state["batches"].items() if not b["collected"]]
+        if not open_ids:
+            break
+        unanswered = 0
+        for bid in open_ids:
+            seen = client.poll(bid)
+            if seen.ended:
+                _collect(client, spec, state, bid, seen.status, journal_root, phase)
+            else:
+                unanswered += seen.total - seen.done
+        if all(state["batches"][bid]["collected"] for bid in open_ids):
+            continue
+        if deadline_s is not None:
+            left = deadline_s - (time.monotonic() - started) - unanswered / rate
+            if left <= 0:
+                for bid in open_ids:
+                    if not state["batches"][bid]["collected"]:
+                        client.cancel(bid)
+                        phase.cancelled += 1
+                        log.info("job %s: batch %s cancelled at the deadline; its unfinished rows go online", spec.name, bid)
+                poll = 0.05
+                deadline_s = None  # cancelled: wait for the batches to end, then collect what they did
+                continue
+            time.sleep(max(0.01, min(poll, left)))
+        else:
+            time.sleep(poll)
+        poll = min(poll * 1.5, float(options.get("max_poll_s", 60.0)))
+    phase.batch_ids = list(state["batches"])
+    return phase
+
+
+def _parts(batches: list[list[BatchLine]], digests: list[str]) -> list[tuple[list[BatchLine], list[str]]]:
+    out, at = [], 0
+    for lines in batches:
+        out.append((lines, digests[at:at + len(lines)]))
+        at += len(lines)
+    return out
+
+
+def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batch_id: str, status: str,
+             journal_root: Path, phase: BatchPhase) -> None:
+    """Journal an ended batch's answers (each under its request key), then mark it collected."""
+    record = state["batches"][batch_id]
+    lines = {cid: BatchLine(cid, client.entity.external_model.task, {}, text)  # type: ignore[union-attr]
+             for cid, (_, text) in record["lines"].items()}
+    results = client.results(batch_id, lines)
+    journal = ResponseJournal(str(journal_root / f"batch-{batch_id}"))
+    pricing = client.entity.pricing
+    latency_ms = (time.time() - record["submitted_at"]) * 1000.0
+    for cid, answer in results.items():
+        if isinstance(answer, Exception):
+            phase.failed_lines += 1
+            continue
+        usage = answer.usage
+        journal.record(record["lines"][cid][0], CallResult(
+            0, record["endpoint"], "ok", value=answer.value, model=answer.model or client.entity.external_model.name,  # type: ignore[union-attr]
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
+            usage_estimated=usage.estimated, cost_usd=pricing.batch_cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
+            latency_ms=latency_ms, attempts=1, request_id=answer.request_id, finish_reason=answer.finish_reason))
+        phase.answered += 1
+    record["collected"], record["status"] = True, status
+    _save_state(spec, state)
+    log.info("job %s: batch %s %s, %d answers journaled", spec.name, batch_id, status, len(results))
+
+
+def batch_ids_by_request(spec: JobSpec) -> dict[str, str]:
+    """Request id -> batch id of every journaled batch answer (for ``aiq_batch_id``)."""
+    out: dict[str, str] = {}
+    root = Path(spec.state_path) / "journal"
+    for directory in root.glob("batch-*") if root.is_dir() else ():
+        batch_id = directory.name.removeprefix("batch-")
+        for path in directory.glob("*.jsonl"):
+            for entry in read_entries(path).values():
+                if entry["result"].get("request_id"):
+                    out[entry["result"]["request_id"]] = batch_id
+    return out
+
+
+def with_batch_ids(result: pa.Table, by_request: dict[str, str]) -> pa.Table:
+    """``result`` with ``aiq_batch_id``: the provider batch that answered the row (null: answered online)."""
+    ids = [by_request.get(rid) if rid else None for rid in result.column("aiq_request_id").to_pylist()]
+    return result.append_column("aiq_batch_id", pa.array(ids, pa.string()))
+
+
+def forget_batches(spec: JobSpec) -> None:
+    """Every pending row is committed: the recorded batches are done with."""
+    _state_file(spec).unlink(missing_ok=True)
+
+
+__all__ = ["BatchPhase", "batch_ids_by_request", "forget_batches", "run_batch_phase", "with_batch_ids"]
