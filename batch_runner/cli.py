@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from ai_query import Command, ConfigError
 
@@ -72,6 +72,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batch_runner._spec import JobSpec
 
     specs = [JobSpec.load(p) for p in args.jobs]  # validate every spec before starting anything
+    if args.batch_api or args.deadline is not None:
+        specs = [_with_batch_api(spec, args) for spec in specs]
     for spec in specs:
         if (args.retry_failed or args.limit is not None) and not spec.incremental:
             raise ConfigError(f"{spec.source_file}: --retry-failed and --limit need an incremental job: "
@@ -105,6 +107,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if spark is not None:
             spark.stop()  # type: ignore[attr-defined]
     return worst
+
+
+def _with_batch_api(spec: Any, args: argparse.Namespace) -> Any:
+    """``--batch-api`` / ``--deadline``: the spec's ``[batch_api]``, added or with this deadline."""
+    from batch_runner._spec import batch_api_options
+
+    if not spec.incremental:
+        raise ConfigError(f"{spec.source_file}: --batch-api needs an incremental job: set key = [...] and output.mode = \"merge\"")
+    raw = {k: v for k, v in (spec.batch_api or {}).items() if k != "deadline_s"}
+    deadline = args.deadline if args.deadline is not None else (spec.batch_api or {}).get("deadline_s")
+    if deadline is not None:
+        raw["deadline"] = deadline
+    return spec.replace(batch_api=batch_api_options(raw, "--deadline"))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -179,6 +194,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--retry-failed", action="store_true", help="also process rows whose status is error (incremental jobs)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N pending rows in this run (incremental jobs)")
+    parser.add_argument("--batch-api", action="store_true",
+                        help="send pending rows as provider batches (half price; as [batch_api] in the spec)")
+    parser.add_argument("--deadline", metavar="DURATION",
+                        help="with --batch-api: rows the batches have not answered by then (e.g. 6h) go online")
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:

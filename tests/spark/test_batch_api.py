@@ -70,3 +70,85 @@ def test_batch_mode_job_every_key_once_usage_equals_served_cost_at_batch_rate(tm
         assert rows[7]["answer"] == f"echo: Review 7 of {rows[7]['product']}: {rows[7]['review']}"[: len(rows[7]["answer"])]
         assert report.batch_phase.submitted == 1 and report.batch_phase.answered == ROWS
         assert not (tmp_path / "out.aiq" / "batches.json").exists()  # forgotten once every row is committed
+
+
+@pytest.mark.spark
+def test_killed_while_batches_in_progress_resumes_polling_without_resubmitting(tmp_path, spark):
+    """A real ``ai-query run`` is SIGKILLed while its batch is in progress; the next run polls the
+    recorded batch. Mutation caught: not reading ``batches.json`` on resume (batches_created == 2)."""
+    rows = 300
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 8.0}) as sim:
+        job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_poll_s = 0.2')
+        proc = start_run(job)
+        state = tmp_path / "out.aiq" / "batches.json"
+        give_up = time.monotonic() + 300
+        while not state.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < give_up, "the run never submitted a batch"
+            time.sleep(0.02)
+        (batch_id,) = json.loads(state.read_text())["batches"]
+        assert sim.batches.batches[batch_id].status in ("validating", "in_progress")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+        assert sim.snapshot()["batches_created"] == 1
+        assert sim.batches._advance(sim.batches.batches[batch_id], time.monotonic()) in ("validating", "in_progress")
+
+        report = run_incremental(JobSpec.load(job), spark, progress=False)
+        served = sim.snapshot()
+        assert served["batches_created"] == 1, "the resumed run submitted its rows again"
+        assert report.batch_phase.resumed == 1 and report.batch_phase.submitted == 0
+        assert served["requests"] == 0
+        table, usage = _tables(tmp_path)
+        assert sorted(table.column("review_id").to_pylist()) == list(range(1, rows + 1))
+        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        assert set(table.column("aiq_batch_id").to_pylist()) == {batch_id}
+        assert usage.num_rows == rows and pc.sum(usage.column("input_token_count")).as_py() == served["batch_prompt_tokens"]
+
+
+@pytest.mark.spark
+def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
+    """The batch would take 120 s; the deadline is 3 s: the batch is cancelled, the lines it did
+    are kept, the rest go online, the job ends with every row ok. Mutations caught: no cancel at
+    the deadline (the run waits for the batch: batches_cancelled == 0); lines finished before the
+    cancel not collected (online requests == rows)."""
+    rows = 200
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 120.0}) as sim:
+        job = _job(tmp_path, sim, rows, 'deadline = "3s"\nonline_rows_per_s = 100000\npoll_s = 0.05\nmax_poll_s = 0.2')
+        report = run_incremental(JobSpec.load(job), spark, progress=False)
+        served = sim.snapshot()
+        table, usage = _tables(tmp_path)
+        assert sorted(table.column("review_id").to_pylist()) == list(range(1, rows + 1))
+        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        assert served["batches_created"] == 1 and served["batches_cancelled"] == 1 and report.batch_phase.cancelled == 1
+        in_batch = rows - table.column("aiq_batch_id").null_count
+        assert in_batch == served["batch_lines_ok"] == report.batch_phase.answered
+        assert served["requests"] == rows - in_batch  # exactly the rows the batch did not finish went online
+        assert usage.num_rows == rows
+        assert pc.sum(usage.column("input_token_count")).as_py() == served["batch_prompt_tokens"] + served["prompt_tokens"]
+        assert report.pending_after == 0
+
+
+@pytest.mark.spark
+def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark):
+    """A seeded 15 % of batch lines fail (500 in the error file); the rows are split into 3 batches
+    (max_requests = 70). Only the failed lines go online, at the online price. Mutations caught:
+    error lines journaled as answers (rows with status error); every line of a batch with an error
+    sent again (online requests > failed lines); split ignoring max_requests (batches_created == 1)."""
+    rows = 200
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.3, "error_rate": 0.15}) as sim:
+        job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_requests = 70')
+        report = run_incremental(JobSpec.load(job), spark, progress=False)
+        served = sim.snapshot()
+        table, _ = _tables(tmp_path)
+        failed_lines = served["batch_lines"] - served["batch_lines_ok"]
+        assert served["batches_created"] == 3 and served["batch_lines"] == rows
+        assert failed_lines > 0 and report.batch_phase.failed_lines == failed_lines
+        assert served["requests"] == failed_lines
+        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        online = table.filter(pc.is_null(table.column("aiq_batch_id")))
+        batched = table.filter(pc.is_valid(table.column("aiq_batch_id")))
+        assert online.num_rows == failed_lines
+        assert pc.sum(online.column("aiq_cost_usd")).as_py() == pytest.approx(_expected_cost(online, batch_rate=False))
+        assert pc.sum(batched.column("aiq_cost_usd")).as_py() == pytest.approx(_expected_cost(batched, batch_rate=True))
