@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import spark_udfs
+from ai_query.backends import provider_of
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
 from ._job_input import _INPUT_ALIAS, open_job, pending_keys, request_query, rows_of_keys
 from ._job_state import journal_dirs
 from ._runner import flatten_audit
-from ._spec import JobSpec
+from ._spec import JobSpec, duration_s
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -54,6 +55,10 @@ class EndpointPlan:
     pilot_rows: int = 0
     pilot_calibration: float | None = None
     """Tokens the endpoint reported for the pilot rows over the estimate for them."""
+    batch_cost_usd: float | None = None
+    """The same rows through the provider's batch API (the batch rate); ``None``: no batch API or no prices."""
+    batch_seconds: float | None = None
+    """When batch mode is done at the latest: the ``[batch_api]`` deadline, else the completion window."""
 
 
 @dataclass
@@ -94,6 +99,10 @@ class JobPlan:
             secs = "?" if e.seconds is None else _duration(e.seconds)
             lines.append(f"  {e.endpoint:<20}{e.rows:>8}{e.input_tokens:>12}{out:>12}{cost:>11}{secs:>9}")
             lines.append(f"    input: {e.input_tokens_method}; output: {e.output_tokens_method}")
+            if e.batch_seconds is not None:
+                bcost = "?" if e.batch_cost_usd is None else f"{e.batch_cost_usd:.4f} USD"
+                lines.append(f"    online: {cost} USD, done in ~{secs}; batch API ([batch_api] or run --batch-api): {bcost}, "
+                             f"done within {_duration(e.batch_seconds)}")
         if not self.endpoints:
             lines.append("  (nothing to do)")
         return "\n".join(lines)
@@ -214,8 +223,14 @@ def plan_job(spec: JobSpec, spark: "SparkSession", *, pilot: bool = True, retry_
             seconds = keys.num_rows * latency_s / concurrency + plan.chunks * _CHUNK_OVERHEAD_S
     if config is not None and config.entity.pricing is not None and output_tokens is not None:
         cost = config.entity.pricing.cost(input_tokens, output_tokens)
+    batch_cost = batch_seconds = None
+    if config is not None and provider_of(config.entity) is not None:
+        options = spec.batch_api or {}
+        batch_seconds = options.get("deadline_s") or duration_s(options.get("completion_window", "24h"), "batch_api.completion_window")
+        if config.entity.pricing is not None and output_tokens is not None:
+            batch_cost = config.entity.pricing.batch_cost(input_tokens, output_tokens)
     plan.endpoints.append(EndpointPlan(endpoint, keys.num_rows, chars, input_tokens, method, output_tokens, output_method,
-                                       cost, seconds, pilot_n, calibration))
+                                       cost, seconds, pilot_n, calibration, batch_cost, batch_seconds))
     return plan
 
 

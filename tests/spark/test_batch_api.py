@@ -152,3 +152,18 @@ def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark):
         assert online.num_rows == failed_lines
         assert pc.sum(online.column("aiq_cost_usd")).as_py() == pytest.approx(_expected_cost(online, batch_rate=False))
         assert pc.sum(batched.column("aiq_cost_usd")).as_py() == pytest.approx(_expected_cost(batched, batch_rate=True))
+
+
+@pytest.mark.spark
+def test_plan_shows_online_and_batch_cost_and_finish(tmp_path, spark):
+    """Mutation caught: the plan pricing batch mode at the online rate (ratio 1), or ignoring the deadline."""
+    from batch_runner._plan import plan_job
+
+    with ProviderSimulator(api_key="sk-sim") as sim:
+        job = _job(tmp_path, sim, 60, 'deadline = "6h"')
+        plan = plan_job(JobSpec.load(job), spark)
+        (e,) = plan.endpoints
+        assert e.cost_usd and e.batch_cost_usd == pytest.approx(e.cost_usd / 2)
+        assert e.batch_seconds == 6 * 3600 and e.seconds is not None
+        text = plan.render()
+        assert f"{e.batch_cost_usd:.4f} USD, done within 6.0 h" in text
