@@ -1,0 +1,30 @@
+"""``[batch_api]`` in a job spec and the batch rate of ``Pricing``."""
+
+from __future__ import annotations
+
+import pytest
+
+from ai_query import ConfigError
+from ai_query.config import Pricing
+from batch_runner._spec import batch_api_options, duration_s
+
+
+def test_batch_api_options_read_durations_and_refuse_unknown_keys():
+    assert batch_api_options({"deadline": "6h"}) == {"completion_window": "24h", "deadline_s": 21600.0}
+    assert duration_s("90m", "x") == 5400 and duration_s(30, "x") == 30 and duration_s("1d", "x") == 86400
+    with pytest.raises(ConfigError, match=r"batch_api\] has unknown key\(s\) deadlin; allowed are"):
+        batch_api_options({"deadlin": "6h"})
+    with pytest.raises(ConfigError, match=r"batch_api.deadline must be a duration such as \"6h\".*got 'soon'"):
+        batch_api_options({"deadline": "soon"})
+    with pytest.raises(ConfigError, match="batch_api.max_requests must be a whole number >= 1, got 0"):
+        batch_api_options({"max_requests": 0})
+
+
+def test_batch_rate_defaults_to_half_and_can_be_set():
+    """Mutation caught: the batch cost using the online rate."""
+    online = Pricing.from_dict({"input_usd_per_million_tokens": 2.0, "output_usd_per_million_tokens": 8.0}, "p")
+    assert online.batch_cost(1_000_000, 1_000_000) == pytest.approx(online.cost(1_000_000, 1_000_000) / 2)
+    assert "batch_input_usd_per_million_tokens" not in online.to_dict()
+    own = Pricing.from_dict({"input_usd_per_million_tokens": 2.0, "output_usd_per_million_tokens": 8.0,
+                             "batch_input_usd_per_million_tokens": 1.5, "batch_output_usd_per_million_tokens": 4.0}, "p")
+    assert own.batch_cost(1_000_000, 1_000_000) == pytest.approx(5.5)
