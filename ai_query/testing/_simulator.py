@@ -7,7 +7,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``GET /v1/models``
 (OpenAI); ``POST /v1/messages`` (Anthropic); ``POST /serving-endpoints/{name}/invocations``
-(Databricks-style serving endpoints); ``GET /_sim/stats`` and ``POST /_sim/reset`` (counters, for
+(Databricks-style serving endpoints); the OpenAI Batch API and Anthropic Message Batches
+(``_batch_apis``, knobs in ``batch_api``); ``GET /_sim/stats`` and ``POST /_sim/reset`` (counters, for
 another process).
 
 **Answers are deterministic.** A generative answer is ``"echo: " + prompt`` (directives removed),
