@@ -304,27 +304,35 @@ class BatchAPIs:
                 "errors": {"object": "list", "data": b.failed} if b.failed else None}
 
     async def _openai_get(self, request: web.Request) -> web.Response:
-        refused = self._refuse(OPENAI, request)
-        if refused:
-            return refused
-        b = self.batches.get(request.match_info["id"])
-        if b is None or b.kind != "openai":
-            return self._json(OPENAI.error(404, f"No such batch: {request.match_info['id']}"), 404)
-        return self._json(self._openai_view(b))
+        b = self._batch(request, OPENAI)
+        return b if isinstance(b, web.Response) else self._json(self._openai_view(b))
 
     async def _openai_cancel(self, request: web.Request) -> web.Response:
-        refused = self._refuse(OPENAI, request)
+        b = self._batch(request, OPENAI)
+        if isinstance(b, web.Response):
+            return b
+        if self._cancel(b):
+            b.meta["report_cancelling"] = True
+            self._advance(b, time.monotonic())
+        return self._json(self._openai_view(b))
+
+    def _batch(self, request: web.Request, fmt: WireFormat) -> _Batch | web.Response:
+        """The batch the route names (of this provider), or the refusal to send."""
+        refused = self._refuse(fmt, request)
         if refused:
             return refused
         b = self.batches.get(request.match_info["id"])
-        if b is None or b.kind != "openai":
-            return self._json(OPENAI.error(404, f"No such batch: {request.match_info['id']}"), 404)
-        if self._advance(b, time.monotonic()) not in _ENDED:
-            b.cancelled_at = time.monotonic()
-            b.meta["report_cancelling"] = True
-            self.counters["batches_cancelled"] += 1
-            self._advance(b, b.cancelled_at)
-        return self._json(self._openai_view(b))
+        if b is None or b.kind != fmt.name:
+            return self._json(fmt.error(404, f"No such batch: {request.match_info['id']}"), 404)
+        return b
+
+    def _cancel(self, b: _Batch) -> bool:
+        """Cancel ``b`` if it has not ended (it keeps the lines done by now)."""
+        if self._advance(b, time.monotonic()) in _ENDED:
+            return False
+        b.cancelled_at = time.monotonic()
+        self.counters["batches_cancelled"] += 1
+        return True
 
     # -- Anthropic ------------------------------------------------------------------------
     async def _anthropic_create(self, request: web.Request) -> web.Response:
@@ -365,30 +373,19 @@ class BatchAPIs:
                                    "expired": unfinished if status == "expired" else 0},
                 "results_url": f"{request.url.origin()}/v1/messages/batches/{b.id}/results" if ended else None}
 
-    def _anthropic_batch(self, request: web.Request) -> _Batch | web.Response:
-        refused = self._refuse(ANTHROPIC, request)
-        if refused:
-            return refused
-        b = self.batches.get(request.match_info["id"])
-        if b is None or b.kind != "anthropic":
-            return self._json(ANTHROPIC.error(404, f"message batch {request.match_info['id']} not found"), 404)
-        return b
-
     async def _anthropic_get(self, request: web.Request) -> web.Response:
-        b = self._anthropic_batch(request)
+        b = self._batch(request, ANTHROPIC)
         return b if isinstance(b, web.Response) else self._json(self._anthropic_view(b, request))
 
     async def _anthropic_cancel(self, request: web.Request) -> web.Response:
-        b = self._anthropic_batch(request)
+        b = self._batch(request, ANTHROPIC)
         if isinstance(b, web.Response):
             return b
-        if self._advance(b, time.monotonic()) not in _ENDED:
-            b.cancelled_at = time.monotonic()
-            self.counters["batches_cancelled"] += 1
+        self._cancel(b)
         return self._json(self._anthropic_view(b, request))
 
     async def _anthropic_results(self, request: web.Request) -> web.Response:
-        b = self._anthropic_batch(request)
+        b = self._batch(request, ANTHROPIC)
         if isinstance(b, web.Response):
             return b
         if self._advance(b, time.monotonic()) not in _ENDED:

@@ -38,6 +38,16 @@ def _tables(tmp_path):
     return table, usage
 
 
+def _run_all_ok(tmp_path, spark, sim, job, rows):
+    """Run the job in this process; every key once and ``ok``. Returns (report, served, table, usage)."""
+    report = run_incremental(JobSpec.load(job), spark, progress=False)
+    served = sim.snapshot()
+    table, usage = _tables(tmp_path)
+    assert sorted(table.column("review_id").to_pylist()) == list(range(1, rows + 1))
+    assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+    return report, served, table, usage
+
+
 def _expected_cost(table, batch_rate: bool) -> float:
     factor = 0.5 if batch_rate else 1.0
     return sum((r["aiq_prompt_tokens"] * PRICES["input_usd_per_million_tokens"]
@@ -52,11 +62,7 @@ def test_batch_mode_job_every_key_once_usage_equals_served_cost_at_batch_rate(tm
     batch for requests a recorded batch carries (batches_created > 1); ``aiq_batch_id`` left null."""
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.5}) as sim:
         job = _job(tmp_path, sim, ROWS, 'poll_s = 0.05')
-        report = run_incremental(JobSpec.load(job), spark, progress=False)
-        served = sim.snapshot()
-        table, usage = _tables(tmp_path)
-        assert sorted(table.column("review_id").to_pylist()) == list(range(1, ROWS + 1))
-        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        report, served, table, usage = _run_all_ok(tmp_path, spark, sim, job, ROWS)
         assert served["requests"] == 0, "rows went online although the batch answered them"
         assert served["batches_created"] == 1 and served["batch_lines"] == ROWS
         assert usage.num_rows == ROWS
@@ -95,14 +101,10 @@ def test_killed_while_batches_in_progress_resumes_polling_without_resubmitting(t
         assert sim.snapshot()["batches_created"] == 1
         assert sim.batches._advance(sim.batches.batches[batch_id], time.monotonic()) in ("validating", "in_progress")
 
-        report = run_incremental(JobSpec.load(job), spark, progress=False)
-        served = sim.snapshot()
+        report, served, table, usage = _run_all_ok(tmp_path, spark, sim, job, rows)
         assert served["batches_created"] == 1, "the resumed run submitted its rows again"
         assert report.batch_phase.resumed == 1 and report.batch_phase.submitted == 0
         assert served["requests"] == 0
-        table, usage = _tables(tmp_path)
-        assert sorted(table.column("review_id").to_pylist()) == list(range(1, rows + 1))
-        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
         assert set(table.column("aiq_batch_id").to_pylist()) == {batch_id}
         assert usage.num_rows == rows and pc.sum(usage.column("input_token_count")).as_py() == served["batch_prompt_tokens"]
 
@@ -116,11 +118,7 @@ def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
     rows = 200
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 120.0}) as sim:
         job = _job(tmp_path, sim, rows, 'deadline = "3s"\nonline_rows_per_s = 100000\npoll_s = 0.05\nmax_poll_s = 0.2')
-        report = run_incremental(JobSpec.load(job), spark, progress=False)
-        served = sim.snapshot()
-        table, usage = _tables(tmp_path)
-        assert sorted(table.column("review_id").to_pylist()) == list(range(1, rows + 1))
-        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
+        report, served, table, usage = _run_all_ok(tmp_path, spark, sim, job, rows)
         assert served["batches_created"] == 1 and served["batches_cancelled"] == 1 and report.batch_phase.cancelled == 1
         in_batch = rows - table.column("aiq_batch_id").null_count
         assert in_batch == served["batch_lines_ok"] == report.batch_phase.answered
@@ -139,14 +137,11 @@ def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark):
     rows = 200
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.3, "error_rate": 0.15}) as sim:
         job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_requests = 70')
-        report = run_incremental(JobSpec.load(job), spark, progress=False)
-        served = sim.snapshot()
-        table, _ = _tables(tmp_path)
+        report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
         failed_lines = served["batch_lines"] - served["batch_lines_ok"]
         assert served["batches_created"] == 3 and served["batch_lines"] == rows
         assert failed_lines > 0 and report.batch_phase.failed_lines == failed_lines
         assert served["requests"] == failed_lines
-        assert set(table.column("aiq_status").to_pylist()) == {"ok"}
         online = table.filter(pc.is_null(table.column("aiq_batch_id")))
         batched = table.filter(pc.is_valid(table.column("aiq_batch_id")))
         assert online.num_rows == failed_lines
