@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .._errors import AIQueryError, ConfigError, EndpointError
+from .._errors import AIQueryError, ConfigError, EndpointError, RetryableEndpointError
 from .._schemas import ModelParameters, ModelResponse
 from ..config import ServedEntity
-from ..transport import Request, request_blocking
+from ..transport import Request, TransportError, request_blocking
 from ._http_common import raise_for_status
 from ._registry import backend_for
 
@@ -70,7 +71,7 @@ class ProviderBatches:
     """The batch API of one served entity (OpenAI or Anthropic ``external_model``)."""
 
     def __init__(self, entity: ServedEntity, *, max_requests: int | None = None, max_bytes: int | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, attempts: int = 5) -> None:
         provider = provider_of(entity)
         if provider is None:
             raise ConfigError(
@@ -84,6 +85,7 @@ class ProviderBatches:
         self.max_requests = min(max_requests or limit_requests, limit_requests)
         self.max_bytes = min(max_bytes or limit_bytes, limit_bytes)
         self.timeout_s = timeout_s
+        self.attempts = attempts
         self._headers: dict[str, str] = {}
         self._base = ""
 
@@ -142,10 +144,19 @@ class ProviderBatches:
             if content_type:
                 headers["content-type"] = content_type
             request = Request(method, url, headers=headers, content=content or b"", timeout=self.timeout_s)
-        response = request_blocking(request)
-        raise_for_status(response.status_code, response.headers, response.content,
-                         f"the {self.provider} batch API of served entity {self.entity.name!r} ({method} {url})")
-        return response.content
+        where = f"the {self.provider} batch API of served entity {self.entity.name!r} ({method} {url})"
+        for attempt in range(1, self.attempts + 1):  # a poll or upload hit by a 429 / 5xx / reset is tried again
+            try:
+                response = request_blocking(request)
+                raise_for_status(response.status_code, response.headers, response.content, where)
+                return response.content
+            except (RetryableEndpointError, TransportError) as exc:
+                # a lost answer to a POST may hide a batch the provider created: not sent twice
+                if attempt == self.attempts or (isinstance(exc, TransportError) and method != "GET"):
+                    raise
+                wait = getattr(exc, "retry_after", None)
+                time.sleep(min(30.0, wait if wait is not None else 0.5 * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")
 
     def _prime(self) -> None:
         self.lines("llm/v1/chat", ["x"], [None], ["x"])

@@ -20,6 +20,8 @@ answer. A line whose body the online route would refuse is an error line (400, t
 a line with ``[[status:N]]`` fails with N, and ``error_rate`` fails a seeded share of lines with
 500: these go to the error file (OpenAI) or ``errored`` results (Anthropic).
 
+**Busy** (``busy_polls``): the first N reads of a batch answer 429 with ``Retry-After: 0``.
+
 **Enqueued-token quota** (``enqueued_token_limit``): a batch's tokens (prompt + ``max_tokens`` per
 line) count while it is not ended; a batch that would exceed the limit fails at creation (OpenAI:
 ``status: failed`` with ``errors``; Anthropic: 429), as the providers' batch quotas do.
@@ -78,7 +80,7 @@ class BatchAPIs:
     """The batch routes of one :class:`ProviderSimulator` (see the module docstring)."""
 
     def __init__(self, sim: "ProviderSimulator", *, delay_s: float = 0.5, expire_s: float | None = None,
-                 error_rate: float = 0.0, enqueued_token_limit: int | None = None) -> None:
+                 error_rate: float = 0.0, enqueued_token_limit: int | None = None, busy_polls: int = 0) -> None:
         if not (isinstance(delay_s, (int, float)) and delay_s >= 0):
             raise ValueError(f"batch_api delay_s={delay_s!r} must be seconds >= 0 (e.g. 0.5 in tests)")
         if expire_s is not None and not (isinstance(expire_s, (int, float)) and expire_s > 0):
@@ -92,6 +94,8 @@ class BatchAPIs:
         self.expire_s = expire_s
         self.error_rate = float(error_rate)
         self.enqueued_token_limit = enqueued_token_limit
+        self.busy_polls = busy_polls
+        """The first this many batch reads answer 429 (``Retry-After: 0``), as a busy provider does."""
         self._rng = random.Random(f"batch/{sim.seed}")
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, _Batch] = {}
@@ -100,7 +104,7 @@ class BatchAPIs:
 
     def config(self) -> dict[str, Any]:
         return {"delay_s": self.delay_s, "expire_s": self.expire_s, "error_rate": self.error_rate,
-                "enqueued_token_limit": self.enqueued_token_limit}
+                "enqueued_token_limit": self.enqueued_token_limit, "busy_polls": self.busy_polls}
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/files", self._upload)
@@ -321,6 +325,11 @@ class BatchAPIs:
         refused = self._refuse(fmt, request)
         if refused:
             return refused
+        if self.busy_polls > 0:
+            self.busy_polls -= 1
+            self.counters["busy_polls_refused"] = self.counters.get("busy_polls_refused", 0) + 1
+            return web.Response(body=dumps(fmt.error(429, "Too many requests to the batch API; retry shortly.")), status=429,
+                                headers={"retry-after": "0"}, content_type="application/json")
         b = self.batches.get(request.match_info["id"])
         if b is None or b.kind != fmt.name:
             return self._json(fmt.error(404, f"No such batch: {request.match_info['id']}"), 404)

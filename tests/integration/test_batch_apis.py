@@ -95,3 +95,12 @@ def test_expired_batch_and_enqueued_token_quota():
         assert client.results(first, {ln.custom_id: ln for ln in lines}) == {}
         third = client.submit(client.lines("llm/v1/chat", ["x"], [{"max_tokens": 5}], ["x"]))  # expired: no longer enqueued
         assert client.poll(third).status != "failed"
+
+
+def test_a_poll_hit_by_a_rate_limit_is_tried_again():
+    """Mutation caught: no retry in the batch client (the 429 reaches the job)."""
+    with ProviderSimulator(api_key=KEY, batch_api={"delay_s": 0.0, "busy_polls": 2}) as sim:
+        client = _client(sim, "openai")
+        batch_id = client.submit(client.lines("llm/v1/chat", ["hi"], [None], ["hi"]))
+        assert client.poll(batch_id).ended
+        assert sim.snapshot()["busy_polls_refused"] == 2
