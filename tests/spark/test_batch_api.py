@@ -25,8 +25,15 @@ ROWS = 2000
 PRICES = {"input_usd_per_million_tokens": 0.5, "output_usd_per_million_tokens": 1.5}
 
 
-def _job(tmp_path, sim, rows, batch: str, chunk: int = 500) -> str:
+def _job(tmp_path, sim, rows, batch: str, chunk: int = 500, provider: str = "openai") -> str:
     job = write_job(tmp_path, sim, rows=rows, chunk=chunk)
+    if provider == "anthropic":
+        endpoints = json.loads((tmp_path / "endpoints.json").read_text())
+        model = endpoints["config"]["served_entities"][0]["external_model"]
+        model["provider"] = "anthropic"
+        del model["openai_config"]
+        model["anthropic_config"] = {"anthropic_api_key": "{{secrets/sim/key}}", "anthropic_api_base": sim.url}
+        (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
     with open(job, "a") as fh:
         fh.write("\n[batch_api]\n" + batch + "\n")
     return job
@@ -129,14 +136,15 @@ def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
 
 
 @pytest.mark.spark
-def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark):
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark, provider):
     """A seeded 15 % of batch lines fail (500 in the error file); the rows are split into 3 batches
     (max_requests = 70). Only the failed lines go online, at the online price. Mutations caught:
     error lines journaled as answers (rows with status error); every line of a batch with an error
     sent again (online requests > failed lines); split ignoring max_requests (batches_created == 1)."""
     rows = 200
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.3, "error_rate": 0.15}) as sim:
-        job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_requests = 70')
+        job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_requests = 70', provider=provider)
         report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
         failed_lines = served["batch_lines"] - served["batch_lines_ok"]
         assert served["batches_created"] == 3 and served["batch_lines"] == rows
