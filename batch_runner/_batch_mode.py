@@ -19,7 +19,8 @@ batch's results are committed once. The state is dropped when the job has no pen
 
 **Deadline routing.** With ``deadline``, the poll loop stops waiting at ``deadline - reserve``,
 where ``reserve`` is the time the rows still unanswered would take online (their count over
-``online_rows_per_s``, or the rate of the job's last finished run); it cancels the open batches,
+``online_rows_per_s``, or the rate of the job's last finished online run, else 5 rows/s); the
+deadline counts from the run that submitted the open batches (a resumed run keeps it); it cancels the open batches,
 journals the lines they finished, and the chunks send the rest online. Lines a batch failed
 (an error line) are not journaled either: only they are retried, online.
 """
@@ -133,8 +134,8 @@ def _online_rate(spec: JobSpec) -> float:
     configured = (spec.batch_api or {}).get("online_rows_per_s")
     if configured:
         return float(configured)
-    for run in reversed(read_runs(spec)):
-        if run.get("status") == "finished" and run.get("rows") and run.get("seconds"):
+    for run in reversed(read_runs(spec)):  # the last online run's rate (a batch-mode run's includes its waiting)
+        if run.get("status") == "finished" and run.get("rows") and run.get("seconds") and not run.get("batch_api"):
             return float(run["rows"]) / float(run["seconds"])
     return _DEFAULT_ONLINE_ROWS_PER_S
 
@@ -172,7 +173,14 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         phase.lines += len(part_lines)
         log.info("job %s: batch %s submitted (%d requests)", spec.name, batch_id, len(part_lines))
 
-    deadline_s = options.get("deadline_s")
+    # The deadline counts from the run that first submitted the open batches: a resumed run keeps it.
+    deadline_at = None
+    if options.get("deadline_s") is not None:
+        open_batches = any(not b["collected"] for b in state["batches"].values())
+        deadline_at = state.get("deadline_at") if open_batches and state.get("deadline_at") else \
+            time.time() - (time.monotonic() - started) + options["deadline_s"]
+        state["deadline_at"] = deadline_at
+        _save_state(spec, state)
     poll = float(options.get("poll_s", 2.0))
     rate = _online_rate(spec)
     while True:
@@ -188,8 +196,8 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
                 unanswered += seen.total - seen.done
         if all(state["batches"][bid]["collected"] for bid in open_ids):
             continue
-        if deadline_s is not None:
-            left = deadline_s - (time.monotonic() - started) - unanswered / rate
+        if deadline_at is not None:
+            left = deadline_at - time.time() - unanswered / rate
             if left <= 0:
                 for bid in open_ids:
                     if not state["batches"][bid]["collected"]:
@@ -197,7 +205,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
                         phase.cancelled += 1
                         log.info("job %s: batch %s cancelled at the deadline; its unfinished rows go online", spec.name, bid)
                 poll = 0.05
-                deadline_s = None  # cancelled: wait for the batches to end, then collect what they did
+                deadline_at = None  # cancelled: wait for the batches to end, then collect what they did
                 continue
             time.sleep(max(0.01, min(poll, left)))
         else:

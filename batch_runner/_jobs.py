@@ -121,7 +121,7 @@ def run_incremental(
     report.pending_before = keys.num_rows
     log.info("job %s: %d pending rows (%.1f s)", spec.name, keys.num_rows, time.monotonic() - started)
     log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
-                    "retry_failed": retry_failed, "status": "running"})
+                    "retry_failed": retry_failed, "status": "running", "batch_api": spec.batch_api is not None})
     # batch mode vs online: in batch mode the pending rows' answers are journaled from provider
     # batches first (``_batch_mode``); the chunks below then answer them from the journal.
     batch_ids = None
