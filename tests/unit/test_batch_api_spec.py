@@ -28,3 +28,19 @@ def test_batch_rate_defaults_to_half_and_can_be_set():
     own = Pricing.from_dict({"input_usd_per_million_tokens": 2.0, "output_usd_per_million_tokens": 8.0,
                              "batch_input_usd_per_million_tokens": 1.5, "batch_output_usd_per_million_tokens": 4.0}, "p")
     assert own.batch_cost(1_000_000, 1_000_000) == pytest.approx(5.5)
+
+
+def test_run_batch_api_and_deadline_flags_set_the_spec_option():
+    """Mutation caught: --deadline dropped (the spec's [batch_api] without a deadline)."""
+    import argparse
+
+    from batch_runner._spec import JobSpec
+    from batch_runner.cli import _with_batch_api
+
+    spec = JobSpec(name="j", query="SELECT 1", sources={"a": "b"}, output_path="o", output_mode="merge", key=("k",))
+    assert _with_batch_api(spec, argparse.Namespace(batch_api=True, deadline="90m")).batch_api == \
+        {"completion_window": "24h", "deadline_s": 5400.0}
+    kept = spec.replace(batch_api=batch_api_options({"deadline": "2h", "max_requests": 10}))
+    assert _with_batch_api(kept, argparse.Namespace(batch_api=True, deadline=None)).batch_api["deadline_s"] == 7200.0
+    with pytest.raises(ConfigError, match="--batch-api needs an incremental job"):
+        _with_batch_api(spec.replace(output_mode="overwrite", key=()), argparse.Namespace(batch_api=True, deadline=None))
