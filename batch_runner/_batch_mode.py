@@ -11,7 +11,7 @@ payload rows are made by one code path whichever way an answer came; a batch ans
 in ``aiq_cost_usd`` (the price table's batch rate), its request id (the provider's line id) and
 ``aiq_batch_id``.
 
-**Exactly once, paid once.** Each batch is recorded in ``<state>/batches.json`` the moment the
+**Exactly once, paid once.** Each batch is recorded in ``<state>/batches/<id>.json`` the moment the
 provider has accepted it, with its lines' request keys; a killed job's next run polls the recorded
 batches and submits only requests no recorded batch carries. A batch's answers are journaled once
 it has ended (then it is marked collected); a chunk commit is idempotent as in online jobs, so a
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,21 +69,31 @@ class BatchPhase:
     batch_ids: list[str] = field(default_factory=list)
 
 
-def _state_file(spec: JobSpec) -> Path:
-    return Path(spec.state_path) / "batches.json"
+def _state_dir(spec: JobSpec) -> Path:
+    return Path(spec.state_path) / "batches"
 
 
 def _load_state(spec: JobSpec) -> dict[str, Any]:
-    path = _state_file(spec)
-    return json.loads(path.read_text()) if path.exists() else {"batches": {}}
+    """``{"batches": {id: record}, "deadline_at": ...}`` from one file per batch (a save rewrites one batch only)."""
+    root = _state_dir(spec)
+    state: dict[str, Any] = {"batches": {}}
+    for path in sorted(root.glob("*.json")) if root.is_dir() else ():
+        if path.name == "_deadline.json":
+            state["deadline_at"] = json.loads(path.read_text())["deadline_at"]
+        else:
+            state["batches"][path.stem] = json.loads(path.read_text())
+    return state
 
 
-def _save_state(spec: JobSpec, state: dict[str, Any]) -> None:
-    path = _state_file(spec)
+def _write(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)  # atomic: a kill leaves the old state or the new one
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # atomic: a kill leaves the old record or the new one
+
+
+def _save_batch(spec: JobSpec, batch_id: str, record: dict[str, Any]) -> None:
+    _write(_state_dir(spec) / f"{batch_id}.json", record)
 
 
 def _call_parts(spec: JobSpec) -> tuple[str, str, str | None]:
@@ -168,7 +179,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         batch_id = client.submit(part_lines, options.get("completion_window", "24h"))
         state["batches"][batch_id] = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
                                       "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
-        _save_state(spec, state)
+        _save_batch(spec, batch_id, state["batches"][batch_id])
         phase.submitted += 1
         phase.lines += len(part_lines)
         log.info("job %s: batch %s submitted (%d requests)", spec.name, batch_id, len(part_lines))
@@ -179,8 +190,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         open_batches = any(not b["collected"] for b in state["batches"].values())
         deadline_at = state.get("deadline_at") if open_batches and state.get("deadline_at") else \
             time.time() - (time.monotonic() - started) + options["deadline_s"]
-        state["deadline_at"] = deadline_at
-        _save_state(spec, state)
+        _write(_state_dir(spec) / "_deadline.json", {"deadline_at": deadline_at})
     poll = float(options.get("poll_s", 2.0))
     rate = _online_rate(spec)
     while True:
@@ -245,7 +255,7 @@ def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batc
             latency_ms=latency_ms, attempts=1, request_id=answer.request_id, finish_reason=answer.finish_reason))
         phase.answered += 1
     record["collected"], record["status"] = True, status
-    _save_state(spec, state)
+    _save_batch(spec, batch_id, record)
     log.info("job %s: batch %s %s, %d answers journaled", spec.name, batch_id, status, len(results))
 
 
@@ -270,7 +280,7 @@ def with_batch_ids(result: pa.Table, by_request: dict[str, str]) -> pa.Table:
 
 def forget_batches(spec: JobSpec) -> None:
     """Every pending row is committed: the recorded batches are done with."""
-    _state_file(spec).unlink(missing_ok=True)
+    shutil.rmtree(_state_dir(spec), ignore_errors=True)
 
 
 __all__ = ["BatchPhase", "batch_ids_by_request", "forget_batches", "run_batch_phase", "with_batch_ids"]

@@ -82,24 +82,24 @@ def test_batch_mode_job_every_key_once_usage_equals_served_cost_at_batch_rate(tm
         rows = {r["review_id"]: r for r in table.select(["review_id", "review", "product", "answer"]).to_pylist()}
         assert rows[7]["answer"] == f"echo: Review 7 of {rows[7]['product']}: {rows[7]['review']}"[: len(rows[7]["answer"])]
         assert report.batch_phase.submitted == 1 and report.batch_phase.answered == ROWS
-        assert not (tmp_path / "out.aiq" / "batches.json").exists()  # forgotten once every row is committed
+        assert not (tmp_path / "out.aiq" / "batches").exists()  # forgotten once every row is committed
 
 
 @pytest.mark.spark
 def test_killed_while_batches_in_progress_resumes_polling_without_resubmitting(tmp_path, spark):
     """A real ``ai-query run`` is SIGKILLed while its batch is in progress; the next run polls the
-    recorded batch. Mutation caught: not reading ``batches.json`` on resume (batches_created == 2)."""
+    recorded batch. Mutation caught: not reading ``<state>/batches/`` on resume (batches_created == 2)."""
     rows = 300
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 8.0}) as sim:
         job = _job(tmp_path, sim, rows, 'poll_s = 0.05\nmax_poll_s = 0.2')
         proc = start_run(job)
-        state = tmp_path / "out.aiq" / "batches.json"
+        state = tmp_path / "out.aiq" / "batches"
         give_up = time.monotonic() + 300
-        while not state.exists():
+        while not [p for p in state.glob("batch_*.json")]:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < give_up, "the run never submitted a batch"
             time.sleep(0.02)
-        (batch_id,) = json.loads(state.read_text())["batches"]
+        (batch_id,) = [p.stem for p in state.glob("batch_*.json")]
         assert sim.batches.batches[batch_id].status in ("validating", "in_progress")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
