@@ -24,6 +24,7 @@ the ``ai-query`` runner prints it as one paragraph and exits 2.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,26 +42,40 @@ def check_writable(path: str, what: str, fix: str) -> None:
     """``ConfigError`` unless ``path`` (a local directory, made on first write) can be written.
 
     ``what`` names the path in the message (``output.usage_path``), ``fix`` says what to change.
+    Writability is tried, not read from the mode bits (root passes every ``os.access`` check): a
+    file is created and removed in the directory, or in its nearest existing ancestor, and in a
+    Delta table's ``_delta_log``. Nothing else is made, so a refused job leaves no trace.
     """
     if path.startswith(_REMOTE_SCHEMES):
         return
-    local = Path(path[len("file://"):] if path.startswith("file://") else path)
-    if local.exists():
-        if not local.is_dir():
-            raise ConfigError(f"{what} {path} is a file, not a directory (a Delta table is a directory); {fix}")
-        if not os.access(local, os.W_OK | os.X_OK):
-            raise ConfigError(f"{what} {path} is not writable by this user; {fix}")
-        log = local / "_delta_log"
-        if log.is_dir() and not os.access(log, os.W_OK | os.X_OK):
-            raise ConfigError(f"{what} {path} is a Delta table whose _delta_log is not writable by this user; {fix}")
-        return
-    ancestor = local.absolute()
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{what} {path} cannot be created: {ancestor} is a file, not a directory; {fix}")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path} cannot be created: {ancestor} is not writable by this user; {fix}")
+    local = Path(path[len("file://"):] if path.startswith("file://") else path).absolute()
+    target = local
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if not target.is_dir():
+        where = "is a file" if target == local else f"cannot be created: {target} is a file"
+        raise ConfigError(f"{what} {path} {where}, not a directory (a Delta table is a directory); {fix}")
+    for directory in (target, target / "_delta_log"):
+        if directory.is_dir():
+            problem = _write_problem(directory)
+            if problem:
+                where = "is not writable" if directory == local else (
+                    "is a Delta table whose _delta_log is not writable" if directory.name == "_delta_log"
+                    else f"cannot be created in {directory}")
+                raise ConfigError(f"{what} {path} {where} ({problem}); {fix}")
+
+
+def _write_problem(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (``None``: it can)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".aiq-preflight-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def check_credentials(endpoint: str, entity: ServedEntity) -> None:
