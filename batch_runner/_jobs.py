@@ -84,20 +84,6 @@ def _next_chunk_size(spec: JobSpec, report: JobRunReport) -> int:
     return max(1, size)
 
 
-def _check_budget_pricing(spark: "SparkSession", spec: JobSpec) -> None:
-    if spec.max_cost_usd is None:
-        return
-    _, calls = request_query(spark, spec)
-    registry = spark_udfs._state(spark).registry  # noqa: SLF001 - same project
-    for _, endpoint in calls:
-        if endpoint is not None and endpoint in registry and registry.get(endpoint).entity.pricing is None:
-            raise ConfigError(
-                f"options.max_cost_usd needs prices, but endpoint {endpoint!r} has no pricing: add "
-                "\"pricing\": {\"input_usd_per_million_tokens\": ..., \"output_usd_per_million_tokens\": ...} to its served "
-                "entity, or use options.max_tokens"
-            )
-
-
 def run_incremental(
     spec: JobSpec,
     spark: "SparkSession",
@@ -116,7 +102,6 @@ def run_incremental(
     report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id)
     preflight_job(spec, probe=False)  # `ai-query run` probed the endpoints already
     input_df = open_job(spec, spark)
-    _check_budget_pricing(spark, spec)
     staging = UsageStaging(spec)
     report.recovered_chunks = staging.recover()
 

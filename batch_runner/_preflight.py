@@ -6,6 +6,7 @@ checks). In order, cheapest first:
 
 1. the paths the job writes (output, usage, payloads, state) are writable (``ai_query._preflight``);
 2. every endpoint the query calls is known and its secrets resolve on the driver;
+   (and, with ``options.max_cost_usd``, has prices);
 3. the input has one row per key (read with delta-rs from the key columns only, for a job whose
    input is one Delta source; an ``[input] sql`` job is checked by Spark in ``pending_keys``);
 4. with ``probe``: each endpoint answers its free probe request with our key.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ai_query import ConfigError
+from ai_query import ArgumentError, ConfigError, EndpointRegistry
 from ai_query._preflight import check_writable, preflight_endpoints
 
 from ._spec import JobSpec
@@ -41,9 +42,12 @@ def job_endpoints(spec: JobSpec) -> set[str]:
         if call.name.lower() != "ai_query":
             names.add(tasks[call.name.lower()])
             continue
-        endpoint = bind_arguments(call, SIGNATURE, required=2)["endpoint"].literal
-        if isinstance(endpoint, str):
-            names.add(endpoint)
+        argument = bind_arguments(call, SIGNATURE, required=2)["endpoint"]
+        if isinstance(argument.literal, str):
+            names.add(argument.literal)
+        elif argument.literal is not NotImplemented:  # NotImplemented: an expression, e.g. a column of endpoint names
+            raise ArgumentError(f"ai_query({argument.text}, ...): the endpoint must be a string naming an endpoint, e.g. "
+                                f"ai_query('my-endpoint', ...), got {argument.text}")
     return names
 
 
@@ -99,15 +103,30 @@ def check_source_keys(spec: JobSpec) -> None:
         raise ConfigError(message)
 
 
+def check_budget_pricing(spec: JobSpec, registry: EndpointRegistry, endpoints: set[str]) -> None:
+    """``options.max_cost_usd`` needs a price for every endpoint the job calls."""
+    if spec.max_cost_usd is None:
+        return
+    for endpoint in sorted(endpoints):
+        if registry.get(endpoint).entity.pricing is None:
+            raise ConfigError(
+                f"options.max_cost_usd needs prices, but endpoint {endpoint!r} has no pricing: add "
+                "\"pricing\": {\"input_usd_per_million_tokens\": ..., \"output_usd_per_million_tokens\": ...} to its served "
+                "entity, or use options.max_tokens"
+            )
+
+
 def preflight_job(spec: JobSpec, *, probe: bool = True) -> None:
     """Check ``spec`` before anything is sent; see the module docstring."""
     from ._job_input import job_registry
 
     check_job_paths(spec)
-    preflight_endpoints(job_registry(spec), job_endpoints(spec), probe=False)
+    registry, endpoints = job_registry(spec), job_endpoints(spec)
+    preflight_endpoints(registry, endpoints, probe=False)
+    check_budget_pricing(spec, registry, endpoints)
     check_source_keys(spec)
     if probe:
-        preflight_endpoints(job_registry(spec), job_endpoints(spec), probe=True)
+        preflight_endpoints(registry, endpoints, probe=True)
 
 
-__all__ = ["check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "preflight_job"]
+__all__ = ["check_budget_pricing", "check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "preflight_job"]
