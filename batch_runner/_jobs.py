@@ -183,15 +183,15 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     # the request text of each row, without the model call: also finds a query (a join) that
     # makes several rows of one key before any of them is sent
     request_rows = spark_udfs.sql(spark, req_sql).toArrow()
+    missing = [k for k in names if k not in request_rows.column_names]
+    if missing:
+        raise ConfigError(f"key column(s) {', '.join(missing)} are not in the query's result "
+                          f"({', '.join(request_rows.column_names)}); select them in the query")
     repeated = duplicate_keys_message(spec, request_rows.select(names), "as the job's query returns it")
     if repeated:
         raise ConfigError(repeated.replace("remove the duplicates from the input", "fix the query (e.g. its joins)"))
     df = spark_udfs.sql(spark, spec.query, audit=True)
     out_df, response_column = flatten_audit(df)
-    missing = [k for k in names if k not in out_df.columns]
-    if missing:
-        raise ConfigError(f"key column(s) {', '.join(missing)} are not in the query's result ({', '.join(out_df.columns)}); "
-                          "select them in the query")
     result = out_df.toArrow()
     keys_seen = result.select(names).group_by(names).aggregate([([], "count_all")])
     if keys_seen.num_rows != result.num_rows:

@@ -213,14 +213,19 @@ def _positive_mb(text: str) -> float:
 def preflight_serve(args: argparse.Namespace, state_dir: str) -> None:
     """What ``serve`` checks before it listens or starts a worker, so that a bad option is one paragraph and exit 2.
 
-    The endpoints file, the tokens file (permission levels, unset secrets), the state directory
-    and the usage / payload table paths; every failure is a ``ConfigError`` naming the value and
-    the fix (the ``ai-query`` runner prints it without a traceback). Workers would find the same
-    errors one by one, each with its traceback in the log.
+    The endpoints file (and the secrets its endpoints use), the tokens file (permission levels,
+    unset secrets), the state directory and the usage / payload table paths; every failure is an
+    ``AIQueryError`` naming the value and the fix (the ``ai-query`` runner prints it without a
+    traceback). Workers would find the same errors one by one, each with its traceback in the log.
+    Backends are not probed: a server starts while a provider is briefly down, and answers 502
+    for it until it is back.
     """
-    from .._preflight import check_writable
+    from .._preflight import check_credentials, check_writable
 
-    registry_sources(args.endpoints)
+    registry, sources = registry_sources(args.endpoints)
+    for name in [n for n, source in sources.items() if args.endpoints and source == str(args.endpoints)]:
+        for entity in registry.get(name).served_entities:  # the file asked for by name: each must be able to answer
+            check_credentials(name, entity)
     TokenAuthenticator.from_sources(args.tokens)
     check_writable(state_dir, "--state-dir", "pass a writable directory as --state-dir (or set AIQ_CACHE_DIR)")
     for option, path in (("--usage-table", args.usage_table), ("--inference-table", args.inference_table)):

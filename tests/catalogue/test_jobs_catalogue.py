@@ -247,6 +247,9 @@ RUN_CASES = [
     ("serve-endpoints-invalid", ["serve", "--endpoints", "endpoints.json", "--port", "0"], None,
      _setup_endpoint({"name": EP, "config": {"served_entities": [{"name": "x", "external_model": {"name": "m", "provider": "nope",
                                                                                                   "task": "llm/v1/chat"}}]}}), ["nope"]),
+    ("serve-endpoints-secret-unset", ["serve", "--endpoints", "endpoints.json", "--port", "0"], None,
+     _setup_endpoint(ep(openai_entity("SIM_BASE", {"openai_api_key": "{{secrets/cat/serve_ep}}"}))),
+     ["'ep'", "AIQ_SECRET_CAT_SERVE_EP"]),
     ("serve-tokens-bad-level", ["serve", "--tokens", "tokens.json", "--port", "0"], None, lambda w, s, m: (w / "tokens.json").write_text(
         json.dumps({"tokens": [{"user": "u", "token": "t", "permissions": {"chat": "CAN_FLY"}}]})), ["'CAN_FLY'", "CAN_QUERY"]),
     ("serve-tokens-not-json", ["serve", "--tokens", "tokens.json", "--port", "0"], None,
@@ -382,3 +385,17 @@ def test_input_checks_refuse_before_any_request(spark, work, sim, spec, fragment
         assert fragment in str(refused.value), f"{fragment!r} not in {refused.value}"
     assert sim.stats.requests == 0
     assert not (work / "out").exists()
+
+
+@pytest.mark.spark
+def test_spark_sql_resolves_an_unset_secret_on_the_driver(spark, work, sim):
+    """The issue's 77 traceback lines: executors found the unset secret. Now the driver does, before any task."""
+    import spark_udfs
+    from ai_query import EndpointRegistry, SecretNotFoundError
+
+    write_endpoints(work, sim, ep(openai_entity(sim.base_url, {"openai_api_key": "{{secrets/cat/sql_key}}"})))
+    spark_udfs.register(spark, EndpointRegistry.from_file(work / "endpoints.json"))
+    with pytest.raises(SecretNotFoundError) as refused:
+        spark_udfs.sql(spark, "SELECT ai_query('ep', 'hello') AS a").collect()
+    assert "'ep'" in str(refused.value) and "AIQ_SECRET_CAT_SQL_KEY" in str(refused.value)
+    assert sim.stats.requests == 0
