@@ -164,6 +164,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     cron = args.cron or spec.schedule
     if not cron:
         raise ConfigError(f"{args.job}: no schedule; add schedule = \"0 2 * * *\" to the spec or pass --cron")
+    from batch_runner._preflight import preflight_job
+
+    preflight_job(spec, probe=False)  # a broken spec fails now, not at the first firing (each run also probes)
     command = [sys.executable, "-m", "batch_runner.cli", "run", os.path.abspath(args.job), "--no-progress"]
     if args.master:
         command += ["--master", args.master]

@@ -240,6 +240,10 @@ RUN_CASES = [
     ("schedule-no-schedule", ["schedule", "job.toml", "--max-runs", "1"], job_toml(), None, ["no schedule", "--cron"]),
     ("schedule-bad-cron", ["schedule", "job.toml", "--cron", "* * 32 * *", "--max-runs", "1"], job_toml(), None, ["32"]),
     ("schedule-short-cron", ["schedule", "job.toml", "--cron", "* *", "--max-runs", "1"], job_toml(), None, ["'* *'", "five"]),
+    ("schedule-secret-unset", ["schedule", "job.toml", "--cron", "0 2 * * *", "--max-runs", "1"], job_toml(endpoint=EP),
+     _setup_endpoint(ep(openai_entity("SIM_BASE", {"openai_api_key": "{{secrets/cat/sched}}"}))), ["AIQ_SECRET_CAT_SCHED"]),
+    ("schedule-output-a-file", ["schedule", "job.toml", "--cron", "0 2 * * *", "--max-runs", "1"], job_toml(), _file("out"),
+     ["output.path", "is a file"]),
     # -- serve: startup -----------------------------------------------------------------------------
     ("serve-endpoints-not-json", ["serve", "--endpoints", "bad.json", "--port", "0"], None,
      lambda w, s, m: (w / "bad.json").write_text("{bad"), ["bad.json", "not valid JSON"]),
