@@ -29,6 +29,7 @@ from ai_query._files import files_unsupported_reason
 from ai_query.backends import entity_kind, prepare
 from ai_query.limits.quota import QuotaBroker
 
+from ._argtypes import check_files_types
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
 from ._session import build_session
@@ -70,6 +71,8 @@ class _SessionState:
     quota_broker: QuotaBroker | None = None
     quota_share: float = 1.0
     task_endpoints: dict[str, str] = field(default_factory=dict)
+    jsession: Any = None
+    """The JVM session registered: other Python objects for it (other threads) find this state."""
 
 
 _STATES: dict[int, _SessionState] = {}
@@ -79,7 +82,12 @@ _DEFAULT_SPEC_TYPE = '"string"'
 def _state(spark: "SparkSession") -> _SessionState:
     state = _STATES.get(id(spark))
     if state is None:
-        raise ArgumentError("spark_udfs.register(spark) has not been called for this session")
+        # Another Python object for the same JVM session (pyspark makes one per thread that asks
+        # for the active session): the registration holds for the session, not for the object.
+        jsession = spark._jsparkSession  # type: ignore[attr-defined]
+        state = next((st for st in _STATES.values() if st.jsession is not None and st.jsession.equals(jsession)), None)
+    if state is None:
+        raise ArgumentError("spark_udfs.register(spark) has not been called for this session; call it once after building the session")
     return state
 
 
@@ -106,7 +114,7 @@ def register(
     original = state.original_sql if state is not None else spark.sql
     if state is not None and state.quota_broker is not None:
         state.quota_broker.close()
-    state = _STATES[id(spark)] = _SessionState(registry, original)
+    state = _STATES[id(spark)] = _SessionState(registry, original, jsession=spark._jsparkSession)  # type: ignore[attr-defined]
     # Quotas (requests/min, tokens/min, provisioned tokens/s) hold for the whole job: tasks lease
     # them from a broker on the driver; each worker's fallback share assumes every slot is busy.
     # The broker also splits each endpoint's max_concurrency among the workers sending to it now.
@@ -250,6 +258,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     # so with several calls the plain variants keep them in one worker, sharing its answers.
     pipelined = len(calls) == 1
     whole: dict[int, str] = {}  # the pipelined call, rewritten whole
+    files_position: dict[str, int] = {}  # UDF name -> where a positional files argument sits
     for call in calls:
         if call.name.lower() != "ai_query":
             name = _rewrite_task_call(spark, state, call)
@@ -262,7 +271,8 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         endpoint = bound["endpoint"].literal
         task = None
         if endpoint is None or (endpoint is not NotImplemented and not isinstance(endpoint, str)):
-            raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}")
+            raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}; "
+                                "name a registry endpoint, e.g. ai_query('my-endpoint', prompt)")
         if isinstance(endpoint, str):
             config = state.registry.get(endpoint)
             task = config.task
@@ -288,13 +298,21 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         if pipelined and not moves_marker:
             name, _ = _variant(spark, state, replace(spec, arguments=layout))
             whole[call.start] = f"{name}({', '.join(bound[a].text for a in layout)})"
+            if "files" in bound:
+                files_position[name] = layout.index("files")
             continue
         if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
-            continue
-        name, _ = _variant(spark, state, spec)
-        replacements[call.start] = name
+            name = "ai_query"
+        else:
+            name, _ = _variant(spark, state, spec)
+            replacements[call.start] = name
+        if "files" in bound:
+            files_position[name] = SIGNATURE.index("files")
+    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
+    if files_position:  # a column's type is known only once Spark resolves it: before anything runs
+        check_files_types(spark, rewritten, files_position)
     prepare_endpoints(state.registry, used, state.prepared)
-    return replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
+    return rewritten
 
 
 def _spec_for(
@@ -357,9 +375,10 @@ def ai_query(
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
-    spark = SparkSession.getActiveSession()
+    # The active session is per thread; in a thread that never built one, the process's session.
+    spark = SparkSession.getActiveSession() or SparkSession._instantiatedSession
     if spark is None:
-        raise ArgumentError("ai_query(...) as a column needs an active SparkSession; call spark_udfs.register(spark) first")
+        raise ArgumentError("ai_query(...) as a column needs a SparkSession: build one and call spark_udfs.register(spark) first")
     state = _state(spark)
     label = f"ai_query({endpoint!r}, ...)"
     if not isinstance(endpoint, str):
