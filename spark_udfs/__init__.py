@@ -71,8 +71,6 @@ class _SessionState:
     quota_broker: QuotaBroker | None = None
     quota_share: float = 1.0
     task_endpoints: dict[str, str] = field(default_factory=dict)
-    jsession: Any = None
-    """The JVM session registered: other Python objects for it (other threads) find this state."""
 
 
 _STATES: dict[int, _SessionState] = {}
@@ -81,11 +79,6 @@ _DEFAULT_SPEC_TYPE = '"string"'
 
 def _state(spark: "SparkSession") -> _SessionState:
     state = _STATES.get(id(spark))
-    if state is None:
-        # Another Python object for the same JVM session (pyspark makes one per thread that asks
-        # for the active session): the registration holds for the session, not for the object.
-        jsession = spark._jsparkSession  # type: ignore[attr-defined]
-        state = next((st for st in _STATES.values() if st.jsession is not None and st.jsession.equals(jsession)), None)
     if state is None:
         raise ArgumentError("spark_udfs.register(spark) has not been called for this session; call it once after building the session")
     return state
@@ -114,7 +107,7 @@ def register(
     original = state.original_sql if state is not None else spark.sql
     if state is not None and state.quota_broker is not None:
         state.quota_broker.close()
-    state = _STATES[id(spark)] = _SessionState(registry, original, jsession=spark._jsparkSession)  # type: ignore[attr-defined]
+    state = _STATES[id(spark)] = _SessionState(registry, original)
     # Quotas (requests/min, tokens/min, provisioned tokens/s) hold for the whole job: tasks lease
     # them from a broker on the driver; each worker's fallback share assumes every slot is busy.
     # The broker also splits each endpoint's max_concurrency among the workers sending to it now.

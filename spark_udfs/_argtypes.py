@@ -4,9 +4,9 @@ The SQL rewrite sees argument texts; a column's type is only known once Spark re
 query. A ``files`` argument of the wrong type (a STRING column) would make every row an error
 after the tasks started, so the rewritten statement is analyzed (not run: a CTAS or an INSERT is
 analyzed like a query) and the type of each ``files`` argument checked before ``spark.sql``
-runs anything. A statement that cannot be analyzed here (``?`` markers bound later, a table
-that does not exist yet) is left to Spark, which reports it itself; the UDF then refuses a
-wrong ``files`` type before its first request (``_udf.start_batch``).
+runs anything. A statement Spark cannot parse fails here with Spark's own error; a part left
+unresolved (a ``?`` or ``:name`` marker bound later) is not checked here: the UDF then refuses a
+wrong ``files`` type on the whole column before its first request (``_udf.start_batch``).
 """
 
 from __future__ import annotations
@@ -51,15 +51,11 @@ def check_files_types(spark: "SparkSession", query: str, files_position: Mapping
     ``files_position``: for each ``ai_query`` UDF name of the statement, where ``files`` sits
     when passed by position.
     """
-    from py4j.protocol import Py4JError
-
     state = spark._jsparkSession.sessionState()  # type: ignore[attr-defined]
-    try:
-        plan = state.analyzer().execute(state.sqlParser().parsePlan(query))
-        calls: list[Any] = []
-        _plan_udf_calls(plan, calls)
-    except Py4JError:
-        return  # not analyzable here: Spark reports the statement's own error when it runs it
+    # A statement Spark cannot parse raises Spark's own error here (pyspark converts it), as spark.sql would.
+    plan = state.analyzer().execute(state.sqlParser().parsePlan(query))
+    calls: list[Any] = []
+    _plan_udf_calls(plan, calls)
     for call in calls:
         name = call.name()
         if name not in files_position:

@@ -206,6 +206,24 @@ def test_files_type_is_checked_before_a_ctas_runs(bspark, sim, tmp_path):
     assert not any(p.suffix == ".parquet" for p in tmp_path.iterdir())
 
 
+def test_files_type_of_a_parameter_marker_is_refused_before_any_request(bspark, sim):
+    """A ``:marker`` is bound when Spark runs the statement, after the rewrite: the UDF refuses the
+    column's type itself, before its first request."""
+    df = bspark.sql("SELECT ai_query('sim-chat', text, files => :f, failOnError => false) AS r FROM t", args={"f": "not bytes"})
+    with pytest.raises(Exception) as info:
+        df.collect()
+    assert_all_in(str(info.value), ("files => takes a BINARY or ARRAY<BINARY> column", "string"))
+    assert sim.stats.requests == 0
+
+
+def test_a_statement_spark_cannot_parse_gets_sparks_own_error(bspark, sim):
+    from pyspark.errors import ParseException
+
+    with pytest.raises(ParseException):
+        bspark.sql("SELECT ai_query('sim-chat', text, files => img) FROM t )")
+    assert sim.stats.requests == 0
+
+
 def df_case(case_id: str, kwargs: dict, error: type, fragments: tuple[str, ...]):
     return pytest.param(kwargs, error, fragments, id=case_id)
 
