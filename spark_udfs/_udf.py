@@ -100,7 +100,8 @@ def _batch_context() -> BatchContext | None:
 
 
 def decode_column(values: pa.Array) -> tuple[list[Any], dict[int, str]]:
-    """A column's Python values, and the rows whose text is not valid UTF-8 (``None``, with their error).
+    """A column's Python values, and the rows whose text is not valid UTF-8 (with their error; the
+    value kept for messages only, its bad bytes replaced by U+FFFD).
 
     Spark passes a STRING's bytes unchecked (``CAST(unhex('C328') AS STRING)``); Arrow fails the
     whole batch on the first bad row, so the rows are read one by one only then.
@@ -117,8 +118,9 @@ def decode_column(values: pa.Array) -> tuple[list[Any], dict[int, str]]:
         try:
             out.append(values[i].as_py())
         except UnicodeDecodeError as exc:
-            out.append(None)
-            errors[i] = invalid_utf8_message(raw[i].as_py(), exc.start) if raw is not None else \
+            data = raw[i].as_py() if raw is not None else None
+            out.append(data.decode("utf-8", "replace") if data is not None else None)
+            errors[i] = invalid_utf8_message(data, exc.start) if data is not None else \
                 f"the request holds text that is not valid UTF-8 ({exc}); not sent; repair it with make_valid_utf8(col)"
     return out, errors
 
