@@ -197,6 +197,19 @@ def test_task_function_row_fault_fails_the_query_naming_the_row(bspark, sim, cal
     assert sim.stats.requests == requests
 
 
+@pytest.mark.parametrize("extra", [
+    pytest.param("returnType => NULL", id="return_type"),
+    pytest.param("modelParameters => NULL", id="model_parameters"),
+    pytest.param("responseFormat => NULL", id="response_format"),
+    pytest.param("files => NULL", id="files"),
+    pytest.param("modelParameters => named_struct('max_tokens', CAST(NULL AS INT))", id="one_parameter"),
+])
+def test_null_optional_argument_means_its_default(bspark, sim, extra):
+    rows = bspark.sql(f"SELECT ai_query('sim-chat', text, {extra}) AS r FROM t").collect()
+    assert sorted(r.r for r in rows) == ["echo: first", "echo: second"]
+    assert sim.stats.requests == 2
+
+
 def test_missing_json_fields_are_null_and_fenced_json_is_read(bspark):
     row_ = bspark.sql("""
         SELECT ai_query('sim-chat', '[[reply:{"city": "Oslo"}]] q', returnType => 'STRUCT<city: STRING, n: INT>',
