@@ -413,7 +413,15 @@ class AIQueryClient:
     ) -> CallResult:
         """One request; see ``amap`` for many."""
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
-        return await self.endpoint(endpoint).call(value, params, response_format)
+        client = self.endpoint(endpoint)
+        share = client.concurrency_share
+        if share is None:
+            return await client.call(value, params, response_format)
+        share.enter()
+        try:
+            return await client.call(value, params, response_format)
+        finally:
+            await share.exit()
 
     async def amap(
         self,

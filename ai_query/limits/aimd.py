@@ -93,6 +93,10 @@ class AdaptiveConcurrencyLimiter:
         self.maximum = maximum
         self._slots.hand_over()
 
+    def set_lease(self, lease: int | None) -> None:
+        """At most ``lease`` in flight whatever the limit: the slots leased from the driver's broker."""
+        self._slots.set_lease(lease)
+
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now (no waiting); ``None`` otherwise."""
         return self._clock() if self._slots.try_take() else None
