@@ -39,7 +39,7 @@ class ConcurrencyShare:
     """Keeps one endpoint's limiters within the slots this worker leases from the driver's broker."""
 
     def __init__(self, endpoint: str, address: tuple[str, int], total: int, limiters: list[Any], *,
-                 interval_s: float = 0.5, grace_s: float = 0.1, worker: str = WORKER_ID, ttl_s: float = 10.0) -> None:
+                 interval_s: float = 0.5, grace_s: float = 0.1, worker: str | None = None, ttl_s: float = 10.0) -> None:
         self.endpoint = endpoint
         self.url = f"http://{address[0]}:{address[1]}/lease"
         self.total = total
@@ -47,7 +47,9 @@ class ConcurrencyShare:
         self.interval_s = interval_s
         self.grace_s = grace_s
         self.ttl_s = ttl_s
-        self.worker = worker
+        # One holder per share (per client's limiters), not per process: two clients of one
+        # process hold slots of their own.
+        self.worker = worker or f"{WORKER_ID}-{uuid.uuid4().hex[:6]}"
         self.static = limiters[0].maximum  # the static share, kept if the broker cannot be reached
         self.ceiling = 0
         """Slots leased now (the most this worker may have in flight)."""

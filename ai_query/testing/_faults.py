@@ -34,9 +34,6 @@ DIRECTIVE = re.compile(r"\[\[(status|flaky|ratelimit|malformed|reset|delay|reply
 FAULT_KINDS = ("500", "503", "reset", "malformed", "timeout")
 """The kinds ``error_rates`` accepts, in the order a draw tests them."""
 
-_RECEIVED_AT = web.RequestKey("aiq_received_at", float)
-_JSON = "application/json"
-
 
 def _check(condition: bool, message: str) -> None:
     if not condition:

@@ -63,6 +63,10 @@ from ._provider_formats import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFor
 
 __all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
 
+_RECEIVED_AT = web.RequestKey("aiq_received_at", float)
+_JSON = "application/json"
+
+
 class ProviderSimulator:
     """A provider on 127.0.0.1 speaking the OpenAI, Anthropic and serving-endpoint wire formats.
 
@@ -289,7 +293,7 @@ class ProviderSimulator:
 
     def _reset_state(self) -> None:
         self.stats.clear()
-        self.stats.peak_concurrency = self._in_flight
+        self.stats.peak_concurrency = self.stats.peak_offered = self._in_flight
         self._seen.clear()
         self._quota.restart()
         self._fault_rng.seed(f"faults/{self.seed}")
@@ -394,6 +398,7 @@ class ProviderSimulator:
         if endpoint is not None and not self._any_endpoint and endpoint not in self._endpoints:
             served = ", ".join(sorted(self._endpoints))
             return self._error(fmt, 404, f"Serving endpoint '{endpoint}' does not exist. This simulator serves: {served}.", headers)
+        stats.peak_offered = max(stats.peak_offered, self._in_flight + 1)
         if self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
             stats.concurrency_rejections += 1
             headers["retry-after"] = seconds_header(self.concurrency_retry_after_s)
