@@ -15,6 +15,10 @@ the requests they already have in flight stay in flight. So slots are *leased*:
   old number until the worker *reports* that its requests in flight have fallen to the new
   ceiling: only then may another worker be granted those slots.
 
+Overload is shared too: a worker reports the overload signals (429s) it saw, and every worker's
+answer carries the endpoint's count, so the others end their slow start at once instead of each
+doubling past the shared capacity (``AdaptiveConcurrencyLimiter.on_shared_overload``).
+
 A worker starts holding nothing (lease before send). Grants carry a sequence number: a report
 that left the worker before it heard of a raise cannot lower the record below that raise (it
 keeps the larger of the two). A worker that stops beating (a killed executor) is dropped after
@@ -47,6 +51,8 @@ class ConcurrencyLeases:
         self._changed = threading.Condition()
         self._order = itertools.count()
         self.holders: dict[str, dict[str, _Holder]] = {}
+        self.overloads: dict[str, int] = {}
+        """Overload signals reported per endpoint, by all its workers."""
 
     def held(self, endpoint: str) -> dict[str, int]:
         """Slots held per worker of ``endpoint`` (for tests and diagnostics)."""
@@ -69,25 +75,32 @@ class ConcurrencyLeases:
         return min(fair, holders[worker].held + max(0, free))
 
     def lease(self, endpoint: str, worker: str, total: int, *, active: bool = True, held: int = 0, seq: int = 0,
-              ceiling: int | None = None, grant: bool = True, ttl_s: float = 10.0, wait_s: float = 0.0) -> dict[str, int]:
+              ceiling: int | None = None, grant: bool = True, ttl_s: float = 10.0, wait_s: float = 0.0,
+              overloads: int = 0, overloads_seen: int | None = None) -> dict[str, int]:
         """Record what ``worker`` holds (``held``, having applied grant ``seq``), and grant its share.
 
         ``active=False``: the worker leaves and holds nothing. ``grant=False``: a report only (the
         worker's requests in flight fell after a cut). Otherwise the answer is ``grant`` (the
         ceiling the worker must apply), its ``seq`` and the number of ``workers``; with ``wait_s``
-        it waits until the grant differs from ``ceiling`` (the worker's ceiling now): a long poll,
-        so a worker hears at once that it must shed slots, or that room freed up.
+        it waits until the grant differs from ``ceiling`` (the worker's ceiling now) or the
+        endpoint's ``overloads`` from ``overloads_seen``: a long poll, so a worker hears at once
+        that it must shed slots, that room freed up, or that another worker was refused.
         """
         total = max(1, int(total))
         with self._changed:
             holders = self.holders.setdefault(endpoint, {})
+            if overloads:
+                self.overloads[endpoint] = self.overloads.get(endpoint, 0) + overloads
+                self._changed.notify_all()
             now = self._clock()
             self._expire(holders, now)
             if not active:
                 if holders.pop(worker, None) is not None:
                     self._changed.notify_all()
-                return {"grant": 0, "seq": seq, "workers": len(holders)}
+                return {"grant": 0, "seq": seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
             record = holders.get(worker)
+            if record is None and not grant:  # a late report of a worker that has left: it holds nothing
+                return {"grant": -1, "seq": seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
             if record is None:  # a newcomer: the others' shares fall
                 record = holders[worker] = _Holder(held, seq, now, next(self._order))
                 self._changed.notify_all()
@@ -98,14 +111,15 @@ class ConcurrencyLeases:
             if record.held != before:
                 self._changed.notify_all()
             if not grant:
-                return {"grant": -1, "seq": record.seq, "workers": len(holders)}
+                return {"grant": -1, "seq": record.seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
             deadline = self._clock() + wait_s
             while True:
                 if worker not in holders:  # it left (or was dropped) while this poll waited
-                    return {"grant": 0, "seq": record.seq, "workers": len(holders)}
+                    return {"grant": 0, "seq": record.seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
                 granted = self._grant(holders, worker, total)
                 left = deadline - self._clock()
-                if granted != ceiling or left <= 0:
+                news = overloads_seen is not None and self.overloads.get(endpoint, 0) != overloads_seen
+                if granted != ceiling or news or left <= 0:
                     break
                 self._changed.wait(left)
                 self._expire(holders, self._clock())
@@ -113,7 +127,7 @@ class ConcurrencyLeases:
                 record.held = granted
                 record.seq += 1
                 self._changed.notify_all()
-            return {"grant": granted, "seq": record.seq, "workers": len(holders)}
+            return {"grant": granted, "seq": record.seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
 
 
 __all__ = ["ConcurrencyLeases"]

@@ -268,7 +268,9 @@ class QuotaBroker:
             return self.leases.lease(str(msg["endpoint"]), str(msg["worker"]), int(msg["total"]), active=bool(msg["active"]),
                                      held=int(msg.get("held", 0)), seq=int(msg.get("seq", 0)),
                                      ceiling=None if ceiling is None else int(ceiling), grant=bool(msg.get("grant", True)),
-                                     ttl_s=float(msg.get("ttl_s", 10.0)), wait_s=float(msg.get("wait_s", 0.0)))
+                                     ttl_s=float(msg.get("ttl_s", 10.0)), wait_s=float(msg.get("wait_s", 0.0)),
+                                     overloads=int(msg.get("overloads", 0)),
+                                     overloads_seen=None if msg.get("overloads_seen") is None else int(msg["overloads_seen"]))
         state = self.states.get(msg["endpoint"])
         if state is None:
             return {"wait_s": 0.0}

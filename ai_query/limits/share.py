@@ -13,6 +13,9 @@ was the total). So each worker *leases* its slots from the driver's broker
   changes (another worker came or left, or room freed up), else after ``interval_s``;
 - a lower grant applies at once to new requests; the requests already in flight drain, and the
   worker reports each fall of what it holds, so the broker can grant the slots to another;
+- it reports the overload signals (429s) its limiters see, and hears the others': a worker still
+  in slow start ends it when another was refused (the capacity is shared: each worker doubling on
+  its own went past it by the others' part, a burst of 429s at the start of every short job);
 - it leaves ``grace_s`` after its rows are done (a Spark task's next Arrow batch follows its last
   within milliseconds: leaving at once handed its room to others and took it back a round trip
   later).
@@ -57,6 +60,11 @@ class ConcurrencyShare:
         self.workers_seen = 0
         self.failed = False
         self._reported = 0
+        self.overloads_seen: int | None = None
+        """The endpoint's overload signals over all workers, as last heard from the broker."""
+        self._signals = 0  # this worker's overload signals, as last reported
+        self._own_unheard = 0  # reported since the last answer
+        self._watch: asyncio.Task[None] | None = None
         self._active = 0
         self._task: asyncio.Task[None] | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -91,9 +99,31 @@ class ConcurrencyShare:
                 limiter.set_maximum(self.static)
                 limiter.set_lease(None)
 
+    def _hear_overloads(self, total: int) -> None:
+        if self.overloads_seen is not None and total - self.overloads_seen - self._own_unheard > 0:
+            for limiter in self.limiters:  # another worker was refused: the shared capacity is reached
+                shared = getattr(limiter, "on_shared_overload", None)
+                if shared is not None:
+                    shared()
+        self.overloads_seen, self._own_unheard = total, 0
+
+    async def _watch_overloads(self) -> None:
+        """Report this worker's new overload signals within ~10 ms, so the others stop growing."""
+        self._signals = sum(limiter.overload_signals for limiter in self.limiters)
+        while not self.failed:
+            await asyncio.sleep(0.01)
+            signals = sum(limiter.overload_signals for limiter in self.limiters)
+            if signals > self._signals:
+                new, self._signals = signals - self._signals, signals
+                self._own_unheard += new
+                reply = await self._post(active=True, grant=False, held=self.held, seq=self.seq, overloads=new)
+                if reply is not None:
+                    self._hear_overloads(int(reply.get("overloads", 0)))
+
     def _apply(self, reply: dict[str, Any]) -> None:
         if self.failed:
             return
+        self._hear_overloads(int(reply.get("overloads", 0)))
         grant, self.seq, self.workers_seen = int(reply["grant"]), int(reply["seq"]), int(reply["workers"])
         if grant == self.ceiling:
             return
@@ -120,7 +150,8 @@ class ConcurrencyShare:
             await asyncio.shield(self._left)
         wait = 0.0  # the first beat answers at once: rows are waiting for it
         while not self.failed:
-            reply = await self._post(active=True, held=self.held, seq=self.seq, ceiling=self.ceiling, wait_s=wait)
+            reply = await self._post(active=True, held=self.held, seq=self.seq, ceiling=self.ceiling, wait_s=wait,
+                                     overloads_seen=self.overloads_seen)
             if reply is not None:
                 self._apply(reply)
             wait = self.interval_s
@@ -133,6 +164,7 @@ class ConcurrencyShare:
         self._leaving = None
         if self._active == 1 and not self.failed and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._run())
+            self._watch = asyncio.ensure_future(self._watch_overloads())
 
     async def exit(self) -> None:
         """Those rows are done; unless more come within ``grace_s``, the slots go back to the broker."""
@@ -147,6 +179,8 @@ class ConcurrencyShare:
             return
         self._task.cancel()
         self._task = None
+        if self._watch is not None:
+            self._watch.cancel()
         if self.failed:
             return
         self.ceiling = 0
@@ -168,6 +202,8 @@ class ConcurrencyShare:
         elif self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._watch is not None:
+            self._watch.cancel()
         self._threads.shutdown(wait=False)  # a long poll still out ends within its wait_s
 
 

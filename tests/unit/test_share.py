@@ -47,7 +47,7 @@ def test_leases_never_sum_above_the_total():
     assert leases.lease("ep", "b", 64)["grant"] == 14  # only the room a gave back
     leases.lease("ep", "a", 64, held=32, seq=1, grant=False)
     reply = leases.lease("ep", "b", 64, held=14, seq=1, ceiling=14)
-    assert reply == {"grant": 32, "seq": 2, "workers": 2}
+    assert reply == {"grant": 32, "seq": 2, "workers": 2, "overloads": 0}
     assert leases.held("ep") == {"a": 32, "b": 32}
     # A report b sent before it heard of that raise cannot lower the record below it.
     leases.lease("ep", "b", 64, held=14, seq=1, grant=False)
@@ -150,11 +150,13 @@ def test_peak_in_flight_over_workers_never_above_the_total(broker):
         shares = [ConcurrencyShare("ep", broker.address, total, [lim], interval_s=0.05, grace_s=0.0, worker=f"w{i}")
                   for i, lim in enumerate(limiters)]
         peak = 0
+        grown: list[int] = []
 
         async def row(lim: AdaptiveConcurrencyLimiter) -> None:
             nonlocal peak
             started = await lim.acquire()
             peak = max(peak, sum(x.in_flight for x in limiters))
+            grown.append(max(share.ceiling for share in shares))
             await asyncio.sleep(rng.uniform(0.001, 0.02))
             await lim.release("ok", started)
 
@@ -170,7 +172,8 @@ def test_peak_in_flight_over_workers_never_above_the_total(broker):
         await asyncio.gather(*(worker(i) for i in range(3)))
         for share in shares:
             await share.aclose()
-        assert 8 < peak <= total  # the workers did grow past their static share, never past the total
+        assert peak <= total  # never past the total
+        assert max(grown) > 8  # while workers did take more than their static share
 
     asyncio.run(scenario())
 
@@ -209,5 +212,24 @@ def test_a_worker_back_within_the_grace_never_left(broker):
         await a.exit()
         await b.exit()
         await _until(lambda: broker.leases.held("ep") == {})
+
+    asyncio.run(scenario())
+
+
+def test_one_workers_overload_ends_the_others_slow_start(broker):
+    async def scenario() -> None:
+        a_lim, b_lim, a, b = _two_workers(broker, interval_s=60.0)
+        a.enter()
+        b.enter()
+        await _until(lambda: a.ceiling == 32 and b.ceiling == 32)
+        b_lim.on_outcome("overload")  # b was refused
+        await _until(lambda: a.overloads_seen == 1)  # a heard it through the broker, not a beat later
+        before = a_lim.limit
+        for _ in range(8):
+            await a_lim.release("ok", await a_lim.acquire())
+        assert a_lim.limit < before + 8  # no longer one more per success: a's slow start ended with b's refusal
+        assert a_lim.decreases == 0
+        await a.exit()
+        await b.exit()
 
     asyncio.run(scenario())
