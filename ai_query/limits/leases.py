@@ -76,7 +76,7 @@ class ConcurrencyLeases:
 
     def lease(self, endpoint: str, worker: str, total: int, *, active: bool = True, held: int = 0, seq: int = 0,
               ceiling: int | None = None, grant: bool = True, ttl_s: float = 10.0, wait_s: float = 0.0,
-              overloads: int = 0, overloads_seen: int | None = None) -> dict[str, int]:
+              overloads: int = 0, overloads_seen: int | None = None, want: int | None = None) -> dict[str, int]:
         """Record what ``worker`` holds (``held``, having applied grant ``seq``), and grant its share.
 
         ``active=False``: the worker leaves and holds nothing. ``grant=False``: a report only (the
@@ -84,7 +84,8 @@ class ConcurrencyLeases:
         ceiling the worker must apply), its ``seq`` and the number of ``workers``; with ``wait_s``
         it waits until the grant differs from ``ceiling`` (the worker's ceiling now) or the
         endpoint's ``overloads`` from ``overloads_seen``: a long poll, so a worker hears at once
-        that it must shed slots, that room freed up, or that another worker was refused.
+        that it must shed slots, that room freed up, or that another worker was refused. ``want``
+        caps the grant (a worker's first beats: see ``share``).
         """
         total = max(1, int(total))
         with self._changed:
@@ -117,6 +118,8 @@ class ConcurrencyLeases:
                 if worker not in holders:  # it left (or was dropped) while this poll waited
                     return {"grant": 0, "seq": record.seq, "workers": len(holders), "overloads": self.overloads.get(endpoint, 0)}
                 granted = self._grant(holders, worker, total)
+                if want is not None:
+                    granted = min(granted, want)
                 left = deadline - self._clock()
                 news = overloads_seen is not None and self.overloads.get(endpoint, 0) != overloads_seen
                 if granted != ceiling or news or left <= 0:

@@ -249,11 +249,14 @@ class QuotaBroker:
                 except (ValueError, KeyError) as exc:
                     reply, status = {"error": str(exc)}, 400
                 data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the worker went away (its executor ended)
+                    self.close_connection = True
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
@@ -270,6 +273,7 @@ class QuotaBroker:
                                      ceiling=None if ceiling is None else int(ceiling), grant=bool(msg.get("grant", True)),
                                      ttl_s=float(msg.get("ttl_s", 10.0)), wait_s=float(msg.get("wait_s", 0.0)),
                                      overloads=int(msg.get("overloads", 0)),
+                                     want=None if msg.get("want") is None else int(msg["want"]),
                                      overloads_seen=None if msg.get("overloads_seen") is None else int(msg["overloads_seen"]))
         state = self.states.get(msg["endpoint"])
         if state is None:

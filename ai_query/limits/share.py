@@ -8,7 +8,10 @@ what they have in flight stays in flight: 23-275 requests per job refused by a s
 was the total). So each worker *leases* its slots from the driver's broker
 (``leases.ConcurrencyLeases``, where the rules are) and its limiters never have more in flight:
 
-- it starts holding nothing: its rows wait until the first grant (a round trip to the driver);
+- it starts holding nothing: its rows wait until the first grant (a round trip to the driver),
+  and at its first beat it asks for no more than its static share: workers of a job start
+  within milliseconds of each other, and the first to ask, granted the whole endpoint, had sent a
+  window's worth before the others came, which they then waited a round trip to drain;
 - while it has rows for the endpoint it long-polls the broker, which answers when its grant
   changes (another worker came or left, or room freed up), else after ``interval_s``;
 - a lower grant applies at once to new requests; the requests already in flight drain, and the
@@ -148,13 +151,17 @@ class ConcurrencyShare:
     async def _run(self) -> None:
         if self._left is not None:  # the broker hears this worker leave before it hears it come back
             await asyncio.shield(self._left)
-        wait = 0.0  # the first beat answers at once: rows are waiting for it
+        # The first beat answers at once (rows are waiting for it), with no more than the static
+        # share; the next comes after ``grace_s``, when the job's other workers have asked too.
+        reply = await self._post(active=True, held=self.held, seq=self.seq, ceiling=self.ceiling, want=self.static)
+        if reply is not None:
+            self._apply(reply)
+            await asyncio.sleep(self.grace_s)
         while not self.failed:
-            reply = await self._post(active=True, held=self.held, seq=self.seq, ceiling=self.ceiling, wait_s=wait,
+            reply = await self._post(active=True, held=self.held, seq=self.seq, ceiling=self.ceiling, wait_s=self.interval_s,
                                      overloads_seen=self.overloads_seen)
             if reply is not None:
                 self._apply(reply)
-            wait = self.interval_s
 
     def enter(self) -> None:
         """Rows of this worker are about to be sent (call on the event loop)."""
