@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
+from ai_query._preflight import check_credentials
 from ai_query.backends import entity_kind, prepare
 from ai_query.limits.quota import QuotaBroker
 
@@ -221,11 +222,15 @@ def _variant_name(spec: UDFSpec) -> str:
 def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set[str] | None = None) -> None:
     """Start (or attach to) the local servers and pools behind ``names`` on the driver, before any task runs.
 
+    Their secrets are resolved here first (``ai_query._preflight.check_credentials``).
+
     On a cluster this is the driver's node; each other node's first task attaches or starts its own.
     """
     for name in sorted(names):
         if prepared is not None and name in prepared:
             continue
+        for served in registry.get(name).served_entities:  # an unset secret fails here, not on every executor
+            check_credentials(name, served)
         entity = registry.get(name).entity
         log.info("preparing %s endpoint %r (model %s)", entity_kind(entity), name, entity.model_name)
         prepare(entity)
