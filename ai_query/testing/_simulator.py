@@ -129,8 +129,7 @@ class ProviderSimulator:
             seed: seeds the fault and latency draws; the same seed gives the same sequences.
             served_log: keep one record per answer served (its request id as the client sees it,
                 when, its tokens); read it with :meth:`served_answers`. Off by default (memory).
-            batch_api: knobs of the batch APIs (``_batch_apis.BatchAPIs``: ``delay_s``, ``expire_s``,
-                ``error_rate``, ``enqueued_token_limit``); they are always served.
+            batch_api: knobs of the (always served) batch APIs: see ``_batch_apis.BatchAPIs``.
             host, port: where to listen (port 0: a free port, read ``sim.port`` after start).
         """
         _check(api_key is None or (isinstance(api_key, str) and api_key), f"api_key={api_key!r} must be a non-empty string or None")
