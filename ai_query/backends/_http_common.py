@@ -13,6 +13,7 @@ import time
 from typing import Any, Mapping
 
 from ..config import ServedEntity, resolve_secret
+from .._redact import redact, remember_secret
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._protocol import BackendBase, Capabilities
@@ -55,17 +56,19 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
 
 
 def _error_detail(body: bytes) -> str:
+    """The provider's message in an error body, scrubbed of secrets before it is cut to length
+    (a key cut in half would no longer match what ``redact`` knows)."""
     try:
         data = json.loads(body)
     except ValueError:
-        text = body.decode("utf-8", "replace").strip()
+        text = redact(body[:8000].decode("utf-8", "replace").strip())
         return text[:300] or "(empty body)"
     if isinstance(data, Mapping):
         err = data.get("error", data.get("message", data))
         if isinstance(err, Mapping):
             err = err.get("message", err)
-        return str(err)[:300]
-    return str(data)[:300]
+        return redact(str(err))[:300]
+    return redact(str(data))[:300]
 
 
 def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpoint_hint: str) -> None:
@@ -136,7 +139,10 @@ def llm_v1_body(task: str, value: Any, params: ModelParameters, response_format:
 
 def bearer(credential: tuple[str | None, str | None]) -> str | None:
     ref, plain = credential
-    return resolve_secret(ref) if ref is not None else plain
+    if ref is not None:
+        return resolve_secret(ref)  # noted for redact by resolve_secret
+    remember_secret(plain)
+    return plain
 
 
 def json_headers(key_header: str, credential: tuple[str | None, str | None], prefix: str = "") -> dict[str, str]:
@@ -181,7 +187,7 @@ def parse_openai_shape(
 def malformed_answer(entity: ServedEntity, task: str, status: int, headers: Mapping[str, str], body: bytes, exc: Exception) -> RetryableEndpointError:
     return RetryableEndpointError(
         f"HTTP {status} from served entity {entity.name!r} with a body that is not a valid {task} response "
-        f"({type(exc).__name__}: {exc}): {body[:200]!r}",
+        f"({type(exc).__name__}: {exc}): {redact(body[:2000].decode('utf-8', 'replace'))[:200]!r}",
         status_code=status,
         request_id=headers.get("x-request-id"),
     )

@@ -41,6 +41,12 @@ gets the same fault for the same seed): ``"500"``; ``"503"`` (overloaded: 503, A
 truncated JSON body, or a truncated SSE frame); ``"timeout"`` (the answer is held ``hang_s`` longer,
 then sent normally if the client is still there). Faults come after the latency.
 
+**Echoed keys** (``echo_key=True``): every error body repeats the credential its request carried,
+as providers do ("Incorrect API key provided: sk-..."; some dump the request headers into a 400 or
+500 body): a 401 says ``Incorrect API key provided: <key>``, any other error adds
+``(request headers: authorization: Bearer <key>)`` (``x-api-key: <key>`` for Anthropic). What
+reaches a table, a log or an HTTP answer of ours must not carry it (``ai_query/_redact.py``).
+
 **Directives** in a prompt inject failures per row, without patching the client:
 
 - ``[[status:500]]`` (any status): always answer that status;
@@ -55,6 +61,7 @@ then sent normally if the client is still there). Faults come after the latency.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import math
 import random
@@ -83,6 +90,8 @@ FAULT_KINDS = ("500", "503", "reset", "malformed", "timeout")
 """The kinds ``error_rates`` accepts, in the order a draw tests them."""
 
 _RECEIVED_AT = web.RequestKey("aiq_received_at", float)
+_SENT_CREDENTIAL: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("aiq_sent_credential", default=None)
+"""(header name, key, header value) of the request being answered, when ``echo_key`` is on (one handler task each)."""
 _JSON = "application/json"
 
 
@@ -142,6 +151,7 @@ class ProviderSimulator:
         tpm_refund_unused: bool = False,
         error_rates: Mapping[Any, float] | None = None,
         hang_s: float = 30.0,
+        echo_key: bool = False,
         seed: int = 0,
         served_log: bool = False,
         host: str = "127.0.0.1",
@@ -168,6 +178,7 @@ class ProviderSimulator:
             error_rates: shares of admitted requests that get a fault, by kind in
                 :data:`FAULT_KINDS`, e.g. ``{"500": 0.05, "503": 0.05, "reset": 0.02}``.
             hang_s: how much longer a ``"timeout"`` fault holds its answer.
+            echo_key: every error body repeats the credential the request carried (see the module docstring).
             seed: seeds the fault and latency draws; the same seed gives the same sequences.
             served_log: keep one record per answer served (its request id as the client sees it,
                 when, its tokens); read it with :meth:`served_answers`. Off by default (memory).
@@ -210,6 +221,7 @@ class ProviderSimulator:
         self.error_rates = {str(k): float(v) for k, v in (error_rates or {}).items()}
         self._faults = _fault_table(error_rates)
         self.hang_s = float(hang_s)
+        self.echo_key = bool(echo_key)
         self.seed = seed
         self.host = host
         self._port = port
@@ -382,6 +394,7 @@ class ProviderSimulator:
             "tpm_refund_unused": self.tpm_refund_unused,
             "error_rates": dict(self.error_rates),
             "hang_s": self.hang_s,
+            "echo_key": self.echo_key,
             "seed": self.seed,
         }
 
@@ -420,6 +433,10 @@ class ProviderSimulator:
         stats.by_status[status] += 1
         if status == 429:
             stats.rate_limited += 1
+        sent = _SENT_CREDENTIAL.get()
+        if sent is not None:
+            header, key, value = sent
+            message = f"Incorrect API key provided: {key}." if status == 401 else f"{message} (request headers: {header}: {value})"
         return web.Response(body=dumps(fmt.error(status, message, code)), status=status, headers=headers, content_type=_JSON)
 
     async def _serve(self, request: web.Request, fmt: WireFormat, task: str | None, endpoint: str | None = None) -> web.StreamResponse:
@@ -433,6 +450,10 @@ class ProviderSimulator:
         headers = {"x-request-id": "req-" + rid}
         if fmt is ANTHROPIC:
             headers["request-id"] = "req_" + rid
+        if self.echo_key:
+            header = "x-api-key" if fmt is ANTHROPIC and "x-api-key" in request.headers else "authorization"
+            value = request.headers.get(header, "")
+            _SENT_CREDENTIAL.set((header, value.removeprefix("Bearer "), value) if value else None)
         if self.api_key is not None and not fmt.authorized(request.headers, self.api_key):
             return self._error(fmt, 401, fmt.bad_key_message, headers)
         refusal = fmt.precheck(request.headers)
