@@ -84,13 +84,13 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
         raise RetryableEndpointError(message, status_code=status, request_id=request_id)
     if status in (401, 403):
         raise SystemicEndpointError(
-            f"{message}. Check the API key (the secret the endpoint config references) and its permissions.",
+            f"{message.rstrip('.')}. Check the API key (the secret the endpoint config references) and its permissions.",
             status_code=status,
             request_id=request_id,
         )
     if status == 404:
         raise SystemicEndpointError(
-            f"{message}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
+            f"{message.rstrip('.')}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
         )
     raise PermanentEndpointError(message, status_code=status, request_id=request_id)
 
