@@ -13,7 +13,7 @@ import time
 from typing import Any, Mapping
 
 from ..config import ServedEntity, resolve_secret
-from .._redact import redact, remember_secret
+from .._redact import redact
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._protocol import BackendBase, Capabilities
@@ -139,10 +139,7 @@ def llm_v1_body(task: str, value: Any, params: ModelParameters, response_format:
 
 def bearer(credential: tuple[str | None, str | None]) -> str | None:
     ref, plain = credential
-    if ref is not None:
-        return resolve_secret(ref)  # noted for redact by resolve_secret
-    remember_secret(plain)
-    return plain
+    return resolve_secret(ref) if ref is not None else plain
 
 
 def json_headers(key_header: str, credential: tuple[str | None, str | None], prefix: str = "") -> dict[str, str]:

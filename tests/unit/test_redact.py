@@ -11,12 +11,15 @@ import uuid
 
 import pytest
 
-from ai_query import AIQueryError, ConfigError, EndpointRegistry, SystemicEndpointError
+from ai_query import AIQueryClient, AIQueryError, ConfigError, EndpointRegistry, SystemicEndpointError
 from ai_query._errors import ServingError, recover_error
 from ai_query._redact import REDACTED, redact, remember_headers, remember_secret
 from ai_query.backends._http_common import malformed_answer, raise_for_status
 from ai_query.serving import EndpointStore
 from ai_query.serving._sealed import SEALED_PREFIX, CredentialSealer
+from ai_query.transport import MockTransport, Request, Response
+
+from .fakes import json_response
 
 
 def fresh(prefix: str = "zq") -> str:
@@ -72,20 +75,51 @@ def test_known_values_of_any_shape_are_redacted_with_their_escaped_forms():
     assert redact("abc def") == "abc def"
 
 
+def test_a_resolved_secret_is_known(monkeypatch, tmp_path):
+    from ai_query import resolve_secret
+
+    in_env, in_file = fresh("e"), fresh("f")
+    monkeypatch.setenv("AIQ_SECRET_REDACT_ENV", in_env)
+    (tmp_path / "s.json").write_text(json.dumps({"redact": {"file": in_file}}))
+    monkeypatch.setenv("AIQ_SECRETS_FILE", str(tmp_path / "s.json"))
+    assert redact(f"{in_env} {in_file}") == f"{in_env} {in_file}"
+    assert (resolve_secret("{{secrets/redact/env}}"), resolve_secret("{{secrets/redact/file}}")) == (in_env, in_file)
+    assert redact(f"{in_env} {in_file}") == f"{REDACTED} {REDACTED}"
+
+
 def test_credential_headers_sent_are_known_without_their_scheme():
     bearer, api_key, other = fresh("b"), fresh("a"), fresh("o")
     remember_headers({"Authorization": "Bearer " + bearer, "x-api-key": api_key, "x-request-id": other})
     assert redact(f"{bearer} {api_key} {other}") == f"{REDACTED} {REDACTED} {other}"
 
 
+def test_the_credential_a_request_carried_is_scrubbed_from_its_answer():
+    """A plaintext key is no resolved secret: the endpoint client notes the header it sends."""
+    key = fresh("plain-")
+    registry = EndpointRegistry.from_data({"name": "p", "config": {"served_entities": [{"name": "e", "external_model": {
+        "name": "m", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": {"openai_api_key_plaintext": key, "openai_api_base": "http://fake.invalid/v1"}}}]}})
+
+    def handler(request: Request) -> Response:
+        sent = request.headers["authorization"].removeprefix("Bearer ")
+        return json_response(400, {"error": {"message": f"Incorrect API key provided: {sent}"}})
+
+    client = AIQueryClient(registry, transport=MockTransport(handler))
+    try:
+        result = client.call("p", "hello")
+    finally:
+        client.close()
+    assert result.error is not None and key not in result.error and f"HTTP 400 from served entity 'e': Incorrect API key provided: {REDACTED}" in result.error
+
+
 def test_a_key_at_the_cut_of_a_long_provider_message_leaves_no_part_behind():
     secret = fresh()
     remember_secret(secret)
-    body = json.dumps({"error": {"message": "x" * 290 + " key " + secret}}).encode()
+    body = json.dumps({"error": {"message": "x" * 280 + " key " + secret}}).encode()
     with pytest.raises(SystemicEndpointError) as info:
         raise_for_status(401, {}, body, "served entity 'e'")
     message = str(info.value)
-    assert secret[:6] not in message and message.startswith("HTTP 401 from served entity 'e': xxx")
+    assert secret[:10] not in message and message.startswith("HTTP 401 from served entity 'e': xxx")
 
 
 def test_malformed_answers_quote_the_body_redacted():
