@@ -41,11 +41,9 @@ gets the same fault for the same seed): ``"500"``; ``"503"`` (overloaded: 503, A
 truncated JSON body, or a truncated SSE frame); ``"timeout"`` (the answer is held ``hang_s`` longer,
 then sent normally if the client is still there). Faults come after the latency.
 
-**Echoed keys** (``echo_key=True``): every error body repeats the credential its request carried,
-as providers do ("Incorrect API key provided: sk-..."; some dump the request headers into a 400 or
-500 body): a 401 says ``Incorrect API key provided: <key>``, any other error adds
-``(request headers: authorization: Bearer <key>)`` (``x-api-key: <key>`` for Anthropic). What
-reaches a table, a log or an HTTP answer of ours must not carry it (``ai_query/_redact.py``).
+**Echoed keys** (``echo_key=True``), as providers do: a 401 body says ``Incorrect API key provided:
+<key>``, any other error body adds ``(request headers: authorization: Bearer <key>)`` (Anthropic:
+``x-api-key: <key>``). Nothing of ours may pass it on (``ai_query/_redact.py``).
 
 **Directives** in a prompt inject failures per row, without patching the client:
 
