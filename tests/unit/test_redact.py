@@ -192,3 +192,20 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
     os.chmod(key_file, 0o644)
     with pytest.raises(ConfigError, match=f"can be read by others .*chmod 600 {key_file}"):
         CredentialSealer(key_file).unseal(sealed, "state")
+
+
+def test_the_servers_log_filter_scrubs_messages_and_tracebacks():
+    import logging
+    import sys
+
+    from ai_query.serving._server import SecretMaskingFilter
+
+    secret = fresh()
+    remember_secret(secret)
+    try:
+        raise ValueError(f"a library's error quoting {secret}")  # not ours: its message was never scrubbed
+    except ValueError:
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "failed with %s", (secret,), sys.exc_info())
+    SecretMaskingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert secret not in text and f"failed with {REDACTED}" in text and f"quoting {REDACTED}" in text
