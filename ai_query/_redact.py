@@ -40,19 +40,23 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-k
 """Request headers whose values are credentials (names lower-cased)."""
 
 _KEEP = r"(?!\[REDACTED\]|\{\{\s*secrets/)"  # already scrubbed, or a secret reference (a name, not a value)
-_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?i)\b(bearer\s+)" + _KEEP + r"(?=\S*\d)[A-Za-z0-9._~+/\-]{8,}=*"), r"\1" + REDACTED),
-    (re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-*]{16,}"), REDACTED),  # OpenAI, Anthropic
-    (re.compile(r"\b(?:dapi|dose|dkea)[0-9a-f]{32}(?:-\d+)?\b"), REDACTED),  # Databricks tokens and OAuth secrets
-    (re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"), REDACTED),  # AWS access key ids
-    (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), REDACTED),  # Hugging Face
-    (re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"), REDACTED),  # Google API keys
-    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b"), REDACTED),  # GitHub
-    (re.compile(r"\bxox[abposr]-[A-Za-z0-9\-]{10,}"), REDACTED),  # Slack
-    (re.compile(r"\b(?:gsk_|xai-|r8_|pplx-)[A-Za-z0-9]{30,}\b"), REDACTED),  # Groq, xAI, Replicate, Perplexity
-    (re.compile(r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"), REDACTED),  # JWTs
+_SHAPES: tuple[tuple[tuple[str, ...], re.Pattern[str], str], ...] = (
+    # (lower-case substrings one of which the text must hold, the shape, its replacement): the
+    # substring test costs a fraction of a regex scan, and most messages hold none of them
+    (("bearer",), re.compile(r"(?i)\b(bearer\s+)" + _KEEP + r"(?=\S*\d)[A-Za-z0-9._~+/\-]{8,}=*"), r"\1" + REDACTED),
+    (("sk-",), re.compile(r"\bsk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-*]{16,}"), REDACTED),  # OpenAI, Anthropic
+    (("dapi", "dose", "dkea"), re.compile(r"\b(?:dapi|dose|dkea)[0-9a-f]{32}(?:-\d+)?\b"), REDACTED),  # Databricks
+    (("akia", "asia", "abia", "acca"), re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"), REDACTED),  # AWS key ids
+    (("hf_",), re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), REDACTED),  # Hugging Face
+    (("aiza",), re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b"), REDACTED),  # Google API keys
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+     re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b"), REDACTED),  # GitHub
+    (("xox",), re.compile(r"\bxox[abposr]-[A-Za-z0-9\-]{10,}"), REDACTED),  # Slack
+    (("gsk_", "xai-", "r8_", "pplx-"), re.compile(r"\b(?:gsk_|xai-|r8_|pplx-)[A-Za-z0-9]{30,}\b"), REDACTED),  # Groq, xAI, ...
+    (("eyj",), re.compile(r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"), REDACTED),  # JWTs
     # name = value / "name": "value" for credential-like names (``openai_api_key=...``, ``"password": "..."``)
-    (re.compile(r"(?i)(?<![A-Za-z0-9])((?:x-)?api[-_]?key|access[-_]?token|client[-_]?secret|secret[-_]?(?:access[-_]?)?key"
+    (("key", "token", "secret", "password", "authorization"),
+     re.compile(r"(?i)(?<![A-Za-z0-9])((?:x-)?api[-_]?key|access[-_]?token|client[-_]?secret|secret[-_]?(?:access[-_]?)?key"
                 r"|password|authorization)(\"?\s*[:=]\s*\"?)" + _KEEP + r"(?!bearer\b)([^\s\"',;&}]{6,})"), r"\1\2" + REDACTED),
 )
 
@@ -87,6 +91,8 @@ def redact(text: str) -> str:
     pattern = _known_pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
-    for shape, replacement in _SHAPES:
-        text = shape.sub(replacement, text)
+    lower = text.lower()
+    for triggers, shape, replacement in _SHAPES:
+        if any(t in lower for t in triggers):
+            text = shape.sub(replacement, text)
     return text
