@@ -3,8 +3,9 @@
 An endpoint created through the management API is stored as the JSON body it was created with
 (``config``, ``rate_limits``, ``tags``, ...) plus what the server adds (``id``, ``creator``,
 timestamps, ``config_version``), in ``<state_dir>/endpoints.json``, written atomically after every
-change, so endpoints survive a restart. Plaintext credentials in it are sealed (``_sealed.py``). Endpoints of the registry (built-ins, ``AIQ_ENDPOINTS``,
-``--endpoints FILE``) are served too, read-only: change them in their file.
+change, so endpoints survive a restart; plaintext credentials in it are sealed (``_sealed.py``).
+Endpoints of the registry (built-ins, ``AIQ_ENDPOINTS``, ``--endpoints FILE``) are served too,
+read-only: change them in their file.
 
 Every served endpoint has a ``Deployment``: its validated ``EndpointConfig`` and the very
 ``EndpointClient`` (routes, concurrency limiter, quota, retries) that a Spark task uses. A config
