@@ -417,7 +417,9 @@ class ProviderSimulator:
     async def _models(self, request: web.Request) -> web.Response:
         # OpenAI and Anthropic both list models here (Anthropic's key comes as x-api-key)
         if self.api_key is not None and not ANTHROPIC.authorized(request.headers, self.api_key):
-            return web.Response(body=dumps(OPENAI.error(401, OPENAI.bad_key_message)), status=401, content_type=_JSON)
+            sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+            message = f"Incorrect API key provided: {sent}." if self.echo_key else OPENAI.bad_key_message
+            return web.Response(body=dumps(OPENAI.error(401, message)), status=401, content_type=_JSON)
         model = {"id": self.served_model, "object": "model", "created": 0, "owned_by": "ai-query-simulator"}
         return web.Response(body=dumps({"object": "list", "data": [model]}), content_type=_JSON)
 
