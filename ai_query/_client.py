@@ -156,10 +156,15 @@ class EndpointClient:
             remember_headers(request.headers)
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
-        if self.quota is not None:  # wait for quota before taking a concurrency slot
-            reserved = self._reservation(prompt_text, params)
-            await self.quota.admit(reserved)
+        admitted_at: float | None = None
         started = await route.limiter.acquire()
+        if self.quota is not None:  # the quota after the slot: charged to the window in which it is sent
+            reserved = self._reservation(prompt_text, params)
+            try:
+                admitted_at = await self.quota.admit(reserved)
+            except BaseException:
+                await route.limiter.release("error", started)
+                raise
         if first:  # the retry budget grows with requests sent, not with rows queued
             self.budget.record_first_attempt()
         outcome: Outcome = "error"
@@ -210,7 +215,7 @@ class EndpointClient:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
                 refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
-                self.quota.settle(reserved, charged if refund else reserved)
+                self.quota.settle(reserved, charged if refund else reserved, admitted_at)
             await route.limiter.release(outcome, started)
             # routing backends (vllm_pool) count what is outstanding
             if request is not None and backend.request_done(request, failure):
@@ -416,7 +421,15 @@ class AIQueryClient:
     ) -> CallResult:
         """One request; see ``amap`` for many."""
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
-        return await self.endpoint(endpoint).call(value, params, response_format)
+        client = self.endpoint(endpoint)
+        share = client.concurrency_share
+        if share is None:
+            return await client.call(value, params, response_format)
+        share.enter()
+        try:
+            return await client.call(value, params, response_format)
+        finally:
+            await share.exit()
 
     async def amap(
         self,
