@@ -39,6 +39,7 @@ from ._errors import (
     TransportTimeoutError,
 )
 from .backends import Backend, BatchContext, backend_for
+from ._redact import redact, remember_headers
 from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from .limits.share import ConcurrencyShare
@@ -151,6 +152,8 @@ class EndpointClient:
         backend = route.backend
         in_process = backend.capabilities.in_process  # in-process backends (MLflow pyfunc) skip HTTP
         request = None if in_process else await backend.build(task, value, params, response_format)
+        if request is not None:  # the credentials sent are scrubbed from whatever comes back (_redact.py)
+            remember_headers(request.headers)
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
         admitted_at: float | None = None
@@ -330,7 +333,7 @@ class EndpointClient:
         results = [CallResult(i, self.config.name, "error", error=fault, model=route.entity.model_name) for i, fault in enumerate(faults)]
         for i, outcome in zip(sent, outcomes):
             if isinstance(outcome, Exception):
-                results[i] = CallResult(i, self.config.name, "error", error=str(outcome), model=route.entity.model_name,
+                results[i] = CallResult(i, self.config.name, "error", error=redact(str(outcome)), model=route.entity.model_name,
                                         latency_ms=(self._clock() - t0) * 1000.0, attempts=1)
             else:
                 results[i] = self._ok_result(i, route, outcome, t0, 1)

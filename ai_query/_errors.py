@@ -30,6 +30,9 @@
 
 Row failures are data (``errorMessage``); only systemic failures and ``failOnError`` raise.
 
+Every message is scrubbed of secrets when the error is made (``ai_query/_redact.py``): a provider
+that echoes the key it was sent cannot put it into an error, and so into a row, a log or an answer.
+
 Every error pickles whatever its ``__init__`` takes (``AIQueryError.__reduce__``), so it crosses
 process boundaries intact. Spark, though, hands a Python worker's error to the driver as text;
 ``recover_error`` finds our error in that text and rebuilds it typed, message only.
@@ -40,11 +43,16 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, TypeVar
 
+from ._redact import redact
+
 E = TypeVar("E", bound="AIQueryError")
 
 
 class AIQueryError(Exception):
     """Root of every error raised by ai-query."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exception pickles as ``cls(*args)``, which breaks for any __init__ that takes other
@@ -159,7 +167,7 @@ class ServingError(AIQueryError):
         super().__init__(message)
         self.status = status
         self.error_code = error_code
-        self.message = message
+        self.message: str = self.args[0]
         self.headers = dict(headers or {})
 
 
@@ -212,5 +220,5 @@ def recover_error(text: str, expected: type[E]) -> E | None:
         return cls(message.strip())  # type: ignore[return-value]
     except TypeError:  # an __init__ that takes more than the message: the message alone, still typed
         error = cls.__new__(cls)
-        Exception.__init__(error, message.strip())
+        Exception.__init__(error, redact(message.strip()))
         return error  # type: ignore[return-value]

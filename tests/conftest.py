@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -14,6 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Secrets are read where requests are sent, i.e. in Spark's Python workers, which inherit the
 # environment of the JVM at start-up: set the simulator's key before the session starts.
 os.environ.setdefault("AIQ_SECRET_SIM_KEY", "sk-sim")
+# The serving state seals plaintext keys with a key file outside the state dir: one per test
+# session (its processes inherit it), not the user's ~/.config/ai-query/serving-state.key.
+_STATE_KEY_DIR = tempfile.mkdtemp(prefix="aiq-tests-")
+atexit.register(shutil.rmtree, _STATE_KEY_DIR, True)
+os.environ.setdefault("AIQ_SERVING_STATE_KEY", os.path.join(_STATE_KEY_DIR, "serving-state.key"))
 
 
 @pytest.fixture(scope="session")

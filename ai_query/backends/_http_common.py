@@ -13,6 +13,7 @@ import time
 from typing import Any, Mapping
 
 from ..config import ServedEntity, resolve_secret
+from .._redact import redact
 from .._errors import PermanentEndpointError, RateLimitedError, RetryableEndpointError, SystemicEndpointError
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._protocol import BackendBase, Capabilities
@@ -55,17 +56,19 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
 
 
 def _error_detail(body: bytes) -> str:
+    """The provider's message in an error body, scrubbed of secrets before it is cut to length
+    (a key cut in half would no longer match what ``redact`` knows)."""
     try:
         data = json.loads(body)
     except ValueError:
-        text = body.decode("utf-8", "replace").strip()
+        text = redact(body[:8000].decode("utf-8", "replace").strip())
         return text[:300] or "(empty body)"
     if isinstance(data, Mapping):
         err = data.get("error", data.get("message", data))
         if isinstance(err, Mapping):
             err = err.get("message", err)
-        return str(err)[:300]
-    return str(data)[:300]
+        return redact(str(err))[:300]
+    return redact(str(data))[:300]
 
 
 def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpoint_hint: str) -> None:
@@ -81,13 +84,13 @@ def raise_for_status(status: int, headers: Mapping[str, str], body: bytes, endpo
         raise RetryableEndpointError(message, status_code=status, request_id=request_id)
     if status in (401, 403):
         raise SystemicEndpointError(
-            f"{message}. Check the API key (the secret the endpoint config references) and its permissions.",
+            f"{message.rstrip('.')}. Check the API key (the secret the endpoint config references) and its permissions.",
             status_code=status,
             request_id=request_id,
         )
     if status == 404:
         raise SystemicEndpointError(
-            f"{message}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
+            f"{message.rstrip('.')}. Check the base URL and the model name in the endpoint config.", status_code=status, request_id=request_id
         )
     raise PermanentEndpointError(message, status_code=status, request_id=request_id)
 
@@ -181,7 +184,7 @@ def parse_openai_shape(
 def malformed_answer(entity: ServedEntity, task: str, status: int, headers: Mapping[str, str], body: bytes, exc: Exception) -> RetryableEndpointError:
     return RetryableEndpointError(
         f"HTTP {status} from served entity {entity.name!r} with a body that is not a valid {task} response "
-        f"({type(exc).__name__}: {exc}): {body[:200]!r}",
+        f"({type(exc).__name__}: {exc}): {redact(body[:2000].decode('utf-8', 'replace'))[:200]!r}",
         status_code=status,
         request_id=headers.get("x-request-id"),
     )

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..config import TASKS, ServedEntity
 from .._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
+from .._redact import redact
 from .._schemas import ModelParameters, ModelResponse, Usage
 from ._protocol import Backend, BackendBase, Capabilities
 
@@ -182,7 +183,7 @@ def load_pyfunc_model(uri: str) -> Any:
             try:
                 _MODELS[key] = mlflow.pyfunc.load_model(uri)
             except Exception as exc:  # MlflowException, OSError, a model's own import errors, ...
-                detail = " ".join(str(exc).split())[:_MESSAGE_LIMIT]
+                detail = redact(" ".join(str(exc).split()))[:_MESSAGE_LIMIT]
                 raise SystemicEndpointError(
                     f"cannot load MLflow model {uri!r} ({type(exc).__name__}: {detail}). {_registry_hint(uri)}"
                 ) from exc
@@ -345,7 +346,7 @@ class MLflowPyfuncBackend(BackendBase):
             return
         except Exception as exc:  # noqa: BLE001 - the model's own failure: find the rows that cause it
             if len(batch) == 1:
-                detail = " ".join(str(exc).split())[:_MESSAGE_LIMIT] or "(no message)"
+                detail = redact(" ".join(str(exc).split()))[:_MESSAGE_LIMIT] or "(no message)"
                 _settle(batch[0], PermanentEndpointError(f"MLflow model {self.ref.uri!r} failed on this row: {type(exc).__name__}: {detail}"))
                 return
             # Bisect: one bad row in 64 costs 12 more predicts, not 64.
@@ -362,7 +363,7 @@ class MLflowPyfuncBackend(BackendBase):
             except Exception as exc:  # noqa: BLE001 - an output of a shape nobody expected: that row's error
                 result = PermanentEndpointError(
                     f"MLflow model {self.ref.uri!r} returned an output that cannot be read for this row "
-                    f"({type(exc).__name__}: {exc}): {str(output)[:200]}"
+                    f"({type(exc).__name__}: {exc}): {redact(str(output)[:2000])[:200]}"
                 )
             _settle(row, result)
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from .._errors import SecretNotFoundError
+from .._redact import remember_secret
 
 SECRET_REF = re.compile(r"^\{\{\s*secrets/([^/\s{}]+)/([^/\s{}]+)\s*\}\}$")
 
@@ -30,7 +31,8 @@ def resolve_secret(ref: str) -> str:
     """Return the value behind a secret reference; raise naming where it was looked for.
 
     The value is returned to the caller only: it is never logged, cached in a config object,
-    or put into an error message.
+    or put into an error message; it is noted for ``redact``, so that no error text (a provider
+    echoing it) can carry it either.
     """
     match = SECRET_REF.match(ref)
     if match is None:
@@ -39,6 +41,7 @@ def resolve_secret(ref: str) -> str:
     env_name = secret_env_var(scope, key)
     value = os.environ.get(env_name)
     if value:
+        remember_secret(value)
         return value
     secrets_file = os.environ.get("AIQ_SECRETS_FILE")
     if secrets_file:
@@ -49,6 +52,7 @@ def resolve_secret(ref: str) -> str:
             raise SecretNotFoundError(f"cannot read the secrets file {path} (AIQ_SECRETS_FILE): {exc}") from exc
         value = data.get(scope, {}).get(key) if isinstance(data.get(scope), dict) else None
         if value:
+            remember_secret(str(value))
             return str(value)
     where = f"the environment variable {env_name}"
     where += f" or scope {scope!r} key {key!r} of {secrets_file}" if secrets_file else " or a secrets file (AIQ_SECRETS_FILE)"

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .._commands import Command
 from .._errors import ConfigError
+from .._redact import redact
 from ..config import EndpointRegistry
 from ._app import MAX_REQUEST_BYTES, ServingApp
 from ._auth import TokenAuthenticator
@@ -37,20 +38,24 @@ _SECRETS_IN_TEXT = [
 
 
 class SecretMaskingFilter(logging.Filter):
-    """Masks bearer tokens and credential values in every log record that passes through it."""
+    """Masks bearer tokens, credential values and known secrets in every log record that passes through it
+    (also a traceback's text, which a handler would otherwise format from the exception)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         masked = mask_text(message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # formatted once here, masked, and reused by every handler
+            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
         return True
 
 
 def mask_text(text: str) -> str:
+    """``text`` with credential assignments masked and every secret ``redact`` knows scrubbed."""
     for pattern, replacement in _SECRETS_IN_TEXT:
         text = pattern.sub(replacement, text)
-    return text
+    return redact(text)
 
 
 def install_log_masking() -> None:

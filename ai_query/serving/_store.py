@@ -3,8 +3,9 @@
 An endpoint created through the management API is stored as the JSON body it was created with
 (``config``, ``rate_limits``, ``tags``, ...) plus what the server adds (``id``, ``creator``,
 timestamps, ``config_version``), in ``<state_dir>/endpoints.json``, written atomically after every
-change, so endpoints survive a restart. Endpoints of the registry (built-ins, ``AIQ_ENDPOINTS``,
-``--endpoints FILE``) are served too, read-only: change them in their file.
+change, so endpoints survive a restart; plaintext credentials in it are sealed (``_sealed.py``).
+Endpoints of the registry (built-ins, ``AIQ_ENDPOINTS``, ``--endpoints FILE``) are served too,
+read-only: change them in their file.
 
 Every served endpoint has a ``Deployment``: its validated ``EndpointConfig`` and the very
 ``EndpointClient`` (routes, concurrency limiter, quota, retries) that a Spark task uses. A config
@@ -22,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,6 +34,7 @@ from .._errors import AIQueryError, ConfigError, ServingError
 from ..backends._mlflow import import_mlflow
 from ..process import proc_stat, process_identity
 from ..transport import TRANSPORT_KINDS, Transport, make_transport
+from ._sealed import CredentialSealer
 from ._shared import SharedControl
 
 log = logging.getLogger("ai_query.serving")
@@ -199,7 +201,8 @@ class EndpointStore:
 
     def __init__(self, registry: EndpointRegistry, state_dir: str | os.PathLike[str] | None, *,
                  sources: Mapping[str, str] | None = None, http_client: str = "httptools",
-                 control: SharedControl | None = None, share: float = 1.0) -> None:
+                 control: SharedControl | None = None, share: float = 1.0,
+                 state_key_file: str | os.PathLike[str] | None = None) -> None:
         if http_client not in HTTP_CLIENTS:
             raise ConfigError(f"http_client is {http_client!r}; use 'httptools' (least CPU) or 'aiohttp' (as batch tasks do)")
         if control is not None and state_dir is None:
@@ -208,6 +211,7 @@ class EndpointStore:
         self.http_client = http_client
         self._transport: Transport | None = None
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._sealer = CredentialSealer(state_key_file)
         self._control = control
         self._generation = control.generation() if control is not None else 0
         # One HTTP client and quota bookkeeping for all; a worker of N takes 1/N of each endpoint's
@@ -223,10 +227,13 @@ class EndpointStore:
             spec = {k: v for k, v in config.to_dict().items() if k != "name"}
             self.records[config.name] = EndpointRecord(config.name, spec, id=config.name, creator="system", source=where,
                                                        creation_timestamp=0, last_updated_timestamp=0)
-        for data in self._load():
+        loaded, clear = self._read()
+        for data in loaded:
             record = EndpointRecord(**data)
             record.settle_orphaned_update()
             self.records[record.name] = record
+        if clear:
+            self._seal_clear_credentials()
 
     # -- persistence ------------------------------------------------------------------------
     @property
@@ -234,26 +241,44 @@ class EndpointStore:
         return self.state_dir / "endpoints.json" if self.state_dir is not None else None
 
     def _load(self) -> list[dict[str, Any]]:
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict[str, Any]], bool]:
+        """The state file's records, credentials unsealed, and whether one was found in clear."""
         path = self._state_file
         if path is None or not path.exists():
-            return []
+            return [], False
         try:
-            return list(json.loads(path.read_text())["endpoints"])
+            items = list(json.loads(path.read_text())["endpoints"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read the serving state {path}: {exc}; fix or remove the file") from exc
+        return self._sealer.unseal(items, str(path))
 
     def _save(self) -> None:
+        self._write([r.to_state() for r in self.records.values() if r.source == "api"])
+
+    def _write(self, endpoints: list[dict[str, Any]]) -> None:
         path = self._state_file
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"endpoints": [r.to_state() for r in self.records.values() if r.source == "api"]}
+        data = {"endpoints": self._sealer.seal(endpoints)}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        # The state may hold plaintext credentials (``*_plaintext``): readable by the owner only.
+        # Readable by the owner only (credentials are sealed, but names, URLs and tags are the owner's business).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1)
         os.replace(tmp, path)
+
+    def _seal_clear_credentials(self) -> None:
+        """Rewrite a state file written before credentials were sealed, as it is, with them sealed
+        (under the workers' lock: each worker may find it so; the first one rewrites it)."""
+        with self._control if self._control is not None else nullcontext():
+            items, clear = self._read()
+            if clear:
+                self._write(items)
+                log.info("sealed the plaintext credentials of the serving state %s (key file %s)", self._state_file,
+                         self._sealer.key_file)
 
     def refresh(self) -> None:
         """Take in what other workers changed since the last look (one read of shared memory)."""

@@ -101,6 +101,7 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--error-rate", type=_error_rate, action="append", default=[], metavar="KIND=RATE",
                         help=f"inject a fault in this share of requests (repeatable or comma-separated); kinds: {', '.join(FAULT_KINDS)}")
     faults.add_argument("--hang", type=float, default=30.0, metavar="S", help="how long a 'timeout' fault holds its answer (default 30)")
+    faults.add_argument("--echo-key", action="store_true", help="error bodies repeat the key the request carried, as some providers do")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault and latency draws (default 0)")
 
     out = parser.add_argument_group("output")
@@ -137,6 +138,7 @@ def run_simulator(args: argparse.Namespace, *, prog: str = "ai-query simulate") 
             tpm_refund_unused=args.tpm_refund_unused,
             error_rates={kind: rate for pairs in args.error_rate for kind, rate in pairs},
             hang_s=args.hang,
+            echo_key=args.echo_key,
             seed=args.seed,
             host=args.host,
             port=args.port,

@@ -40,11 +40,16 @@ carries the rate-limit headers (OpenAI and serving: ``x-ratelimit-{limit,remaini
 ``Retry-After`` (seconds, fractional, rounded up to the ms) and ``retry-after-ms``.
 
 **Faults** and **directives** (failures injected per request or per prompt): see ``_faults``.
+
+**Echoed keys** (``echo_key=True``), as providers do: a 401 body says ``Incorrect API key provided:
+<key>``, any other error body adds ``(request headers: authorization: Bearer <key>)`` (Anthropic:
+``x-api-key: <key>``). Nothing of ours may pass it on (``ai_query/_redact.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import math
 import random
@@ -67,6 +72,8 @@ from ._provider_formats import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFor
 __all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
 
 _RECEIVED_AT = web.RequestKey("aiq_received_at", float)
+_SENT_CREDENTIAL: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("aiq_sent_credential", default=None)
+"""(header name, key, header value) of the request being answered, when ``echo_key`` is on (one handler task each)."""
 _JSON = "application/json"
 
 
@@ -97,6 +104,7 @@ class ProviderSimulator:
         tpm_refund_unused: bool = False,
         error_rates: Mapping[Any, float] | None = None,
         hang_s: float = 30.0,
+        echo_key: bool = False,
         seed: int = 0,
         served_log: bool = False,
         batch_api: Mapping[str, Any] | None = None,
@@ -126,6 +134,7 @@ class ProviderSimulator:
             error_rates: shares of admitted requests that get a fault, by kind in
                 :data:`FAULT_KINDS`, e.g. ``{"500": 0.05, "503": 0.05, "reset": 0.02}``.
             hang_s: how much longer a ``"timeout"`` fault holds its answer.
+            echo_key: every error body repeats the credential the request carried (see the module docstring).
             seed: seeds the fault and latency draws; the same seed gives the same sequences.
             served_log: keep one record per answer served (its request id as the client sees it,
                 when, its tokens); read it with :meth:`served_answers`. Off by default (memory).
@@ -170,6 +179,7 @@ class ProviderSimulator:
         self.error_rates = {str(k): float(v) for k, v in (error_rates or {}).items()}
         self._faults = fault_table(error_rates)
         self.hang_s = float(hang_s)
+        self.echo_key = bool(echo_key)
         self.seed = seed
         self.batches = BatchAPIs(self, **dict(batch_api or {}))
         self.host = host
@@ -348,6 +358,7 @@ class ProviderSimulator:
             "tpm_refund_unused": self.tpm_refund_unused,
             "error_rates": dict(self.error_rates),
             "hang_s": self.hang_s,
+            "echo_key": self.echo_key,
             "seed": self.seed,
         }
 
@@ -370,7 +381,9 @@ class ProviderSimulator:
     async def _models(self, request: web.Request) -> web.Response:
         # OpenAI and Anthropic both list models here (Anthropic's key comes as x-api-key)
         if self.api_key is not None and not ANTHROPIC.authorized(request.headers, self.api_key):
-            return web.Response(body=dumps(OPENAI.error(401, OPENAI.bad_key_message)), status=401, content_type=_JSON)
+            sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+            message = f"Incorrect API key provided: {sent}." if self.echo_key else OPENAI.bad_key_message
+            return web.Response(body=dumps(OPENAI.error(401, message)), status=401, content_type=_JSON)
         model = {"id": self.served_model, "object": "model", "created": 0, "owned_by": "ai-query-simulator"}
         return web.Response(body=dumps({"object": "list", "data": [model]}), content_type=_JSON)
 
@@ -398,6 +411,10 @@ class ProviderSimulator:
         stats.by_status[status] += 1
         if status == 429:
             stats.rate_limited += 1
+        sent = _SENT_CREDENTIAL.get()
+        if sent is not None:
+            header, key, value = sent
+            message = f"Incorrect API key provided: {key}." if status == 401 else f"{message} (request headers: {header}: {value})"
         return web.Response(body=dumps(fmt.error(status, message, code)), status=status, headers=headers, content_type=_JSON)
 
     async def _serve(self, request: web.Request, fmt: WireFormat, task: str | None, endpoint: str | None = None) -> web.StreamResponse:
@@ -411,6 +428,10 @@ class ProviderSimulator:
         headers = {"x-request-id": "req-" + rid}
         if fmt is ANTHROPIC:
             headers["request-id"] = "req_" + rid
+        if self.echo_key:
+            header = "x-api-key" if fmt is ANTHROPIC and "x-api-key" in request.headers else "authorization"
+            value = request.headers.get(header, "")
+            _SENT_CREDENTIAL.set((header, value.removeprefix("Bearer "), value) if value else None)
         if self.api_key is not None and not fmt.authorized(request.headers, self.api_key):
             return self._error(fmt, 401, fmt.bad_key_message, headers)
         refusal = fmt.precheck(request.headers)
