@@ -3,7 +3,9 @@
 ``EndpointClient`` is the exchange for one endpoint: route (the traffic split over its served
 entities, falling back to the next), admit (quota, then a concurrency slot), send, classify the
 answer (ok, a row error, a retryable fault, a sign of overload, a systemic failure) and retry
-per policy. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived transport
+per policy. Each served entity has a circuit breaker (``limits.breaker``): when it stops
+answering, rows wait in it for the outage to end (up to ``outage_wait_s``) instead of spending
+their attempts and the retry budget. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived transport
 (``ai_query.transport``: aiohttp by default, ``MockTransport`` in unit tests) and a background
 event loop. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` /
 ``acall()`` the asynchronous one used by the serving endpoint. The stages around the exchange
@@ -27,7 +29,9 @@ from .limits.slots import Outcome
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     EndpointError,
+    EndpointOutageError,
     EndpointTimeoutError,
+    EndpointUnavailableError,
     LocalEngineError,
     RateLimitedError,
     ReplicaUnavailableError,
@@ -39,6 +43,7 @@ from ._errors import (
     TransportTimeoutError,
 )
 from .backends import Backend, BatchContext, backend_for
+from .limits.breaker import CircuitBreaker, is_outage
 from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from .limits.share import ConcurrencyShare
@@ -59,12 +64,13 @@ SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (SystemicEndpointError, Secre
 
 @dataclass
 class _Route:
-    """One served entity of an endpoint, with its own adapter and concurrency limiter."""
+    """One served entity of an endpoint, with its own adapter, concurrency limiter and circuit breaker."""
 
     entity: ServedEntity
     backend: Backend
     limiter: AdaptiveConcurrencyLimiter
     weight: int
+    breaker: CircuitBreaker
 
 
 def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
@@ -95,7 +101,9 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0))
+            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0),
+                   CircuitBreaker(config.name if len(config.served_entities) == 1 else f"{config.name}/{e.name}",
+                                  outage_wait_s=cc.outage_wait_s, clock=clock, sleep=sleep))
             for e, backend in ((e, backend_for(e)) for e in config.served_entities)
         ]
         self.quota = quota
@@ -146,17 +154,25 @@ class EndpointClient:
         return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
 
     async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-                       prompt_text: str, first: bool = False) -> ModelResponse:
+                       prompt_text: str, first: bool = False, give_up_at: float | None = None) -> ModelResponse:
         task = self.config.task
         backend = route.backend
         in_process = backend.capabilities.in_process  # in-process backends (MLflow pyfunc) skip HTTP
         request = None if in_process else await backend.build(task, value, params, response_format)
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
-        if self.quota is not None:  # wait for quota before taking a concurrency slot
-            reserved = self._reservation(prompt_text, params)
-            await self.quota.admit(reserved)
-        started = await route.limiter.acquire()
+        breaker = route.breaker
+        # while the endpoint is down, wait here: before quota and a concurrency slot, holding neither
+        probe = breaker.state != "closed" and await breaker.admit(give_up_at, waited_for="its request timeout")
+        try:
+            if self.quota is not None:  # wait for quota before taking a concurrency slot
+                reserved = self._reservation(prompt_text, params)
+                await self.quota.admit(reserved)
+            started = await route.limiter.acquire()
+        except BaseException:
+            if probe:
+                breaker.probe_abandoned()
+            raise
         if first:  # the retry budget grows with requests sent, not with rows queued
             self.budget.record_first_attempt()
         outcome: Outcome = "error"
@@ -203,6 +219,12 @@ class EndpointClient:
                 self.recent_faults.record(False)
             elif isinstance(failure, RetryableEndpointError) and not isinstance(failure, (RateLimitedError, EndpointTimeoutError)):
                 self.recent_faults.record(True)
+            down = is_outage(failure)
+            endpoints_fault = down and breaker.failed(str(failure), probe=probe)
+            if outcome == "ok" or (isinstance(failure, EndpointError) and not down and not isinstance(failure, EndpointTimeoutError)):
+                breaker.answered()  # any answer, even an error, says the endpoint is there
+            elif probe and not down:
+                breaker.probe_abandoned()  # a timeout or a cancelled row says nothing: probe again
             if self.quota is not None:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
@@ -215,6 +237,10 @@ class EndpointClient:
                 # replica and spends no retry budget (it still counts towards max_attempts).
                 assert isinstance(failure, RetryableEndpointError)
                 raise ReplicaUnavailableError(str(failure), request_id=failure.request_id) from failure
+            if endpoints_fault:  # met while the breaker is open: the row waits for the endpoint
+                assert isinstance(failure, RetryableEndpointError)
+                raise EndpointUnavailableError(str(failure), status_code=failure.status_code,
+                                               request_id=failure.request_id) from failure
 
     async def call(
         self,
@@ -224,11 +250,14 @@ class EndpointClient:
         *,
         index: int = 0,
         prompt_text: str | None = None,
+        deadline: float | None = None,
     ) -> CallResult:
         """One row, retried per policy, falling back to the next entity if the endpoint allows.
 
         Row failures come back as ``status='error'``; systemic ones raise. ``prompt_text`` is the
         value's ``prompt_text_of``, when the caller computed it already (for the prefix order).
+        ``deadline`` (a reading of the client's clock): the latest a row waits out an outage of
+        the endpoint, if sooner than ``outage_wait_s`` (a served request's own timeout).
         """
         if value is None:
             return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
@@ -240,7 +269,7 @@ class EndpointClient:
         errors: list[str] = []
         order = self._order(prompt_text)
         for position, route in enumerate(order):
-            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0)
+            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0, deadline)
             attempts += result.attempts
             result.attempts = attempts
             if result.ok or not transient or position == len(order) - 1:
@@ -253,7 +282,7 @@ class EndpointClient:
 
     async def _call_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-        prompt_text: str, index: int, t0: float,
+        prompt_text: str, index: int, t0: float, deadline: float | None = None,
     ) -> tuple[CallResult, bool]:
         # Most rows succeed at once: the first attempt runs without a tenacity ``AsyncRetrying``
         # (building and iterating one costs about a tenth of a served request's CPU). A retryable
@@ -261,11 +290,13 @@ class EndpointClient:
         # retried, the waits and the stops are exactly tenacity's.
         started = self._clock()
         try:
-            response = await self._attempt(route, value, params, response_format, prompt_text, first=True)
+            response = await self._attempt(route, value, params, response_format, prompt_text, first=True, give_up_at=deadline)
         except SYSTEMIC_ERRORS:
             raise
         except RetryableEndpointError as exc:
-            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc)
+            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc, deadline)
+        except EndpointOutageError as exc:  # the endpoint was down already for outage_wait_s: nothing sent
+            return self._failed_result(index, route, exc, t0, 0, "waited for the endpoint"), True
         except EndpointError as exc:
             return self._failed_result(index, route, exc, t0, 1, "gave up"), False
         return self._ok_result(index, route, response, t0, 1), False
@@ -273,6 +304,7 @@ class EndpointClient:
     async def _retry_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
         prompt_text: str, index: int, t0: float, started: float, first_failure: RetryableEndpointError,
+        deadline: float | None = None,
     ) -> tuple[CallResult, bool]:
         """The retry policy from a failed first attempt (``first_failure``, made at ``started``) on."""
         cc = self.config.client_config
@@ -289,9 +321,11 @@ class EndpointClient:
                     if replay is not None:  # attempt 1 was made already: tenacity judges its outcome
                         failure, replay = replay, None
                         raise failure
-                    response = await self._attempt(route, value, params, response_format, prompt_text)
+                    response = await self._attempt(route, value, params, response_format, prompt_text, give_up_at=deadline)
         except SYSTEMIC_ERRORS:
             raise
+        except EndpointOutageError as exc:  # raised in the breaker before the last attempt was sent
+            return self._failed_result(index, route, exc, t0, attempts - 1, "waited for the endpoint"), True
         except EndpointError as exc:
             why = "gave up"
             if isinstance(retrying.retry, retry_within_budget) and retrying.retry.exhausted:
