@@ -162,17 +162,24 @@ class EndpointClient:
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
         breaker = route.breaker
-        # while the endpoint is down, wait here: before quota and a concurrency slot, holding neither
-        probe = breaker.state != "closed" and await breaker.admit(give_up_at, waited_for="its request timeout")
-        try:
-            if self.quota is not None:  # wait for quota before taking a concurrency slot
-                reserved = self._reservation(prompt_text, params)
-                await self.quota.admit(reserved)
-            started = await route.limiter.acquire()
-        except BaseException:
-            if probe:
-                breaker.probe_abandoned()
-            raise
+        while True:
+            # while the endpoint is down, wait here: before quota and a concurrency slot, holding neither
+            probe = breaker.state != "closed" and await breaker.admit(give_up_at, waited_for="its request timeout")
+            try:
+                if self.quota is not None:  # wait for quota before taking a concurrency slot
+                    reserved = self._reservation(prompt_text, params)
+                    await self.quota.admit(reserved)
+                started = await route.limiter.acquire()
+            except BaseException:
+                if probe:
+                    breaker.probe_abandoned()
+                raise
+            if probe or breaker.state == "closed":
+                break
+            # the breaker opened while this row queued for quota and a slot: give both back, wait in it
+            if self.quota is not None:
+                self.quota.settle(reserved, 0.0)
+            await route.limiter.release("error", started)
         if first:  # the retry budget grows with requests sent, not with rows queued
             self.budget.record_first_attempt()
         outcome: Outcome = "error"
@@ -250,14 +257,14 @@ class EndpointClient:
         *,
         index: int = 0,
         prompt_text: str | None = None,
-        deadline: float | None = None,
+        wait_at_most_s: float | None = None,
     ) -> CallResult:
         """One row, retried per policy, falling back to the next entity if the endpoint allows.
 
         Row failures come back as ``status='error'``; systemic ones raise. ``prompt_text`` is the
         value's ``prompt_text_of``, when the caller computed it already (for the prefix order).
-        ``deadline`` (a reading of the client's clock): the latest a row waits out an outage of
-        the endpoint, if sooner than ``outage_wait_s`` (a served request's own timeout).
+        ``wait_at_most_s``: the longest the row waits out an outage of the endpoint from now, when
+        shorter than ``outage_wait_s`` allows (a served request, bounded by its own timeout).
         """
         if value is None:
             return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
@@ -265,6 +272,7 @@ class EndpointClient:
         if prompt_text is None:
             prompt_text = prompt_text_of(value)
         t0 = self._clock()
+        deadline = None if wait_at_most_s is None else t0 + wait_at_most_s
         attempts = 0
         errors: list[str] = []
         order = self._order(prompt_text)

@@ -191,6 +191,6 @@ class CircuitBreaker:
         return (
             f"endpoint {self.name!r} has not answered for {down_for:.0f} s (down since {began}; last failure: "
             f"{self.last_failure}), {limit}, so the row was not sent again. Once the endpoint answers, resume: "
-            f"`ai-query run <job.toml> --retry-failed` for a job, or run the query again; raise "
+            f"`ai-query run <job.toml> --retry-failed` for a job, or send the query again; raise "
             f"client_config.outage_wait_s to wait out longer outages"
         )
