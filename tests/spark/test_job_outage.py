@@ -27,12 +27,13 @@ import sys
 import textwrap
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from batch_runner import write_sample_reviews
+from tests.spark.test_job_resume import start_run, write_job as write_resume_job
 
 ROWS = 300
 CHUNK = 100
@@ -87,39 +88,17 @@ class Provider:
 
 
 def write_job(workdir, port: int, outage_wait_s: float | None) -> str:
+    """The resume test's job (300 rows, chunks of 100), its endpoint with 2 attempts a row, 8 in flight."""
+    job = write_resume_job(workdir, SimpleNamespace(base_url=f"http://127.0.0.1:{port}/v1"), rows=ROWS, chunk=CHUNK)
     client = {"max_attempts": 2, "max_concurrency": 8}
     if outage_wait_s is not None:
         client["outage_wait_s"] = outage_wait_s
-    (workdir / "endpoints.json").write_text(json.dumps({"name": "sim-chat", "config": {"served_entities": [{
-        "name": "sim", "external_model": {"name": "sim-model", "provider": "openai", "task": "llm/v1/chat",
-                                          "openai_config": {"openai_api_key_plaintext": KEY,
-                                                            "openai_api_base": f"http://127.0.0.1:{port}/v1"}}}]},
-        "client_config": client}))
-    write_sample_reviews(str(workdir / "reviews"), rows=ROWS)
-    (workdir / "job.toml").write_text(textwrap.dedent(f'''
-        name = "outage"
-        endpoints = "endpoints.json"
-        key = ["review_id"]
-        [prompt]
-        endpoint = "sim-chat"
-        template = "Review {{review_id}}: {{review}}"
-        column = "answer"
-        max_tokens = 12
-        [sources]
-        reviews = "reviews"
-        [output]
-        path = "out"
-        mode = "merge"
-        [options]
-        chunk_rows = {CHUNK}
-    '''))
-    return str(workdir / "job.toml")
-
-
-def start_run(job: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "batch_runner.cli", "run", "--no-progress", job, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    endpoints = json.loads((workdir / "endpoints.json").read_text())
+    endpoints["client_config"] = client
+    endpoints["config"]["served_entities"][0]["external_model"]["openai_config"]["openai_api_key_plaintext"] = KEY
+    del endpoints["config"]["served_entities"][0]["external_model"]["openai_config"]["openai_api_key"]
+    (workdir / "endpoints.json").write_text(json.dumps(endpoints))
+    return job
 
 
 def wait_served(provider: Provider, proc: subprocess.Popen, at_least: int) -> None:
