@@ -246,8 +246,8 @@ class EndpointClient:
                 raise ReplicaUnavailableError(str(failure), request_id=failure.request_id) from failure
             if endpoints_fault:  # met while the breaker is open: the row waits for the endpoint
                 assert isinstance(failure, RetryableEndpointError)
-                raise EndpointUnavailableError(str(failure), status_code=failure.status_code,
-                                               request_id=failure.request_id) from failure
+                raise EndpointUnavailableError(str(failure), status_code=failure.status_code, request_id=failure.request_id,
+                                               breaker_open=breaker.state != "closed") from failure
 
     async def call(
         self,

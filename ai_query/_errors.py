@@ -128,8 +128,15 @@ class ReplicaUnavailableError(RetryableEndpointError):
 
 class EndpointUnavailableError(RetryableEndpointError):
     """An attempt met an outage sign (no connection, 502/503/504) while the endpoint's circuit
-    breaker is open: the endpoint's failure, not the row's. The row waits for the breaker and
-    tries again, without counting the attempt towards ``max_attempts`` or spending retry budget."""
+    breaker is open (``breaker_open``) or while a streak of such failures grows towards opening
+    it: the endpoint's failure, not the row's. The row tries again (waiting in the breaker when
+    it is open, else after the usual backoff) without counting the attempt towards
+    ``max_attempts`` or spending retry budget."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, request_id: str | None = None,
+                 breaker_open: bool = True) -> None:
+        super().__init__(message, status_code=status_code, request_id=request_id)
+        self.breaker_open = breaker_open
 
 
 class EndpointOutageError(EndpointError):

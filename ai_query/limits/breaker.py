@@ -8,7 +8,10 @@ tells an outage from bad luck and turns it into waiting:
 - **closed**: attempts go. ``threshold`` attempts in a row that met a sign of an outage (no
   connection, a broken connection, 502/503/504 without Retry-After; see ``is_outage``) with no
   answer in between open it. An answer of any kind (even a 500 or a 429: the endpoint is there)
-  ends the streak; a timeout says nothing either way (a sign of load, for the limiter).
+  ends the streak; a timeout says nothing either way (a sign of load, for the limiter). Only the
+  streak's first failure is charged to its row: the next ones are retried free (after the usual
+  backoff) while the streak grows (found in the job test: with 4 rows in flight per worker and ``max_attempts`` 2, a row
+  retried at once spent both attempts on refused connections before the breaker opened).
 - **open**: no attempt goes; rows wait in ``admit``. A failure met now is the endpoint's, not the
   row's: the client retries it without counting it towards ``max_attempts`` or spending the
   retry budget. After a pause (``first_probe_s``, doubling up to ``max_probe_interval_s`` while
@@ -99,8 +102,11 @@ class CircuitBreaker:
             self._wake()
 
     def failed(self, error: str, *, probe: bool = False) -> bool:
-        """An attempt met an outage sign. True if the breaker is open after it (then the failure
-        is the endpoint's outage, not the row's: it costs the row no attempt and no budget)."""
+        """An attempt met an outage sign. True if the failure is the endpoint's, not the row's (it
+        costs the row no attempt and no budget): the breaker is open after it, or it follows
+        another outage sign with no answer between. Only the first failure of a streak is the
+        row's: otherwise a row retried at once could spend its attempts on a dead endpoint in
+        the moment before the streak reaches ``threshold``."""
         now = self._clock()
         self.streak += 1
         self.last_failure = error
@@ -113,7 +119,7 @@ class CircuitBreaker:
             self.probe_at = now + self._interval
         elif self.state == "half_open" and probe:
             self._reopen(now, longer=True)
-        return self.state != "closed"
+        return self.state != "closed" or self.streak >= 2
 
     def probe_abandoned(self) -> None:
         """The probe ended without an answer or an outage sign (a timeout, a cancelled row): the

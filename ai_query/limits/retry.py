@@ -97,7 +97,7 @@ class wait_fault_at_once(wait_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, EndpointUnavailableError):  # the endpoint's circuit breaker does the waiting
+        if isinstance(exc, EndpointUnavailableError) and exc.breaker_open:  # the breaker does the waiting
             return 0.0
         if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
             faults = retry_state.attempt_number  # every attempt so far failed

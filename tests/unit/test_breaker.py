@@ -26,13 +26,12 @@ def breaker(clock, **kw):
 
 def test_opens_after_threshold_outage_signs_in_a_row_and_any_answer_ends_the_streak():
     # mutations caught: `streak >= threshold` -> `streak > threshold`; answered() not resetting the streak
+    # and failed() charging a streak's later failures to their rows (`or self.streak >= 2` dropped)
     clock = FakeClock()
     b = breaker(clock, threshold=5)
-    for _ in range(4):
-        assert b.failed("refused") is False
+    assert [b.failed("refused") for _ in range(4)] == [False, True, True, True]  # only the first is the row's
     b.answered()  # a 500 or a 429 is an answer too: the endpoint is there
-    for _ in range(4):
-        assert b.failed("refused") is False
+    assert [b.failed("refused") for _ in range(4)] == [False, True, True, True]
     assert b.state == "closed" and b.decide() == ("go", 0.0)
     assert b.failed("refused") is True and b.state == "open" and b.opened == 1
 
