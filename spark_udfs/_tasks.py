@@ -228,12 +228,10 @@ def build_task_udf(task: TaskFunction, endpoint: str, registry: EndpointRegistry
         columns = [a.to_pylist() if a is not None else [d] * n for a, d in zip(arrays, (None, *task.defaults))]
         values = evaluate_task(task, endpoint, registry, columns, quota_broker, quota_share, progress_address)
         if return_type is not None:  # ai_extract with literal labels: a typed struct
-            from ._types import convert
+            from ._types import arrow_type as arrow_type_of, convert
 
             values = [None if v is None else convert(v, return_type) for v in values]
-            from pyspark.sql.pandas.types import to_arrow_type
-
-            return pa.array(values, type=to_arrow_type(return_type))
+            return pa.array(values, type=arrow_type_of(return_type))
         return pa.array(values, type=arrow_type)
 
     # Spark reads the argument names (for named arguments) and the arrow type hints from the signature.

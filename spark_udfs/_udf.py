@@ -241,10 +241,10 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
     arguments to iterator UDFs; the SQL rewrite writes the call positionally).
     """
     from pyspark.sql.functions import arrow_udf
-    from pyspark.sql.pandas.types import to_arrow_type
+    from ._types import arrow_type as arrow_type_of
 
     return_type = spec.return_type()
-    arrow_type = to_arrow_type(return_type, timezone="UTC")
+    arrow_type = arrow_type_of(return_type)
 
     if spec.arguments is not None:
         layout = spec.arguments
