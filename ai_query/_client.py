@@ -154,7 +154,7 @@ class EndpointClient:
         return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
 
     async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-                       prompt_text: str, first: bool = False, give_up_at: float | None = None) -> ModelResponse:
+                       prompt_text: str, first: bool = False, give_up: tuple[float, str] | None = None) -> ModelResponse:
         task = self.config.task
         backend = route.backend
         in_process = backend.capabilities.in_process  # in-process backends (MLflow pyfunc) skip HTTP
@@ -164,7 +164,7 @@ class EndpointClient:
         breaker = route.breaker
         while True:
             # while the endpoint is down, wait here: before quota and a concurrency slot, holding neither
-            probe = breaker.state != "closed" and await breaker.admit(give_up_at, waited_for="its request timeout")
+            probe = breaker.state != "closed" and await breaker.admit(*(give_up or (None, "")))
             try:
                 if self.quota is not None:  # wait for quota before taking a concurrency slot
                     reserved = self._reservation(prompt_text, params)
@@ -272,12 +272,14 @@ class EndpointClient:
         if prompt_text is None:
             prompt_text = prompt_text_of(value)
         t0 = self._clock()
-        deadline = None if wait_at_most_s is None else t0 + wait_at_most_s
+        deadline = None if wait_at_most_s is None else (t0 + wait_at_most_s, "its request timeout")
         attempts = 0
         errors: list[str] = []
         order = self._order(prompt_text)
         for position, route in enumerate(order):
-            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0, deadline)
+            # an entity that is down, with another to fall back to: the row goes there instead of waiting
+            give_up = deadline if position == len(order) - 1 else (t0, "another served entity can take it")
+            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0, give_up)
             attempts += result.attempts
             result.attempts = attempts
             if result.ok or not transient or position == len(order) - 1:
@@ -290,7 +292,7 @@ class EndpointClient:
 
     async def _call_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-        prompt_text: str, index: int, t0: float, deadline: float | None = None,
+        prompt_text: str, index: int, t0: float, give_up: tuple[float, str] | None = None,
     ) -> tuple[CallResult, bool]:
         # Most rows succeed at once: the first attempt runs without a tenacity ``AsyncRetrying``
         # (building and iterating one costs about a tenth of a served request's CPU). A retryable
@@ -298,11 +300,11 @@ class EndpointClient:
         # retried, the waits and the stops are exactly tenacity's.
         started = self._clock()
         try:
-            response = await self._attempt(route, value, params, response_format, prompt_text, first=True, give_up_at=deadline)
+            response = await self._attempt(route, value, params, response_format, prompt_text, first=True, give_up=give_up)
         except SYSTEMIC_ERRORS:
             raise
         except RetryableEndpointError as exc:
-            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc, deadline)
+            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc, give_up)
         except EndpointOutageError as exc:  # the endpoint was down already for outage_wait_s: nothing sent
             return self._failed_result(index, route, exc, t0, 0, "waited for the endpoint"), True
         except EndpointError as exc:
@@ -312,7 +314,7 @@ class EndpointClient:
     async def _retry_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
         prompt_text: str, index: int, t0: float, started: float, first_failure: RetryableEndpointError,
-        deadline: float | None = None,
+        give_up: tuple[float, str] | None = None,
     ) -> tuple[CallResult, bool]:
         """The retry policy from a failed first attempt (``first_failure``, made at ``started``) on."""
         cc = self.config.client_config
@@ -329,7 +331,7 @@ class EndpointClient:
                     if replay is not None:  # attempt 1 was made already: tenacity judges its outcome
                         failure, replay = replay, None
                         raise failure
-                    response = await self._attempt(route, value, params, response_format, prompt_text, give_up_at=deadline)
+                    response = await self._attempt(route, value, params, response_format, prompt_text, give_up=give_up)
         except SYSTEMIC_ERRORS:
             raise
         except EndpointOutageError as exc:  # raised in the breaker before the last attempt was sent

@@ -158,7 +158,7 @@ class CircuitBreaker:
         until = min(limit, self.probe_at) if self.state == "open" else limit
         return "wait", max(0.0, until - now)
 
-    async def admit(self, give_up_at: float | None = None, *, waited_for: str = "") -> bool:
+    async def admit(self, give_up_at: float | None = None, waited_for: str = "") -> bool:
         """Wait while the endpoint is down; True if the caller goes as the probe. Raises
         ``EndpointOutageError`` once the endpoint has been down ``outage_wait_s`` or the clock
         reaches ``give_up_at`` (``waited_for`` names that deadline in the message)."""
