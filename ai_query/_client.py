@@ -227,7 +227,7 @@ class EndpointClient:
             elif isinstance(failure, RetryableEndpointError) and not isinstance(failure, (RateLimitedError, EndpointTimeoutError)):
                 self.recent_faults.record(True)
             down = is_outage(failure)
-            endpoints_fault = down and breaker.failed(str(failure), probe=probe)
+            endpoints_fault = down and breaker.failed(str(failure), probe=probe, row=hash(prompt_text))
             if outcome == "ok" or (isinstance(failure, EndpointError) and not down and not isinstance(failure, EndpointTimeoutError)):
                 breaker.answered()  # any answer, even an error, says the endpoint is there
             elif probe and not down:

@@ -8,10 +8,12 @@ tells an outage from bad luck and turns it into waiting:
 - **closed**: attempts go. ``threshold`` attempts in a row that met a sign of an outage (no
   connection, a broken connection, 502/503/504 without Retry-After; see ``is_outage``) with no
   answer in between open it. An answer of any kind (even a 500 or a 429: the endpoint is there)
-  ends the streak; a timeout says nothing either way (a sign of load, for the limiter). Only the
-  streak's first failure is charged to its row: the next ones are retried free (after the usual
-  backoff) while the streak grows (found in the job test: with 4 rows in flight per worker and ``max_attempts`` 2, a row
-  retried at once spent both attempts on refused connections before the breaker opened).
+  ends the streak; a timeout says nothing either way (a sign of load, for the limiter). Once the
+  streak spans two rows, its further failures are not charged to their rows (they are retried
+  after the usual backoff): found in the job test, where with 4 rows in flight per worker and
+  ``max_attempts`` 2 a row retried at once spent both attempts on refused connections before the
+  breaker opened. A streak of one row's failures alone (a prompt that resets the connection)
+  stays that row's until the breaker opens.
 - **open**: no attempt goes; rows wait in ``admit``. A failure met now is the endpoint's, not the
   row's: the client retries it without counting it towards ``max_attempts`` or spending the
   retry budget. After a pause (``first_probe_s``, doubling up to ``max_probe_interval_s`` while
@@ -81,6 +83,7 @@ class CircuitBreaker:
         self.state: State = "closed"
         self.streak = 0
         """Attempts in a row that met an outage sign, with no answer between them."""
+        self._streak_rows: set[int] = set()  # up to 2 rows' keys: does the streak span rows?
         self.down_since: float | None = None
         """Clock reading of the streak's first failure: when the outage began, as far as we know."""
         self.last_failure = ""
@@ -95,20 +98,21 @@ class CircuitBreaker:
     def answered(self) -> None:
         """The endpoint answered (any HTTP answer that is not an outage sign): it is there."""
         self.streak = 0
+        self._streak_rows.clear()
         self.down_since = None
         if self.state != "closed":
             self.state = "closed"
             self._interval = self.first_probe_s
             self._wake()
 
-    def failed(self, error: str, *, probe: bool = False) -> bool:
-        """An attempt met an outage sign. True if the failure is the endpoint's, not the row's (it
-        costs the row no attempt and no budget): the breaker is open after it, or it follows
-        another outage sign with no answer between. Only the first failure of a streak is the
-        row's: otherwise a row retried at once could spend its attempts on a dead endpoint in
-        the moment before the streak reaches ``threshold``."""
+    def failed(self, error: str, *, probe: bool = False, row: int = 0) -> bool:
+        """An attempt of ``row`` (a key of the row) met an outage sign. True if the failure is
+        the endpoint's, not the row's (it costs the row no attempt and no budget): the breaker
+        is open after it, or the streak spans two rows already."""
         now = self._clock()
         self.streak += 1
+        if len(self._streak_rows) < 2:
+            self._streak_rows.add(row)
         self.last_failure = error
         if self.down_since is None:
             self.down_since = now
@@ -119,7 +123,7 @@ class CircuitBreaker:
             self.probe_at = now + self._interval
         elif self.state == "half_open" and probe:
             self._reopen(now, longer=True)
-        return self.state != "closed" or self.streak >= 2
+        return self.state != "closed" or len(self._streak_rows) >= 2
 
     def probe_abandoned(self) -> None:
         """The probe ended without an answer or an outage sign (a timeout, a cancelled row): the

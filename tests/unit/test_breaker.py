@@ -26,12 +26,12 @@ def breaker(clock, **kw):
 
 def test_opens_after_threshold_outage_signs_in_a_row_and_any_answer_ends_the_streak():
     # mutations caught: `streak >= threshold` -> `streak > threshold`; answered() not resetting the streak
-    # and failed() charging a streak's later failures to their rows (`or self.streak >= 2` dropped)
+    # and failed() charging a streak's failures to their rows once it spans two rows (`or len(...) >= 2` dropped)
     clock = FakeClock()
     b = breaker(clock, threshold=5)
-    assert [b.failed("refused") for _ in range(4)] == [False, True, True, True]  # only the first is the row's
+    assert [b.failed("refused", row=1) for _ in range(4)] == [False] * 4  # one row's own streak stays its own
     b.answered()  # a 500 or a 429 is an answer too: the endpoint is there
-    assert [b.failed("refused") for _ in range(4)] == [False, True, True, True]
+    assert [b.failed("refused", row=r) for r in (1, 2, 1, 3)] == [False, True, True, True]  # spans rows: the endpoint's
     assert b.state == "closed" and b.decide() == ("go", 0.0)
     assert b.failed("refused") is True and b.state == "open" and b.opened == 1
 
