@@ -50,7 +50,7 @@ from .limits.share import ConcurrencyShare
 from .transport import Request, Transport, make_transport
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .batch.plan import prefix_order
-from .batch.request import prompt_text_of, traffic_point
+from .batch.request import prompt_text_of, row_fault, traffic_point
 from .batch.results import CallResult, answered_result, check_exactly_once, failed_result
 from .batch.scheduler import WindowScheduler
 
@@ -161,14 +161,12 @@ class EndpointClient:
         request = None if in_process else await backend.build(task, value, params, response_format)
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
+        admitted_at: float | None = None
         breaker = route.breaker
         while True:
-            # while the endpoint is down, wait here: before quota and a concurrency slot, holding neither
+            # while the endpoint is down, wait here, before taking a concurrency slot
             probe = breaker.state != "closed" and await breaker.admit(*(give_up or (None, "")))
             try:
-                if self.quota is not None:  # wait for quota before taking a concurrency slot
-                    reserved = self._reservation(prompt_text, params)
-                    await self.quota.admit(reserved)
                 started = await route.limiter.acquire()
             except BaseException:
                 if probe:
@@ -176,10 +174,17 @@ class EndpointClient:
                 raise
             if probe or breaker.state == "closed":
                 break
-            # the breaker opened while this row queued for quota and a slot: give both back, wait in it
-            if self.quota is not None:
-                self.quota.settle(reserved, 0.0)
+            # the breaker opened while this row queued for a slot: give it back, wait in the breaker
             await route.limiter.release("error", started)
+        if self.quota is not None:  # the quota after the slot: charged to the window in which it is sent
+            reserved = self._reservation(prompt_text, params)
+            try:
+                admitted_at = await self.quota.admit(reserved)
+            except BaseException:
+                if probe:
+                    breaker.probe_abandoned()
+                await route.limiter.release("error", started)
+                raise
         if first:  # the retry budget grows with requests sent, not with rows queued
             self.budget.record_first_attempt()
         outcome: Outcome = "error"
@@ -236,7 +241,7 @@ class EndpointClient:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
                 refund = self.config.client_config.quota_refunds_unused or outcome != "ok"
-                self.quota.settle(reserved, charged if refund else reserved)
+                self.quota.settle(reserved, charged if refund else reserved, admitted_at)
             await route.limiter.release(outcome, started)
             # routing backends (vllm_pool) count what is outstanding
             if request is not None and backend.request_done(request, failure):
@@ -266,9 +271,9 @@ class EndpointClient:
         ``wait_at_most_s``: the longest the row waits out an outage of the endpoint from now, when
         shorter than ``outage_wait_s`` allows (a served request, bounded by its own timeout).
         """
-        if value is None:
-            return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
-                              model=self.config.entity.model_name)
+        if (fault := row_fault(value, self.config.client_config.max_prompt_chars)) is not None:
+            return CallResult(index, self.config.name, "error", error=fault, model=self.config.entity.model_name,
+                              status_code=None if value is None else 400)
         if prompt_text is None:
             prompt_text = prompt_text_of(value)
         t0 = self._clock()
@@ -362,11 +367,11 @@ class EndpointClient:
         (an in-process engine has no transient faults; a row's failure is data, an engine failure raises)."""
         route = self.routes[0]
         t0 = self._clock()
-        sent = [i for i, v in enumerate(values) if v is not None]
+        faults = [row_fault(v, self.config.client_config.max_prompt_chars) for v in values]
+        sent = [i for i, fault in enumerate(faults) if fault is None]
         outcomes = await route.backend.invoke_batch(self.config.task, [values[i] for i in sent], params, response_format, context)
         self.requests_sent += len(sent)
-        results = [CallResult(i, self.config.name, "error", error="the request is NULL: nothing to send",
-                              model=route.entity.model_name) for i in range(len(values))]
+        results = [CallResult(i, self.config.name, "error", error=fault, model=route.entity.model_name) for i, fault in enumerate(faults)]
         for i, outcome in zip(sent, outcomes):
             if isinstance(outcome, Exception):
                 results[i] = CallResult(i, self.config.name, "error", error=str(outcome), model=route.entity.model_name,
@@ -457,7 +462,15 @@ class AIQueryClient:
     ) -> CallResult:
         """One request; see ``amap`` for many."""
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
-        return await self.endpoint(endpoint).call(value, params, response_format)
+        client = self.endpoint(endpoint)
+        share = client.concurrency_share
+        if share is None:
+            return await client.call(value, params, response_format)
+        share.enter()
+        try:
+            return await client.call(value, params, response_format)
+        finally:
+            await share.exit()
 
     async def amap(
         self,

@@ -3,6 +3,7 @@
     python bench/endpoints.py                        # every scenario; writes bench/results/endpoints.{json,md}
     python bench/endpoints.py --scenario faults      # one scenario (repeatable); results are merged by scenario
     python bench/endpoints.py --quick                # smoke run with small row counts (results not written)
+    python bench/endpoints.py --rows 300 --scenario quota_sliding   # smoke run of one scenario at 300 rows
 
 Each scenario runs twice, each time on a fresh ``ProviderSimulator`` with the same settings:
 
@@ -20,25 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _endpoints_results import code_version, write_results  # noqa: E402
 from _common import (  # noqa: E402 - bench/ is not a package
     BackgroundLoad,
     Record,
     SimSampler,
     SparkCpu,
     goal_met,
-    machine,
-    markdown,
     prompts,
     run_baseline,
 )
@@ -65,23 +65,27 @@ class Scenario:
     parallel_baseline: bool = False
     """Run the baseline while ours runs (each on its own simulator): for scenarios that wait on quota windows, not CPU."""
     summary: str = ""
-    short_rows: int | None = None
-    """Also measure the headline ratio on a short job of this many rows (ours and the baseline): a
-    Spark query's fixed start and end (~0.6 s) weigh 3-5% there, so the ratio shows that too."""
+    short_rows: int | None = 3000
+    """Also measure on a short job of this many rows (ours and the baseline): a Spark query's fixed
+    start and end weigh most there, and an adaptive limiter has no time to converge before it ends."""
+    short_goals: tuple[tuple[str, str], ...] = ()
+    """Goals of the short job: ``(metric, goal)`` over the records ``_whole_run_records`` and ``METRICS`` give."""
 
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario(
-            "latency_bound", rows=25600, quick_rows=1280, short_rows=6400,
+            "latency_bound", rows=25600, quick_rows=1280,
+            short_goals=(("achieved_over_bound", ">= 0.90"), ("first_request_s", "<= 0.3")),
             sim={"latency_s": 0.2, "max_concurrency": 64},
             client={"max_concurrency": 64, "initial_concurrency": 64},
             baseline_concurrency=64,
             summary="200 ms fixed latency, server cap 64 (429 above); bound C/L = 320 rows/s",
         ),
         Scenario(
-            "unknown_capacity", rows=24000, quick_rows=1500, short_rows=6000,
+            "unknown_capacity", rows=24000, quick_rows=1500,
+            short_goals=(("achieved_over_capacity", ">= 0.85"), ("share_429_whole_job", "<= 0.03")),
             sim={"latency_s": 0.1, "max_concurrency": 48},
             client={"max_concurrency": 256},
             baseline_concurrency=64,
@@ -95,11 +99,19 @@ SCENARIOS: dict[str, Scenario] = {
                     "quota_refunds_unused": True},
             quick_sim={"rpm_limit": 500, "tpm_limit": 100000},
             quick_client={"requests_per_minute": 500, "tokens_per_minute": 100000},
-            baseline_concurrency=64, max_tokens=32, words=(4, 24), parallel_baseline=True,
+            baseline_concurrency=64, max_tokens=32, words=(4, 24), parallel_baseline=True, short_rows=None,
             summary="600 requests and 18,000 tokens per 60-s window (tokens bind), refunds of unused max_tokens on both sides",
         ),
         Scenario(
-            "faults", rows=24000, quick_rows=1500, short_rows=6000,
+            "quota_sliding", rows=3000, quick_rows=300,
+            sim={"latency_s": 0.05, "max_concurrency": 64, "rpm_limit": 1200, "window_s": 60.0, "quota_window": "sliding"},
+            client={"max_concurrency": 64, "initial_concurrency": 64, "requests_per_minute": 1200},
+            quick_sim={"rpm_limit": 120}, quick_client={"requests_per_minute": 120},
+            baseline_concurrency=64, parallel_baseline=True, short_rows=None,
+            summary="the job told the exact RPM (1,200/min) of a server that counts it over a sliding 60-s window; cap 64",
+        ),
+        Scenario(
+            "faults", rows=24000, quick_rows=1500,
             sim={"latency_s": 0.1, "max_concurrency": 64, "error_rates": {"500": 0.05, "503": 0.05, "reset": 0.02, "malformed": 0.02}},
             client={"max_concurrency": 64, "initial_concurrency": 64},
             baseline_concurrency=64,
@@ -367,6 +379,40 @@ def metrics_zero_latency(sc: Scenario, ours: Run, base: Run, rows: int) -> list[
     ]
 
 
+def metrics_quota_sliding(sc: Scenario, ours: Run, base: Run, rows: int, sim_settings: dict[str, Any]) -> list[Record]:
+    rpm, window = sim_settings["rpm_limit"], sim_settings["window_s"]
+    ideal = (math.ceil(rows / rpm) - 1) * window
+    return [
+        _record(sc, "quota_violations", ours.snapshot["quota_violations"], "requests", "== 0", base.snapshot["quota_violations"],
+                rows, ours.failed, f"requests the server refused 429 for its sliding-window RPM ({rpm} per {window:g} s)"),
+        _record(sc, "elapsed_over_ideal", ours.elapsed_s / ideal if ideal else 0.0, "ratio", None,
+                base.elapsed_s / ideal if ideal else None, rows, ours.failed,
+                f"{ours.elapsed_s:.1f} s ours, {base.elapsed_s:.1f} s baseline vs {ideal:.0f} s: the last of {rows:,} requests "
+                f"can go no earlier than {math.ceil(rows / rpm) - 1} windows after the first"),
+    ]
+
+
+def _whole_run_records(sc: Scenario, ours: Run, base: Run, rows: int, client: dict[str, Any], suffix: str = "") -> list[Record]:
+    """What the provider saw of the whole run: peak in flight vs max_concurrency, quota 429s, the 429 share, the first request."""
+    cap = client["max_concurrency"]
+    so, sb = ours.snapshot, base.snapshot
+    share_o = so["rate_limited"] / so["requests"] if so["requests"] else 0.0
+    share_b = sb["rate_limited"] / sb["requests"] if sb["requests"] else 0.0
+    first = ours.extra.get("first_request_s")
+    return [
+        _record(sc, f"peak_in_flight{suffix}", so["peak_offered"], "requests", f"<= {cap}", sb["peak_offered"], rows, ours.failed,
+                f"the most requests of this job open at the server at once (those its cap refused included) vs "
+                f"max_concurrency {cap}; the cap refused {so['concurrency_rejections']} ours, {sb['concurrency_rejections']} baseline"),
+        _record(sc, f"quota_429s{suffix}", so["quota_violations"], "requests", "== 0", sb["quota_violations"], rows, ours.failed,
+                "429s the server sent for its requests/tokens quota over the whole run"),
+        _record(sc, f"share_429_whole_job{suffix}", share_o, "share", None, share_b, rows, ours.failed,
+                f"429s / requests over the whole run, start-up included (ours {so['rate_limited']:,}/{so['requests']:,}; "
+                f"baseline {sb['rate_limited']:,}/{sb['requests']:,})"),
+        _record(sc, f"first_request_s{suffix}", first if first is not None else float("nan"), "s", None, None, rows, ours.failed,
+                "from the query's start to the server's first request from it (warm Python workers)"),
+    ]
+
+
 METRICS: dict[str, Callable[..., list[Record]]] = {
     "latency_bound": metrics_latency_bound,
     "unknown_capacity": metrics_unknown_capacity,
@@ -404,11 +450,17 @@ def run_both(spark: Any, sc: Scenario, texts: list[str], sim_settings: dict[str,
     return ours, base
 
 
-def run_scenario(spark: Any, sc: Scenario, quick: bool, warm_url: str, log: Callable[[str], None],
-                 wait_quiet: bool = False, rows_scale: int = 1) -> tuple[list[Record], dict[str, Any]]:
-    from ai_query.testing import ProviderSimulator
+def _metrics(sc: Scenario, ours: Run, base: Run, rows: int, sim_settings: dict[str, Any]) -> list[Record]:
+    if sc.name == "quota":
+        return metrics_quota(sc, ours, base, rows, sim_settings)
+    if sc.name == "quota_sliding":
+        return metrics_quota_sliding(sc, ours, base, rows, sim_settings)
+    return METRICS[sc.name](sc, ours, base, rows)
 
-    rows = (sc.quick_rows if quick else sc.rows) * rows_scale
+
+def run_scenario(spark: Any, sc: Scenario, quick: bool, warm_url: str, log: Callable[[str], None],
+                 wait_quiet: bool = False, rows_scale: int = 1, rows_override: int | None = None) -> tuple[list[Record], dict[str, Any]]:
+    rows = rows_override or (sc.quick_rows if quick else sc.rows) * rows_scale
     sim_settings = {**sc.sim, **(sc.quick_sim if quick else {})}
     client = {**sc.client, **(sc.quick_client if quick else {})}
     texts = prompts(rows, sc.words)
@@ -423,24 +475,24 @@ def run_scenario(spark: Any, sc: Scenario, quick: bool, warm_url: str, log: Call
     log(f"[{sc.name}]   baseline {base.ok:,}/{rows:,} ok in {base.elapsed_s:.1f} s ({base.ok / base.elapsed_s:.0f}/s), "
         f"failures {base.failures or 0}; server: {base.snapshot['requests']:,} requests, {base.snapshot['rate_limited']:,} 429s, "
         f"peak in flight {base.snapshot['peak_concurrency']}; others used {base.extra['others_cores']:.2f} cores")
-    records = _common_records(sc, ours, base, rows)
-    if sc.name == "quota":
-        records = metrics_quota(sc, ours, base, rows, sim_settings) + records
-    else:
-        records = METRICS[sc.name](sc, ours, base, rows) + records
+    records = _metrics(sc, ours, base, rows, sim_settings) + _whole_run_records(sc, ours, base, rows, client) \
+        + _common_records(sc, ours, base, rows)
+    short_rows = rows_override or sc.short_rows
     if sc.short_rows is not None and not quick and rows_scale == 1:
-        short_texts = prompts(sc.short_rows, sc.words)
-        log(f"[{sc.name}] the same on a short job: {sc.short_rows:,} rows")
+        assert short_rows is not None
+        short_texts = prompts(short_rows, sc.words)
+        log(f"[{sc.name}] the same on a short job: {short_rows:,} rows")
         s_ours, s_base = run_both(spark, sc, short_texts, sim_settings, warm_url, client)
-        head = METRICS[sc.name](sc, s_ours, s_base, sc.short_rows)[0]
-        records.insert(1, Record(
-            sc.name, f"{head.metric}_short_job", head.value, head.unit, None, head.baseline, head.ratio, sc.short_rows,
-            s_ours.failed, None,
-            f"the same on a {sc.short_rows:,}-row job ({s_ours.elapsed_s:.1f} s ours, {s_base.elapsed_s:.1f} s baseline): the "
-            f"server saw our first request {s_ours.extra['first_request_s'] or 0:.2f} s after the query started and the last "
-            f"{s_ours.elapsed_s - (s_ours.extra['last_request_s'] or 0):.2f} s before it ended; failed rows {s_ours.failed} ours, "
-            f"{s_base.failed} baseline"))
-        log(f"[{sc.name}]   short job: {head.metric} {head.value:.3f} ours, {head.baseline:.3f} baseline")
+        goals = dict(sc.short_goals)
+        when = (f"on a {short_rows:,}-row job ({s_ours.elapsed_s:.1f} s ours, {s_base.elapsed_s:.1f} s baseline; the server saw "
+                f"our last request {s_ours.elapsed_s - (s_ours.extra['last_request_s'] or 0):.2f} s before it ended; failed rows "
+                f"{s_ours.failed} ours, {s_base.failed} baseline)")
+        short = [*_metrics(sc, s_ours, s_base, short_rows, sim_settings)[:1], *_whole_run_records(sc, s_ours, s_base, short_rows, client)]
+        for i, r in enumerate(short):
+            goal = goals.get(r.metric, r.goal)
+            records.insert(1 + i, Record(sc.name, f"{r.metric}_short_job", r.value, r.unit, goal, r.baseline, r.ratio, short_rows,
+                                         s_ours.failed, goal_met(r.value, goal), f"{r.notes}; {when}"))
+        log(f"[{sc.name}]   short job: " + ", ".join(f"{r.metric} {r.value}" for r in short))
     records.append(Record(sc.name, "others_cpu_load", round(ours.extra["others_cores"], 2), "cores", None,
                           round(base.extra["others_cores"], 2), None, rows, ours.failed, None,
                           "CPU used by processes not of this benchmark during the run (the machine has 2 cores)"))
@@ -452,7 +504,8 @@ def run_scenario(spark: Any, sc: Scenario, quick: bool, warm_url: str, log: Call
         "rows": rows, "sim": sim_settings, "client_config": client, "baseline_concurrency": sc.baseline_concurrency,
         "ours": {"elapsed_s": ours.elapsed_s, "ok": ours.ok, "failures": ours.failures, "cpu": ours.cpu, "attempts": ours.attempts,
                  "server": {k: ours.snapshot[k] for k in ("requests", "ok", "by_status", "faults", "rate_limited", "quota_violations",
-                                                          "peak_concurrency", "admitted_by_window", "admitted_tokens_by_window")},
+                                                          "peak_concurrency", "peak_offered", "admitted_by_window",
+                                                          "admitted_tokens_by_window")},
                  "timeline_t_inflight_okps": ours.sampler.series(1.0)},
         "baseline": {"elapsed_s": base.elapsed_s, "ok": base.ok, "failures": base.failures, "cpu": base.cpu,
                      "server": {k: base.snapshot[k] for k in ("requests", "ok", "by_status", "faults", "rate_limited", "quota_violations",
@@ -469,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-scale", type=int, default=1, metavar="K",
                         help="K times each scenario's rows: a longer job, where the fixed cost at its edges weighs less; "
                              "results are not written unless --out")
+    parser.add_argument("--rows", type=int, default=None, metavar="N",
+                        help="N rows in each run, the short job's too: a smoke run; results are not written unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS} for a full run)")
     parser.add_argument("--details", action="store_true", help="also write endpoints.details.json (timelines, server counters)")
     parser.add_argument("--wait-quiet", action="store_true",
@@ -481,12 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.render:
-        write_results(args.out or RESULTS, [], {}, "", 0.0, merge=True)
+        write_results(args.out or RESULTS, [], {}, "", 0.0, merge=True, scenarios=SCENARIOS)
         return 0
     started = time.monotonic()
     code = code_version()  # now: the Python workers import the project once, at the first query
     command = ("python bench/endpoints.py" + "".join(f" --scenario {s}" for s in args.scenario or [])
                + (" --quick" if args.quick else "") + (f" --rows-scale {args.rows_scale}" if args.rows_scale != 1 else "")
+               + (f" --rows {args.rows}" if args.rows else "")
                + (" --wait-quiet" if args.wait_quiet else ""))
     os.environ[SECRET_ENV] = API_KEY  # before the JVM starts, so the Python workers inherit it
 
@@ -503,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {}
     with ProviderSimulator(api_key=API_KEY) as warm:
         for name in names:
-            recs, detail = run_scenario(spark, SCENARIOS[name], args.quick, warm.base_url, log, args.wait_quiet, args.rows_scale)
+            recs, detail = run_scenario(spark, SCENARIOS[name], args.quick, warm.base_url, log, args.wait_quiet, args.rows_scale,
+                                        args.rows)
             records += recs
             details[name] = detail
     spark.stop()
@@ -513,80 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.scenario:17} {r.metric:30} {r.value!s:>10} {r.unit:8} goal {r.goal or '-':8} baseline {r.baseline!s:>10}{flag}")
     log("done")
 
-    out = args.out or (None if args.quick or args.rows_scale != 1 else RESULTS)
+    out = args.out or (None if args.quick or args.rows_scale != 1 or args.rows else RESULTS)
     if out is not None:
         write_results(out, records, details, command, wall, merge=bool(args.scenario), with_details=args.details,
-                      code=code)
+                      code=code, scenarios=SCENARIOS)
     return 0
-
-
-def code_version() -> str:
-    """The commit measured, and the project files that differed from it (others edit the tree while we run)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "ai_query", "spark_udfs").splitlines() if line.strip()]
-    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
-
-
-def write_results(out: Path, records: list[Record], details: dict[str, Any], command: str, wall: float, *, merge: bool,
-                  with_details: bool = False, code: str | None = None) -> None:
-    """``endpoints.json`` (records, each with its run's date, machine, command and code) and ``endpoints.md``.
-
-    With ``merge`` (some scenarios re-run) the other scenarios' records are kept as they were,
-    with their own run's details, and the markdown lists every run the table draws on.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = {"date": date, "machine": machine(), "command": command, "code": code or code_version(), "wall_s": round(wall)}
-    json_path = out / "endpoints.json"
-    rows: list[dict[str, Any]] = []
-    if merge and json_path.exists():  # some scenarios re-run: keep the others' records
-        rows = [d for d in json.loads(json_path.read_text()) if d["scenario"] not in details]
-    setups = {name: {k: d[k] for k in ("rows", "sim", "client_config", "baseline_concurrency")} for name, d in details.items()}
-    rows += [{**r.as_dict(), **meta, "setup": setups.get(r.scenario)} for r in records]
-    for d in rows:  # records written before a goal was judged get judged now
-        if d.get("goal") and d.get("met") is None:
-            d["met"] = goal_met(d["value"], d["goal"])
-    order = list(SCENARIOS)
-    rows.sort(key=lambda d: order.index(d["scenario"]))
-    json_path.write_text(json.dumps(rows, indent=1) + "\n")
-
-    table = [Record(**{k: v for k, v in d.items() if k in Record.__dataclass_fields__}) for d in rows]
-    runs: dict[tuple, list[str]] = {}
-    for d in rows:
-        key = (d.get("date"), d.get("command"), d.get("code"), d.get("wall_s"))
-        if d["scenario"] not in runs.setdefault(key, []):
-            runs[key].append(d["scenario"])
-    preamble = []
-    if len(runs) > 1:
-        preamble.append("- the table draws on several runs:")
-        preamble += [f"  - {', '.join(names)}: {run_date}, `{run_command}`, code {run_code}"
-                     for (run_date, run_command, run_code, _), names in runs.items()]
-    if len(runs) == 1:
-        preamble.append(f"- code measured: {rows[0].get('code')} (the Python workers import it once, at the first query)")
-    preamble.append("- scenarios (each measured through Spark `local[2]` and beside a raw `openai.AsyncOpenAI` + `asyncio.Semaphore` "
-                    "baseline, each on a fresh simulator with the same settings):")
-    for sc in SCENARIOS.values():
-        first = next((d for d in rows if d["scenario"] == sc.name), None)
-        if first is None:
-            continue
-        setup = first.get("setup") or {"rows": first.get("rows") or sc.rows, "sim": sc.sim, "client_config": sc.client,
-                                        "baseline_concurrency": sc.baseline_concurrency}
-        preamble.append(f"  - `{sc.name}`: {sc.summary}; {setup['rows']:,} rows; simulator `{json.dumps(setup['sim'])}`; "
-                        f"our client_config `{json.dumps(setup['client_config'])}`; baseline semaphore {setup['baseline_concurrency']}")
-    latest = max(rows, key=lambda d: d.get("date") or "")
-    date, command, wall = latest.get("date", date), latest.get("command", command), latest.get("wall_s", wall)
-    (out / "endpoints.md").write_text(markdown(table, date=date, command=command, machine_line=meta["machine"], wall_s=wall,
-                                               preamble=preamble))
-    if with_details:
-        (out / "endpoints.details.json").write_text(json.dumps(details, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 - ``aimd`` and ``gradient``: the two concurrency policies over it (429s for remote endpoints,
   latency for self-hosted servers), with the same interface;
 - ``quota``: request/token quotas, leased from the driver's ``QuotaBroker`` across workers;
-- ``share``: an endpoint's concurrency split over the workers sending to it now (beats to the
-  same broker);
+- ``share`` and ``leases``: an endpoint's concurrency split over the workers sending to it now,
+  leased from the same broker before sending (the worker's side and the broker's);
 - ``retry``: the retry policy composed from tenacity, and the retry budget.
 """
 

@@ -93,6 +93,10 @@ class AdaptiveConcurrencyLimiter:
         self.maximum = maximum
         self._slots.hand_over()
 
+    def set_lease(self, lease: int | None) -> None:
+        """At most ``lease`` in flight whatever the limit: the slots leased from the driver's broker."""
+        self._slots.set_lease(lease)
+
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now (no waiting); ``None`` otherwise."""
         return self._clock() if self._slots.try_take() else None
@@ -118,6 +122,19 @@ class AdaptiveConcurrencyLimiter:
                 self._limit = max(float(self.minimum), self._limit * self.backoff)
                 self._last_decrease = now
                 self.decreases += 1
+            if started is not None and now - started < 0.5 * self._rtt:
+                # Refused on arrival (a cap, not a slow answer): the others in flight are what
+                # the endpoint holds, so the refused slot is not refilled. Without this, between
+                # two decreases every freed slot drew another 429 at once, a few ms each: hundreds
+                # per round trip above capacity (a 14 % 429 share over a short job).
+                self._limit = max(float(self.minimum), self._limit * 0.5, min(self._limit, float(self._slots.in_flight - 1)))
+
+    def on_shared_overload(self) -> None:
+        """Another worker sending to the endpoint was refused: the shared capacity is reached, so
+        this one's slow start ends too (each doubling on its own overshot it by the others' part)."""
+        if self._slow_start:
+            self._slow_start, self._ssthresh = False, None
+            self._w_max = self._limit
 
     def _growth_per_round_trip(self) -> float:
         """+1 before any decrease; then CUBIC-like around ``W_max`` (see the module docstring)."""

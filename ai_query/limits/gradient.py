@@ -196,6 +196,10 @@ class GradientConcurrencyLimiter:
         self.maximum = maximum
         self._slots.hand_over()
 
+    def set_lease(self, lease: int | None) -> None:
+        """At most ``lease`` in flight whatever the limit: the slots leased from the driver's broker."""
+        self._slots.set_lease(lease)
+
     def try_acquire(self) -> float | None:
         """Take a slot if one is free now and nobody waits for one; ``None`` otherwise."""
         return self._admitted() if self._slots.try_take() else None

@@ -2,10 +2,17 @@
 
 ``SlidingWindowLimit`` admits an amount only if the amounts admitted over the last ``window_s``
 stay within ``limit``: stricter than a server's fixed window, so it never trips one, however the
-two clocks' windows are aligned. ``EndpointQuota`` holds an endpoint's limits; ``admit()``
-reserves one request and ``prompt + max_tokens`` tokens, ``settle()`` refunds (or charges) the
-difference once the real usage is known, and ``pause_until()`` stops all admissions after a
-``Retry-After``.
+two clocks' windows are aligned, and as strict as a server's sliding window, *if* each amount is
+stamped no earlier than the server sees it. So a request is admitted when it is about to be sent,
+after it took its concurrency slot: admitted before, it waited for the slot (up to a window
+scheduler's worth of rows) while the server's window had not yet counted it, and the admissions
+it made room for at the next slide came too early (94 quota 429s at each slide of a 1,200/min
+sliding window). The gap left (the broker's answer travelling back, the request going out) is
+covered by keeping each admission ``SEND_MARGIN_S`` longer than the window (at most 1 % of it).
+``admit()`` reserves one request and ``prompt + max_tokens`` tokens and returns the admission's
+stamp; ``settle()`` refunds (or charges) the difference to that admission once the real usage is
+known (refunding the newest admissions instead let ours expire later than the server's refunded
+one: we counted less than it did); ``pause_until()`` stops all admissions after a ``Retry-After``.
 
 Quotas are shared across Spark executors through a ``QuotaBroker`` on the driver (a small
 HTTP server, stdlib only): every process asks it for leases, so the limit holds for the whole
@@ -29,6 +36,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from .._errors import TransportError, TransportTimeoutError
 from ..config import ClientConfig, EndpointConfig
 from ..transport import Request, request_blocking
+from .leases import ConcurrencyLeases
+
+SEND_MARGIN_S = 0.5
+"""How much longer than its window an admission is counted: the time from the broker's stamp to the server."""
 
 BROKER_ATTEMPTS = 6
 """Tries of one broker call that times out (``timeout_s`` each) before this worker keeps to its static share."""
@@ -37,11 +48,11 @@ BROKER_ATTEMPTS = 6
 class SlidingWindowLimit:
     """At most ``limit`` units in any ``window_s`` span."""
 
-    def __init__(self, limit: float, window_s: float) -> None:
+    def __init__(self, limit: float, window_s: float, margin_s: float = 0.0) -> None:
         if limit <= 0 or window_s <= 0:
             raise ValueError(f"limit and window_s must be > 0, got {limit}, {window_s}")
         self.limit = float(limit)
-        self.window_s = float(window_s)
+        self.window_s = float(window_s) + margin_s
         self._events: deque[list[float]] = deque()  # [time, amount]
         self._used = 0.0
 
@@ -66,14 +77,22 @@ class SlidingWindowLimit:
         self._events.append([now, amount])
         self._used += amount
 
-    def adjust(self, delta: float, now: float) -> None:
-        """Refund (negative) or charge (positive) the newest admissions once real usage is known."""
+    def adjust(self, delta: float, now: float, at: float | None = None) -> None:
+        """Refund (negative) or charge (positive) once real usage is known.
+
+        A refund goes to the admission stamped ``at`` (none if it has left the window: a
+        server gives nothing back to a window gone by either); without ``at``, to the newest.
+        """
         self._expire(now)
         if delta >= 0:
             self.take(delta, now)
             return
         refund = -delta
         for event in reversed(self._events):
+            if at is not None and event[0] != at:
+                if event[0] < at:
+                    break
+                continue
             give = min(refund, event[1])
             event[1] -= give
             self._used -= give
@@ -110,11 +129,11 @@ class QuotaLimits:
     def windows(self) -> list[tuple[str, SlidingWindowLimit]]:
         out = []
         if self.requests_per_minute:
-            out.append(("requests", SlidingWindowLimit(self.requests_per_minute, 60.0)))
+            out.append(("requests", SlidingWindowLimit(self.requests_per_minute, 60.0, SEND_MARGIN_S)))
         if self.queries_per_hour:
-            out.append(("requests", SlidingWindowLimit(self.queries_per_hour, 3600.0)))
+            out.append(("requests", SlidingWindowLimit(self.queries_per_hour, 3600.0, SEND_MARGIN_S)))
         if self.tokens_per_minute:
-            out.append(("tokens", SlidingWindowLimit(self.tokens_per_minute, 60.0)))
+            out.append(("tokens", SlidingWindowLimit(self.tokens_per_minute, 60.0, SEND_MARGIN_S)))
         if self.tokens_per_second:
             # Provisioned throughput: pace to tokens/s with at most a quarter second's burst, so
             # the jitter between admission here and arrival there cannot bunch two bursts into
@@ -144,13 +163,13 @@ class QuotaState:
                 w.take(amount, now)
             return 0.0
 
-    def settle(self, token_delta: float, now: float) -> None:
+    def settle(self, token_delta: float, now: float, at: float | None = None) -> None:
         if not token_delta:
             return
         with self._lock:
             for kind, w in self._windows:
                 if kind == "tokens":
-                    w.adjust(token_delta, now)
+                    w.adjust(token_delta, now, at)
 
     def pause_until(self, until: float) -> None:
         with self._lock:
@@ -158,9 +177,11 @@ class QuotaState:
 
 
 class Quota(Protocol):
-    async def admit(self, tokens: float) -> None: ...
+    async def admit(self, tokens: float) -> float:
+        """Wait until one request of ``tokens`` fits, take it; the admission's stamp (for ``settle``)."""
+        ...
 
-    def settle(self, reserved: float, actual: float) -> None: ...
+    def settle(self, reserved: float, actual: float, at: float | None = None) -> None: ...
 
     def pause_for(self, seconds: float) -> None: ...
 
@@ -174,15 +195,16 @@ class LocalQuota:
         self._clock = clock
         self._sleep = sleep
 
-    async def admit(self, tokens: float) -> None:
+    async def admit(self, tokens: float) -> float:
         while True:
-            wait = self.state.try_admit(1, tokens, self._clock())
+            now = self._clock()
+            wait = self.state.try_admit(1, tokens, now)
             if wait <= 0:
-                return
+                return now
             await self._sleep(min(wait, 5.0))
 
-    def settle(self, reserved: float, actual: float) -> None:
-        self.state.settle(actual - reserved, self._clock())
+    def settle(self, reserved: float, actual: float, at: float | None = None) -> None:
+        self.state.settle(actual - reserved, self._clock(), at)
 
     def pause_for(self, seconds: float) -> None:
         self.state.pause_until(self._clock() + seconds)
@@ -192,7 +214,7 @@ class LocalQuota:
 
 
 class QuotaBroker:
-    """Serves ``/admit``, ``/settle`` and ``/pause`` (quotas) and ``/active`` (concurrency shares) on the
+    """Serves ``/admit``, ``/settle`` and ``/pause`` (quotas) and ``/lease`` (concurrency shares) on the
     driver for the endpoints of a registry.
 
     Wall-clock time (``time.time``) is the shared clock: executors of one job run on machines
@@ -201,9 +223,8 @@ class QuotaBroker:
 
     def __init__(self, endpoints: list[EndpointConfig], host: str = "127.0.0.1") -> None:
         self.states: dict[str, QuotaState] = {}
-        self.workers: dict[str, dict[str, float]] = {}
-        """Per endpoint, the workers sending to it now and when their registration expires."""
-        self._workers_changed = threading.Condition()
+        self.leases = ConcurrencyLeases()
+        """Per endpoint, the concurrency slots each worker sending to it holds (``share``)."""
         for endpoint in endpoints:
             limits = QuotaLimits.of(endpoint)
             if limits is not None:
@@ -212,6 +233,9 @@ class QuotaBroker:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The head and the body go out in two writes: with Nagle's algorithm the body waited
+            # for the client's delayed ACK, 40 ms on every broker call (quota admission, leases).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # no per-request logging
                 pass
@@ -225,11 +249,14 @@ class QuotaBroker:
                 except (ValueError, KeyError) as exc:
                     reply, status = {"error": str(exc)}, 400
                 data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the worker went away (its executor ended)
+                    self.close_connection = True
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
@@ -239,48 +266,28 @@ class QuotaBroker:
 
     def handle(self, path: str, msg: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        if path == "/active":
-            seen = msg.get("seen")
-            return {"workers": self._active(str(msg["endpoint"]), str(msg["worker"]), bool(msg["active"]),
-                                             float(msg.get("ttl_s", 3.0)), now, None if seen is None else int(seen),
-                                             float(msg.get("wait_s", 0.0)))}
+        if path == "/lease":
+            ceiling = msg.get("ceiling")
+            return self.leases.lease(str(msg["endpoint"]), str(msg["worker"]), int(msg["total"]), active=bool(msg["active"]),
+                                     held=int(msg.get("held", 0)), seq=int(msg.get("seq", 0)),
+                                     ceiling=None if ceiling is None else int(ceiling), grant=bool(msg.get("grant", True)),
+                                     ttl_s=float(msg.get("ttl_s", 10.0)), wait_s=float(msg.get("wait_s", 0.0)),
+                                     overloads=int(msg.get("overloads", 0)),
+                                     want=None if msg.get("want") is None else int(msg["want"]),
+                                     overloads_seen=None if msg.get("overloads_seen") is None else int(msg["overloads_seen"]))
         state = self.states.get(msg["endpoint"])
         if state is None:
             return {"wait_s": 0.0}
         if path == "/admit":
-            return {"wait_s": state.try_admit(int(msg.get("requests", 1)), float(msg.get("tokens", 0)), now)}
+            return {"wait_s": state.try_admit(int(msg.get("requests", 1)), float(msg.get("tokens", 0)), now), "at": now}
         if path == "/settle":
-            state.settle(float(msg["token_delta"]), now)
+            at = msg.get("at")
+            state.settle(float(msg["token_delta"]), now, None if at is None else float(at))
             return {}
         if path == "/pause":
             state.pause_until(now + float(msg["seconds"]))
             return {}
         raise KeyError(f"unknown broker path {path}")
-
-    def _active(self, endpoint: str, worker: str, active: bool, ttl_s: float, now: float, seen: int | None,
-                wait_s: float) -> int:
-        """Register (or drop) ``worker`` as sending to ``endpoint``; the number of such workers now.
-
-        A worker that stops heart-beating (a killed executor) drops out after ``ttl_s``. With
-        ``seen`` the answer waits (up to ``wait_s``) until the number differs from it or the
-        worker itself has left: a long poll, so a worker hears at once that another one came or
-        left, not a beat later.
-        """
-        with self._workers_changed:
-            workers = self.workers.setdefault(endpoint, {})
-            before = set(workers)
-            if active:
-                workers[worker] = now + ttl_s
-            else:
-                workers.pop(worker, None)
-            for w in [w for w, expires in workers.items() if expires < now]:
-                del workers[w]
-            if set(workers) != before:
-                self._workers_changed.notify_all()
-            deadline = time.monotonic() + wait_s
-            while seen == max(1, len(workers)) and worker in workers and (left := deadline - time.monotonic()) > 0:
-                self._workers_changed.wait(left)
-            return max(1, len(workers))
 
     def close(self) -> None:
         self._server.shutdown()
@@ -334,7 +341,7 @@ class BrokeredQuota:
             self.broker_failed = True  # from now on this process keeps to its static share
         return None
 
-    async def admit(self, tokens: float) -> None:
+    async def admit(self, tokens: float) -> float:
         msg = {"endpoint": self.endpoint, "requests": 1, "tokens": tokens}
         while True:
             reply = await self._call("/admit", msg)
@@ -342,7 +349,7 @@ class BrokeredQuota:
                 return await self.fallback.admit(tokens)
             wait = float(reply.get("wait_s", 0.0))
             if wait <= 0:
-                return
+                return float(reply.get("at", 0.0))
             await self._sleep(min(wait, 5.0))
 
     def _send_later(self, path: str, msg: dict[str, Any]) -> None:
@@ -358,11 +365,11 @@ class BrokeredQuota:
         except RuntimeError:  # no loop: called from plain code
             send()
 
-    def settle(self, reserved: float, actual: float) -> None:
+    def settle(self, reserved: float, actual: float, at: float | None = None) -> None:
         if self.broker_failed:
-            self.fallback.settle(reserved, actual)
+            self.fallback.settle(reserved, actual)  # ``at`` is the broker's stamp, not the fallback's
         elif actual != reserved:
-            self._send_later("/settle", {"endpoint": self.endpoint, "token_delta": actual - reserved})
+            self._send_later("/settle", {"endpoint": self.endpoint, "token_delta": actual - reserved, "at": at})
 
     def pause_for(self, seconds: float) -> None:
         self.fallback.pause_for(seconds)

@@ -14,7 +14,9 @@ Cancellation is where queues like this leak. A waiter can be cancelled in two pl
 - *after its slot was handed over* but before it ran: the slot was already counted for it, so it
   gives the slot back and the next waiter gets it.
 
-The limit is read through a callable, since the policies change it between hand-overs.
+The limit is read through a callable, since the policies change it between hand-overs. A
+``lease`` caps it from outside: the slots this worker holds of an endpoint's total across workers
+(``share``); 0 holds every caller back until the driver's broker grants some (lease before send).
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class SlotQueue:
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._waiting = 0  # live waiters; cancelled ones may still sit in ``_waiters``
+        self.lease: int | None = None
+        """Slots leased from the driver's broker (``None``: no lease, the limit alone counts)."""
+
+    def _cap(self) -> int:
+        limit = self._limit()
+        return limit if self.lease is None else min(limit, self.lease)
+
+    def set_lease(self, lease: int | None) -> None:
+        """Cap the slots at ``lease`` (a lower lease takes nothing back from callers in flight)."""
+        self.lease = lease
+        self.hand_over()
 
     @property
     def in_flight(self) -> int:
@@ -48,7 +61,7 @@ class SlotQueue:
 
     def try_take(self) -> bool:
         """Take a slot if one is free and nobody waits for one."""
-        if self._in_flight >= self._limit() or self._waiting:
+        if self._in_flight >= self._cap() or self._waiting:
             return False
         self._in_flight += 1
         return True
@@ -79,7 +92,7 @@ class SlotQueue:
 
     def hand_over(self) -> None:
         """Give free slots to the longest waiting callers (call it when the limit rose)."""
-        limit = self._limit()
+        limit = self._cap()
         while self._waiters and self._in_flight < limit:
             waiter = self._waiters.popleft()
             if waiter.done():  # cancelled while waiting; ``take`` has uncounted it

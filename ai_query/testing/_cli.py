@@ -92,6 +92,7 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--rpm", type=int, metavar="N", help="requests admitted per window")
     limits.add_argument("--tpm", type=int, metavar="N", help="tokens admitted per window (prompt + max_tokens, charged at admission)")
     limits.add_argument("--window", type=float, default=60.0, metavar="S", help="quota window in seconds (default 60)")
+    limits.add_argument("--sliding-window", action="store_true", help="count quotas over any span of --window, not fixed windows")
     limits.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                         help="max_tokens of a request that sends none: caps its answer and its quota charge (default 256)")
     limits.add_argument("--tpm-refund-unused", action="store_true", help="give unused max_tokens back to the window after a success")
@@ -131,6 +132,7 @@ def run_simulator(args: argparse.Namespace, *, prog: str = "ai-query simulate") 
             rpm_limit=args.rpm,
             tpm_limit=args.tpm,
             window_s=args.window,
+            quota_window="sliding" if args.sliding_window else "fixed",
             default_max_tokens=args.default_max_tokens,
             tpm_refund_unused=args.tpm_refund_unused,
             error_rates={kind: rate for pairs in args.error_rate for kind, rate in pairs},

@@ -8,7 +8,8 @@
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``GET /v1/models``
 (OpenAI); ``POST /v1/messages`` (Anthropic); ``POST /serving-endpoints/{name}/invocations``
 (Databricks-style serving endpoints); ``GET /_sim/stats`` and ``POST /_sim/reset`` (counters, for
-another process).
+another process). ``GET /v1/models`` and ``GET /api/2.0/serving-endpoints/{name}`` are free, as at
+the providers: they check the key and the name but are not counted in ``stats.requests``.
 
 **Answers are deterministic.** A generative answer is ``"echo: " + prompt`` (directives removed),
 where the prompt is the message contents joined by newlines (Anthropic: the system prompt first),
@@ -24,7 +25,9 @@ seconds until the next window); then, admitted: a random fault from ``error_rate
 prompt's directives; the latency; the answer.
 
 **Quota rule** (``rpm_limit`` / ``tpm_limit`` per ``window_s``): windows are consecutive fixed
-windows aligned to start/reset. At admission a request is charged 1 request and
+windows aligned to start/reset, or with ``quota_window="sliding"`` any span of ``window_s`` (a
+request counts from its admission for ``window_s``; a refund goes to the admission that paid, if
+it is still counted). At admission a request is charged 1 request and
 ``prompt_tokens + max_tokens * number_of_prompts`` tokens (``max_tokens`` as sent, else
 ``default_max_tokens``; embeddings: prompt tokens only), as OpenAI does; nothing is given back
 unless ``tpm_refund_unused`` (then a successful answer returns its unused ``max_tokens`` to the
@@ -35,21 +38,7 @@ carries the rate-limit headers (OpenAI and serving: ``x-ratelimit-{limit,remaini
 {requests,tokens}-{limit,remaining,reset}``, reset as an RFC 3339 time); a 429 adds
 ``Retry-After`` (seconds, fractional, rounded up to the ms) and ``retry-after-ms``.
 
-**Faults** (``error_rates``, one seeded draw per admitted request, so the i-th admitted request
-gets the same fault for the same seed): ``"500"``; ``"503"`` (overloaded: 503, Anthropic 529);
-``"reset"`` (the TCP connection is aborted with an RST, no response); ``"malformed"`` (200 with a
-truncated JSON body, or a truncated SSE frame); ``"timeout"`` (the answer is held ``hang_s`` longer,
-then sent normally if the client is still there). Faults come after the latency.
-
-**Directives** in a prompt inject failures per row, without patching the client:
-
-- ``[[status:500]]`` (any status): always answer that status;
-- ``[[flaky:N]]``: answer 503 (Anthropic 529) the first N times this exact prompt is seen;
-- ``[[ratelimit:N]]``: answer 429 with ``Retry-After: 0`` the first N times;
-- ``[[malformed:N]]``: answer 200 with a broken JSON body the first N times;
-- ``[[reset:N]]``: abort the connection the first N times;
-- ``[[delay:S]]``: add S seconds of latency, every time;
-- ``[[reply:TEXT]]``: answer TEXT (``\\n`` allowed) instead of the default echo.
+**Faults** and **directives** (failures injected per request or per prompt): see ``_faults``.
 """
 
 from __future__ import annotations
@@ -58,62 +47,25 @@ import asyncio
 import itertools
 import math
 import random
-import re
-import socket
-import struct
 import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Mapping, Sequence
 
 from aiohttp import web
 
 from ._latency import Latency
-from ._limits import FixedWindowQuota
+from ._faults import DIRECTIVE, FAULT_KINDS, _check, _is_count, _is_number, abort, directives, fault_table
+from ._limits import FixedWindowQuota, SlidingWindowQuota
 from ._stats import SimulatorStats
 from .._errors import BadRequestError
 from ._provider_formats import ANTHROPIC, OPENAI, SERVING, Answer, Call, WireFormat, count_tokens, dumps, embed, generate, loads, seconds_header
 
 __all__ = ["ProviderSimulator", "SimulatorStats", "Latency", "count_tokens", "FAULT_KINDS"]
 
-_DIRECTIVE = re.compile(r"\[\[(status|flaky|ratelimit|malformed|reset|delay|reply):(.*?)\]\]", re.S)
-
-FAULT_KINDS = ("500", "503", "reset", "malformed", "timeout")
-"""The kinds ``error_rates`` accepts, in the order a draw tests them."""
-
 _RECEIVED_AT = web.RequestKey("aiq_received_at", float)
 _JSON = "application/json"
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _fault_table(error_rates: Mapping[Any, float] | None) -> tuple[tuple[float, str], ...]:
-    """Cumulative thresholds, so one uniform draw picks at most one fault."""
-    rates = {str(kind): rate for kind, rate in (error_rates or {}).items()}
-    unknown = sorted(set(rates) - set(FAULT_KINDS))
-    _check(not unknown, f"error_rates has unknown kinds {unknown}; use {list(FAULT_KINDS)}, e.g. error_rates={{'500': 0.05, 'reset': 0.02}}")
-    for kind, rate in rates.items():
-        _check(_is_number(rate) and 0 <= rate <= 1, f"error_rates[{kind!r}]={rate!r} must be a share between 0 and 1")
-    total = sum(rates.values())
-    _check(total <= 1 + 1e-9, f"error_rates add up to {total:g}; their sum must be at most 1")
-    table, cumulative = [], 0.0
-    for kind in FAULT_KINDS:
-        if rates.get(kind):
-            cumulative += rates[kind]
-            table.append((cumulative, kind))
-    return tuple(table)
 
 
 class ProviderSimulator:
@@ -138,6 +90,7 @@ class ProviderSimulator:
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
         window_s: float = 60.0,
+        quota_window: str = "fixed",
         default_max_tokens: int = 256,
         tpm_refund_unused: bool = False,
         error_rates: Mapping[Any, float] | None = None,
@@ -162,6 +115,8 @@ class ProviderSimulator:
                 ``Retry-After: concurrency_retry_after_s``.
             rpm_limit, tpm_limit, window_s: requests and tokens admitted per fixed window of
                 ``window_s`` seconds (named per minute after the usual 60 s window).
+            quota_window: ``"fixed"`` (consecutive windows from the start) or ``"sliding"`` (any
+                span of ``window_s``: a request counts for ``window_s`` after its admission).
             default_max_tokens: the ``max_tokens`` of a generative request that sends none (it
                 caps the answer and sets the quota charge).
             tpm_refund_unused: give unused ``max_tokens`` back to the window after a success.
@@ -189,6 +144,7 @@ class ProviderSimulator:
         _check(rpm_limit is None or _is_count(rpm_limit), f"rpm_limit={rpm_limit!r} must be an integer >= 1 or None")
         _check(tpm_limit is None or _is_count(tpm_limit), f"tpm_limit={tpm_limit!r} must be an integer >= 1 or None")
         _check(_is_number(window_s) and window_s > 0, f"window_s={window_s!r} must be seconds > 0 (e.g. 60, or 1 in tests)")
+        _check(quota_window in ("fixed", "sliding"), f"quota_window={quota_window!r} must be 'fixed' or 'sliding'")
         _check(_is_count(default_max_tokens), f"default_max_tokens={default_max_tokens!r} must be an integer >= 1")
         _check(_is_number(hang_s) and hang_s >= 0, f"hang_s={hang_s!r} must be seconds >= 0")
         _check(isinstance(seed, int), f"seed={seed!r} must be an integer")
@@ -208,7 +164,7 @@ class ProviderSimulator:
         self.default_max_tokens = default_max_tokens
         self.tpm_refund_unused = bool(tpm_refund_unused)
         self.error_rates = {str(k): float(v) for k, v in (error_rates or {}).items()}
-        self._faults = _fault_table(error_rates)
+        self._faults = fault_table(error_rates)
         self.hang_s = float(hang_s)
         self.seed = seed
         self.host = host
@@ -216,7 +172,8 @@ class ProviderSimulator:
         self.port: int | None = None
 
         self.stats = SimulatorStats()
-        self._quota = FixedWindowQuota(rpm_limit, tpm_limit, self.window_s)
+        self.quota_window = quota_window
+        self._quota = (SlidingWindowQuota if quota_window == "sliding" else FixedWindowQuota)(rpm_limit, tpm_limit, self.window_s)
         self._limited = rpm_limit is not None or tpm_limit is not None
         self._any_endpoint = "*" in names
         self._endpoints = frozenset(names)
@@ -286,6 +243,7 @@ class ProviderSimulator:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/api/2.0/serving-endpoints/{name}", self._endpoint_info)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/serving-endpoints/{name}/invocations", self._invocations)
         app.router.add_get("/_sim/stats", self._stats_route)
@@ -337,7 +295,7 @@ class ProviderSimulator:
 
     def _reset_state(self) -> None:
         self.stats.clear()
-        self.stats.peak_concurrency = self._in_flight
+        self.stats.peak_concurrency = self.stats.peak_offered = self._in_flight
         self._seen.clear()
         self._quota.restart()
         self._fault_rng.seed(f"faults/{self.seed}")
@@ -378,6 +336,7 @@ class ProviderSimulator:
             "rpm_limit": self.rpm_limit,
             "tpm_limit": self.tpm_limit,
             "window_s": self.window_s,
+            "quota_window": self.quota_window,
             "default_max_tokens": self.default_max_tokens,
             "tpm_refund_unused": self.tpm_refund_unused,
             "error_rates": dict(self.error_rates),
@@ -402,10 +361,22 @@ class ProviderSimulator:
         return await self._serve(request, SERVING, None, request.match_info["name"])
 
     async def _models(self, request: web.Request) -> web.Response:
-        if self.api_key is not None and not OPENAI.authorized(request.headers, self.api_key):
+        # OpenAI and Anthropic both list models here (Anthropic's key comes as x-api-key)
+        if self.api_key is not None and not ANTHROPIC.authorized(request.headers, self.api_key):
             return web.Response(body=dumps(OPENAI.error(401, OPENAI.bad_key_message)), status=401, content_type=_JSON)
         model = {"id": self.served_model, "object": "model", "created": 0, "owned_by": "ai-query-simulator"}
         return web.Response(body=dumps({"object": "list", "data": [model]}), content_type=_JSON)
+
+    async def _endpoint_info(self, request: web.Request) -> web.Response:
+        """A serving endpoint's description (free, not counted in ``stats.requests``), as Databricks answers it."""
+        name = request.match_info["name"]
+        if self.api_key is not None and not SERVING.authorized(request.headers, self.api_key):
+            return web.Response(body=dumps(SERVING.error(401, SERVING.bad_key_message)), status=401, content_type=_JSON)
+        if not self._any_endpoint and name not in self._endpoints:
+            message = f"Serving endpoint '{name}' does not exist. This simulator serves: {', '.join(sorted(self._endpoints))}."
+            return web.Response(body=dumps(SERVING.error(404, message, "RESOURCE_DOES_NOT_EXIST")), status=404, content_type=_JSON)
+        body = {"name": name, "state": {"ready": "READY"}, "config": {"served_entities": [{"name": self.served_model}]}}
+        return web.Response(body=dumps(body), content_type=_JSON)
 
     async def _stats_route(self, request: web.Request) -> web.Response:
         return web.Response(body=dumps(self._snapshot_now()), content_type=_JSON)
@@ -441,6 +412,7 @@ class ProviderSimulator:
         if endpoint is not None and not self._any_endpoint and endpoint not in self._endpoints:
             served = ", ".join(sorted(self._endpoints))
             return self._error(fmt, 404, f"Serving endpoint '{endpoint}' does not exist. This simulator serves: {served}.", headers)
+        stats.peak_offered = max(stats.peak_offered, self._in_flight + 1)
         if self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
             stats.concurrency_rejections += 1
             headers["retry-after"] = seconds_header(self.concurrency_retry_after_s)
@@ -494,6 +466,7 @@ class ProviderSimulator:
             )
             return self._error(fmt, 429, message, headers, refused)
         window = quota.window
+        paid = (window, quota.ticket)  # the window for the counters, the admission for a refund
         stats.admitted += 1
         stats.admitted_tokens += cost
         stats.admitted_by_second[int(time.monotonic() - quota.epoch)] += 1
@@ -515,7 +488,7 @@ class ProviderSimulator:
         key = prompts[0] if len(prompts) == 1 else "\n".join(prompts)
         if fault is None and "[[" in key:
             try:
-                outcome, reply, extra = self._directives(key)
+                outcome, reply, extra = directives(key, self._seen)
             except ValueError as exc:
                 return self._error(fmt, 400, str(exc), headers)
             delay += extra
@@ -527,7 +500,7 @@ class ProviderSimulator:
         answers: list[Answer] = []
         if generative:
             for prompt in prompts:
-                text = reply if reply is not None else "echo: " + (_DIRECTIVE.sub("", prompt).strip() if "[[" in prompt else prompt.strip())
+                text = reply if reply is not None else "echo: " + (DIRECTIVE.sub("", prompt).strip() if "[[" in prompt else prompt.strip())
                 answers.append(generate(text, max_tokens, call.stop))
             if self.per_token_latency_s and not call.stream:
                 delay += self.per_token_latency_s * sum(a.tokens for a in answers)
@@ -542,7 +515,7 @@ class ProviderSimulator:
             if fault == "503":
                 return self._error(fmt, fmt.overloaded_status, "The server is overloaded, try again.", headers)
             if fault == "reset":
-                return self._abort(request)
+                return abort(request)
             return await self._malformed(request, fmt, call, answers, prompt_tokens, rid, headers)
         if outcome is not None:
             kind, value = outcome
@@ -554,18 +527,18 @@ class ProviderSimulator:
                 headers["retry-after"] = "0"
                 return self._error(fmt, 429, "Rate limit reached (injected by [[ratelimit]]).", headers)
             if kind == "reset":
-                return self._abort(request)
+                return abort(request)
             return await self._malformed(request, fmt, call, answers, prompt_tokens, rid, headers)
 
         completion_tokens = sum(a.tokens for a in answers)
         if call.stream:
-            return await self._stream(request, fmt, call, answers, prompt_tokens, rid, headers, window, max_tokens)
+            return await self._stream(request, fmt, call, answers, prompt_tokens, rid, headers, paid, max_tokens)
         vectors = [embed(p, call.dimensions or self.embedding_dim) for p in prompts] if not generative else []
         body = dumps(fmt.answer(call, answers, vectors, prompt_tokens, rid, self.served_model))
-        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(prompts) - completion_tokens, request, headers)
+        self._served(prompt_tokens, completion_tokens, paid, max_tokens * len(prompts) - completion_tokens, request, headers)
         return web.Response(body=body, headers=headers, content_type=_JSON)
 
-    def _served(self, prompt_tokens: int, completion_tokens: int, window: int, unused: int, request: web.Request,
+    def _served(self, prompt_tokens: int, completion_tokens: int, paid: tuple[int, object], unused: int, request: web.Request,
                 headers: Mapping[str, str]) -> None:
         """Count an answer as served (billed) — when it is sent, whether or not the client reads it."""
         if self._served_log is not None:
@@ -578,43 +551,10 @@ class ProviderSimulator:
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
         if self.tpm_refund_unused and unused > 0:
-            given = self._quota.refund(window, unused)
+            window = paid[0]
+            given = self._quota.refund(paid[1], unused)
             stats.admitted_tokens -= given
             stats.admitted_tokens_by_window[window] -= given
-
-    def _directives(self, key: str) -> tuple[tuple[str, int] | None, str | None, float]:
-        """The prompt's directives: (failure to inject, reply text, extra delay)."""
-        self._seen[key] += 1
-        seen = self._seen[key]
-        reply, extra = None, 0.0
-        for kind, arg in _DIRECTIVE.findall(key):
-            if kind == "reply":
-                reply = arg.replace("\\n", "\n")
-                continue
-            try:
-                value = float(arg) if kind == "delay" else int(arg)
-            except ValueError:
-                raise ValueError(f"directive [[{kind}:{arg}]] needs a number") from None
-            if kind == "delay":
-                extra += value
-            elif kind == "status" and not 200 <= value <= 599:
-                raise ValueError(f"directive [[status:{arg}]] needs an HTTP status between 200 and 599")
-            elif kind == "status" or seen <= value:
-                return (kind, int(value)), reply, extra
-        return None, reply, extra
-
-    def _abort(self, request: web.Request) -> NoReturn:
-        """Drop the connection with a TCP RST and no response (a ``reset`` fault)."""
-        transport = request.transport
-        if transport is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except (OSError, AttributeError):
-                    pass
-            transport.abort()
-        raise asyncio.CancelledError  # aiohttp writes nothing for a cancelled handler
 
     async def _malformed(
         self, request: web.Request, fmt: WireFormat, call: Call, answers: list[Answer], prompt_tokens: int, rid: str, headers: dict[str, str]
@@ -634,7 +574,7 @@ class ProviderSimulator:
 
     async def _stream(
         self, request: web.Request, fmt: WireFormat, call: Call, answers: list[Answer], prompt_tokens: int,
-        rid: str, headers: dict[str, str], window: int, max_tokens: int,
+        rid: str, headers: dict[str, str], paid: tuple[int, object], max_tokens: int,
     ) -> web.StreamResponse:
         headers["cache-control"] = "no-cache"
         response = web.StreamResponse(headers=headers)
@@ -649,5 +589,5 @@ class ProviderSimulator:
             await response.write(b"".join(frames))
         await response.write_eof()
         completion_tokens = sum(a.tokens for a in answers)
-        self._served(prompt_tokens, completion_tokens, window, max_tokens * len(answers) - completion_tokens, request, headers)
+        self._served(prompt_tokens, completion_tokens, paid, max_tokens * len(answers) - completion_tokens, request, headers)
         return response

@@ -43,6 +43,8 @@ class SimulatorStats:
     """Tokens charged to the quota at admission (prompt + max_tokens), net of refunds."""
     peak_concurrency: int = 0
     """The most requests in flight at once (past the concurrency cap)."""
+    peak_offered: int = 0
+    """The most requests open at once, those the cap refused included (above the cap: a client sent too many)."""
     admitted_by_second: Counter = field(default_factory=Counter)
     """Admitted requests per whole second since start/reset."""
     admitted_by_window: Counter = field(default_factory=Counter)
@@ -95,6 +97,7 @@ class SimulatorStats:
             "admitted": self.admitted,
             "admitted_tokens": self.admitted_tokens,
             "peak_concurrency": self.peak_concurrency,
+            "peak_offered": self.peak_offered,
             "admitted_by_second": keyed(self.admitted_by_second),
             "admitted_by_window": keyed(self.admitted_by_window),
             "admitted_tokens_by_window": keyed(self.admitted_tokens_by_window),

@@ -98,3 +98,32 @@ def test_near_the_overload_point_probes_are_rarer_than_with_a_flat_increase():
     limits = simulate(limiter, clock, capacity=48, rounds=100)
     assert limiter.decreases - decreases <= 16  # 15; a flat +1 per round trip: 19
     assert sum(limits) / len(limits) >= 46.5  # 47.1; a flat +1 per round trip: 47.0
+
+
+def test_a_refusal_on_arrival_does_not_refill_its_slot():
+    """A cap's 429 comes back at once while the accepted requests are still in flight: the limit
+    falls to those, instead of each freed slot drawing another 429 until the next decrease."""
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(8, maximum=256, clock=clock)
+    while limiter.limit < 64:  # slow start, each answer 100 ms
+        started = limiter.try_acquire()
+        clock.now += 0.1
+        asyncio.run(limiter.release("ok", started))
+    starts = [limiter.try_acquire() for _ in range(64)]
+    clock.now += 0.002
+    for started in starts[48:]:  # the server took 48; the other 16 are refused on arrival
+        asyncio.run(limiter.release("overload", started))
+    assert limiter.limit == 48 and limiter.decreases == 1  # one decrease (x0.9 = 57), then no slot refilled
+
+
+def test_another_workers_overload_ends_this_ones_slow_start():
+    clock = FakeClock()
+    limiter = AdaptiveConcurrencyLimiter(8, maximum=256, clock=clock)
+    for _ in range(8):
+        asyncio.run(limiter.release("ok", limiter.try_acquire()))
+    assert limiter.limit == 16  # slow start: one more per success
+    limiter.on_shared_overload()
+    for _ in range(16):
+        asyncio.run(limiter.release("ok", limiter.try_acquire()))
+    assert limiter.limit == 16  # at the shared overload point: a slow probe, not a doubling
+    assert limiter.decreases == 0  # it was not refused itself: nothing taken back

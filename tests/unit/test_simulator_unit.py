@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from ai_query.testing import Latency, ProviderSimulator, count_tokens
-from ai_query.testing._limits import FixedWindowQuota
+from ai_query.testing._limits import FixedWindowQuota, SlidingWindowQuota
 from ai_query.testing._provider_formats import generate
 
 
@@ -88,6 +88,22 @@ def test_quota_refund_only_reaches_the_current_window():
     quota.admit(10)
     quota.refund(0, 10)  # window 0 is gone
     assert quota.tokens == 10
+
+
+def test_sliding_quota_counts_each_request_for_a_window_after_its_admission():
+    clock = FakeClock()
+    quota = SlidingWindowQuota(rpm_limit=2, tpm_limit=100, window_s=10.0, clock=clock)
+    assert quota.admit(60)[0] is None
+    clock.now += 4.0
+    assert quota.admit(30)[0] is None
+    assert quota.admit(1) == ("requests", 6.0)  # the first admission leaves at t=10
+    clock.now += 6.0  # t=10: a fixed window would be empty now; this one still counts the second
+    assert quota.admit(60) == (None, 10.0)
+    assert quota.admit(1) == ("requests", 4.0)
+    ticket = quota.ticket
+    assert quota.refund(ticket, 50) == 50 and quota.tokens == 40
+    clock.now += 10.0
+    assert quota.refund(ticket, 5) == 0  # that admission left the window: nothing to give back
 
 
 def test_generate_cuts_at_stop_then_at_max_tokens():
