@@ -3,7 +3,9 @@
 ``EndpointClient`` is the exchange for one endpoint: route (the traffic split over its served
 entities, falling back to the next), admit (quota, then a concurrency slot), send, classify the
 answer (ok, a row error, a retryable fault, a sign of overload, a systemic failure) and retry
-per policy. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived transport
+per policy. Each served entity has a circuit breaker (``limits.breaker``): when it stops
+answering, rows wait in it for the outage to end (up to ``outage_wait_s``) instead of spending
+their attempts and the retry budget. ``AIQueryClient`` holds one per endpoint of a registry, one long-lived transport
 (``ai_query.transport``: aiohttp by default, ``MockTransport`` in unit tests) and a background
 event loop. ``map()`` is the synchronous face used from Spark tasks; ``amap()`` /
 ``acall()`` the asynchronous one used by the serving endpoint. The stages around the exchange
@@ -27,7 +29,9 @@ from .limits.slots import Outcome
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
     EndpointError,
+    EndpointOutageError,
     EndpointTimeoutError,
+    EndpointUnavailableError,
     LocalEngineError,
     RateLimitedError,
     ReplicaUnavailableError,
@@ -40,6 +44,7 @@ from ._errors import (
 )
 from .backends import Backend, BatchContext, backend_for
 from ._redact import redact, remember_headers
+from .limits.breaker import CircuitBreaker, is_outage
 from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
 from .limits.share import ConcurrencyShare
@@ -60,12 +65,13 @@ SYSTEMIC_ERRORS: tuple[type[BaseException], ...] = (SystemicEndpointError, Secre
 
 @dataclass
 class _Route:
-    """One served entity of an endpoint, with its own adapter and concurrency limiter."""
+    """One served entity of an endpoint, with its own adapter, concurrency limiter and circuit breaker."""
 
     entity: ServedEntity
     backend: Backend
     limiter: AdaptiveConcurrencyLimiter
     weight: int
+    breaker: CircuitBreaker
 
 
 def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
@@ -96,7 +102,9 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0))
+            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0),
+                   CircuitBreaker(config.name if len(config.served_entities) == 1 else f"{config.name}/{e.name}",
+                                  outage_wait_s=cc.outage_wait_s, clock=clock, sleep=sleep))
             for e, backend in ((e, backend_for(e)) for e in config.served_entities)
         ]
         self.quota = quota
@@ -147,7 +155,7 @@ class EndpointClient:
         return float(prompt + dict(params.values).get("max_tokens", DEFAULT_MAX_TOKENS_RESERVED))
 
     async def _attempt(self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-                       prompt_text: str, first: bool = False) -> ModelResponse:
+                       prompt_text: str, first: bool = False, give_up: tuple[float, str] | None = None) -> ModelResponse:
         task = self.config.task
         backend = route.backend
         in_process = backend.capabilities.in_process  # in-process backends (MLflow pyfunc) skip HTTP
@@ -157,12 +165,27 @@ class EndpointClient:
         timeout = self.config.client_config.request_timeout_s
         reserved = 0.0
         admitted_at: float | None = None
-        started = await route.limiter.acquire()
+        breaker = route.breaker
+        while True:
+            # while the endpoint is down, wait here, before taking a concurrency slot
+            probe = breaker.state != "closed" and await breaker.admit(*(give_up or (None, "")))
+            try:
+                started = await route.limiter.acquire()
+            except BaseException:
+                if probe:
+                    breaker.probe_abandoned()
+                raise
+            if probe or breaker.state == "closed":
+                break
+            # the breaker opened while this row queued for a slot: give it back, wait in the breaker
+            await route.limiter.release("error", started)
         if self.quota is not None:  # the quota after the slot: charged to the window in which it is sent
             reserved = self._reservation(prompt_text, params)
             try:
                 admitted_at = await self.quota.admit(reserved)
             except BaseException:
+                if probe:
+                    breaker.probe_abandoned()
                 await route.limiter.release("error", started)
                 raise
         if first:  # the retry budget grows with requests sent, not with rows queued
@@ -211,6 +234,12 @@ class EndpointClient:
                 self.recent_faults.record(False)
             elif isinstance(failure, RetryableEndpointError) and not isinstance(failure, (RateLimitedError, EndpointTimeoutError)):
                 self.recent_faults.record(True)
+            down = is_outage(failure)
+            endpoints_fault = down and breaker.failed(str(failure), probe=probe, row=hash(prompt_text))
+            if outcome == "ok" or (isinstance(failure, EndpointError) and not down and not isinstance(failure, EndpointTimeoutError)):
+                breaker.answered()  # any answer, even an error, says the endpoint is there
+            elif probe and not down:
+                breaker.probe_abandoned()  # a timeout or a cancelled row says nothing: probe again
             if self.quota is not None:
                 # Servers that keep the whole reservation (no refund of unused max_tokens) get
                 # none back from us either; otherwise we would run ahead of their count.
@@ -223,6 +252,10 @@ class EndpointClient:
                 # replica and spends no retry budget (it still counts towards max_attempts).
                 assert isinstance(failure, RetryableEndpointError)
                 raise ReplicaUnavailableError(str(failure), request_id=failure.request_id) from failure
+            if endpoints_fault:  # met while the breaker is open: the row waits for the endpoint
+                assert isinstance(failure, RetryableEndpointError)
+                raise EndpointUnavailableError(str(failure), status_code=failure.status_code, request_id=failure.request_id,
+                                               breaker_open=breaker.state != "closed") from failure
 
     async def call(
         self,
@@ -232,11 +265,14 @@ class EndpointClient:
         *,
         index: int = 0,
         prompt_text: str | None = None,
+        wait_at_most_s: float | None = None,
     ) -> CallResult:
         """One row, retried per policy, falling back to the next entity if the endpoint allows.
 
         Row failures come back as ``status='error'``; systemic ones raise. ``prompt_text`` is the
         value's ``prompt_text_of``, when the caller computed it already (for the prefix order).
+        ``wait_at_most_s``: the longest the row waits out an outage of the endpoint from now, when
+        shorter than ``outage_wait_s`` allows (a served request, bounded by its own timeout).
         """
         if (fault := row_fault(value, self.config.client_config.max_prompt_chars)) is not None:
             return CallResult(index, self.config.name, "error", error=fault, model=self.config.entity.model_name,
@@ -244,11 +280,14 @@ class EndpointClient:
         if prompt_text is None:
             prompt_text = prompt_text_of(value)
         t0 = self._clock()
+        deadline = None if wait_at_most_s is None else (t0 + wait_at_most_s, "its request timeout")
         attempts = 0
         errors: list[str] = []
         order = self._order(prompt_text)
         for position, route in enumerate(order):
-            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0)
+            # an entity that is down, with another to fall back to: the row goes there instead of waiting
+            give_up = deadline if position == len(order) - 1 else (t0, "another served entity can take it")
+            result, transient = await self._call_route(route, value, params, response_format, prompt_text, index, t0, give_up)
             attempts += result.attempts
             result.attempts = attempts
             if result.ok or not transient or position == len(order) - 1:
@@ -261,7 +300,7 @@ class EndpointClient:
 
     async def _call_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
-        prompt_text: str, index: int, t0: float,
+        prompt_text: str, index: int, t0: float, give_up: tuple[float, str] | None = None,
     ) -> tuple[CallResult, bool]:
         # Most rows succeed at once: the first attempt runs without a tenacity ``AsyncRetrying``
         # (building and iterating one costs about a tenth of a served request's CPU). A retryable
@@ -269,11 +308,13 @@ class EndpointClient:
         # retried, the waits and the stops are exactly tenacity's.
         started = self._clock()
         try:
-            response = await self._attempt(route, value, params, response_format, prompt_text, first=True)
+            response = await self._attempt(route, value, params, response_format, prompt_text, first=True, give_up=give_up)
         except SYSTEMIC_ERRORS:
             raise
         except RetryableEndpointError as exc:
-            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc)
+            return await self._retry_route(route, value, params, response_format, prompt_text, index, t0, started, exc, give_up)
+        except EndpointOutageError as exc:  # the endpoint was down already for outage_wait_s: nothing sent
+            return self._failed_result(index, route, exc, t0, 0, "waited for the endpoint"), True
         except EndpointError as exc:
             return self._failed_result(index, route, exc, t0, 1, "gave up"), False
         return self._ok_result(index, route, response, t0, 1), False
@@ -281,6 +322,7 @@ class EndpointClient:
     async def _retry_route(
         self, route: _Route, value: Any, params: ModelParameters, response_format: Mapping[str, Any] | None,
         prompt_text: str, index: int, t0: float, started: float, first_failure: RetryableEndpointError,
+        give_up: tuple[float, str] | None = None,
     ) -> tuple[CallResult, bool]:
         """The retry policy from a failed first attempt (``first_failure``, made at ``started``) on."""
         cc = self.config.client_config
@@ -297,9 +339,11 @@ class EndpointClient:
                     if replay is not None:  # attempt 1 was made already: tenacity judges its outcome
                         failure, replay = replay, None
                         raise failure
-                    response = await self._attempt(route, value, params, response_format, prompt_text)
+                    response = await self._attempt(route, value, params, response_format, prompt_text, give_up=give_up)
         except SYSTEMIC_ERRORS:
             raise
+        except EndpointOutageError as exc:  # raised in the breaker before the last attempt was sent
+            return self._failed_result(index, route, exc, t0, attempts - 1, "waited for the endpoint"), True
         except EndpointError as exc:
             why = "gave up"
             if isinstance(retrying.retry, retry_within_budget) and retrying.retry.exhausted:

@@ -12,7 +12,10 @@
     │   │   ├── RateLimitedError    429 (or 503) with an optional Retry-After; also the serving
     │   │   │                       endpoint's refusal of a caller over its per-key rate limit
     │   │   ├── EndpointTimeoutError  no answer within request_timeout_s (a sign of load)
-    │   │   └── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
+    │   │   ├── ReplicaUnavailableError  one replica of a vllm_pool is down: the row goes to another
+    │   │   └── EndpointUnavailableError  an outage sign met while the endpoint's circuit breaker is
+    │   │                       open: retried after the outage, costing the row no attempt
+    │   ├── EndpointOutageError     the endpoint stayed down longer than outage_wait_s (a row error)
     │   └── PermanentEndpointError  400, 422, ...: this row will never succeed as sent
     │       └── SystemicEndpointError  401, 403, 404: no row can succeed; the job stops early
     ├── TransportError              the request got no HTTP answer (the transport's own errors)
@@ -129,6 +132,24 @@ class EndpointTimeoutError(RetryableEndpointError):
 class ReplicaUnavailableError(RetryableEndpointError):
     """A replica of a ``vllm_pool`` could not be reached (crashed, restarting); the retry goes to
     another replica and spends none of the endpoint's retry budget."""
+
+
+class EndpointUnavailableError(RetryableEndpointError):
+    """An attempt met an outage sign (no connection, 502/503/504) while the endpoint's circuit
+    breaker is open (``breaker_open``) or while a streak of such failures grows towards opening
+    it: the endpoint's failure, not the row's. The row tries again (waiting in the breaker when
+    it is open, else after the usual backoff) without counting the attempt towards
+    ``max_attempts`` or spending retry budget."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, request_id: str | None = None,
+                 breaker_open: bool = True) -> None:
+        super().__init__(message, status_code=status_code, request_id=request_id)
+        self.breaker_open = breaker_open
+
+
+class EndpointOutageError(EndpointError):
+    """The endpoint has not answered for ``outage_wait_s`` (or the row's own deadline came first):
+    the row fails with a message that says since when and how to resume. Not retried."""
 
 
 class PermanentEndpointError(EndpointError):

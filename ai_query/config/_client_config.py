@@ -38,6 +38,10 @@ class ClientConfig(ConfigStruct):
     in 130,000 (0.14 ** 6), 8 attempts 1 in 6.6 million."""
     rate_limit_wait_s: _NonNegative = 600.0
     """How long a row may keep waiting through 429s (quota windows) before it is failed."""
+    outage_wait_s: _NonNegative = 300.0
+    """How long rows wait for an endpoint that stopped answering (refused or broken connections,
+    502/503/504), counted from the outage's first failure, before they fail with a message that
+    says how to resume; 0 fails them as soon as the endpoint's circuit breaker opens."""
     requests_per_minute: _Positive | None = None
     """The endpoint's request quota (pay-per-token limits); the client keeps under it."""
     tokens_per_minute: _Positive | None = None

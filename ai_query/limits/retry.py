@@ -7,6 +7,9 @@
   recent fault share); else jittered exponential backoff, capped.
 - stop: after ``max_attempts`` failures that were not rate limits; rate-limited rows keep waiting
   for the next quota window until ``rate_limit_wait_s`` has passed since their first attempt.
+- an outage (``EndpointUnavailableError``: a failure met while the endpoint's circuit breaker is
+  open, see ``breaker``) is retried at once, costs no attempt and no budget: the retry waits in
+  the breaker, which fails the row once the outage outlasts ``outage_wait_s``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from .._errors import EndpointTimeoutError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
+from .._errors import (
+    EndpointTimeoutError, EndpointUnavailableError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError,
+)
 
 
 class wait_retry_after(wait_base):
@@ -92,6 +97,8 @@ class wait_fault_at_once(wait_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, EndpointUnavailableError) and exc.breaker_open:  # the breaker does the waiting
+            return 0.0
         if isinstance(exc, RetryableEndpointError) and not isinstance(exc, (RateLimitedError, EndpointTimeoutError)):
             faults = retry_state.attempt_number  # every attempt so far failed
             if faults == 1 or (self.bad_luck is not None and self.bad_luck(faults)):
@@ -100,7 +107,8 @@ class wait_fault_at_once(wait_base):
 
 
 class stop_for_endpoint(stop_base):
-    """Stop after ``max_attempts`` non-rate-limit failures, or when rate limits outlast ``rate_limit_wait_s``."""
+    """Stop after ``max_attempts`` failures other than rate limits and outages, or when rate limits
+    outlast ``rate_limit_wait_s``."""
 
     def __init__(self, max_attempts: int, rate_limit_wait_s: float, clock: Callable[[], float],
                  started: float | None = None) -> None:
@@ -115,6 +123,8 @@ class stop_for_endpoint(stop_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, RateLimitedError):
             return self.clock() - self.started >= self.rate_limit_wait_s
+        if isinstance(exc, EndpointUnavailableError):  # the breaker bounds the wait (outage_wait_s)
+            return False
         self.other_failures += 1
         return self.other_failures >= self.max_attempts
 
@@ -154,7 +164,7 @@ class retry_within_budget(tenacity.retry_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if not isinstance(exc, RetryableEndpointError):
             return False
-        if isinstance(exc, (RateLimitedError, ReplicaUnavailableError)) or self.budget is None:
+        if isinstance(exc, (RateLimitedError, ReplicaUnavailableError, EndpointUnavailableError)) or self.budget is None:
             return True
         if not self.budget.can_retry():
             self.exhausted = True

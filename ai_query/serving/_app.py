@@ -74,6 +74,8 @@ def _status_of_failed_row(status_code: int | None) -> tuple[int, str]:
         return 429, "REQUEST_LIMIT_EXCEEDED"
     if status_code is not None and 400 <= status_code < 500:
         return 400, "BAD_REQUEST"
+    if status_code == 503:  # the model's endpoint is down (an outage the request waited out in vain)
+        return 503, "TEMPORARILY_UNAVAILABLE"
     return 502, "UPSTREAM_ERROR"
 
 
@@ -299,11 +301,13 @@ class ServingApp:
         except ArgumentError as exc:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", str(exc)) from None
         client = dep.client
+        wait = config.client_config.request_timeout_s  # a served request waits out an outage this long at most
         try:
             if len(parsed.values) == 1:
-                results = [await client.call(parsed.values[0], parsed.params, parsed.response_format)]
+                results = [await client.call(parsed.values[0], parsed.params, parsed.response_format, wait_at_most_s=wait)]
             else:
-                results = list(await asyncio.gather(*(client.call(v, parsed.params, parsed.response_format, index=i)
+                results = list(await asyncio.gather(*(client.call(v, parsed.params, parsed.response_format, index=i,
+                                                                  wait_at_most_s=wait)
                                                       for i, v in enumerate(parsed.values))))
         except AIQueryError as exc:  # systemic: bad backend key, missing secret, engine down
             log.warning("serving endpoint %r: %s", name, exc)
@@ -316,7 +320,8 @@ class ServingApp:
                 self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
                                    status_code=status, streaming=parsed.stream)
         if failed is not None:
-            raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}", {"Retry-After": "1"} if status == 429 else None)
+            raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}",
+                               {"Retry-After": "1"} if status in (429, 503) else None)
         out = render_response(config.task, results)
         if parsed.stream and config.task == "llm/v1/chat":
             return 200, {}, b"", sse_chunks(out, parsed.include_usage)

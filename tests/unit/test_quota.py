@@ -86,6 +86,8 @@ def test_retry_budget_stops_a_retry_storm():
     assert all(not r.ok for r in results)
     assert calls["n"] <= 100 + 10 + 0.2 * 100 + 1  # not 600
     assert any("retry budget" in r.error for r in results)
+    # 500s are answers: the endpoint is there, so its circuit breaker stays closed and the budget rules
+    assert client.endpoint("q").routes[0].breaker.opened == 0
 
 
 def run_two_workers(registry, broker_address, share, rows_each=30):

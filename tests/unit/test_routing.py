@@ -45,13 +45,27 @@ def test_traffic_split_follows_percentages_and_is_stable_per_request():
 def test_fallback_to_the_next_entity_after_retries():
     def handler(request):
         if urlsplit(request.url).hostname == "a.test":
-            return json_response(503, {"error": "overloaded"})
+            return json_response(500, {"error": "overloaded"})  # an answer: 503s would be an outage (below)
         return json_response(200, chat_body("from b"))
 
     client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=MockTransport(handler))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert r.ok and r.value == "from b" and r.attempts == 3  # 2 on a, then 1 on b
     assert client.endpoint("split").fallbacks == 1
+
+
+def test_an_entity_that_is_down_falls_back_without_waiting_out_the_outage():
+    # mutation caught: the first entity's outage waited out (outage_wait_s, 300 s) instead of falling back:
+    # `give_up = deadline` for every position in EndpointClient.call -> this test outlives its timeout
+    def handler(request):
+        if urlsplit(request.url).hostname == "a.test":
+            return json_response(503, {"error": "no healthy upstream"})  # a gateway whose backend is gone
+        return json_response(200, chat_body("from b"))
+
+    client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=MockTransport(handler))
+    results = asyncio.run(asyncio.wait_for(client.amap("split", [f"row {i}" for i in range(20)]), 60))
+    assert all(r.ok and r.value == "from b" for r in results)
+    assert client.endpoint("split").routes[0].breaker.opened == 1
 
 
 def test_no_fallback_on_a_bad_request_or_when_disabled():
@@ -61,7 +75,7 @@ def test_no_fallback_on_a_bad_request_or_when_disabled():
     client = AIQueryClient(registry([("a", 100), ("b", 0)], fallback=True), transport=MockTransport(handler))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert not r.ok and "HTTP 400" in r.error
-    client = AIQueryClient(registry([("a", 100), ("b", 0)]), transport=MockTransport(lambda req: json_response(503, {})))
+    client = AIQueryClient(registry([("a", 100), ("b", 0)]), transport=MockTransport(lambda req: json_response(500, {})))
     [r] = asyncio.run(client.amap("split", ["x"]))
     assert not r.ok and r.attempts == 2
 
