@@ -31,7 +31,7 @@ from .._progress import reporter_for
 from .._schemas import ModelParameters
 from ..backends import BatchContext
 from .answers import StageAnswers
-from .journal import ResponseJournal, replay
+from .journal import ResponseJournal, TaskJournal, replay
 from .plan import group_rows, plan_group
 from .request import RequestKey
 from .results import CallResult, shared_copy, without_gaps
@@ -89,7 +89,7 @@ def start_rows(
     requests: list[Any],
     params: list[Any],
     response_formats: list[Any],
-    journal: ResponseJournal | None = None,
+    journal: ResponseJournal | TaskJournal | None = None,
     answers: StageAnswers | None = None,
     context: BatchContext | None = None,
 ) -> PendingRows:
@@ -127,7 +127,7 @@ def _start_groups(
     requests: list[Any],
     params: list[Any],
     response_formats: list[Any],
-    journal: ResponseJournal | None,
+    journal: ResponseJournal | TaskJournal | None,
     context: BatchContext | None,
 ) -> PendingRows:
     results, reporter = pending.results, pending.reporter
@@ -188,7 +188,7 @@ def _start_groups(
 
 
 def _on_result(client: AIQueryClient, row_of: dict[str, list[int]], keys: dict[int, RequestKey],
-               journal: ResponseJournal | None, reporter: Any, cache: StageAnswers,
+               journal: ResponseJournal | TaskJournal | None, reporter: Any, cache: StageAnswers,
                reserved: Reserved) -> Callable[[str, CallResult], None]:
     """What happens to each answer as it arrives: journaled, counted, shared with waiting rows."""
 
