@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
@@ -119,8 +120,8 @@ def _die_with_daemon() -> None:
     parent with another one means the daemon is gone. A worker Spark starts without a daemon
     (``-m pyspark.worker``) is the child of a JVM thread, whose exit is no reason to stop."""
     global _BOUND_TO_DAEMON
-    if _BOUND_TO_DAEMON == os.getpid():
-        return
+    if _BOUND_TO_DAEMON == os.getpid() or threading.current_thread() is not threading.main_thread():
+        return  # Linux keeps the signal per thread: armed by a thread that exits, it would be lost
     _BOUND_TO_DAEMON = os.getpid()
     own = cmdline(os.getpid())
     args = [a for a in own.split(b"\0") if a]
