@@ -10,7 +10,12 @@ same load generator calling the simulator directly with the same chat request, s
   and again at 32 in flight);
 - QPS = answered requests per second over a sweep of concurrencies, the highest with no errors.
 
-    python bench/serving.py [--quick] [--wait-quiet] [--latency 0.02] [--workers N]
+    python bench/serving.py [--quick] [--wait-quiet] [--latency 0.02] [--workers N] [--compare-ref GIT_REF]
+
+With ``--compare-ref`` a second server runs from that commit's tree beside this one, against the
+same simulator and load generator, measured in turn at every step: a before/after comparison in
+one run, where only the server differs (two runs from two checkouts also differ in the simulator
+and the load generator they ship, which moved the baseline by 15 % once).
 
 Results: bench/results/serving.json (records: scenario, metric, value, unit, goal, baseline, ...)
 and serving.md.
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-client", default="httptools", choices=["httptools", "aiohttp"], help="the server's transport to the backend")
     parser.add_argument("--workers", type=int, default=None,
                         help="server processes (ai-query serve --workers; default: the server's default, the number of cores)")
+    parser.add_argument("--compare-ref", metavar="GIT_REF",
+                        help="also serve from this commit (git archive into a temp dir) and compare, same run, same simulator")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; --quick writes nothing unless given)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -170,30 +177,44 @@ def main(argv: list[str] | None = None) -> int:
         "client_config": {"max_concurrency": 1024, "initial_concurrency": 512}}
     (root / "endpoints.json").write_text(json.dumps(endpoints))
     env = {**os.environ, "AIQ_SERVING_TOKEN": TOKEN, "AIQ_SECRET_BENCH_KEY": API_KEY}
-    server, server_url = _start([sys.executable, "-m", "ai_query.serving", "--port", "0", "--endpoints", str(root / "endpoints.json"),
-                                 "--state-dir", str(root / "state"), "--log-level", "warning", "--http-client", args.http_client,
-                                 *(["--workers", str(args.workers)] if args.workers is not None else [])],
-                                r"serving on (http://127\.0\.0\.1:\d+)", env=env)
+    workers_args = ["--workers", str(args.workers)] if args.workers is not None else []
+    serve = [sys.executable, "-m", "ai_query.serving", "--port", "0", "--endpoints", str(root / "endpoints.json"),
+             "--log-level", "warning"]
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    servers["ours"] = _start([*serve, "--state-dir", str(root / "state"), "--http-client", args.http_client, *workers_args],
+                             r"serving on (http://127\.0\.0\.1:\d+)", env=env)
+    if args.compare_ref:
+        # The same simulator, load generator and machine minute for both servers: only the server differs.
+        tree = checkout(args.compare_ref, root / "ref")
+        servers["ref"] = _start([*serve, "--state-dir", str(root / "state-ref"), *workers_args],
+                                r"serving on (http://127\.0\.0\.1:\d+)", env={**env, "PYTHONPATH": str(tree)})
+    server = servers["ours"][0]
     import psutil
 
     workers = max(1, len(psutil.Process(server.pid).children()))
     records: list[Record] = []
-    details: dict[str, Any] = {"server_workers": workers}
-    log(f"server: {workers} worker process{'es' if workers > 1 else ''}")
+    details: dict[str, Any] = {"server_workers": workers, "compare_ref": args.compare_ref}
+    log(f"server: {workers} worker process{'es' if workers > 1 else ''}" + (f"; also {args.compare_ref} (ref)" if args.compare_ref else ""))
     try:
         body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
-        through = (server_url + "/serving-endpoints/bench/invocations", body, {"Authorization": f"Bearer {TOKEN}"})
         direct = (sim_url + "/v1/chat/completions", {"model": "sim-model", **body}, {"Authorization": f"Bearer {API_KEY}"})
-        run_load(*through, 8, 2.0, 0.5)  # warm both paths (connections, the limiter)
+
+        def through(name: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+            return servers[name][1] + "/serving-endpoints/bench/invocations", body, {"Authorization": f"Bearer {TOKEN}"}
+
+        for name in servers:
+            run_load(*through(name), 8, 2.0, 0.5)  # warm every path (connections, the limiter)
 
         for concurrency in (1, 32):
             meter = BackgroundLoad().start()
             base = run_load(*direct, concurrency, duration, warmup)
-            ours = run_load(*through, concurrency, duration, warmup)
+            runs = {name: run_load(*through(name), concurrency, duration, warmup) for name in servers}
+            ours = runs["ours"]
             others = meter.stop()
-            details[f"overhead_c{concurrency}"] = {"direct": base, "server": ours, "others_cores": others}
+            details[f"overhead_c{concurrency}"] = {"direct": base, "server": ours, "ref": runs.get("ref"), "others_cores": others}
             log(f"in flight {concurrency}: direct p50 {base['p50_ms']:.2f} p99 {base['p99_ms']:.2f} ms; "
-                f"through the server p50 {ours['p50_ms']:.2f} p99 {ours['p99_ms']:.2f} ms; others {others:.2f} cores")
+                + "; ".join(f"through {name} p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms" for name, r in runs.items())
+                + f"; others {others:.2f} cores")
             for q, goal in (("p50", "<= 2"), ("p99", "<= 10")):
                 value = ours[f"{q}_ms"] - base[f"{q}_ms"]
                 records.append(Record(f"overhead_{concurrency}_in_flight", f"overhead_{q}_ms", round(value, 3), "ms",
@@ -201,28 +222,40 @@ def main(argv: list[str] | None = None) -> int:
                                       ours["requests"] - ours["ok"], goal_met(value, goal) if concurrency == 1 else None,
                                       f"latency {q}: {ours[f'{q}_ms']:.2f} ms through the server vs {base[f'{q}_ms']:.2f} ms direct "
                                       f"(baseline column); simulator latency {args.latency * 1000:g} ms; others {others:.2f} cores"))
+                if "ref" in runs and concurrency == 1:
+                    ref = runs["ref"][f"{q}_ms"] - base[f"{q}_ms"]
+                    records.append(Record(f"vs_{args.compare_ref}", f"overhead_{q}_ms", round(value, 3), "ms", f"<= {ref * 1.05:.3f}",
+                                          round(ref, 3), round(value / ref, 3) if ref > 0 else None, ours["requests"], None,
+                                          goal_met(value, f"<= {ref * 1.05:.3f}"),
+                                          f"overhead {q} at 1 in flight: this code vs {args.compare_ref} (baseline column) in the same run, "
+                                          f"same simulator and load generator; goal: within 5 %; others {others:.2f} cores"))
 
-        best_ours, best_base = None, None
-        sim_cpu0, server_cpu0 = _cpu_of(sim), _cpu_of(server)
+        best: dict[str, tuple[int, dict[str, Any], float]] = {}
+        best_base = None
         for concurrency in sweep:
             meter = BackgroundLoad().start()
             base = run_load(*direct, concurrency, duration, warmup)
-            s0, v0 = _cpu_of(sim), _cpu_of(server)
-            ours = run_load(*through, concurrency, duration, warmup)
-            ours["server_cpu_s"], ours["sim_cpu_s"] = _cpu_of(server) - v0, _cpu_of(sim) - s0
-            ours["server_cpu_ms_per_request"] = 1000 * ours["server_cpu_s"] / max(1, ours["requests_total"])
+            runs = {}
+            for name, (proc, _) in servers.items():
+                s0, v0 = _cpu_of(sim), _cpu_of(proc)
+                run = run_load(*through(name), concurrency, duration, warmup)
+                run["server_cpu_s"], run["sim_cpu_s"] = _cpu_of(proc) - v0, _cpu_of(sim) - s0
+                run["server_cpu_ms_per_request"] = 1000 * run["server_cpu_s"] / max(1, run["requests_total"])
+                runs[name] = run
             others = meter.stop()
-            details[f"qps_c{concurrency}"] = {"direct": base, "server": ours, "others_cores": others}
-            log(f"in flight {concurrency}: direct {base['qps']:.0f} req/s, through the server {ours['qps']:.0f} req/s "
-                f"(errors {ours['requests'] - ours['ok']}; server CPU {ours['server_cpu_ms_per_request']:.3f} ms per request,  {ours['server_cpu_s'] / (duration + warmup):.2f} cores; "
-                f"simulator {ours['sim_cpu_s'] / (duration + warmup):.2f}, load generator {ours['cpu_s'] / (duration + warmup):.2f}); others {others:.2f} cores")
-            if ours["requests"] == ours["ok"] and (best_ours is None or ours["qps"] > best_ours[1]["qps"]):
-                best_ours = (concurrency, ours, others)
+            ours = runs["ours"]
+            details[f"qps_c{concurrency}"] = {"direct": base, "server": ours, "ref": runs.get("ref"), "others_cores": others}
+            log(f"in flight {concurrency}: direct {base['qps']:.0f} req/s; " + "; ".join(
+                f"through {name} {r['qps']:.0f} req/s (errors {r['requests'] - r['ok']}; server CPU {r['server_cpu_ms_per_request']:.3f} ms per request, "
+                f"{r['server_cpu_s'] / (duration + warmup):.2f} cores; simulator {r['sim_cpu_s'] / (duration + warmup):.2f}, "
+                f"load generator {r['cpu_s'] / (duration + warmup):.2f})" for name, r in runs.items()) + f"; others {others:.2f} cores")
+            for name, run in runs.items():
+                if run["requests"] == run["ok"] and (name not in best or run["qps"] > best[name][1]["qps"]):
+                    best[name] = (concurrency, run, others)
             if base["requests"] == base["ok"] and (best_base is None or base["qps"] > best_base[1]["qps"]):
                 best_base = (concurrency, base)
-        del sim_cpu0, server_cpu0
-        if best_ours is not None and best_base is not None:
-            c, ours, others = best_ours
+        if "ours" in best and best_base is not None:
+            c, ours, others = best["ours"]
             value = ours["qps"]
             records.append(Record("sustained_qps", "qps", round(value, 1), "req/s", ">= 1500", round(best_base[1]["qps"], 1),
                                   round(value / best_base[1]["qps"], 3), ours["requests"], ours["requests"] - ours["ok"],
@@ -236,8 +269,20 @@ def main(argv: list[str] | None = None) -> int:
                                   ours["requests_total"], None, None,
                                   f"server CPU (user + system, supervisor and {workers} worker process{'es' if workers > 1 else ''}) / requests, "
                                   f"at {c} in flight; one core serves at most {1000 / cpu_ms:,.0f} req/s at this cost"))
+            if "ref" in best:
+                rc, ref, _ = best["ref"]
+                goal = f">= {ref['qps'] * 0.95:.1f}"
+                records.append(Record(f"vs_{args.compare_ref}", "qps", round(value, 1), "req/s", goal, round(ref["qps"], 1),
+                                      round(value / ref["qps"], 3), ours["requests"], ours["requests"] - ours["ok"], goal_met(value, goal),
+                                      f"best sustained QPS with no errors: this code (at {c} in flight) vs {args.compare_ref} (at {rc}) in the same "
+                                      f"run; goal: within 5 %; others {others:.2f} cores"))
+                ref_cpu = ref["server_cpu_ms_per_request"]
+                goal = f"<= {ref_cpu * 1.05:.4f}"
+                records.append(Record(f"vs_{args.compare_ref}", "server_cpu_per_request", round(cpu_ms, 3), "ms", goal, round(ref_cpu, 3),
+                                      round(cpu_ms / ref_cpu, 3), ours["requests_total"], None, goal_met(cpu_ms, goal),
+                                      f"server CPU per request at each one's best point: this code vs {args.compare_ref}; goal: within 5 %"))
     finally:
-        for proc in (server, sim):
+        for proc in [*(p for p, _ in servers.values()), sim]:
             proc.terminate()
             try:
                 proc.wait(timeout=20)
@@ -250,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         write_results(out, records, details, wall)
     return 0
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """The tree of commit ``ref`` extracted into ``into`` (its server runs with ``PYTHONPATH`` set there)."""
+    into.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def code_version() -> str:
