@@ -9,19 +9,23 @@ from the journal instead of the endpoint.
 Layout (a directory every executor and the driver can reach, like the Delta tables)::
 
     <journal>/run-<id>/part-<host>-<pid>-<n>.jsonl     one file per Python worker process
+    <journal>/run-<id>/tasks/<stage>.<partition>       created by a task's first attempt
 
-A run *writes* under its own ``run-<id>`` and *replays* the directories of earlier runs. A task
-writes through its ``TaskJournal``, which tags each line with the task (``<stage>.<partition>``
-in Spark): a retried or speculative attempt of the task reads the lines earlier attempts of the
-same task wrote in this run (any worker, any host: the directory is shared) and replays them
-before it sends anything, again before each later batch (a speculative copy catches up with the
-attempt still running). Only lines of the same task: a line of another task answers a row that
-task commits itself, so replaying it would put one answer in two rows. Lines
+A run *writes* under its own ``run-<id>`` and *replays* the directories of earlier runs. Lines
 are keyed by ``RequestKey.digest`` (a hash of endpoint, request, parameters and response
 format: the key dedup compares, so a journal and dedup never disagree on "the same request");
-only ``ok`` answers are
-journaled (a failed request is not billed, and ``--retry-failed`` must ask again). A line cut
-short by a kill is skipped. The driver deletes a run's directory once its rows are committed.
+only ``ok`` answers are journaled (a failed request is not billed, and ``--retry-failed`` must
+ask again). A line cut short by a kill is skipped. The driver deletes a run's directory once its
+rows are committed.
+
+Inside a run, a task writes through its ``TaskJournal``, which tags each line with the task
+(``<stage>.<partition>`` in Spark). An attempt that finds the task's marker already there (a
+retried or speculative attempt, or one of a retried stage, whose attempt numbers start at 0
+again) reads the lines earlier attempts of the same task wrote in this run (any worker, any
+host) and replays them before it sends anything, and catches up again before each later batch
+(a speculative copy follows the attempt still running). Only lines of the same task: a line of
+another task answers a row that task commits itself, and replaying it would put one answer in
+two rows. A first attempt reads nothing of its own run (no cost on the common path).
 
 Limits: the requests in flight at a kill (of the run, or of one Python worker whose task Spark
 retries; at most that worker's share of ``max_concurrency``) are answered and billed by

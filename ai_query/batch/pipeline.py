@@ -5,7 +5,7 @@ Spark task, a task function's rows):
 
 1. plan: ``group_rows`` (by endpoint, parameters, response format; one ``RequestKey`` per row),
    ``plan_group`` (dedup within the batch and against ``StageAnswers``), ``journal.replay``
-   (answers a killed run of the job already received);
+   (answers a killed run of the job, or a killed attempt of the task, already received);
 2. fan out: the remaining rows go to the process's ``AIQueryClient`` (``submit_many``), which
    orders them (``prefix_order``), starts them a window at a time (``WindowScheduler``) and
    exchanges them with the endpoint;
