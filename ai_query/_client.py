@@ -45,7 +45,7 @@ from .limits.share import ConcurrencyShare
 from .transport import Request, Transport, make_transport
 from ._schemas import ModelParameters, ModelResponse, Usage
 from .batch.plan import prefix_order
-from .batch.request import prompt_text_of, traffic_point
+from .batch.request import prompt_text_of, row_fault, traffic_point
 from .batch.results import CallResult, answered_result, check_exactly_once, failed_result
 from .batch.scheduler import WindowScheduler
 
@@ -230,9 +230,9 @@ class EndpointClient:
         Row failures come back as ``status='error'``; systemic ones raise. ``prompt_text`` is the
         value's ``prompt_text_of``, when the caller computed it already (for the prefix order).
         """
-        if value is None:
-            return CallResult(index, self.config.name, "error", error="the request is NULL: nothing to send",
-                              model=self.config.entity.model_name)
+        if (fault := row_fault(value, self.config.client_config.max_prompt_chars)) is not None:
+            return CallResult(index, self.config.name, "error", error=fault, model=self.config.entity.model_name,
+                              status_code=None if value is None else 400)
         if prompt_text is None:
             prompt_text = prompt_text_of(value)
         t0 = self._clock()
@@ -318,11 +318,11 @@ class EndpointClient:
         (an in-process engine has no transient faults; a row's failure is data, an engine failure raises)."""
         route = self.routes[0]
         t0 = self._clock()
-        sent = [i for i, v in enumerate(values) if v is not None]
+        faults = [row_fault(v, self.config.client_config.max_prompt_chars) for v in values]
+        sent = [i for i, fault in enumerate(faults) if fault is None]
         outcomes = await route.backend.invoke_batch(self.config.task, [values[i] for i in sent], params, response_format, context)
         self.requests_sent += len(sent)
-        results = [CallResult(i, self.config.name, "error", error="the request is NULL: nothing to send",
-                              model=route.entity.model_name) for i in range(len(values))]
+        results = [CallResult(i, self.config.name, "error", error=fault, model=route.entity.model_name) for i, fault in enumerate(faults)]
         for i, outcome in zip(sent, outcomes):
             if isinstance(outcome, Exception):
                 results[i] = CallResult(i, self.config.name, "error", error=str(outcome), model=route.entity.model_name,

@@ -1,11 +1,26 @@
-"""What a chunk writes, each table once: the output rows, then their usage and payload rows.
+"""What a chunk writes, each table once: its usage and payload rows, then its output rows.
 
 Every commit carries the app transaction (the job's id, the chunk's version) through the one
-Delta committer (``ai_query.sinks``), so a chunk committed before a kill is skipped by the re-run.
-The output and the usage table are two tables, so no single commit covers both: usage rows are
-staged as parquet before the output commit and committed after it (``UsageStaging``), and a
-later run commits what a killed one staged. Answers replayed from the journal are billed once
-(``ReplayedAnswers``).
+Delta committer (``ai_query.sinks``), so a commit that landed before a kill is skipped by the
+re-run. The output and the usage table are two Delta tables, so no single commit covers both;
+the pair is made exactly once by its order and by what a resumed run does:
+
+1. **usage first** (and payloads), with transaction (job, v); **output second**, with (job, v).
+   A usage commit that fails (an unwritable table, a full disk) leaves the output untouched:
+   the chunk's keys stay pending, nothing disagrees, and the answers are in the journal.
+2. A kill (or a failed output commit) between the two leaves usage rows for chunk ``v`` and no
+   output rows. Chunk versions continue after the highest version of **any** of the job's
+   tables (:func:`next_chunk_version`), so the orphan version is never reused and no later
+   chunk's usage is skipped as "already committed".
+3. The orphan chunk's keys are still pending: the re-run answers them from the killed run's
+   journal (nothing is sent again), and :class:`ReplayedAnswers` sees their request ids in the
+   usage table already, so they are written to the output as zero-token copies and get no
+   second usage row.
+
+So every paid request has exactly one usage row and every key one output row, whatever fails
+between them; only the moment differs at which both tables agree (at the latest, the end of the
+next run). Usage rows are still staged as parquet in the job's state directory before their
+commit; ``UsageStaging.recover`` commits what a run of the earlier order (output first) left.
 """
 
 from __future__ import annotations
@@ -94,9 +109,14 @@ def landed_version(spec: JobSpec) -> int | None:
 
 
 def next_chunk_version(spec: JobSpec) -> int:
-    """Chunk versions count from 1, after the last one the output committed."""
-    last = landed_version(spec)
-    return 1 if last is None else last + 1
+    """Chunk versions count from 1, after the last one any of the job's tables committed.
+
+    The usage table is committed first, so it may hold a version whose output never landed
+    (a kill between the two commits): the next chunk takes the version after it.
+    """
+    paths = [spec.output_path, spec.usage_table, *([spec.inference_path] if spec.inference_path else [])]
+    versions = [v for v in (DeltaCommitter(p).committed_version(spec.job_id) for p in paths) if v is not None]
+    return max(versions) + 1 if versions else 1
 
 
 def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
@@ -108,12 +128,12 @@ def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
 
 
 class UsageStaging:
-    """Usage and payload rows written next to the job before the output commit, committed after it.
+    """Usage and payload rows staged as parquet next to the job, then committed before the output.
 
-    The output and the usage table are two Delta tables: no single commit covers both. A chunk's
-    usage rows are therefore staged as parquet first; whatever kills the run, the next run
-    commits the staged rows whose output landed (each once: app transaction per table) and drops
-    the others (their rows are still pending and will be answered from the journal).
+    See the module docstring for the order. ``recover`` handles what a kill left: staged rows of
+    a chunk whose output landed (left by the earlier order, output first) are committed, each
+    once (app transaction per table); the others are dropped (their usage either landed already
+    or their answers are still in the journal and will be written with the output).
     """
 
     def __init__(self, spec: JobSpec) -> None:

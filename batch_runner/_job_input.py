@@ -103,15 +103,24 @@ def key_states(spec: JobSpec) -> pa.Table:
 
 
 def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *, retry_failed: bool = False,
-                 limit: int | None = None) -> pa.Table:
+                 limit: int | None = None, unique: bool = True) -> pa.Table:
     """The keys still to do, ordered, at most ``limit``.
+
+    ``unique``: a key with several input rows is a ``ConfigError`` (before any request is sent);
+    ``job_status`` passes ``False`` and counts such a key once.
 
     Only the key columns travel to the driver, where the anti-join and the sort run in Arrow:
     a Spark shuffle costs more than the keys of millions of rows.
     """
+    from ._preflight import duplicate_keys_message
+
     names = list(spec.key)
     keys = input_df.select(*names).toArrow()
-    keys = keys.group_by(names).aggregate([])  # distinct
+    repeated = duplicate_keys_message(spec, keys, repr(spec.driving_view)) if unique else None
+    if repeated:
+        raise ConfigError(repeated)
+    if not unique:
+        keys = keys.group_by(names).aggregate([])  # distinct
     states = key_states(spec)
     done = states.filter(states.column("ok")) if retry_failed else states
     if done.num_rows:

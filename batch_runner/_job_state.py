@@ -171,7 +171,7 @@ def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
             pending = keys.num_rows
     elif spark is not None:
         input_df = open_job(spec, spark)
-        pending = pending_keys(spark, spec, input_df).num_rows
+        pending = pending_keys(spark, spec, input_df, unique=False).num_rows
     usage = DeltaAppender(spec.usage_table).read()
     if spec.usage_path:  # a shared table: this job's rows only
         usage = usage.filter(pc.equal(usage.column("source"), f"batch:{spec.name}"))

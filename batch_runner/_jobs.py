@@ -2,15 +2,18 @@
 
 A run of a job with a ``key`` and output mode ``merge`` or ``append``:
 
-1. **recover**: usage rows staged by a run killed between its output commit and its usage commit
-   are committed now (or dropped when their output never landed);
+0. **preflight** (``_preflight``): paths writable, secrets set, one input row per key, before any
+   request; each chunk also checks that the query returns one row per key before it is sent;
+1. **recover**: usage rows staged by a run killed between its commits are committed now (or
+   dropped when their output never landed);
 2. **pending**: rows of the input whose key is not in the output (with ``retry_failed``, also
    rows whose status is ``error``), ordered by key, at most ``max_rows``;
 3. **chunks** of ``chunk_rows``: the input view is narrowed to the chunk's keys, the job's query
    runs with audit columns, every answer is journaled on the executor as it arrives
    (``ai_query.batch.journal``), and the driver then commits, each with app transaction
-   (``ai-query:<job>``, ``v``): the output (merge by key, or append), then the chunk's usage
-   rows (``endpoint_usage``) and, optionally, its payload rows;
+   (``ai-query:<job>``, ``v``): the chunk's usage rows (``endpoint_usage``) and, optionally, its
+   payload rows, then the output (merge by key, or append): ``_job_commit`` says why the pair is
+   exactly once;
 4. **budget**: after each chunk the run's cost and tokens are checked against ``max_cost_usd`` /
    ``max_tokens``; chunks shrink as the budget runs out, and the run stops once it is spent.
 
@@ -46,6 +49,7 @@ from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys
 from ._job_state import JobRunReport, journal_dirs, log_run
+from ._preflight import duplicate_keys_message, preflight_job
 from ._runner import _ProgressDisplay, flatten_audit
 from ._spec import JobSpec
 
@@ -80,20 +84,6 @@ def _next_chunk_size(spec: JobSpec, report: JobRunReport) -> int:
     return max(1, size)
 
 
-def _check_budget_pricing(spark: "SparkSession", spec: JobSpec) -> None:
-    if spec.max_cost_usd is None:
-        return
-    _, calls = request_query(spark, spec)
-    registry = spark_udfs._state(spark).registry  # noqa: SLF001 - same project
-    for _, endpoint in calls:
-        if endpoint is not None and endpoint in registry and registry.get(endpoint).entity.pricing is None:
-            raise ConfigError(
-                f"options.max_cost_usd needs prices, but endpoint {endpoint!r} has no pricing: add "
-                "\"pricing\": {\"input_usd_per_million_tokens\": ..., \"output_usd_per_million_tokens\": ...} to its served "
-                "entity, or use options.max_tokens"
-            )
-
-
 def run_incremental(
     spec: JobSpec,
     spark: "SparkSession",
@@ -110,8 +100,8 @@ def run_incremental(
     started = time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id)
+    preflight_job(spec, probe=False)  # `ai-query run` probed the endpoints already
     input_df = open_job(spec, spark)
-    _check_budget_pricing(spark, spec)
     staging = UsageStaging(spec)
     report.recovered_chunks = staging.recover()
 
@@ -190,24 +180,30 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     # spreads a local relation over all its cores (a scan would give one task per source file).
     rows = rows_of_keys(spark, input_df, chunk_keys, names).toArrow()
     spark.createDataFrame(rows, schema=input_df.schema).createOrReplaceTempView(spec.driving_view)
+    # the request text of each row, without the model call: also finds a query (a join) that
+    # makes several rows of one key before any of them is sent
+    request_rows = spark_udfs.sql(spark, req_sql).toArrow()
+    missing = [k for k in names if k not in request_rows.column_names]
+    if missing:
+        raise ConfigError(f"key column(s) {', '.join(missing)} are not in the query's result "
+                          f"({', '.join(request_rows.column_names)}); select them in the query")
+    repeated = duplicate_keys_message(spec, request_rows.select(names), "as the job's query returns it")
+    if repeated:
+        raise ConfigError(repeated.replace("remove the duplicates from the input", "fix the query (e.g. its joins)"))
     df = spark_udfs.sql(spark, spec.query, audit=True)
     out_df, response_column = flatten_audit(df)
-    missing = [k for k in names if k not in out_df.columns]
-    if missing:
-        raise ConfigError(f"key column(s) {', '.join(missing)} are not in the query's result ({', '.join(out_df.columns)}); "
-                          "select them in the query")
     result = out_df.toArrow()
     keys_seen = result.select(names).group_by(names).aggregate([([], "count_all")])
     if keys_seen.num_rows != result.num_rows:
         raise ConfigError(f"the query returns several rows for one key ({', '.join(names)}): a job writes one row per key; "
                           "fix key = [...] or the query (e.g. its joins)")
     result = replayed.zero_repeats(result)
-    request_rows = spark_udfs.sql(spark, req_sql).select(*names, response_column).toArrow().to_pylist()
-    requests = {tuple(r[k] for k in names): r[response_column] for r in request_rows}
+    requests = {tuple(r[k] for k in names): r[response_column]
+                for r in request_rows.select([*names, response_column]).to_pylist()}
     usage, payloads = usage_rows(spec, result, requests, response_column, run_id, version)
     staging.stage(version, usage, payloads)
+    staging.commit(version)  # usage first, output second: see _job_commit for why this is exactly once
     commit_output(spec, result, version)
-    staging.commit(version)
 
     status = result.column("aiq_status")
     ok = pc.sum(pc.equal(status, "ok")).as_py() or 0

@@ -179,8 +179,11 @@ def run_job(
     progress: bool = True,
 ) -> RunSummary:
     """Run ``spec`` end to end and return the summary read back from the output table."""
+    from ._preflight import preflight_job
+
     stream = stream or sys.stderr
     started = time.monotonic()
+    preflight_job(spec, probe=False)  # `ai-query run` probed the endpoints already
     if spark is None:
         spark = spark_udfs.build_session(master or spec.master, app_name=f"ai-query:{spec.name}")
     spark_udfs.register(spark, spec.endpoints)

@@ -36,6 +36,10 @@ examples:
   ai-query run job.toml --retry-failed         ask again for rows that failed
   ai-query run job.toml --master spark://host:7077
 
+Before Spark starts, every spec is checked and nothing is sent if one fails: output, usage and state
+paths writable, secrets set, one input row per key, and each HTTP endpoint answering a free probe
+(GET /v1/models, or the serving endpoint's GET) with its key; --no-probe skips the probe.
+
 exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
 3 the job finished but more rows failed than options.allowed_failure_rate allows;
 4 the run stopped at options.max_cost_usd / max_tokens (committed rows stay; run again to continue).
@@ -71,11 +75,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batch_runner._runner import run_job
     from batch_runner._spec import JobSpec
 
+    from batch_runner._preflight import preflight_job
+
     specs = [JobSpec.load(p) for p in args.jobs]  # validate every spec before starting anything
     for spec in specs:
         if (args.retry_failed or args.limit is not None) and not spec.incremental:
             raise ConfigError(f"{spec.source_file}: --retry-failed and --limit need an incremental job: "
                               "set key = [...] and output.mode = \"merge\" (or \"append\")")
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError(f"--limit must be a number of rows >= 1, got {args.limit}; leave it out to process every pending row")
+    for spec in specs:  # paths, secrets, duplicate keys, endpoints: before Spark starts and before any paid request
+        preflight_job(spec, probe=not args.no_probe)
     spark = None
     worst = EXIT_OK
     try:
@@ -111,7 +121,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from batch_runner._plan import plan_job
     from batch_runner._spec import JobSpec
 
+    from batch_runner._preflight import preflight_job
+
     spec = JobSpec.load(args.job)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a number of rows >= 1, got {args.limit}; leave it out to plan every pending row")
+    preflight_job(spec, probe=not args.no_pilot)  # a pilot sends paid requests: check the endpoints first
     spark = _session(args, spec)
     try:
         plan = plan_job(spec, spark, pilot=not args.no_pilot, retry_failed=args.retry_failed, limit=args.limit)  # type: ignore[arg-type]
@@ -149,6 +164,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     cron = args.cron or spec.schedule
     if not cron:
         raise ConfigError(f"{args.job}: no schedule; add schedule = \"0 2 * * *\" to the spec or pass --cron")
+    from batch_runner._preflight import preflight_job
+
+    preflight_job(spec, probe=False)  # a broken spec fails now, not at the first firing (each run also probes)
     command = [sys.executable, "-m", "batch_runner.cli", "run", os.path.abspath(args.job), "--no-progress"]
     if args.master:
         command += ["--master", args.master]
@@ -179,6 +197,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--retry-failed", action="store_true", help="also process rows whose status is error (incremental jobs)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N pending rows in this run (incremental jobs)")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="skip the free request (e.g. GET /v1/models) that checks each endpoint before the first paid one")
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:

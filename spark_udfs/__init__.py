@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
+from ai_query._preflight import check_credentials
 from ai_query.backends import entity_kind, prepare
 from ai_query.limits.quota import QuotaBroker
 
+from ._argtypes import check_files_types
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
 from ._session import build_session
@@ -79,7 +81,7 @@ _DEFAULT_SPEC_TYPE = '"string"'
 def _state(spark: "SparkSession") -> _SessionState:
     state = _STATES.get(id(spark))
     if state is None:
-        raise ArgumentError("spark_udfs.register(spark) has not been called for this session")
+        raise ArgumentError("spark_udfs.register(spark) has not been called for this session; call it once after building the session")
     return state
 
 
@@ -221,11 +223,15 @@ def _variant_name(spec: UDFSpec) -> str:
 def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set[str] | None = None) -> None:
     """Start (or attach to) the local servers and pools behind ``names`` on the driver, before any task runs.
 
+    Their secrets are resolved here first (``ai_query._preflight.check_credentials``).
+
     On a cluster this is the driver's node; each other node's first task attaches or starts its own.
     """
     for name in sorted(names):
         if prepared is not None and name in prepared:
             continue
+        for served in registry.get(name).served_entities:  # an unset secret fails here, not on every executor
+            check_credentials(name, served)
         entity = registry.get(name).entity
         log.info("preparing %s endpoint %r (model %s)", entity_kind(entity), name, entity.model_name)
         prepare(entity)
@@ -250,6 +256,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     # so with several calls the plain variants keep them in one worker, sharing its answers.
     pipelined = len(calls) == 1
     whole: dict[int, str] = {}  # the pipelined call, rewritten whole
+    files_position: dict[str, int] = {}  # UDF name -> where a positional files argument sits
     for call in calls:
         if call.name.lower() != "ai_query":
             name = _rewrite_task_call(spark, state, call)
@@ -262,7 +269,8 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         endpoint = bound["endpoint"].literal
         task = None
         if endpoint is None or (endpoint is not NotImplemented and not isinstance(endpoint, str)):
-            raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}")
+            raise ArgumentError(f"{label}: the endpoint must be a string, got {bound['endpoint'].text}; "
+                                "name a registry endpoint, e.g. ai_query('my-endpoint', prompt)")
         if isinstance(endpoint, str):
             config = state.registry.get(endpoint)
             task = config.task
@@ -288,13 +296,21 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         if pipelined and not moves_marker:
             name, _ = _variant(spark, state, replace(spec, arguments=layout))
             whole[call.start] = f"{name}({', '.join(bound[a].text for a in layout)})"
+            if "files" in bound:
+                files_position[name] = layout.index("files")
             continue
         if spec == replace(UDFSpec(_DEFAULT_SPEC_TYPE), quota_broker=spec.quota_broker, quota_share=spec.quota_share):
-            continue
-        name, _ = _variant(spark, state, spec)
-        replacements[call.start] = name
+            name = "ai_query"
+        else:
+            name, _ = _variant(spark, state, spec)
+            replacements[call.start] = name
+        if "files" in bound:
+            files_position[name] = SIGNATURE.index("files")
+    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
+    if files_position:  # a column's type is known only once Spark resolves it: before anything runs
+        check_files_types(spark, rewritten, files_position)
     prepare_endpoints(state.registry, used, state.prepared)
-    return replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
+    return rewritten
 
 
 def _spec_for(
@@ -357,9 +373,10 @@ def ai_query(
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
-    spark = SparkSession.getActiveSession()
+    # The active session is per thread; in a thread that never built one, the process's session.
+    spark = SparkSession.getActiveSession() or SparkSession._instantiatedSession
     if spark is None:
-        raise ArgumentError("ai_query(...) as a column needs an active SparkSession; call spark_udfs.register(spark) first")
+        raise ArgumentError("ai_query(...) as a column needs a SparkSession: build one and call spark_udfs.register(spark) first")
     state = _state(spark)
     label = f"ai_query({endpoint!r}, ...)"
     if not isinstance(endpoint, str):

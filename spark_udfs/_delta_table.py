@@ -76,9 +76,9 @@ def _spark_schema_of(table: Any) -> StructType:
 
 def _arrow_schema(schema: StructType) -> "pa.Schema":
     """Arrow schema of the parquet files; timestamps are stored as UTC instants."""
-    from pyspark.sql.pandas.types import to_arrow_schema
+    from ._types import arrow_schema
 
-    return to_arrow_schema(schema, timezone="UTC")
+    return arrow_schema(schema)
 
 
 def _type_str(dt: DataType) -> str:

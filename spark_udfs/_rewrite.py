@@ -220,11 +220,11 @@ def bind_arguments(call: Call, signature: list[str], required: int) -> dict[str,
                     f"{call.name}: unknown named argument {arg.name!r}; the arguments are {', '.join(signature)}"
                 )
             if match in bound:
-                raise ArgumentError(f"{call.name}: argument {match!r} is given twice")
+                raise ArgumentError(f"{call.name}: argument {match!r} is given twice (by position or by name); give it once")
             bound[match] = arg
     missing = [s for s in signature[:required] if s not in bound]
     if missing:
-        raise ArgumentError(f"{call.name}: missing required argument(s) {', '.join(missing)}")
+        raise ArgumentError(f"{call.name}: missing required argument(s) {', '.join(missing)}; the arguments are {', '.join(signature)}")
     return bound
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ai_query import EndpointRegistry, RowFailedError, shared_client
 
-from ._udf import start_task_rows
+from ._udf import decode_column, start_task_rows
 
 SENTIMENTS = ["positive", "negative", "neutral", "mixed"]
 CHAT_PARAMS = {"temperature": 0.0}
@@ -225,15 +225,18 @@ def build_task_udf(task: TaskFunction, endpoint: str, registry: EndpointRegistry
 
     def run(*arrays: pa.Array | None) -> pa.Array:
         n = len(arrays[0])  # type: ignore[arg-type]
-        columns = [a.to_pylist() if a is not None else [d] * n for a, d in zip(arrays, (None, *task.defaults))]
+        columns = []
+        for name, a, d in zip((first, *task.args), arrays, (None, *task.defaults)):
+            values, bad_text = decode_column(a) if a is not None else ([d] * n, {})
+            for i, why in bad_text.items():  # a task function has no failOnError: the row fails the query
+                raise RowFailedError(f"{task.name} failed for row {i} of the batch: its {name} argument: {why}")
+            columns.append(values)
         values = evaluate_task(task, endpoint, registry, columns, quota_broker, quota_share, progress_address)
         if return_type is not None:  # ai_extract with literal labels: a typed struct
-            from ._types import convert
+            from ._types import arrow_type as arrow_type_of, convert
 
             values = [None if v is None else convert(v, return_type) for v in values]
-            from pyspark.sql.pandas.types import to_arrow_type
-
-            return pa.array(values, type=to_arrow_type(return_type))
+            return pa.array(values, type=arrow_type_of(return_type))
         return pa.array(values, type=arrow_type)
 
     # Spark reads the argument names (for named arguments) and the arrow type hints from the signature.

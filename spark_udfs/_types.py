@@ -65,6 +65,29 @@ def parse_return_type(ddl: str) -> DataType:
         ) from None
 
 
+def arrow_type(dt: DataType) -> Any:
+    """The Arrow type Spark uses for ``dt`` (timestamps as UTC instants), on every supported pyspark."""
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return _utc(to_arrow_type, dt)
+
+
+def arrow_schema(schema: StructType) -> Any:
+    """The Arrow schema Spark uses for ``schema`` (timestamps as UTC instants), on every supported pyspark."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return _utc(to_arrow_schema, schema)
+
+
+def _utc(convert_fn: Any, dt: DataType) -> Any:
+    # pyspark 4.2 takes timezone="UTC"; 4.1 took timestamp_utc (True by default: the same types).
+    import inspect
+
+    if "timezone" in inspect.signature(convert_fn).parameters:
+        return convert_fn(dt, timezone="UTC")
+    return convert_fn(dt)
+
+
 def result_type(value_type: DataType, *, with_error: bool, audit: bool) -> DataType:
     """The UDF's return type for a value type: plain, with ``errorMessage``, or with audit columns."""
     if audit:

@@ -23,6 +23,7 @@ from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query.backends import BatchContext
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, TaskJournal, stage_answers
 from ai_query.batch.pipeline import PendingRows, start_rows
+from ai_query.batch.request import invalid_utf8_message
 from ai_query.process import cmdline, die_with_parent
 
 from ._types import AUDIT_COLUMNS, convert, result_type
@@ -132,6 +133,46 @@ def _die_with_daemon() -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # the daemon died before the signal was armed
 
 
+def decode_column(values: pa.Array) -> tuple[list[Any], dict[int, str]]:
+    """A column's Python values, and the rows whose text is not valid UTF-8 (with their error; the
+    value kept for messages only, its bad bytes replaced by U+FFFD).
+
+    Spark passes a STRING's bytes unchecked (``CAST(unhex('C328') AS STRING)``); Arrow fails the
+    whole batch on the first bad row, so the rows are read one by one only then.
+    """
+    try:
+        return values.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    raw = values.cast(pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()) \
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) else None
+    out: list[Any] = []
+    errors: dict[int, str] = {}
+    for i in range(len(values)):
+        try:
+            out.append(values[i].as_py())
+        except UnicodeDecodeError as exc:
+            data = raw[i].as_py() if raw is not None else None
+            out.append(data.decode("utf-8", "replace") if data is not None else None)
+            errors[i] = invalid_utf8_message(data, exc.start) if data is not None else \
+                f"the request holds text that is not valid UTF-8 ({exc}); not sent; repair it with make_valid_utf8(col)"
+    return out, errors
+
+
+def _check_files_type(files: pa.Array) -> None:
+    """A ``files`` column of another type than BINARY / ARRAY<BINARY> is the query's fault, not each row's."""
+    kind = files.type
+    if pa.types.is_null(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+            pa.types.is_binary(kind.value_type) or pa.types.is_large_binary(kind.value_type) or pa.types.is_null(kind.value_type)):
+        return
+    raise ArgumentError(
+        f"ai_query: files => takes a BINARY or ARRAY<BINARY> column (image or PDF bytes), got a column of Arrow type {kind}; "
+        "read the files with spark.read.format('binaryFile') and pass its content column, or unbase64(col) for base64 text"
+    )
+
+
 def start_task_rows(client: AIQueryClient, progress_address: tuple[str, int] | None, *columns: list[Any]) -> PendingRows:
     """``start_rows`` (``columns``: endpoints, requests, parameters, response formats) with the
     Spark task's response journal, this stage's answer cache and the task's batch context."""
@@ -149,7 +190,8 @@ class PendingBatch:
     endpoint: pa.Array
     requests: list[Any]
     fails: list[Any]
-    file_errors: dict[int, str]
+    row_errors: dict[int, str]
+    """Rows not sent, with their error (a file of an unsupported type, text that is not UTF-8)."""
     rows: PendingRows
 
     def cancel(self) -> None:
@@ -168,15 +210,18 @@ def start_batch(
     """Start sending the batch's rows; returns at once (see ``finish_batch``)."""
     n = len(request)
     endpoints = endpoint.to_pylist()
-    requests = request.to_pylist()
-    file_errors: dict[int, str] = {}
+    requests, row_errors = decode_column(request)
     if files is not None:
+        _check_files_type(files)
         for i, row_files in enumerate(files.to_pylist()):
+            if i in row_errors:
+                continue
             try:
                 requests[i] = with_files(requests[i], as_file_list(row_files))
             except UnsupportedFileError as exc:
-                file_errors[i] = str(exc)
-                endpoints[i] = None  # not sent: the row's error is its file
+                row_errors[i] = str(exc)
+    for i in row_errors:
+        endpoints[i] = None  # not sent: the row's error is its text or its file
     params_col = _column(model_parameters, n)
     fails = _column(fail_on_error, n)
     if not spec.with_error and not spec.audit and any(f is False for f in fails):
@@ -188,14 +233,14 @@ def start_batch(
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
     client = shared_client(registry, spec.quota_broker, spec.quota_share)
     rows = start_task_rows(client, spec.progress_address, endpoints, requests, params_col, [response_format] * n)
-    return PendingBatch(spec, endpoint, requests, fails, file_errors, rows)
+    return PendingBatch(spec, endpoint, requests, fails, row_errors, rows)
 
 
 def finish_batch(batch: PendingBatch) -> tuple[list[CallResult], list[Any], list[str | None]]:
     """Wait for the batch; return per-row results, typed values, and row errors (conversion included)."""
     spec, requests, fails = batch.spec, batch.requests, batch.fails
     results = batch.rows.wait()
-    for i, error in batch.file_errors.items():
+    for i, error in batch.row_errors.items():
         results[i] = replace(results[i], endpoint=batch.endpoint[i].as_py() or "", error=error)
 
     value_type = spec.value_type()
@@ -277,10 +322,10 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
     arguments to iterator UDFs; the SQL rewrite writes the call positionally).
     """
     from pyspark.sql.functions import arrow_udf
-    from pyspark.sql.pandas.types import to_arrow_type
+    from ._types import arrow_type as arrow_type_of
 
     return_type = spec.return_type()
-    arrow_type = to_arrow_type(return_type, timezone="UTC")
+    arrow_type = arrow_type_of(return_type)
 
     if spec.arguments is not None:
         layout = spec.arguments
@@ -327,5 +372,5 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
     return arrow_udf(ai_query, returnType=return_type).asNondeterministic()
 
 
-__all__ = ["AUDIT_COLUMNS", "SIGNATURE", "PendingBatch", "UDFSpec", "build_udf", "evaluate_batch", "finish_batch",
+__all__ = ["AUDIT_COLUMNS", "SIGNATURE", "PendingBatch", "UDFSpec", "build_udf", "decode_column", "evaluate_batch", "finish_batch",
            "start_batch", "start_task_rows"]

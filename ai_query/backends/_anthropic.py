@@ -37,6 +37,11 @@ class AnthropicBackend(ExternalModelBackend):
         headers = {**json_headers("x-api-key", self._config.credential()), "anthropic-version": self._config.anthropic_version}
         return HTTPRequest("POST", f"{self._config.anthropic_api_base}/v1/messages", headers, body)
 
+    def probe_request(self) -> HTTPRequest | None:
+        """``GET {anthropic_api_base}/v1/models``: free, and it checks the key."""
+        headers = {**json_headers("x-api-key", self._config.credential()), "anthropic-version": self._config.anthropic_version}
+        return HTTPRequest("GET", f"{self._config.anthropic_api_base.rstrip('/')}/v1/models", headers, {})
+
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         raise_for_status(status, headers, body, f"served entity {self.entity.name!r}")
         try:

@@ -29,5 +29,9 @@ class OpenAICompatibleBackend(ExternalModelBackend):
         body = {"model": self._model, **llm_v1_body(task, value, params, response_format)}
         return HTTPRequest("POST", (await self.base_url()) + PATHS[task], self._headers(), body)
 
+    def probe_request(self) -> HTTPRequest | None:
+        """``GET {openai_api_base}/models``: free on OpenAI, vLLM and most gateways; it checks the key."""
+        return HTTPRequest("GET", self._config.openai_api_base.rstrip("/") + "/models", self._headers(), {})
+
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)

@@ -137,6 +137,14 @@ class BackendBase:
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         raise NotImplementedError(f"{type(self).__name__} answers in process (invoke), not over HTTP")
 
+    def probe_request(self) -> HTTPRequest | None:
+        """A cheap, unpaid request that proves the endpoint is there and takes our key (``None``: none exists).
+
+        Jobs and ``ai-query run`` send it once per endpoint before the first paid request: an
+        unreachable host, a refused key (401/403) or a wrong URL (404) then stops the job for free.
+        """
+        return None
+
     def request_done(self, request: HTTPRequest, error: BaseException | None) -> bool:
         """Called when a request built here finished; True if a retry should go to another replica."""
         return False

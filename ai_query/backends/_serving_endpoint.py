@@ -24,5 +24,10 @@ class ServingEndpointBackend(ExternalModelBackend):
         headers = json_headers("authorization", self._config.credential(), "Bearer ")
         return HTTPRequest("POST", url, headers, llm_v1_body(task, value, params, response_format))
 
+    def probe_request(self) -> HTTPRequest | None:
+        """``GET {workspace}/api/2.0/serving-endpoints/{name}``: the endpoint's description (free); 404 if it does not exist."""
+        url = f"{self._config.databricks_workspace_url.rstrip('/')}/api/2.0/serving-endpoints/{self._model}"
+        return HTTPRequest("GET", url, json_headers("authorization", self._config.credential(), "Bearer "), {})
+
     def parse(self, task: str, status: int, headers: Mapping[str, str], body: bytes, prompt_text: str) -> ModelResponse:
         return parse_openai_shape(self.entity, task, status, headers, body, prompt_text, self._model)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .._client import AIQueryClient
 from ..config import EndpointRegistry
 from .._progress import reporter_for
+from .._errors import ArgumentError
 from .._schemas import ModelParameters
 from ..backends import BatchContext
 from .answers import StageAnswers
@@ -139,7 +140,14 @@ def _start_groups(
             for i in group.rows:
                 results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
             continue
-        plan = plan_group(group, requests, cache, client.endpoint(name).config.client_config.deduplicate)
+        deduplicate = client.endpoint(name).config.client_config.deduplicate  # an unknown endpoint fails the query here
+        try:
+            params = ModelParameters.from_mapping(group.params)
+        except ArgumentError as exc:  # a row's own parameters (a column): that row's error, nothing sent
+            for i in group.rows:
+                results[i] = CallResult(i, name, "error", error=f"{exc}; not sent", status_code=400)
+            continue
+        plan = plan_group(group, requests, cache, deduplicate)
         keys.update(plan.keys)
         pending.copies.extend(plan.copies)
         for i, hit in plan.cached:
@@ -163,7 +171,7 @@ def _start_groups(
             if i in plan.shareable and (answer := cache.reserve(keys[i])) is not None:
                 reserved[i] = (keys[i], answer)
         if send:
-            batches.append((name, [requests[i] for i in send], ModelParameters.from_mapping(group.params),
+            batches.append((name, [requests[i] for i in send], params,
                             group.response_format))
             batch_rows.append(send)
 

@@ -16,6 +16,9 @@ key would also move every row of an existing split to another entity after an up
 job would mix two entities' answers for one prompt), and a prompt asked with other parameters
 (an A/B of ``temperature``) would no longer meet the same entity.
 
+``row_fault`` answers "may this row be sent at all?": a NULL, blank, non-UTF-8 or over-long
+prompt is that row's error, decided before any request (the exchange asks it for every row).
+
 The digest is the same hash the journal used before it moved here, so journals written by an
 earlier version replay (a test pins it).
 """
@@ -66,10 +69,53 @@ def prompt_text_of(value: Any) -> str:
     return str(value)
 
 
+def row_fault(value: Any, max_prompt_chars: int | None = None) -> str | None:
+    """Why a row's request must not be sent (that row's error), or ``None`` to send it.
+
+    A NULL, an empty or blank prompt, text that is not valid UTF-8 (lone surrogates, as left by
+    ``surrogateescape`` decoding) and a prompt over ``max_prompt_chars`` are faults of the row,
+    not of the query: the row fails without a request (an endpoint would bill or refuse it), the
+    other rows go on.
+    """
+    if value is None:
+        return "the request is NULL: nothing to send"
+    if isinstance(value, str):
+        if not value.strip():
+            return (f"the request is {'an empty string' if not value else 'only whitespace'} ({value[:20]!r}): nothing to send; "
+                    "filter such rows out (WHERE trim(col) <> '') or give them a prompt")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                try:
+                    raw = value.encode("utf-8", "surrogateescape")  # the bytes a surrogateescape decode kept
+                except UnicodeEncodeError:
+                    raw = value.encode("utf-8", "surrogatepass")
+                return invalid_utf8_message(raw, exc.start)
+    elif isinstance(value, list) and not value:
+        return "the request is an empty list of messages: nothing to send; give at least one message"
+    if max_prompt_chars is not None:
+        chars = len(prompt_text_of(value))
+        if chars > max_prompt_chars:
+            return (f"the prompt has {chars} characters, over this endpoint's max_prompt_chars ({max_prompt_chars}): "
+                    "not sent; shorten the prompt (e.g. left(col, N)) or raise client_config.max_prompt_chars")
+    return None
+
+
+def invalid_utf8_message(data: bytes, offset: int) -> str:
+    """A row error for text whose bytes are not UTF-8, naming the bad byte and the SQL fix."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start
+    return (f"the request is not valid UTF-8: byte 0x{data[offset]:02X} at offset {offset} of {data[:40]!r}; "
+            "not sent; repair the column with make_valid_utf8(col) or skip such rows (WHERE is_valid_utf8(col))")
+
+
 def traffic_point(prompt_text: str, total_weight: int) -> int:
     """Where a prompt falls in a traffic split of ``total_weight``: a hash, not a random draw, so
     the same row goes to the same served entity in batch, online and on a retried task."""
     return int.from_bytes(hashlib.blake2b(prompt_text.encode(), digest_size=8).digest(), "big") % total_weight
 
 
-__all__ = ["RequestKey", "canonical_json", "prompt_text_of", "request_key", "traffic_point"]
+__all__ = ["RequestKey", "canonical_json", "invalid_utf8_message", "prompt_text_of", "request_key", "row_fault", "traffic_point"]

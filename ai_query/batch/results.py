@@ -40,7 +40,8 @@ class CallResult:
     deduplicated: bool = False
     """The same request was sent for another row of the batch; this row shares its answer."""
     status_code: int | None = None
-    """The endpoint's HTTP status of a failed row's last attempt (None: no answer, e.g. a timeout)."""
+    """The endpoint's HTTP status of a failed row's last attempt (None: no answer, e.g. a timeout;
+    400 for a row refused before sending, its request at fault: ``request.row_fault``)."""
     logprobs: Any = None
     """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
 

@@ -57,6 +57,9 @@ class ClientConfig(ConfigStruct):
     prefix_ordering: Literal["auto", "on", "off"] = "auto"
     """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
     when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
+    max_prompt_chars: _Positive | None = None
+    """A prompt longer than this many characters is that row's error, not sent (a guard below the
+    model's context window, counted exactly instead of estimated in tokens); ``None``: no limit here."""
     retry_backoff_s: _NonNegative = 0.1
     """Backoff before retrying a timeout, or a 5xx / reset / unparseable body a second time (the first retry
     of those goes at once); doubled each time, jittered, capped at 30 s (Envoy starts at 25 ms).

@@ -25,7 +25,7 @@ import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from .._errors import AIQueryError, ArgumentError, RateLimitedError, ServingError
+from .._errors import AIQueryError, ArgumentError, ConfigError, RateLimitedError, ServingError
 from ..backends import local_model_folder
 from ..backends._mlflow import import_mlflow
 from ._auth import Principal, TokenAuthenticator
@@ -39,6 +39,9 @@ log = logging.getLogger("ai_query.serving")
 
 _OPENAI_TASKS = {"/v1/chat/completions": "llm/v1/chat", "/v1/completions": "llm/v1/completions", "/v1/embeddings": "llm/v1/embeddings"}
 _QUERY_HEADERS = frozenset({b"authorization", b"x-client-request-id"})
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+"""Default request body limit (``ai-query serve --max-request-mb``): a larger body is refused 413
+before anything is forwarded to a model (the largest legitimate bodies, a few images as base64, fit)."""
 LOCAL_CHUNK_TOKENS_PER_S = 250
 """Provisioned-throughput increment of a local model: new tokens/s of one fp32 engine on 2 CPU cores
 (ENVIRONMENT.md); ``get-model-optimization-info`` reports it as ``throughput_chunk_size``."""
@@ -78,7 +81,11 @@ class ServingApp:
     """State of one server: endpoints, auth, rate limits, tables; ``asgi`` is the app to run."""
 
     def __init__(self, store: EndpointStore, auth: TokenAuthenticator, *, tables: ServingTables | None = None,
-                 limiter: RateLimiter | None = None, on_started: Callable[[], None] | None = None) -> None:
+                 limiter: RateLimiter | None = None, on_started: Callable[[], None] | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+            raise ConfigError(f"the request size limit must be a whole number of bytes >= 1, got {max_request_bytes!r}")
+        self.max_request_bytes = max_request_bytes
         self.store = store
         self.auth = auth
         self.tables = tables or ServingTables(None)
@@ -92,6 +99,12 @@ class ServingApp:
         no request objects: they are the hot path); everything else goes to Starlette."""
         if scope["type"] == "http":
             self.store.refresh()  # what other workers changed (nothing to do with one process)
+            declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_request_bytes):
+                await self._refuse(send, self._too_large() if declared.isdigit() else
+                                   ServingError(400, "MALFORMED_REQUEST", f"Content-Length {declared.decode('latin-1')!r} is not a number"))
+                return
+            receive = self._limited(receive)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             task = _OPENAI_TASKS.get(path)
@@ -103,13 +116,45 @@ class ServingApp:
                 return
         await self._starlette(scope, receive, send)
 
+    def _too_large(self) -> ServingError:
+        limit = self.max_request_bytes
+        shown = next((f"{limit / unit:g} {name}" for unit, name in ((1 << 20, "MB"), (1 << 10, "KB"), (1, "bytes")) if limit >= unit))
+        return ServingError(413, "REQUEST_TOO_LARGE",
+                            f"the request body is larger than this server's limit of {shown} ({limit} bytes); send a smaller "
+                            "body (fewer inputs per request), or start the server with a higher --max-request-mb")
+
+    def _limited(self, receive: Any) -> Any:
+        """``receive`` that raises the 413 ``ServingError`` once the body passes the limit (chunked bodies too)."""
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_request_bytes:
+                raise self._too_large()
+            return message
+
+        return limited
+
+    @staticmethod
+    async def _refuse(send: Any, exc: ServingError) -> None:
+        body = _encode(_failure_body(exc, False))
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
     async def _serve_query(self, scope: dict[str, Any], receive: Any, send: Any, name: str | None, task: str | None) -> None:
         chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            while True:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except ServingError as exc:  # over the size limit: nothing was forwarded
+            await self._refuse(send, exc)
+            return
         # only the headers a query reads (names arrive lower-cased)
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _QUERY_HEADERS}
         try:
@@ -133,13 +178,40 @@ class ServingApp:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
+        from starlette.exceptions import HTTPException
+
         def handler(fn, openai_style=False):
             async def endpoint(request):
                 try:
                     return await fn(request)
                 except ServingError as exc:
                     return _failure_response(exc, openai_style)
+                except AIQueryError as exc:  # a config the store refused: the caller's to fix
+                    return _failure_response(ServingError(400, "INVALID_PARAMETER_VALUE", str(exc)), openai_style)
+                except Exception:  # a bug of ours: still the JSON shape, the details in the log only
+                    log.exception("%s %s failed", request.method, request.url.path)
+                    return _failure_response(ServingError(500, "INTERNAL_ERROR", f"{request.method} {request.url.path} failed "
+                                                          "inside the server; see the server log"), openai_style)
             return endpoint
+
+        async def http_error(request, exc: HTTPException):
+            method, path = request.method, request.url.path
+            if exc.status_code == 405:  # every method of every route on this path (Starlette names the first route's)
+                from starlette.routing import Match
+
+                methods = {m for r in routes if r.matches(request.scope)[0] is not Match.NONE for m in (r.methods or ())}
+                allowed = ", ".join(sorted(methods - {"HEAD"})) or (exc.headers or {}).get("Allow", "")
+                error = ServingError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}; it takes {allowed}",
+                                     {"Allow": allowed})
+            elif exc.status_code == 404:
+                error = ServingError(404, "ENDPOINT_NOT_FOUND", f"no API answers {method} {path}; the routes are listed in "
+                                     "the README (e.g. POST /serving-endpoints/NAME/invocations, GET /api/2.0/serving-endpoints)")
+            else:
+                error = ServingError(exc.status_code, "BAD_REQUEST", f"{method} {path}: {exc.detail}")
+            return _failure_response(error, False)
+
+        async def post_only(request):  # POSTs to these paths take the fast path in ``asgi``; this only answers 405
+            raise HTTPException(405, headers={"Allow": "POST"})
 
         api = "/api/2.0/serving-endpoints"
         routes = [
@@ -153,6 +225,7 @@ class ServingApp:
             Route(api + "/{name}/config", handler(self.update_config), methods=["PUT"]),
             Route(api + "/{name}/rate-limits", handler(self.put_rate_limits), methods=["PUT"]),
             Route(api + "/{name}/tags", handler(self.patch_tags), methods=["PATCH"]),
+            *[Route(path, post_only, methods=["POST"]) for path in (*_OPENAI_TASKS, "/serving-endpoints/{name}/invocations")],
         ]
 
         @asynccontextmanager
@@ -167,7 +240,7 @@ class ServingApp:
                 await self.tables.close()
                 await self.store.close()
 
-        return Starlette(routes=routes, lifespan=lifespan)
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
     def _principal(self, request) -> Principal:
         return self.auth.authenticate(request.headers.get("authorization"))
@@ -181,6 +254,16 @@ class ServingApp:
             return loads(raw)
         except ValueError as exc:
             raise ServingError(400, "MALFORMED_REQUEST", f"the request body is not valid JSON: {exc}") from None
+
+    @classmethod
+    async def _object_body(cls, request, shape: str) -> Mapping[str, Any]:
+        """The body as a JSON object; 400 naming what came instead and the ``shape`` expected."""
+        body = await cls._body(request)
+        if not isinstance(body, Mapping):
+            got = {str: "a string", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(type(body), "null")
+            raise ServingError(400, "MALFORMED_REQUEST", f"the body of {request.method} {request.url.path} must be a JSON object "
+                               f"like {shape}, got {got}: {dumps(body).decode()[:80]}")
+        return body
 
     # -- queries ----------------------------------------------------------------------------
     async def health(self, request):
@@ -262,9 +345,7 @@ class ServingApp:
 
     async def create_endpoint(self, request):
         principal = self._principal(request)
-        body = await self._body(request)
-        if not isinstance(body, Mapping):
-            raise ServingError(400, "MALFORMED_REQUEST", "the body must be a JSON object with name and config")
+        body = await self._object_body(request, '{"name": ..., "config": {"served_entities": [...]}}')
         name = body.get("name")
         principal.require("CAN_MANAGE", str(name))
         record = self.store.create(body, principal.user)
@@ -286,9 +367,7 @@ class ServingApp:
         principal = self._principal(request)
         name = request.path_params["name"]
         principal.require("CAN_MANAGE", name, self.store.get(name).creator)
-        body = await self._body(request)
-        if not isinstance(body, Mapping):
-            raise ServingError(400, "MALFORMED_REQUEST", "the body must be a JSON object with served_entities")
+        body = await self._object_body(request, '{"served_entities": [...]}')
         record = self.store.update_config(name, body)
         await asyncio.sleep(0)  # an update with nothing to warm finishes before we answer
         return _json(self.store.render(record, principal.level(name, record.creator)))
@@ -297,7 +376,11 @@ class ServingApp:
         principal = self._principal(request)
         name = request.path_params["name"]
         principal.require("CAN_MANAGE", name, self.store.get(name).creator)
-        limits = self.store.put_rate_limits(name, await self._body(request))
+        body = await self._object_body(request, '{"rate_limits": [{"calls": 100, "key": "user", "renewal_period": "minute"}]}')
+        if not isinstance(body.get("rate_limits", []), list):
+            raise ServingError(400, "INVALID_PARAMETER_VALUE", f"rate_limits must be a list of {{calls, key, renewal_period}}, "
+                               f"got {dumps(body['rate_limits']).decode()[:80]}")
+        limits = self.store.put_rate_limits(name, body)
         self.limiter.forget(name)
         return _json({"rate_limits": limits})
 
@@ -305,7 +388,12 @@ class ServingApp:
         principal = self._principal(request)
         name = request.path_params["name"]
         principal.require("CAN_MANAGE", name, self.store.get(name).creator)
-        return _json({"tags": self.store.patch_tags(name, await self._body(request))})
+        body = await self._object_body(request, '{"add_tags": [{"key": "team", "value": "a"}], "delete_tags": ["old"]}')
+        delete = body.get("delete_tags", [])
+        if isinstance(delete, list) and not all(isinstance(k, str) for k in delete):
+            raise ServingError(400, "INVALID_PARAMETER_VALUE", f"delete_tags must be a list of tag keys (strings), got "
+                               f"{dumps(delete).decode()[:80]}")
+        return _json({"tags": self.store.patch_tags(name, body)})
 
     async def optimization_info(self, request):
         self._principal(request)

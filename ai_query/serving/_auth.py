@@ -82,7 +82,9 @@ class TokenAuthenticator:
                 token = resolve_secret(token)
             grants = entry.get("permissions", {})
             if not isinstance(grants, Mapping) or any(v not in LEVELS for v in grants.values()):
-                raise ConfigError(f"{path}.permissions must map endpoint names (or '*') to one of {', '.join(LEVELS)}")
+                bad = (f", got {grants!r}" if not isinstance(grants, Mapping) else
+                       "".join(f", got {v!r} for {k!r}" for k, v in grants.items() if v not in LEVELS)[:200])
+                raise ConfigError(f"{path}.permissions must map endpoint names (or '*') to one of {', '.join(LEVELS)}{bad}")
             digest = _digest(token)
             if digest in self._by_digest:
                 raise ConfigError(f"{path}: this token is already given to user {self._by_digest[digest].user!r}; tokens must be unique")

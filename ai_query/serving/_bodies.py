@@ -39,7 +39,9 @@ class ParsedRequest:
 def parse_request(task: str, body: Any) -> ParsedRequest:
     """Read a ``task`` request body (decoded JSON: objects are dicts); ``ArgumentError`` names what is wrong."""
     if not isinstance(body, dict):
-        raise ArgumentError("the request body must be a JSON object")
+        shape = {"llm/v1/chat": '{"messages": [{"role": "user", "content": ...}]}',
+                 "llm/v1/embeddings": '{"input": ...}'}.get(task, '{"prompt": ...}')
+        raise ArgumentError(f"the request body must be a JSON object like {shape}, got {type(body).__name__}")
     key = _INPUT_KEY[task]
     if key not in body:
         if "inputs" in body or "dataframe_records" in body or "dataframe_split" in body:

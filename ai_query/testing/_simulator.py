@@ -8,7 +8,8 @@
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``GET /v1/models``
 (OpenAI); ``POST /v1/messages`` (Anthropic); ``POST /serving-endpoints/{name}/invocations``
 (Databricks-style serving endpoints); ``GET /_sim/stats`` and ``POST /_sim/reset`` (counters, for
-another process).
+another process). ``GET /v1/models`` and ``GET /api/2.0/serving-endpoints/{name}`` are free, as at
+the providers: they check the key and the name but are not counted in ``stats.requests``.
 
 **Answers are deterministic.** A generative answer is ``"echo: " + prompt`` (directives removed),
 where the prompt is the message contents joined by newlines (Anthropic: the system prompt first),
@@ -286,6 +287,7 @@ class ProviderSimulator:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/api/2.0/serving-endpoints/{name}", self._endpoint_info)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/serving-endpoints/{name}/invocations", self._invocations)
         app.router.add_get("/_sim/stats", self._stats_route)
@@ -402,10 +404,22 @@ class ProviderSimulator:
         return await self._serve(request, SERVING, None, request.match_info["name"])
 
     async def _models(self, request: web.Request) -> web.Response:
-        if self.api_key is not None and not OPENAI.authorized(request.headers, self.api_key):
+        # OpenAI and Anthropic both list models here (Anthropic's key comes as x-api-key)
+        if self.api_key is not None and not ANTHROPIC.authorized(request.headers, self.api_key):
             return web.Response(body=dumps(OPENAI.error(401, OPENAI.bad_key_message)), status=401, content_type=_JSON)
         model = {"id": self.served_model, "object": "model", "created": 0, "owned_by": "ai-query-simulator"}
         return web.Response(body=dumps({"object": "list", "data": [model]}), content_type=_JSON)
+
+    async def _endpoint_info(self, request: web.Request) -> web.Response:
+        """A serving endpoint's description (free, not counted in ``stats.requests``), as Databricks answers it."""
+        name = request.match_info["name"]
+        if self.api_key is not None and not SERVING.authorized(request.headers, self.api_key):
+            return web.Response(body=dumps(SERVING.error(401, SERVING.bad_key_message)), status=401, content_type=_JSON)
+        if not self._any_endpoint and name not in self._endpoints:
+            message = f"Serving endpoint '{name}' does not exist. This simulator serves: {', '.join(sorted(self._endpoints))}."
+            return web.Response(body=dumps(SERVING.error(404, message, "RESOURCE_DOES_NOT_EXIST")), status=404, content_type=_JSON)
+        body = {"name": name, "state": {"ready": "READY"}, "config": {"served_entities": [{"name": self.served_model}]}}
+        return web.Response(body=dumps(body), content_type=_JSON)
 
     async def _stats_route(self, request: web.Request) -> web.Response:
         return web.Response(body=dumps(self._snapshot_now()), content_type=_JSON)
