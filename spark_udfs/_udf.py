@@ -9,6 +9,9 @@ an Arrow array of the registered return type.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
@@ -18,9 +21,10 @@ import pyarrow as pa
 from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, RowFailedError, shared_client
 from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query.backends import BatchContext
-from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, stage_answers
+from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, TaskJournal, stage_answers
 from ai_query.batch.pipeline import PendingRows, start_rows
 from ai_query.batch.request import invalid_utf8_message
+from ai_query.process import cmdline, die_with_parent
 
 from ._types import AUDIT_COLUMNS, convert, result_type
 
@@ -77,10 +81,15 @@ def _row_label(position: int) -> str:
     return f"row {position} of the batch"
 
 
-def _task_journal() -> ResponseJournal | None:
-    """The response journal a batch job asked for through a Spark local property (else none)."""
+def _task_journal() -> TaskJournal | None:
+    """The response journal a batch job asked for through a Spark local property (else none), as
+    this task attempt's: a retried or speculative attempt (or one of a retried stage) first
+    replays what earlier attempts of the same task journaled in this run."""
     ctx = _task_context()
-    return ResponseJournal.from_property(ctx.getLocalProperty(JOURNAL_PROPERTY)) if ctx is not None else None
+    journal = ResponseJournal.from_property(ctx.getLocalProperty(JOURNAL_PROPERTY)) if ctx is not None else None
+    if journal is None:
+        return None
+    return journal.for_task(f"{ctx.stageId()}.{ctx.partitionId()}", str(ctx.taskAttemptId()), ctx.attemptNumber() > 0)
 
 
 def _answers_of_this_stage() -> StageAnswers:
@@ -97,6 +106,31 @@ def _batch_context() -> BatchContext | None:
         return None
     gpu = ctx.resources().get("gpu")
     return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else ())
+
+
+_BOUND_TO_DAEMON: int | None = None  # the pid that asked for its parent-death signal (a fork must ask again)
+
+
+def _die_with_daemon() -> None:
+    """A Python worker dies the moment the pyspark daemon that forked it does.
+
+    The daemon SIGHUPs its workers when its JVM goes away, but a daemon killed outright (the run's
+    process groups SIGKILLed, the OOM killer) leaves them orphaned, sending the rest of their
+    task's requests for nobody (measured: thousands), even a task whose input was read after the
+    kill. A forked worker keeps the daemon's command line (``... -m <daemon> <worker module>``): a
+    parent with another one means the daemon is gone. A worker Spark starts without a daemon
+    (``-m pyspark.worker``) is the child of a JVM thread, whose exit is no reason to stop."""
+    global _BOUND_TO_DAEMON
+    if _BOUND_TO_DAEMON == os.getpid() or threading.current_thread() is not threading.main_thread():
+        return  # Linux keeps the signal per thread: armed by a thread that exits, it would be lost
+    _BOUND_TO_DAEMON = os.getpid()
+    own = cmdline(os.getpid())
+    args = [a for a in own.split(b"\0") if a]
+    if len(args) < 3 or args[-3] != b"-m":
+        return
+    parent = os.getppid()
+    if cmdline(parent) != own or not die_with_parent(parent, signal.SIGKILL):
+        os.kill(os.getpid(), signal.SIGKILL)  # the daemon died before the signal was armed
 
 
 def decode_column(values: pa.Array) -> tuple[list[Any], dict[int, str]]:
@@ -142,6 +176,8 @@ def _check_files_type(files: pa.Array) -> None:
 def start_task_rows(client: AIQueryClient, progress_address: tuple[str, int] | None, *columns: list[Any]) -> PendingRows:
     """``start_rows`` (``columns``: endpoints, requests, parameters, response formats) with the
     Spark task's response journal, this stage's answer cache and the task's batch context."""
+    if _task_context() is not None:
+        _die_with_daemon()
     return start_rows(client, progress_address, *columns, journal=_task_journal(), answers=_answers_of_this_stage(),
                       context=_batch_context())
 

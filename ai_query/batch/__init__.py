@@ -19,7 +19,7 @@ Entry:
 """
 
 from .answers import StageAnswers, stage_answers
-from .journal import JOURNAL_PROPERTY, ResponseJournal, read_entries, replay
+from .journal import JOURNAL_PROPERTY, ResponseJournal, TaskJournal, read_entries, replay
 from .plan import MODES, GroupPlan, RowGroup, group_rows, mean_shared_prefix, plan_group, prefix_order
 from .request import RequestKey, canonical_json, prompt_text_of, request_key, traffic_point
 from .results import CallResult, check_exactly_once, shared_copy, without_gaps
@@ -27,7 +27,7 @@ from .scheduler import WindowScheduler, window_size
 
 __all__ = [
     "JOURNAL_PROPERTY", "MODES", "CallResult", "GroupPlan", "RequestKey", "ResponseJournal", "RowGroup", "StageAnswers",
-    "WindowScheduler", "canonical_json", "check_exactly_once", "group_rows", "mean_shared_prefix", "plan_group",
+    "TaskJournal", "WindowScheduler", "canonical_json", "check_exactly_once", "group_rows", "mean_shared_prefix", "plan_group",
     "prefix_order", "prompt_text_of", "read_entries", "replay", "request_key", "shared_copy", "stage_answers",
     "traffic_point", "window_size", "without_gaps",
 ]

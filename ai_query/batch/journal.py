@@ -9,15 +9,26 @@ from the journal instead of the endpoint.
 Layout (a directory every executor and the driver can reach, like the Delta tables)::
 
     <journal>/run-<id>/part-<host>-<pid>-<n>.jsonl     one file per Python worker process
+    <journal>/run-<id>/tasks/<stage>.<partition>       created by a task's first attempt
 
 A run *writes* under its own ``run-<id>`` and *replays* the directories of earlier runs. Lines
 are keyed by ``RequestKey.digest`` (a hash of endpoint, request, parameters and response
 format: the key dedup compares, so a journal and dedup never disagree on "the same request");
-only ``ok`` answers are
-journaled (a failed request is not billed, and ``--retry-failed`` must ask again). A line cut
-short by a kill is skipped. The driver deletes a run's directory once its rows are committed.
+only ``ok`` answers are journaled (a failed request is not billed, and ``--retry-failed`` must
+ask again). A line cut short by a kill is skipped. The driver deletes a run's directory once its
+rows are committed.
 
-Limits: the requests in flight at a kill (about ``max_concurrency``) are answered and billed by
+Inside a run, a task writes through its ``TaskJournal``, which tags each line with the task
+(``<stage>.<partition>`` in Spark). An attempt that finds the task's marker already there (a
+retried or speculative attempt, or one of a retried stage, whose attempt numbers start at 0
+again) reads the lines earlier attempts of the same task wrote in this run (any worker, any
+host) and replays them before it sends anything, and catches up again before each later batch
+(a speculative copy follows the attempt still running). Only lines of the same task: a line of
+another task answers a row that task commits itself, and replaying it would put one answer in
+two rows. A first attempt reads nothing of its own run (no cost on the common path).
+
+Limits: the requests in flight at a kill (of the run, or of one Python worker whose task Spark
+retries; at most that worker's share of ``max_concurrency``) are answered and billed by
 the endpoint but never read, so they are sent again; the usage table holds the answers the job
 received. A replayed answer is shared like a sent one: identical requests of later rows in
 the same query and worker become copies (zero tokens), as they were in the killed run. Rows
@@ -43,6 +54,9 @@ from .results import CallResult
 
 JOURNAL_PROPERTY = "aiq.journal"
 """The Spark local property that carries a :class:`JournalConfig` as JSON to the tasks."""
+
+TASKS_KEPT = 16
+"""Task attempts whose ``TaskJournal`` (and its read position) a process keeps."""
 
 _RESULT_FIELDS = tuple(f.name for f in fields(CallResult))
 _counter = itertools.count()
@@ -74,6 +88,7 @@ class ResponseJournal:
         self._replay: dict[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._file: Any = None
+        self._tasks: dict[tuple[str, str], TaskJournal] = {}
 
     @classmethod
     def from_property(cls, value: str | None) -> "ResponseJournal | None":
@@ -101,11 +116,17 @@ class ResponseJournal:
         entry = self._load().get(_line_key(key)) if self.replay_dirs else None
         return _decode(entry["result"]) if entry is not None else None
 
-    def record(self, key: RequestKey | str, result: CallResult) -> None:
+    def catch_up(self) -> None:
+        """Nothing to read: a run's own lines are replayed only through a retried ``TaskJournal``."""
+
+    def record(self, key: RequestKey | str, result: CallResult, task: str | None = None) -> None:
         """Append an ``ok`` answer (flushed to the OS at once: a killed process keeps it)."""
         if self.write_dir is None or not result.ok:
             return
-        line = json.dumps({"key": _line_key(key), "result": _encode(result)}, default=str) + "\n"
+        entry = {"key": _line_key(key), "result": _encode(result)}
+        if task is not None:
+            entry["task"] = task
+        line = json.dumps(entry, default=str) + "\n"
         with self._lock:
             if self._file is None:
                 os.makedirs(self.write_dir, exist_ok=True)
@@ -113,6 +134,73 @@ class ResponseJournal:
                 self._file = open(os.path.join(self.write_dir, name), "a", encoding="utf-8")  # noqa: SIM115 - kept open
             self._file.write(line)
             self._file.flush()
+
+    def for_task(self, task: str, attempt: str, retried: bool = False) -> "TaskJournal":
+        """The journal of one attempt of ``task``; it replays earlier attempts' lines when ``retried``
+        or when an earlier attempt of the task started in this run (a marker file under
+        ``tasks/``: Spark numbers the attempts of a retried stage from 0 again)."""
+        with self._lock:
+            view = self._tasks.get((task, attempt))
+            if view is None:
+                while len(self._tasks) >= TASKS_KEPT:
+                    self._tasks.pop(next(iter(self._tasks)))
+                retried = not self._first_attempt(task) or retried
+                view = self._tasks[(task, attempt)] = TaskJournal(self, task, retried)
+            return view
+
+    def _first_attempt(self, task: str) -> bool:
+        if self.write_dir is None:
+            return True
+        markers = os.path.join(self.write_dir, "tasks")
+        os.makedirs(markers, exist_ok=True)
+        try:
+            os.close(os.open(os.path.join(markers, task), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+
+class TaskJournal:
+    """One task attempt's journal: its answers tagged with the task; a retried attempt also
+    answers from what earlier attempts of the same task journaled in this run."""
+
+    def __init__(self, journal: ResponseJournal, task: str, retried: bool) -> None:
+        self.journal = journal
+        self.task = task
+        self._earlier: dict[str, dict[str, Any]] | None = {} if retried and journal.write_dir else None
+        self._read: dict[Path, int] = {}  # bytes of each file of this run already read
+        self._lock = threading.Lock()
+
+    def catch_up(self) -> None:
+        """Read what this run's journal files gained since the last call (a retried attempt only)."""
+        if self._earlier is None:
+            return
+        directory = Path(self.journal.write_dir or "")
+        with self._lock:
+            for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else ():
+                start = self._read.get(path, 0)
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+                complete = data.rfind(b"\n") + 1  # a line still being written (or cut by a kill) waits
+                self._read[path] = start + complete
+                for line in data[:complete].splitlines():
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if entry.get("task") == self.task:
+                        self._earlier[entry["key"]] = entry
+
+    def lookup(self, key: RequestKey | str) -> CallResult | None:
+        found = self.journal.lookup(key)
+        if found is None and self._earlier:
+            entry = self._earlier.get(_line_key(key))
+            found = _decode(entry["result"]) if entry is not None else None
+        return found
+
+    def record(self, key: RequestKey | str, result: CallResult) -> None:
+        self.journal.record(key, result, self.task)
 
 
 def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -130,11 +218,13 @@ def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def replay(journal: ResponseJournal, rows: Sequence[int], keys: Mapping[int, RequestKey]
+def replay(journal: ResponseJournal | TaskJournal, rows: Sequence[int], keys: Mapping[int, RequestKey]
            ) -> tuple[list[CallResult], list[int]]:
     """Split ``rows`` into the answers ``journal`` holds (each placed at its row) and the rows to send."""
     answered: list[CallResult] = []
     to_send: list[int] = []
+    if rows:
+        journal.catch_up()
     for i in rows:
         result = journal.lookup(keys[i])
         if result is None:
@@ -157,4 +247,4 @@ def _cached(write_dir: str | None, replay_dirs: tuple[str, ...]) -> ResponseJour
     return journal
 
 
-__all__ = ["JOURNAL_PROPERTY", "ResponseJournal", "read_entries", "replay"]
+__all__ = ["JOURNAL_PROPERTY", "TASKS_KEPT", "ResponseJournal", "TaskJournal", "read_entries", "replay"]

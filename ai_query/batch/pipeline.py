@@ -5,7 +5,7 @@ Spark task, a task function's rows):
 
 1. plan: ``group_rows`` (by endpoint, parameters, response format; one ``RequestKey`` per row),
    ``plan_group`` (dedup within the batch and against ``StageAnswers``), ``journal.replay``
-   (answers a killed run of the job already received);
+   (answers a killed run of the job, or a killed attempt of the task, already received);
 2. fan out: the remaining rows go to the process's ``AIQueryClient`` (``submit_many``), which
    orders them (``prefix_order``), starts them a window at a time (``WindowScheduler``) and
    exchanges them with the endpoint;
@@ -32,7 +32,7 @@ from .._errors import ArgumentError
 from .._schemas import ModelParameters
 from ..backends import BatchContext
 from .answers import StageAnswers
-from .journal import ResponseJournal, replay
+from .journal import ResponseJournal, TaskJournal, replay
 from .plan import group_rows, plan_group
 from .request import RequestKey
 from .results import CallResult, shared_copy, without_gaps
@@ -90,7 +90,7 @@ def start_rows(
     requests: list[Any],
     params: list[Any],
     response_formats: list[Any],
-    journal: ResponseJournal | None = None,
+    journal: ResponseJournal | TaskJournal | None = None,
     answers: StageAnswers | None = None,
     context: BatchContext | None = None,
 ) -> PendingRows:
@@ -128,7 +128,7 @@ def _start_groups(
     requests: list[Any],
     params: list[Any],
     response_formats: list[Any],
-    journal: ResponseJournal | None,
+    journal: ResponseJournal | TaskJournal | None,
     context: BatchContext | None,
 ) -> PendingRows:
     results, reporter = pending.results, pending.reporter
@@ -196,7 +196,7 @@ def _start_groups(
 
 
 def _on_result(client: AIQueryClient, row_of: dict[str, list[int]], keys: dict[int, RequestKey],
-               journal: ResponseJournal | None, reporter: Any, cache: StageAnswers,
+               journal: ResponseJournal | TaskJournal | None, reporter: Any, cache: StageAnswers,
                reserved: Reserved) -> Callable[[str, CallResult], None]:
     """What happens to each answer as it arrives: journaled, counted, shared with waiting rows."""
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
+from ai_query.process import descendants, group_alive
 from ai_query.testing import ProviderSimulator
 from batch_runner import JobSpec, write_sample_reviews
 from batch_runner import job_status, run_incremental
@@ -76,6 +77,28 @@ def committed(path: str) -> int:
     return int(DeltaTable(path).transaction_version(JOB_ID) or 0) if DeltaTable.is_deltatable(path) else 0
 
 
+def run_groups(pid: int) -> set[int]:
+    """The process groups of a run: its own and those of its descendants (pyspark's daemons lead
+    their own groups, with the Python workers they fork in them)."""
+    groups = {os.getpgid(pid)}
+    for child in descendants(pid):
+        try:
+            groups.add(os.getpgid(child))
+        except ProcessLookupError:
+            pass
+    return groups
+
+
+def wait_groups_gone(groups: set[int]) -> None:
+    """Every process of ``groups`` exits soon (a process of a killed run that survives fails the test)."""
+    for _ in range(200):
+        alive = [g for g in groups if group_alive(g)]
+        if not alive:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"processes of the killed run survived SIGKILL in groups {alive}")
+
+
 def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, chunks: int, rng: random.Random,
                     timeout: float = 600) -> int:
     """SIGKILL the run's whole process group inside the chunk after ``chunks`` committed chunks,
@@ -91,16 +114,11 @@ def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, ch
         assert proc.poll() is None, f"the run ended inside chunk {chunks + 1}: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.002)
+    groups = run_groups(proc.pid)
+    assert len(groups) > 1, groups  # the pyspark daemons' groups, where the Python workers live
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    for _ in range(200):  # the JVM and Python workers of the group are gone too
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("processes of the killed run survived SIGKILL")
+    wait_groups_gone(groups)  # the JVM, the daemons and the Python workers are gone too
     proc.stdout.close()
     proc.stderr.close()
     return committed(out)
