@@ -1,4 +1,19 @@
-"""The simulator's requests/min and tokens/min quota, charged at admission: fixed windows, or a sliding one."""
+"""The simulator's requests/min and tokens/min quota, charged at admission: fixed windows, or a sliding one.
+
+The rule (``rpm_limit`` / ``tpm_limit`` per ``window_s``): windows are consecutive fixed
+windows aligned to start/reset, or with ``quota_window="sliding"`` any span of ``window_s`` (a
+request counts from its admission for ``window_s``; a refund goes to the admission that paid, if
+it is still counted). At admission a request is charged 1 request and
+``prompt_tokens + max_tokens * number_of_prompts`` tokens (``max_tokens`` as sent, else
+``default_max_tokens``; embeddings: prompt tokens only), as OpenAI does; nothing is given back
+unless ``tpm_refund_unused`` (then a successful answer returns its unused ``max_tokens`` to the
+window that paid, if that window is still current). A request whose charge alone exceeds
+``tpm_limit`` can never pass and is refused 400, not 429. Every answer past the quota check
+carries the rate-limit headers (OpenAI and serving: ``x-ratelimit-{limit,remaining,reset}-
+{requests,tokens}``, reset as ``"250ms"``/``"1.5s"``/``"1m0s"``; Anthropic: ``anthropic-ratelimit-
+{requests,tokens}-{limit,remaining,reset}``, reset as an RFC 3339 time); a 429 adds
+``Retry-After`` (seconds, fractional, rounded up to the ms) and ``retry-after-ms``.
+"""
 
 from __future__ import annotations
 

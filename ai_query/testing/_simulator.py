@@ -25,19 +25,8 @@ tests can predict usage exactly. An embedding is a unit vector drawn from a hash
 seconds until the next window); then, admitted: a random fault from ``error_rates``, else the
 prompt's directives; the latency; the answer.
 
-**Quota rule** (``rpm_limit`` / ``tpm_limit`` per ``window_s``): windows are consecutive fixed
-windows aligned to start/reset, or with ``quota_window="sliding"`` any span of ``window_s`` (a
-request counts from its admission for ``window_s``; a refund goes to the admission that paid, if
-it is still counted). At admission a request is charged 1 request and
-``prompt_tokens + max_tokens * number_of_prompts`` tokens (``max_tokens`` as sent, else
-``default_max_tokens``; embeddings: prompt tokens only), as OpenAI does; nothing is given back
-unless ``tpm_refund_unused`` (then a successful answer returns its unused ``max_tokens`` to the
-window that paid, if that window is still current). A request whose charge alone exceeds
-``tpm_limit`` can never pass and is refused 400, not 429. Every answer past the quota check
-carries the rate-limit headers (OpenAI and serving: ``x-ratelimit-{limit,remaining,reset}-
-{requests,tokens}``, reset as ``"250ms"``/``"1.5s"``/``"1m0s"``; Anthropic: ``anthropic-ratelimit-
-{requests,tokens}-{limit,remaining,reset}``, reset as an RFC 3339 time); a 429 adds
-``Retry-After`` (seconds, fractional, rounded up to the ms) and ``retry-after-ms``.
+**Quota rule** (``rpm_limit`` / ``tpm_limit`` per ``window_s``, fixed or sliding windows, what a
+request is charged, the rate-limit headers): see ``_limits``.
 
 **Faults** and **directives** (failures injected per request or per prompt): see ``_faults``.
 
@@ -75,6 +64,8 @@ _RECEIVED_AT = web.RequestKey("aiq_received_at", float)
 _SENT_CREDENTIAL: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("aiq_sent_credential", default=None)
 """(header name, key, header value) of the request being answered, when ``echo_key`` is on (one handler task each)."""
 _JSON = "application/json"
+_CONFIG_KNOBS = ("served_model", "embedding_dim", "per_token_latency_s", "max_concurrency", "concurrency_retry_after_s", "rpm_limit",
+                 "tpm_limit", "window_s", "quota_window", "default_max_tokens", "tpm_refund_unused", "hang_s", "echo_key", "seed")
 
 
 class ProviderSimulator:
@@ -341,26 +332,10 @@ class ProviderSimulator:
 
     def config(self) -> dict[str, Any]:
         """The knobs, as JSON (the API key is not shown)."""
-        return {
-            "served_model": self.served_model,
-            "endpoint_names": list(self.endpoint_names),
-            "auth": self.api_key is not None,
-            "embedding_dim": self.embedding_dim,
-            "latency": self.latency.describe(),
-            "per_token_latency_s": self.per_token_latency_s,
-            "max_concurrency": self.max_concurrency,
-            "concurrency_retry_after_s": self.concurrency_retry_after_s,
-            "rpm_limit": self.rpm_limit,
-            "tpm_limit": self.tpm_limit,
-            "window_s": self.window_s,
-            "quota_window": self.quota_window,
-            "default_max_tokens": self.default_max_tokens,
-            "tpm_refund_unused": self.tpm_refund_unused,
-            "error_rates": dict(self.error_rates),
-            "hang_s": self.hang_s,
-            "echo_key": self.echo_key,
-            "seed": self.seed,
-        }
+        out = {k: getattr(self, k) for k in _CONFIG_KNOBS}
+        out.update(endpoint_names=list(self.endpoint_names), auth=self.api_key is not None, latency=self.latency.describe(),
+                   error_rates=dict(self.error_rates))
+        return out
 
     # -- routes ---------------------------------------------------------------------------
     async def _chat(self, request: web.Request) -> web.StreamResponse:
