@@ -53,6 +53,7 @@ from ._errors import (
     recover_error,
 )
 from ._commands import Command
+from ._logging import RedactingFilter, Throttled, get_logger
 from ._progress import ProgressCollector, ProgressCounts, ProgressReporter
 from .limits.retry import make_retrying
 from ._schemas import ModelParameters, ModelResponse, Usage
@@ -96,6 +97,7 @@ __all__ = [
     "ProgressReporter",
     "RateLimit",
     "RateLimitedError",
+    "RedactingFilter",
     "ReplicaUnavailableError",
     "RetryableEndpointError",
     "RowFailedError",
@@ -104,6 +106,7 @@ __all__ = [
     "ServingError",
     "SystemicEndpointError",
     "TASKS",
+    "Throttled",
     "TransportError",
     "TransportTimeoutError",
     "UnknownEndpointError",
@@ -111,6 +114,7 @@ __all__ = [
     "Usage",
     "VLLMPool",
     "check_exactly_once",
+    "get_logger",
     "make_retrying",
     "recover_error",
     "resolve_secret",

@@ -43,10 +43,11 @@ from ._errors import (
     TransportTimeoutError,
 )
 from .backends import Backend, BatchContext, backend_for
+from ._logging import Throttled, get_logger
 from ._redact import redact, remember_headers
 from .limits.breaker import CircuitBreaker, is_outage
 from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
-from .limits.retry import RecentFaults, RetryBudget, make_retrying, retry_within_budget
+from .limits.retry import RecentFaults, RetryBudget, log_budget_stop, log_retry, make_retrying, retry_within_budget
 from .limits.share import ConcurrencyShare
 from .transport import Request, Transport, make_transport
 from ._schemas import ModelParameters, ModelResponse, Usage
@@ -56,6 +57,7 @@ from .batch.results import CallResult, answered_result, check_exactly_once, fail
 from .batch.scheduler import WindowScheduler
 
 T = TypeVar("T")
+_throttled = Throttled(get_logger("ai_query.client"))  # rare events only: 429 waits, budget stops
 DEFAULT_MAX_TOKENS_RESERVED = 256
 """Tokens reserved for the answer when a request sets no max_tokens (quota admission only)."""
 
@@ -329,6 +331,7 @@ class EndpointClient:
         retrying = make_retrying(
             max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
             budget=self.budget, initial_backoff=cc.retry_backoff_s, started=started, recent_faults=self.recent_faults,
+            before_sleep=log_retry(self.config.name, route.limiter, _throttled),
         )
         attempts = 0
         replay: RetryableEndpointError | None = first_failure
@@ -348,6 +351,7 @@ class EndpointClient:
             why = "gave up"
             if isinstance(retrying.retry, retry_within_budget) and retrying.retry.exhausted:
                 why = "the endpoint's retry budget is spent (too many failures across rows), gave up"
+                log_budget_stop(_throttled, self.config.name, exc, attempts)
             return self._failed_result(index, route, exc, t0, attempts, why), isinstance(exc, RetryableEndpointError)
         return self._ok_result(index, route, response, t0, attempts), False
 

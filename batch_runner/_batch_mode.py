@@ -28,7 +28,6 @@ journals the lines they finished, and the chunks send the rest online. Lines a b
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 import spark_udfs
+from ai_query import get_logger
 from ai_query import CallResult, ConfigError
 from ai_query.backends import BatchLine, ProviderBatches
 from ai_query.batch import ResponseJournal, prompt_text_of, request_key
@@ -51,7 +51,7 @@ from ._spec import JobSpec
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger("batch_runner")
+log = get_logger("batch_runner")
 _STRUCT = "__aiq_batch_request"
 _DEFAULT_ONLINE_ROWS_PER_S = 5.0
 

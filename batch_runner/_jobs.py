@@ -29,7 +29,6 @@ report, the run log, ``job_status``).
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import sys
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import spark_udfs
+from ai_query import get_logger
 from ai_query import ConfigError, ProgressCollector
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
@@ -57,7 +57,7 @@ from ._spec import JobSpec
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger("batch_runner")
+log = get_logger("batch_runner")
 
 
 def _budget_check(spec: JobSpec, report: JobRunReport) -> str | None:

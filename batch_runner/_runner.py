@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 import spark_udfs
+from ai_query import get_logger
 from ai_query import AIQueryError, ConfigError, ProgressCollector, recover_error
 from spark_udfs import AUDIT_COLUMNS
 
@@ -18,7 +18,7 @@ from ._spec import JobSpec
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger("batch_runner")
+log = get_logger("batch_runner")
 
 
 @dataclass

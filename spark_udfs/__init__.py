@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ai_query import get_logger
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
 from ai_query._preflight import check_credentials
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql._typing import ColumnOrName
 
-log = logging.getLogger("spark_udfs")
+log = get_logger("spark_udfs")
 
 __all__ = [
     "AUDIT_COLUMNS",

@@ -42,9 +42,12 @@ import asyncio
 import time
 from typing import Awaitable, Callable, Literal
 
+from .._logging import Throttled, get_logger
 from .._errors import EndpointOutageError, EndpointTimeoutError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError
 
 State = Literal["closed", "open", "half_open"]
+_throttled = Throttled(get_logger("ai_query.limits"))
+"""The breaker opening and closing, at INFO: at most one line per endpoint and change every 10 s."""
 OUTAGE_STATUSES = frozenset({502, 503, 504})
 
 
@@ -101,6 +104,8 @@ class CircuitBreaker:
         self._streak_rows.clear()
         self.down_since = None
         if self.state != "closed":
+            _throttled.info(("closed", self.name), "endpoint %r answers again: circuit breaker closed, rows go on", self.name,
+                            endpoint=self.name, breaker="closed")
             self.state = "closed"
             self._interval = self.first_probe_s
             self._wake()
@@ -121,6 +126,9 @@ class CircuitBreaker:
             self.opened += 1
             self._interval = self.first_probe_s
             self.probe_at = now + self._interval
+            _throttled.info(("open", self.name), "endpoint %r looks down (%d failures in a row, last: %s): circuit breaker "
+                            "open, rows wait for it up to %g s", self.name, self.streak, error, self.outage_wait_s,
+                            endpoint=self.name, breaker="open", error=error)
         elif self.state == "half_open" and probe:
             self._reopen(now, longer=True)
         return self.state != "closed" or len(self._streak_rows) >= 2

@@ -15,15 +15,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import tenacity
 from tenacity import AsyncRetrying, wait_exponential_jitter
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from .._logging import Throttled
 from .._errors import (
     EndpointTimeoutError, EndpointUnavailableError, RateLimitedError, ReplicaUnavailableError, RetryableEndpointError,
 )
@@ -173,6 +175,29 @@ class retry_within_budget(tenacity.retry_base):
         return True
 
 
+def log_retry(endpoint: str, limiter: Any, throttled: Throttled) -> Callable[[tenacity.RetryCallState], None]:
+    """tenacity's ``before_sleep`` for ``endpoint``: a rate limit at INFO through ``throttled`` (with
+    the concurrency limit it cut), any other retry at DEBUG."""
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if isinstance(exc, RateLimitedError):
+            throttled.info(("429", endpoint), "endpoint %r throttles (HTTP %s): a row waits %.1f s (attempt %d); concurrency "
+                           "limit now %d", endpoint, exc.status_code, wait, state.attempt_number, limiter.limit,
+                           endpoint=endpoint, attempt=state.attempt_number, status=exc.status_code, wait_s=wait)
+        elif throttled.logger.isEnabledFor(logging.DEBUG):
+            throttled.logger.debug("endpoint %r: attempt %d failed (%s); retrying in %.2f s", endpoint, state.attempt_number,
+                                   exc, wait, extra={"endpoint": endpoint, "attempt": state.attempt_number, "wait_s": wait,
+                                                     "status": getattr(exc, "status_code", None)})
+    return before_sleep
+
+
+def log_budget_stop(throttled: Throttled, endpoint: str, exc: BaseException, attempts: int) -> None:
+    """A row stopped retrying because the endpoint's retry budget is spent: INFO through ``throttled``."""
+    throttled.info(("budget", endpoint), "endpoint %r: retry budget spent, failing rows stop retrying (%s)", endpoint, exc,
+                   endpoint=endpoint, attempt=attempts, status=getattr(exc, "status_code", None))
+
+
 def make_retrying(
     *,
     max_attempts: int,
@@ -184,12 +209,14 @@ def make_retrying(
     budget: RetryBudget | None = None,
     started: float | None = None,
     recent_faults: RecentFaults | None = None,
+    before_sleep: Callable[[tenacity.RetryCallState], None] | None = None,
 ) -> AsyncRetrying:
     """A fresh ``AsyncRetrying`` for one row (the stop condition keeps per-row counts).
 
     ``started``: the clock reading of the row's first attempt when it was made before this
     object (the client's fast path), else now. ``recent_faults``: the endpoint's record, which
     lets a random fault's later retries go at once while its streak is plausible bad luck.
+    ``before_sleep``: called before each wait (the client logs rate limits there).
     """
     return AsyncRetrying(
         retry=retry_within_budget(budget),
@@ -199,4 +226,5 @@ def make_retrying(
         stop=stop_for_endpoint(max_attempts, rate_limit_wait_s, clock, started),
         sleep=sleep,
         reraise=True,
+        before_sleep=before_sleep,
     )

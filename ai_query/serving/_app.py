@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
+from .._logging import get_logger
 from .._errors import AIQueryError, ArgumentError, ConfigError, RateLimitedError, ServingError
 from ..backends import local_model_folder
 from ..backends._mlflow import import_mlflow
@@ -35,7 +35,7 @@ from ._store import EndpointStore
 from ._tables import ServingTables
 from ._bodies import parse_request, render_response, sse_chunks
 
-log = logging.getLogger("ai_query.serving")
+log = get_logger("ai_query.serving")
 
 _OPENAI_TASKS = {"/v1/chat/completions": "llm/v1/chat", "/v1/completions": "llm/v1/completions", "/v1/embeddings": "llm/v1/embeddings"}
 _QUERY_HEADERS = frozenset({b"authorization", b"x-client-request-id"})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 
 from .._commands import Command
 from .._errors import ConfigError
-from .._redact import redact
+from .._logging import RedactingFilter, get_logger, install_redaction, mask_text
 from ..config import EndpointRegistry
 from ._app import MAX_REQUEST_BYTES, ServingApp
 from ._auth import TokenAuthenticator
@@ -29,45 +28,14 @@ from ._workers import Supervisor, add_worker_options, default_workers, die_with_
 from ._store import HTTP_CLIENTS, EndpointStore
 from ._tables import ServingTables
 
-log = logging.getLogger("ai_query.serving")
+log = get_logger("ai_query.serving")
 
-_SECRETS_IN_TEXT = [
-    (re.compile(r"(?i)(bearer\s+)[^\s\"',]+"), r"\1********"),
-    (re.compile(r"(?i)(\"?[a-z_]*(?:_plaintext|api_key|token)\"?\s*[:=]\s*\"?)(?!\{\{secrets/)([^\s\"',}]+)"), r"\1********"),
-]
-
-
-class SecretMaskingFilter(logging.Filter):
-    """Masks bearer tokens, credential values and known secrets in every log record that passes through it
-    (also a traceback's text, which a handler would otherwise format from the exception)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_text(message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        if record.exc_info and not record.exc_text:  # formatted once here, masked, and reused by every handler
-            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
-def mask_text(text: str) -> str:
-    """``text`` with credential assignments masked and every secret ``redact`` knows scrubbed."""
-    for pattern, replacement in _SECRETS_IN_TEXT:
-        text = pattern.sub(replacement, text)
-    return redact(text)
+SecretMaskingFilter = RedactingFilter  # the name the serving tests and older code know
 
 
 def install_log_masking() -> None:
-    """Put ``SecretMaskingFilter`` on the handlers of the root logger and uvicorn's loggers."""
-    flt = SecretMaskingFilter()
-    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "ai_query.serving"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, SecretMaskingFilter) for f in logger.filters):
-            logger.addFilter(flt)
-        for handler in logger.handlers:
-            if not any(isinstance(f, SecretMaskingFilter) for f in handler.filters):
-                handler.addFilter(flt)
+    """``RedactingFilter`` on our package loggers and on the handlers of the root logger and uvicorn's loggers."""
+    install_redaction(("", "uvicorn", "uvicorn.error", "uvicorn.access"))
 
 
 def registry_sources(extra: str | os.PathLike[str] | None) -> tuple[EndpointRegistry, dict[str, str]]:

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import logging
 import mmap
 import os
 import struct
 import tempfile
 from typing import Any, Iterable
 
-log = logging.getLogger("ai_query.serving")
+from .._logging import get_logger
+
+log = get_logger("ai_query.serving")
 
 MAGIC = b"AIQSRV01"
 HEADER_BYTES = 64

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import logging
 import os
 import time
 import uuid
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .._logging import get_logger
 from .._client import AIQueryClient, EndpointClient
 from ..config import TASKS, EndpointConfig, EndpointRegistry
 from .._errors import AIQueryError, ConfigError, ServingError
@@ -37,7 +37,7 @@ from ..transport import TRANSPORT_KINDS, Transport, make_transport
 from ._sealed import CredentialSealer
 from ._shared import SharedControl
 
-log = logging.getLogger("ai_query.serving")
+log = get_logger("ai_query.serving")
 
 _CONFIG_KEYS = ("served_entities", "traffic_config", "auto_capture_config")
 HTTP_CLIENTS = TRANSPORT_KINDS

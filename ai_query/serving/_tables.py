@@ -10,16 +10,16 @@ appended twice when it is retried.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .._logging import get_logger
 from ..batch.results import CallResult
 from ..sinks import INFERENCE_SCHEMA, USAGE_SCHEMA, AppTransaction, DeltaAppender, inference_record, usage_record
 
-log = logging.getLogger("ai_query.serving")
+log = get_logger("ai_query.serving")
 
 
 @dataclass

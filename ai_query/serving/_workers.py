@@ -24,7 +24,6 @@ ready, then prints the URL:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import select
 import signal
@@ -34,10 +33,11 @@ import sys
 import time
 from typing import Sequence
 
+from .._logging import get_logger
 from ..process import die_with_parent
 from ._shared import SharedControl
 
-log = logging.getLogger("ai_query.serving")
+log = get_logger("ai_query.serving")
 
 QUICK_EXIT_S = 10.0
 """A worker that exits this soon after its start, three times in a row, stops the server."""
