@@ -183,7 +183,7 @@ def log_retry(endpoint: str, limiter: Any, throttled: Throttled) -> Callable[[te
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         if isinstance(exc, RateLimitedError):
             throttled.info(("429", endpoint), "endpoint %r throttles (HTTP %s): a row waits %.1f s (attempt %d); concurrency "
-                           "limit now %d", endpoint, exc.status_code, wait, state.attempt_number, limiter.limit,
+                           "limit now %d: %s", endpoint, exc.status_code, wait, state.attempt_number, limiter.limit, exc,
                            endpoint=endpoint, attempt=state.attempt_number, status=exc.status_code, wait_s=wait)
         elif throttled.logger.isEnabledFor(logging.DEBUG):
             throttled.logger.debug("endpoint %r: attempt %d failed (%s); retrying in %.2f s", endpoint, state.attempt_number,

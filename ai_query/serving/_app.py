@@ -12,6 +12,7 @@ Routes::
     PATCH  /api/2.0/serving-endpoints/{name}/tags
     GET    /api/2.0/serving-endpoints/get-model-optimization-info/{model}/{version}
     GET    /health
+    GET    /metrics                                       Prometheus (``_metrics``)
 
 Every query goes through ``EndpointClient.call``, the code path of a Spark row.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -30,6 +32,7 @@ from ..backends import local_model_folder
 from ..backends._mlflow import import_mlflow
 from ._auth import Principal, TokenAuthenticator
 from ._json import dumps, loads
+from ._metrics import ServingMetrics, create_metrics, prometheus_missing
 from ._ratelimit import RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
@@ -84,7 +87,7 @@ class ServingApp:
 
     def __init__(self, store: EndpointStore, auth: TokenAuthenticator, *, tables: ServingTables | None = None,
                  limiter: RateLimiter | None = None, on_started: Callable[[], None] | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES, metrics: ServingMetrics | None = None) -> None:
         if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
             raise ConfigError(f"the request size limit must be a whole number of bytes >= 1, got {max_request_bytes!r}")
         self.max_request_bytes = max_request_bytes
@@ -93,6 +96,8 @@ class ServingApp:
         self.tables = tables or ServingTables(None)
         self.limiter = limiter or RateLimiter()
         self.on_started = on_started
+        self.metrics = metrics if metrics is not None else create_metrics()
+        """None without prometheus-client: ``/metrics`` answers 501 naming the package."""
         """Called once the app has started (endpoints deployed): a worker tells its supervisor."""
         self._starlette = self._build()
 
@@ -159,10 +164,15 @@ class ServingApp:
             return
         # only the headers a query reads (names arrive lower-cased)
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _QUERY_HEADERS}
+        where = ["", ""]  # the endpoint (once known to exist) and the entity that answered: metric labels
+        started, status = time.perf_counter(), 500  # a bug of ours (uvicorn answers 500) counts as 500
         try:
-            status, extra, body, events = await self._query(headers, b"".join(chunks), name, task)
+            status, extra, body, events = await self._query(headers, b"".join(chunks), name, task, where)
         except ServingError as exc:
             status, extra, body, events = exc.status, exc.headers, _encode(_failure_body(exc, task is not None)), None
+        finally:
+            if self.metrics is not None:
+                self.metrics.finished(where[0], where[1], status, time.perf_counter() - started, bool(where[0]))
         media = b"text/event-stream" if events is not None else b"application/json"
         out_headers = [(b"content-type", media), *[(k.lower().encode(), v.encode()) for k, v in extra.items()]]
         if events is None:
@@ -218,6 +228,7 @@ class ServingApp:
         api = "/api/2.0/serving-endpoints"
         routes = [
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_page, methods=["GET"]),
             Route("/v1/models", handler(self.models, True), methods=["GET"]),
             Route(api, handler(self.list_endpoints), methods=["GET"]),
             Route(api, handler(self.create_endpoint), methods=["POST"]),
@@ -271,9 +282,18 @@ class ServingApp:
     async def health(self, request):
         return _json({"status": "ok", "pid": os.getpid()})  # pid: which worker answered
 
-    async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None
+    async def metrics_page(self, request):
+        from starlette.responses import Response
+
+        if self.metrics is None:
+            return _failure_response(ServingError(501, "NOT_IMPLEMENTED", prometheus_missing() or ""), False)
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def _query(self, headers: Mapping[str, str], raw: bytes, name: str | None, task: str | None, where: list[str]
                      ) -> tuple[int, dict[str, str], bytes, list[bytes] | None]:
-        """One query: (status, headers, JSON body, or server-sent events for a stream)."""
+        """One query: (status, headers, JSON body, or server-sent events for a stream); ``where`` gets
+        the endpoint's name once it exists and the entity that answered (the metrics' labels)."""
         principal = self.auth.authenticate(headers.get("authorization"))
         try:
             body = loads(raw) if raw else {}
@@ -284,6 +304,9 @@ class ServingApp:
             if not isinstance(name, str) or not name:
                 raise ServingError(400, "INVALID_PARAMETER_VALUE", "'model' is required: the serving endpoint's name (GET /v1/models lists them)")
         record = self.store.get(name)
+        if self.metrics is not None:
+            where[0] = name
+            self.metrics.started(name)
         principal.require("CAN_QUERY", name, record.creator)
         dep = self.store.deployment(name)
         if not dep.ready:
@@ -293,6 +316,8 @@ class ServingApp:
         try:
             self.limiter.admit(name, config.rate_limits, principal.user)
         except RateLimitedError as exc:
+            if self.metrics is not None:
+                self.metrics.rate_limited(name)
             raise ServingError(429, "REQUEST_LIMIT_EXCEEDED", str(exc), {"Retry-After": retry_after_header(exc.retry_after)}) from None
         if task is not None and task != config.task:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} serves {config.task}, not {task}")
@@ -313,6 +338,9 @@ class ServingApp:
             log.warning("serving endpoint %r: %s", name, exc)
             raise ServingError(502, "UPSTREAM_ERROR", f"serving endpoint {name!r} cannot reach its model: {exc}") from None
         failed = next((r for r in results if not r.ok), None)
+        if self.metrics is not None:
+            where[1] = next((r.model for r in ([failed] if failed else results) if r.model), "")
+            self.metrics.tokens(name, results)
         status, code = (200, "") if failed is None else _status_of_failed_row(failed.status_code)
         if self.tables.enabled:
             client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, dict) else None)

@@ -18,7 +18,9 @@ ready, then prints the URL:
 - **state**: the workers share rate limits and see every management change at once (see
   ``_shared``); each takes 1/N of every endpoint's concurrency and quota to its backend, as the
   workers of a batch job do; each appends its own usage rows to the same Delta tables (appends
-  do not conflict; a failed commit is retried at the next flush).
+  do not conflict; a failed commit is retried at the next flush);
+- **metrics**: the workers write their Prometheus values into one temporary directory
+  (``PROMETHEUS_MULTIPROC_DIR``, see ``_metrics``), so a scrape of any worker sums them all.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
 from .._logging import get_logger
 from ..process import die_with_parent
+from ._metrics import MULTIPROC_ENV, worker_exited
 from ._shared import SharedControl
 
 log = get_logger("ai_query.serving")
@@ -105,6 +110,9 @@ class Supervisor:
         self._started_at = [0.0] * workers
         self._quick_exits = [0] * workers
         self._stop_signal: int | None = None
+        # one directory for every worker's metrics, so that any worker's /metrics sums all of them
+        self._own_metrics_dir = not os.environ.get(MULTIPROC_ENV)
+        self.metrics_dir = tempfile.mkdtemp(prefix="aiq-metrics-") if self._own_metrics_dir else os.environ[MULTIPROC_ENV]
 
     @property
     def url(self) -> str:
@@ -115,8 +123,8 @@ class Supervisor:
                "--state-dir", self.state_dir, "--workers", str(self.workers),
                "--worker-control", str(self.control.fd), "--worker-ready-fd", str(self._ready_w),
                "--worker-supervisor", str(os.getpid()), "--worker-index", str(index)]
-        self.procs[index] = subprocess.Popen(cmd, pass_fds=(self._ready_w, self.control.fd),
-                                            start_new_session=True)
+        self.procs[index] = subprocess.Popen(cmd, pass_fds=(self._ready_w, self.control.fd), start_new_session=True,
+                                            env={**os.environ, MULTIPROC_ENV: self.metrics_dir})
         self._started_at[index] = time.monotonic()
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -140,6 +148,8 @@ class Supervisor:
             os.close(self._ready_w)
             self.control.close()
             self.sock.close()
+            if self._own_metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _wait_ready(self) -> bool:
         ready: set[int] = set()
@@ -178,6 +188,7 @@ class Supervisor:
                               "the server", i, code, QUICK_EXIT_S)
                     return 1
                 log.warning("worker %d (pid %d) exited with status %s; starting it again", i, proc.pid, code)
+                worker_exited(proc.pid, self.metrics_dir)
                 self._spawn(i)
             try:  # drain late readiness lines (restarted workers), and wait a little
                 if select.select([self._ready_r], [], [], 0.2)[0]:
