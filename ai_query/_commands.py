@@ -17,8 +17,8 @@ imports every command module, so those modules keep Spark, vLLM and MLflow impor
 their functions (a unit test checks that ``--help`` imports none of them).
 
 :func:`run_command` is the one guard around a command: an :class:`~ai_query.AIQueryError` (a bad
-spec, an unknown endpoint, a bad key) becomes one paragraph on stderr and exit code 2, as does
-any other exception (with a hint); ``--debug`` or ``AIQ_DEBUG=1`` also prints the traceback.
+spec, an unknown endpoint, a bad key) becomes one paragraph on stderr and exit code 1, as does
+any other exception (with a hint); 2 stays argparse's, for a command line it cannot parse; ``--debug`` or ``AIQ_DEBUG=1`` also prints the traceback.
 """
 
 from __future__ import annotations
@@ -34,15 +34,19 @@ if TYPE_CHECKING:
 
 GROUP = "ai_query.commands"
 EXIT_OK = 0
-EXIT_SYSTEMIC = 2
+EXIT_SYSTEMIC = 1
+"""The command could not do its work: a bad spec or config, an unknown endpoint, a bad key, an engine down."""
+EXIT_USAGE = 2
+"""The command line itself is wrong (argparse's own exit status: an unknown option, a missing argument)."""
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 
 DESCRIPTION = "SQL batch LLM inference on Spark and Delta Lake."
 
 EPILOG = """\
-exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
-a command may add its own (ai-query run --help). --debug or AIQ_DEBUG=1 shows tracebacks.
+exit codes: 0 success; 1 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
+2 a usage error (the command line); a command may add its own (ai-query run --help); docs/cli.md
+lists them all. --debug or AIQ_DEBUG=1 shows tracebacks.
 """
 
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from ai_query.sinks import DeltaAppender
 
 from ._job_input import key_states, open_job, pending_keys
+from ._preflight import job_priced
 from ._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class JobRunReport:
     recovered_chunks: int = 0
     rows_deduplicated: int = 0
     """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
-    per_endpoint: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_endpoint: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per endpoint: rows, tokens, cost (None: no pricing), by_status (rows per HTTP status; also in the run log)."""
     batch_phase: Any = None
     """Batch-API mode (``[batch_api]``): what the provider batches did (``_batch_mode.BatchPhase``)."""
 
@@ -187,7 +189,8 @@ def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
         usage_requests=usage.num_rows,
         usage_prompt_tokens=pc.sum(usage.column("input_token_count")).as_py() or 0,
         usage_completion_tokens=pc.sum(usage.column("output_token_count")).as_py() or 0,
-        usage_cost_usd=pc.sum(cost_col).as_py() if usage.num_rows and cost_col.null_count < usage.num_rows else None,
+        usage_cost_usd=(pc.sum(cost_col).as_py() if usage.num_rows and cost_col.null_count < usage.num_rows
+                        else 0.0 if job_priced(spec) else None),
     )
 
 

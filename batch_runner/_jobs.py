@@ -50,7 +50,7 @@ from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, 
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys
 from ._job_state import JobRunReport, journal_dirs, log_run
-from ._preflight import duplicate_keys_message, preflight_job
+from ._preflight import duplicate_keys_message, job_priced, preflight_job
 from ._runner import _ProgressDisplay, flatten_audit
 from ._spec import JobSpec
 
@@ -100,7 +100,7 @@ def run_incremental(
     stream = stream or sys.stderr
     started = time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id)
+    report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id, cost_usd=0.0 if job_priced(spec) else None)
     preflight_job(spec, probe=False)  # `ai-query run` probed the endpoints already
     input_df = open_job(spec, spark)
     staging = UsageStaging(spec)
@@ -167,7 +167,8 @@ def run_incremental(
                         "rows": report.rows, "ok": report.rows_ok, "failed": report.rows_failed,
                         "prompt_tokens": report.prompt_tokens, "completion_tokens": report.completion_tokens,
                         "cost_usd": report.cost_usd, "chunks": report.chunks, "seconds": round(report.seconds, 3),
-                        "pending_after": report.pending_after, "stopped": report.stopped})
+                        "pending_after": report.pending_after, "stopped": report.stopped,
+                        "per_endpoint": report.per_endpoint})
     if report.stopped:
         report.stopped += (
             f"; committed {report.rows} of {report.pending_before} pending rows in {report.chunks} chunk(s), "
@@ -226,8 +227,10 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     for rec in usage:
         report.prompt_tokens += rec["input_token_count"]
         report.completion_tokens += rec["output_token_count"]
-        e = report.per_endpoint.setdefault(rec["endpoint_name"], {"rows": 0, "tokens": 0, "cost": None})
+        e = report.per_endpoint.setdefault(rec["endpoint_name"], {"rows": 0, "tokens": 0, "cost": None, "by_status": {}})
         e["rows"] += 1
+        status = str(rec.get("status_code") or "none")  # the serving /metrics' requests by status, per endpoint
+        e["by_status"][status] = e["by_status"].get(status, 0) + 1
         e["tokens"] += rec["input_token_count"] + rec["output_token_count"]
         if rec["cost_usd"] is not None:
             e["cost"] = (e["cost"] or 0.0) + rec["cost_usd"]

@@ -12,14 +12,14 @@ checks). In order, cheapest first:
 4. with ``probe``: each endpoint answers its free probe request with our key.
 
 A failure is a ``ConfigError`` / ``SecretNotFoundError`` / ``SystemicEndpointError`` naming the
-value and the fix; the runner prints it as one paragraph and exits 2, and nothing was sent.
+value and the fix; the runner prints it as one paragraph and exits 1, and nothing was sent.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ai_query import ArgumentError, ConfigError, EndpointRegistry
+from ai_query import AIQueryError, ArgumentError, ConfigError, EndpointRegistry
 from ai_query._preflight import check_writable, preflight_endpoints
 
 from ._spec import JobSpec
@@ -116,6 +116,18 @@ def check_budget_pricing(spec: JobSpec, registry: EndpointRegistry, endpoints: s
             )
 
 
+def job_priced(spec: JobSpec) -> bool:
+    """Whether every endpoint the job calls has pricing: its cost is then known, 0 USD when nothing was paid
+    (a run with no pending rows, rows that all failed), never "unknown"."""
+    from ._job_input import job_registry
+
+    try:
+        registry, endpoints = job_registry(spec), job_endpoints(spec)
+        return bool(endpoints) and all(registry.get(name).entity.pricing is not None for name in endpoints)
+    except AIQueryError:  # an endpoint the registry does not know: the preflight says so; here the cost is unknown
+        return False
+
+
 def preflight_job(spec: JobSpec, *, probe: bool = True) -> None:
     """Check ``spec`` before anything is sent; see the module docstring."""
     from ._job_input import job_registry
@@ -129,4 +141,4 @@ def preflight_job(spec: JobSpec, *, probe: bool = True) -> None:
         preflight_endpoints(registry, endpoints, probe=True)
 
 
-__all__ = ["check_budget_pricing", "check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "preflight_job"]
+__all__ = ["check_budget_pricing", "check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "job_priced", "preflight_job"]

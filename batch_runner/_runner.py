@@ -13,6 +13,7 @@ from ai_query import get_logger
 from ai_query import AIQueryError, ConfigError, ProgressCollector, recover_error
 from spark_udfs import AUDIT_COLUMNS
 
+from ._preflight import job_priced
 from ._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -243,7 +244,8 @@ def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int
         completion_tokens=pc.sum(table.column("aiq_completion_tokens")).as_py() or 0,
         seconds=seconds,
         response_column=response_column,
-        cost_usd=pc.sum(table.column("aiq_cost_usd")).as_py() if table.column("aiq_cost_usd").null_count < table.num_rows else None,
+        cost_usd=(pc.sum(table.column("aiq_cost_usd")).as_py() if table.column("aiq_cost_usd").null_count < table.num_rows
+                  else 0.0 if job_priced(spec) else None),
         rows_deduplicated=(pc.sum(table.column("aiq_deduplicated")).as_py() or 0) if "aiq_deduplicated" in table.column_names else 0,
         examples=sample,
     )

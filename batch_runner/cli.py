@@ -40,7 +40,8 @@ Before Spark starts, every spec is checked and nothing is sent if one fails: out
 paths writable, secrets set, one input row per key, and each HTTP endpoint answering a free probe
 (GET /v1/models, or the serving endpoint's GET) with its key; --no-probe skips the probe.
 
-exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
+exit codes: 0 success; 1 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
+2 a usage error (the command line);
 3 the job finished but more rows failed than options.allowed_failure_rate allows;
 4 the run stopped at options.max_cost_usd / max_tokens (committed rows stay; run again to continue).
 """
@@ -90,6 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         preflight_job(spec, probe=not args.no_probe)
     spark = None
     worst = EXIT_OK
+    summaries: list[dict[str, Any]] = []  # --json: one object per job, printed once at the end
     try:
         for spec in specs:
             if spark is None:
@@ -97,14 +99,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if spec.incremental:
                 report = run_incremental(spec, spark, retry_failed=args.retry_failed, limit=args.limit,  # type: ignore[arg-type]
                                          progress=not args.no_progress)
-                print(report.render(), flush=True)
+                _show(report, args.json, summaries, failure_rate=report.failure_rate)
                 failed, rows, rate = report.table_failed, report.table_rows, report.failure_rate
                 if report.stopped:
                     print(f"job {spec.name!r} stopped: {report.stopped}", file=sys.stderr)
                     worst = max(worst, EXIT_BUDGET)
             else:
                 summary = run_job(spec, spark=spark, progress=not args.no_progress)  # type: ignore[arg-type]
-                print(summary.render(), flush=True)
+                _show(summary, args.json, summaries, failure_rate=summary.failure_rate)
                 failed, rows, rate = summary.rows_failed, summary.rows, summary.failure_rate
             if rate > spec.allowed_failure_rate:
                 print(
@@ -116,7 +118,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if spark is not None:
             spark.stop()  # type: ignore[attr-defined]
+    if args.json:
+        print(json.dumps({"jobs": summaries, "exit_code": worst}, indent=2, default=str), flush=True)
     return worst
+
+
+def _show(result: Any, as_json: bool, summaries: list[dict[str, Any]], **derived: Any) -> None:
+    """A job's summary: its table now, or (``--json``) kept for the one JSON document printed at the end."""
+    if as_json:
+        summaries.append({**dataclasses.asdict(result), "total_tokens": result.total_tokens, **derived})
+    else:
+        print(result.render(), flush=True)
 
 
 def _with_batch_api(spec: Any, args: argparse.Namespace) -> Any:
@@ -210,6 +222,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("jobs", nargs="+", metavar="JOB.toml", help="job spec files")
     _master_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--json", action="store_true", help="print the summaries as one JSON document ({\"jobs\": [...], "
+                        "\"exit_code\": N}) instead of tables")
     parser.add_argument("--retry-failed", action="store_true", help="also process rows whose status is error (incremental jobs)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N pending rows in this run (incremental jobs)")
     parser.add_argument("--no-probe", action="store_true",

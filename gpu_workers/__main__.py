@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except AIQueryError as exc:  # e.g. an unknown model alias
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ input's keys, and the arguments of ``run``, ``plan``, ``status``, ``schedule``, 
 ``workers``.
 
 Every case runs the real ``ai-query`` entry (``ai_query._commands.main``, in process; two cases
-as a real subprocess, for the process's own stderr and exit status) and asserts: exit code 2;
-stderr one paragraph with no traceback (argparse's own errors: usage plus one line); the message
+as a real subprocess, for the process's own stderr and exit status) and asserts: exit code 1
+(2 for argparse's own errors); stderr one paragraph with no traceback (argparse's own errors: usage plus one line); the message
 names the bad value and the fix; the provider simulator on 127.0.0.1 received no paid request;
 and nothing was written (no output, usage or state directory). The checks that need the input
 (a key column, a join that repeats keys) run ``run_incremental`` on the test session's Spark.
@@ -295,7 +295,7 @@ def _nothing_written(work: Path, before: set[str]) -> None:
 
 
 @pytest.mark.parametrize("argv,spec,setup,fragments", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
-def test_bad_job_or_option_exits_2_with_one_paragraph_before_any_request(work, sim, capsys, monkeypatch, argv, spec, setup,
+def test_bad_job_or_option_exits_1_with_one_paragraph_before_any_request(work, sim, capsys, monkeypatch, argv, spec, setup,
                                                                           fragments):
     if spec is not None:
         (work / "job.toml").write_text(spec.replace("SIM_BASE", sim.base_url))
@@ -316,7 +316,7 @@ def test_bad_job_or_option_exits_2_with_one_paragraph_before_any_request(work, s
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     message = next((line for line in lines if line.startswith("ai-query:")), "")
-    assert code == 2, err
+    assert code == 1, err
     assert "Traceback" not in err and message, err
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -341,7 +341,7 @@ def test_bad_argument_is_refused_by_the_parser(work, sim, capsys, argv, fragment
 
 
 @pytest.mark.parametrize("case", ["secret-unset", "duplicate-key"])
-def test_a_real_ai_query_process_prints_one_line_and_exits_2(work, sim, case):
+def test_a_real_ai_query_process_prints_one_line_and_exits_1(work, sim, case):
     """The issue's two worst cases: 77 traceback lines for an unset secret, 4 paid requests for a duplicate key."""
     if case == "secret-unset":
         write_endpoints(work, sim, ep(openai_entity(sim.base_url, {"openai_api_key": "{{secrets/cat/proc_key}}"})))
@@ -356,7 +356,7 @@ def test_a_real_ai_query_process_prints_one_line_and_exits_2(work, sim, case):
     done = subprocess.run([sys.executable, "-m", "ai_query", "run", "job.toml", "--no-progress"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0], done.stderr
+    assert done.returncode == 1 and len(lines) == 1 and fragment in lines[0], done.stderr
     assert sim.stats.requests == 0
     _nothing_written(work, before)
 
