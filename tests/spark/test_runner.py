@@ -118,6 +118,16 @@ def test_cli_exit_codes_and_messages(workdir, sim):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 3, out.stderr
     assert "3 of 60 rows failed" in out.stderr and "rows ok" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", "--no-progress", "--json", str(spec)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    summary = json.loads(out.stdout)  # stdout is the JSON document alone; messages stay on stderr
+    assert out.returncode == 3 and summary["exit_code"] == 3, out.stderr
+    (job,) = summary["jobs"]
+    assert (job["rows"], job["rows_ok"], job["rows_failed"], job["failure_rate"]) == (60, 57, 3, 0.05)
+    assert job["total_tokens"] == job["prompt_tokens"] + job["completion_tokens"] > 0
+    usage = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", "--no-such-option", str(spec)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert usage.returncode == 2 and "unrecognized arguments: --no-such-option" in usage.stderr  # usage, not systemic (1)
     bad = write_spec(workdir, "SELECT review_id, ai_query('nope', review) AS a FROM reviews")
     out = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", str(bad)],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -225,6 +225,35 @@ def test_sample_data_then_status_json_needs_no_spark(tmp_path, capsys):
     assert "pending               12" in capsys.readouterr().out
 
 
+def test_status_of_a_priced_job_with_no_usage_yet_costs_zero_not_unknown(tmp_path, capsys):
+    """Mutation caught: ``job_priced`` always False (the status says "unknown (no pricing)" again)."""
+    assert main(["sample-data", str(tmp_path / "reviews"), "--rows", "3"]) == 0
+    model = {"name": "m", "provider": "openai", "task": "llm/v1/chat",
+             "openai_config": {"openai_api_key": "{{secrets/p/key}}", "openai_api_base": "http://127.0.0.1:9/v1"}}
+    price = {"input_usd_per_million_tokens": 1.0, "output_usd_per_million_tokens": 2.0}
+    (tmp_path / "endpoints.json").write_text(json.dumps([
+        {"name": "priced-chat", "config": {"served_entities": [{"name": "m", "pricing": price, "external_model": model}]}},
+        {"name": "free-chat", "config": {"served_entities": [{"name": "m", "external_model": model}]}}]))
+    for name, endpoint, cost in (("priced", "priced-chat", "0.0000 USD"), ("unpriced", "free-chat", "unknown (no pricing)")):
+        job = tmp_path / f"{name}.toml"
+        job.write_text(textwrap.dedent(f"""\
+            name = "{name}"
+            key = ["review_id"]
+            endpoints = "endpoints.json"
+            query = "SELECT review_id, ai_query('{endpoint}', review) AS answer FROM reviews"
+            [sources]
+            reviews = "reviews"
+            [output]
+            path = "out-{name}"
+            mode = "merge"
+        """))
+        capsys.readouterr()
+        assert main(["status", str(job), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["usage_cost_usd"] == (0.0 if name == "priced" else None)
+        assert main(["status", str(job)]) == 0
+        assert cost in capsys.readouterr().out
+
+
 def test_workers_start_refuses_options_that_are_not_a_json_object(capsys):
     for bad, why in (("{bad", "is not JSON (Expecting property name"), ("[1]", "is not a JSON object")):
         with pytest.raises(SystemExit) as exit_:
