@@ -31,6 +31,7 @@ from ai_query.backends import entity_kind, prepare
 from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
+from ._live_progress import LiveProgress, in_notebook
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
 from ._session import build_session
@@ -72,6 +73,8 @@ class _SessionState:
     quota_broker: QuotaBroker | None = None
     quota_share: float = 1.0
     task_endpoints: dict[str, str] = field(default_factory=dict)
+    live_progress: Any = None
+    """The session's ``LiveProgress`` once a query asked for progress (``sql(..., progress=True)``)."""
 
 
 _STATES: dict[int, _SessionState] = {}
@@ -439,7 +442,22 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
     return None
 
 
-def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None) -> "DataFrame":
-    """``spark.sql`` with ``ai_query`` calls rewritten (see ``rewrite``)."""
+def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None,
+        progress: bool | None = None) -> "DataFrame":
+    """``spark.sql`` with ``ai_query`` calls rewritten (see ``rewrite``).
+
+    ``progress=True``: a live bar (rows done, failed, tokens, rows/s, concurrency; a widget in
+    Jupyter) while the query's actions run, see ``_live_progress``. ``None`` (the default): on in
+    a Jupyter kernel unless something else (a job's own display) collects the session's progress.
+    ``False`` turns the session's live progress off.
+    """
     state = _state(spark)
+    if progress is False and state.live_progress is not None:
+        state.live_progress.close()
+        state.live_progress = state.progress_address = None
+    if progress is None:
+        progress = state.live_progress is None and state.progress_address is None and in_notebook()
+    if progress and state.live_progress is None:
+        state.live_progress = LiveProgress(spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+        state.progress_address = state.live_progress.address
     return state.original_sql(rewrite(spark, query, audit=audit), args)

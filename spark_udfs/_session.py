@@ -1,4 +1,4 @@
-"""A Spark session sized for this project: the venv's Python on the workers, loopback, no UI."""
+"""A Spark session sized for this project: the venv's Python on the workers, loopback, the Spark UI unless asked."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-def build_session(master: str | None = None, app_name: str = "ai-query", **conf: str) -> "SparkSession":
+def build_session(master: str | None = None, app_name: str = "ai-query", *, ui: bool = True, **conf: str) -> "SparkSession":
     """Return a (possibly existing) SparkSession for ``master`` (default ``local[2]``).
 
     The Python workers must run the interpreter that has this project installed, so
     ``PYSPARK_PYTHON`` defaults to ``sys.executable``; Spark binds to 127.0.0.1 unless
-    ``SPARK_LOCAL_IP`` says otherwise.
+    ``SPARK_LOCAL_IP`` says otherwise. ``ui=False`` turns the Spark UI off (it is on, at port 4040
+    or the next free one, for users watching stages); Spark's console progress bar stays off, as
+    ``spark_udfs.sql(..., progress=True)`` shows rows, tokens and concurrency instead.
     """
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -30,7 +32,7 @@ def build_session(master: str | None = None, app_name: str = "ai-query", **conf:
     builder = (
         SparkSession.builder.master(master or os.environ.get("AIQ_SPARK_MASTER", "local[2]"))
         .appName(app_name)
-        .config("spark.ui.enabled", "false")
+        .config("spark.ui.enabled", "true" if ui else "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
         .config("spark.python.worker.reuse", "true")
