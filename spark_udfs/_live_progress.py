@@ -40,7 +40,11 @@ class LiveProgress:
     def _new_bar(self) -> Any:
         if self._bar_factory is not None:
             return self._bar_factory()
-        from tqdm.auto import tqdm
+        try:  # a widget in Jupyter needs ipywidgets; without it tqdm.auto would warn, then draw text anyway
+            import ipywidgets  # noqa: F401
+            from tqdm.auto import tqdm
+        except ImportError:
+            from tqdm import tqdm
 
         return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True)
 
