@@ -28,7 +28,7 @@ os.environ.setdefault("AIQ_SERVING_STATE_KEY", os.path.join(_STATE_KEY_DIR, "ser
 def spark():
     from spark_udfs._session import build_session
 
-    session = build_session(app_name="ai-query-tests")
+    session = build_session(app_name="ai-query-tests", ui=False)  # tests need no UI (and no port of its own)
     yield session
     session.stop()
 
