@@ -62,3 +62,22 @@ def test_throttled_does_nothing_when_info_is_off(caplog):
     with caplog.at_level(logging.WARNING, logger="ai_query.client"):
         assert throttled.info("k", "never") is False
     assert caplog.records == []
+
+
+def test_the_breaker_opening_and_closing_is_one_info_line_each(caplog):
+    """Mutation caught: the ``_throttled.info`` call in ``CircuitBreaker.failed`` (or ``answered``) removed."""
+    from ai_query.limits.breaker import CircuitBreaker
+
+    now = [100.0]
+    breaker = CircuitBreaker("flaky-logging", threshold=3, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="ai_query.limits"):
+        for i in range(5):  # the third opens it; the next two meet it open: no more lines
+            breaker.failed(f"HTTP 503 ({i})", row=i)
+        breaker.answered()
+        breaker.answered()  # closed already: nothing to say
+    lines = [(r.levelname, r.getMessage(), r.breaker, r.endpoint) for r in caplog.records]
+    assert lines == [
+        ("INFO", "endpoint 'flaky-logging' looks down (3 failures in a row, last: HTTP 503 (2)): circuit breaker open, rows wait for it "
+                 "up to 300 s", "open", "flaky-logging"),
+        ("INFO", "endpoint 'flaky-logging' answers again: circuit breaker closed, rows go on", "closed", "flaky-logging"),
+    ]
