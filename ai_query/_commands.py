@@ -17,7 +17,7 @@ imports every command module, so those modules keep Spark, vLLM and MLflow impor
 their functions (a unit test checks that ``--help`` imports none of them).
 
 :func:`run_command` is the one guard around a command: an :class:`~ai_query.AIQueryError` (a bad
-spec, an unknown endpoint, a bad key) becomes one paragraph on stderr and exit code 1, as does
+spec, an unknown endpoint, a bad key) becomes one paragraph on stderr and exit code 2, as does
 any other exception (with a hint); 2 stays argparse's, for a command line it cannot parse; ``--debug`` or ``AIQ_DEBUG=1`` also prints the traceback.
 """
 
@@ -27,25 +27,26 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 if TYPE_CHECKING:
     import argparse
 
 GROUP = "ai_query.commands"
 EXIT_OK = 0
-EXIT_SYSTEMIC = 1
+EXIT_SYSTEMIC = 2
 """The command could not do its work: a bad spec or config, an unknown endpoint, a bad key, an engine down."""
-EXIT_USAGE = 2
-"""The command line itself is wrong (argparse's own exit status: an unknown option, a missing argument)."""
+EXIT_USAGE = 64
+"""The command line itself is wrong (an unknown option, a missing argument): EX_USAGE of sysexits.h, so a
+scheduler can tell it from a systemic failure (argparse's own 2 is that code here)."""
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports it
 
 DESCRIPTION = "SQL batch LLM inference on Spark and Delta Lake."
 
 EPILOG = """\
-exit codes: 0 success; 1 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
-2 a usage error (the command line); a command may add its own (ai-query run --help); docs/cli.md
+exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
+64 a usage error (the command line); a command may add its own (ai-query run --help); docs/cli.md
 lists them all. --debug or AIQ_DEBUG=1 shows tracebacks.
 """
 
@@ -125,8 +126,12 @@ def build_parser(found: CommandSet) -> "argparse.ArgumentParser":
     epilog = ("examples:\n" + "\n".join(examples) + "\n\n" if examples else "") + EPILOG
     if found.broken:
         epilog += "\nunavailable commands:\n" + "\n".join(f"  {n}: {why}" for n, why in found.broken.items())
-    parser = argparse.ArgumentParser(prog="ai-query", description=DESCRIPTION, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> "NoReturn":  # argparse exits 2: ours says usage error
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    parser = Parser(prog="ai-query", description=DESCRIPTION, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (endpoint preparation, Spark)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also AIQ_DEBUG=1)")
     parser.add_argument("--version", action="version", version=f"ai-query {__version__}")

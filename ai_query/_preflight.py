@@ -18,7 +18,7 @@ before the first paid request is therefore checked first, on the driver, in one 
   request (local models, vLLM pools, MLflow) are started by the run itself and are not probed.
 
 Every failure is an :class:`~ai_query.AIQueryError` whose message names the value and the fix;
-the ``ai-query`` runner prints it as one paragraph and exits 1.
+the ``ai-query`` runner prints it as one paragraph and exits 2.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ checks). In order, cheapest first:
 4. with ``probe``: each endpoint answers its free probe request with our key.
 
 A failure is a ``ConfigError`` / ``SecretNotFoundError`` / ``SystemicEndpointError`` naming the
-value and the fix; the runner prints it as one paragraph and exits 1, and nothing was sent.
+value and the fix; the runner prints it as one paragraph and exits 2, and nothing was sent.
 """
 
 from __future__ import annotations

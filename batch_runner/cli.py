@@ -40,8 +40,8 @@ Before Spark starts, every spec is checked and nothing is sent if one fails: out
 paths writable, secrets set, one input row per key, and each HTTP endpoint answering a free probe
 (GET /v1/models, or the serving endpoint's GET) with its key; --no-probe skips the probe.
 
-exit codes: 0 success; 1 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
-2 a usage error (the command line);
+exit codes: 0 success; 2 a systemic failure (bad spec, unknown endpoint, bad key, engine down);
+64 a usage error (the command line);
 3 the job finished but more rows failed than options.allowed_failure_rate allows;
 4 the run stopped at options.max_cost_usd / max_tokens (committed rows stay; run again to continue).
 """

@@ -62,7 +62,7 @@ def _serve(model: str, task: str, options: dict) -> int:
             # `python -m gpu_workers stop` from another shell, or a crash: nothing left to serve
             if not any(s.base_url == url and s.alive for s in list_local_servers(check_health=False)):
                 print(f"the server at {url} has stopped", file=sys.stderr)
-                return 1
+                return 2
     except KeyboardInterrupt:
         pass
     stop_local_servers(owned_only=True)

@@ -184,7 +184,7 @@ def _positive_mb(text: str) -> float:
 
 
 def preflight_serve(args: argparse.Namespace, state_dir: str) -> None:
-    """What ``serve`` checks before it listens or starts a worker, so that a bad option is one paragraph and exit 1.
+    """What ``serve`` checks before it listens or starts a worker, so that a bad option is one paragraph and exit 2.
 
     The endpoints file (and the secrets its endpoints use), the tokens file (permission levels,
     unset secrets), the state directory and the usage / payload table paths; every failure is an

@@ -295,7 +295,7 @@ def _nothing_written(work: Path, before: set[str]) -> None:
 
 
 @pytest.mark.parametrize("argv,spec,setup,fragments", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
-def test_bad_job_or_option_exits_1_with_one_paragraph_before_any_request(work, sim, capsys, monkeypatch, argv, spec, setup,
+def test_bad_job_or_option_exits_2_with_one_paragraph_before_any_request(work, sim, capsys, monkeypatch, argv, spec, setup,
                                                                           fragments):
     if spec is not None:
         (work / "job.toml").write_text(spec.replace("SIM_BASE", sim.base_url))
@@ -316,7 +316,7 @@ def test_bad_job_or_option_exits_1_with_one_paragraph_before_any_request(work, s
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     message = next((line for line in lines if line.startswith("ai-query:")), "")
-    assert code == 1, err
+    assert code == 2, err
     assert "Traceback" not in err and message, err
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -330,7 +330,7 @@ def test_bad_argument_is_refused_by_the_parser(work, sim, capsys, argv, fragment
     with pytest.raises(SystemExit) as exited:
         main(argv)
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and "Traceback" not in err, err
+    assert exited.value.code == 64 and "Traceback" not in err, err  # a usage error, not a systemic one (2)
     last = err.strip().splitlines()[-1]
     assert "error:" in last and all(f in last for f in fragments), last
     assert sim.stats.requests == 0
@@ -341,7 +341,7 @@ def test_bad_argument_is_refused_by_the_parser(work, sim, capsys, argv, fragment
 
 
 @pytest.mark.parametrize("case", ["secret-unset", "duplicate-key"])
-def test_a_real_ai_query_process_prints_one_line_and_exits_1(work, sim, case):
+def test_a_real_ai_query_process_prints_one_line_and_exits_2(work, sim, case):
     """The issue's two worst cases: 77 traceback lines for an unset secret, 4 paid requests for a duplicate key."""
     if case == "secret-unset":
         write_endpoints(work, sim, ep(openai_entity(sim.base_url, {"openai_api_key": "{{secrets/cat/proc_key}}"})))
@@ -356,7 +356,7 @@ def test_a_real_ai_query_process_prints_one_line_and_exits_1(work, sim, case):
     done = subprocess.run([sys.executable, "-m", "ai_query", "run", "job.toml", "--no-progress"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 1 and len(lines) == 1 and fragment in lines[0], done.stderr
+    assert done.returncode == 2 and len(lines) == 1 and fragment in lines[0], done.stderr
     assert sim.stats.requests == 0
     _nothing_written(work, before)
 

@@ -127,10 +127,10 @@ def test_cli_exit_codes_and_messages(workdir, sim):
     assert job["total_tokens"] == job["prompt_tokens"] + job["completion_tokens"] > 0
     usage = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", "--no-such-option", str(spec)],
                            capture_output=True, text=True, env=env, timeout=300)
-    assert usage.returncode == 2 and "unrecognized arguments: --no-such-option" in usage.stderr  # usage, not systemic (1)
+    assert usage.returncode == 64 and "unrecognized arguments: --no-such-option" in usage.stderr  # usage, not systemic (2)
     bad = write_spec(workdir, "SELECT review_id, ai_query('nope', review) AS a FROM reviews")
     out = subprocess.run([sys.executable, "-m", "batch_runner.cli", "run", str(bad)],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "unknown endpoint 'nope'" in out.stderr and "'sim-chat'" in out.stderr
     assert "Traceback" not in out.stderr

@@ -93,18 +93,18 @@ def test_a_plugin_command_runs_with_its_own_arguments_and_exit_code(plugin, caps
 def test_a_command_parses_its_options_and_rejects_unknown_ones(plugin, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["hello", "--nmae", "Ada"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --nmae Ada" in capsys.readouterr().err
+    assert exit_.value.code == 64 and "unrecognized arguments: --nmae Ada" in capsys.readouterr().err
 
 
 def test_a_typed_error_is_one_paragraph_on_stderr_and_exit_code_2(plugin, capsys):
-    assert main(["hello", "--fail", "typed"]) == 1
+    assert main(["hello", "--fail", "typed"]) == 2
     captured = capsys.readouterr()
     assert captured.err == "ai-query: ConfigError: greeting.name 'Bob' is reserved; pick another --name\n"
     assert captured.out == ""
 
 
 def test_any_other_error_is_one_paragraph_with_a_hint(plugin, capsys):
-    assert main(["hello", "--fail", "untyped"]) == 1
+    assert main(["hello", "--fail", "untyped"]) == 2
     assert capsys.readouterr().err == "ai-query: RuntimeError: the greeter broke (--debug shows the traceback)\n"
 
 
@@ -112,7 +112,7 @@ def test_any_other_error_is_one_paragraph_with_a_hint(plugin, capsys):
 def test_debug_shows_the_traceback(plugin, capsys, monkeypatch, how):
     if how == "env":
         monkeypatch.setenv("AIQ_DEBUG", "1")
-    assert main(["--debug", "hello", "--fail", "typed"] if how == "flag" else ["hello", "--fail", "typed"]) == 1
+    assert main(["--debug", "hello", "--fail", "typed"] if how == "flag" else ["hello", "--fail", "typed"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and 'raise ConfigError("greeting.name' in err
     assert err.endswith("ai-query: ConfigError: greeting.name 'Bob' is reserved; pick another --name\n")
@@ -134,11 +134,11 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(plugin):
 
 
 def test_a_registered_command_that_cannot_load_says_why(plugin, capsys):
-    assert main(["broken"]) == 1
+    assert main(["broken"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ai-query: the command 'broken' is registered but unavailable: aiq_missing_module:COMMAND cannot be "
                           "imported: ModuleNotFoundError: No module named 'aiq_missing_module'. Reinstall ai-query")
-    assert main(["misnamed"]) == 1
+    assert main(["misnamed"]) == 2
     assert "aiq_fake_plugin:HELLO is not an ai_query.Command named 'misnamed'" in capsys.readouterr().err
 
 
@@ -146,7 +146,7 @@ def test_an_unregistered_command_names_the_choices(plugin, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["wrokers", "status"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2
+    assert exit_.value.code == 64
     assert "invalid choice: 'wrokers' (choose from 'endpoints', 'hello', 'plan'," in err
 
 
@@ -259,11 +259,11 @@ def test_workers_start_refuses_options_that_are_not_a_json_object(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["workers", "start", "--model", "tiny-llama", "--options", bad])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and f"argument --options: {bad!r} {why}" in err and '{"dtype": "bfloat16"}' in err
+        assert exit_.value.code == 64 and f"argument --options: {bad!r} {why}" in err and '{"dtype": "bfloat16"}' in err
 
 
 def test_prepare_names_the_known_aliases(capsys):
-    assert main(["prepare", "tiny-lama"]) == 1
+    assert main(["prepare", "tiny-lama"]) == 2
     assert capsys.readouterr().err == (
         "ai-query: ConfigError: unknown model alias(es) ['tiny-lama']; known: ['all-minilm-l6-v2', 'smollm2-135m-instruct', "
         "'tiny-llama']. Pick known aliases, or pass no alias to prepare them all\n")

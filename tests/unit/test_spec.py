@@ -110,7 +110,7 @@ def test_every_command_has_help(command, words, capsys):
 def test_cli_reports_a_bad_spec_without_traceback(tmp_path):
     (tmp_path / "j.toml").write_text(Q + 'schedule = "61 * * * *"\n' + BASE)
     out = subprocess.run([sys.executable, "-m", "batch_runner.cli", "plan", str(tmp_path / "j.toml")], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "schedule is not a valid cron expression: minute 61 is out of range" in out.stderr
+    assert out.returncode == 2 and "schedule is not a valid cron expression: minute 61 is out of range" in out.stderr
     assert "Traceback" not in out.stderr
 
 
