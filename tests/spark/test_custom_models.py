@@ -56,3 +56,28 @@ def test_a_one_column_output_is_that_columns_type(cspark):
 def test_undeclared_model_parameters_are_refused_on_the_driver(cspark, endpoint, params, message):
     with pytest.raises(ArgumentError, match=message):
         cspark.sql(f"SELECT ai_query('{endpoint}', {REQUEST}, modelParameters => {params}) FROM msgs")
+
+
+def test_a_databricks_model_serving_endpoint_gets_the_record_as_dataframe_records(spark, tmp_path_factory, monkeypatch):
+    """Spark -> a ``databricks-model-serving`` endpoint over HTTP -> ``ai-query serve`` -> the MLflow model:
+    the struct goes as ``dataframe_records`` with ``params``, ``predictions[0]`` comes back typed by returnType."""
+    import json
+
+    from ai_query.serving import ServingServer
+
+    root = tmp_path_factory.mktemp("custom-remote")
+    paths = save_custom_models(root)
+    (root / "endpoints.json").write_text(json.dumps(custom_endpoints(paths)))
+    monkeypatch.setenv("AIQ_SERVING_TOKEN", "tok-remote-0001")
+    with ServingServer(endpoints=root / "endpoints.json", state_dir=root / "state", include_registry=False) as server:
+        remote = {"name": "remote-triage", "config": {"served_entities": [{"name": "triage", "external_model": {
+            "name": "triage", "provider": "databricks-model-serving", "task": "llm/v1/completions",
+            "databricks_model_serving_config": {"databricks_workspace_url": server.url,
+                                                "databricks_api_token_plaintext": "tok-remote-0001"}}}]}}
+        spark_udfs.register(spark, EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([remote])))
+        rows = [(1, dt.datetime(2026, 3, 1, 9, 30), "ann", "hi"),
+                (2, dt.datetime(2026, 3, 1, 17, 5), "bob", "a message of well over twenty characters")]
+        spark.createDataFrame(rows, "id INT, ts TIMESTAMP, sender STRING, text STRING").createOrReplaceTempView("remote_msgs")
+        df = spark.sql(f"SELECT id, ai_query('remote-triage', {REQUEST}, returnType => 'STRUCT<label: STRING, score: DOUBLE>', "
+                       "modelParameters => named_struct('threshold', 0.01)) AS r FROM remote_msgs ORDER BY id")
+        assert [row.r.asDict() for row in df.collect()] == [{"label": "long", "score": 2 / 40}, {"label": "long", "score": 1.0}]
