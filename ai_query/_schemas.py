@@ -39,13 +39,23 @@ class ModelParameters:
     values: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_mapping(cls, params: Mapping[str, Any] | None) -> "ModelParameters":
-        """Validate names, types and ranges; an ``ArgumentError`` names the parameter and the fix."""
+    def from_mapping(cls, params: Mapping[str, Any] | None, *, custom: bool = False) -> "ModelParameters":
+        """Validate names, types and ranges; an ``ArgumentError`` names the parameter and the fix.
+
+        ``custom``: for a custom model, whose signature declares its own params (``threshold``):
+        names outside the ``llm/v1`` set are kept as given (Decimals as floats) for the model's
+        backend to check against the signature; the ``llm/v1`` names are still checked here.
+        """
         if not params:
             return cls()
         out: dict[str, Any] = {}
         for name, value in params.items():
             if value is None:
+                continue
+            if custom and name not in _PARAMETER_TYPES:
+                if isinstance(value, Decimal):
+                    value = float(value)
+                out[name] = tuple(value) if isinstance(value, list) else value
                 continue
             if name not in _PARAMETER_TYPES:
                 raise ArgumentError(

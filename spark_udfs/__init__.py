@@ -27,7 +27,7 @@ from ai_query import get_logger
 from ai_query import ArgumentError, EndpointRegistry, ModelParameters
 from ai_query._files import files_unsupported_reason
 from ai_query._preflight import check_credentials
-from ai_query.backends import entity_kind, prepare
+from ai_query.backends import check_params, entity_kind, model_contract, prepare
 from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
@@ -290,7 +290,8 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         if params is not NotImplemented and params is not None and not isinstance(params, dict):
             raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
         spec = _spec_for(state, label, task, return_type, fail_on_error, params if isinstance(params, dict) else None,
-                         bound["responseFormat"].literal if "responseFormat" in bound else None, audit)
+                         bound["responseFormat"].literal if "responseFormat" in bound else None, audit,
+                         config=config if isinstance(endpoint, str) else None)
         # returnType and responseFormat are literals already read into the spec: not passed
         layout = tuple(a for a in SIGNATURE if a in bound and a not in ("returnType", "responseFormat"))
         positions = [next(i for i, arg in enumerate(call.args) if arg is bound[a]) for a in layout]
@@ -318,11 +319,15 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
 
 def _spec_for(
     state: _SessionState, label: str, task: str | None, return_type: Any, fail_on_error: bool,
-    params: Mapping[str, Any] | None, response_format: Any, audit: bool,
+    params: Mapping[str, Any] | None, response_format: Any, audit: bool, *, config: Any = None,
 ) -> UDFSpec:
-    """The UDF variant a call needs, its arguments checked (the SQL and DataFrame paths share this)."""
+    """The UDF variant a call needs, its arguments checked (the SQL and DataFrame paths share this).
+
+    ``config``: the endpoint's; for a custom model its signature checks the parameters and gives
+    the default result type (see ``_custom_model``)."""
+    return_type, custom = _custom_model(label, config, return_type, params, response_format)
     if params is not None:
-        ModelParameters.from_mapping(params)
+        ModelParameters.from_mapping(params, custom=custom)
     fmt_json, fmt_struct = _response_format(response_format, label) if response_format is not None else (None, None)
     if fmt_json is not None and task == "llm/v1/embeddings":
         raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
@@ -341,6 +346,28 @@ def _spec_for(
         quota_broker=state.quota_broker.address if state.quota_broker is not None else None,
         quota_share=state.quota_share,
     )
+
+
+def _custom_model(label: str, config: Any, return_type: Any, params: Mapping[str, Any] | None,
+                  response_format: Any) -> tuple[Any, bool]:
+    """(return type, custom params allowed) for a call to ``config``'s endpoint.
+
+    An MLflow model whose signature names input features is a custom model, as Databricks has
+    them: literal ``modelParameters`` must be declared params of its signature (refused here,
+    naming the declared ones), and without ``returnType`` / ``responseFormat`` the result takes
+    the signature's output type instead of STRING.
+    """
+    if config is None:
+        return return_type, False
+    custom = any(e.may_be_custom for e in config.served_entities)
+    contract = model_contract(config.entity)
+    if contract is None or not contract.takes_records or config.task == "llm/v1/embeddings":
+        return return_type, custom
+    if params:
+        check_params(params, contract.params, repr(config.entity.model_name))
+    if return_type is None and response_format is None and contract.output_ddl is not None:
+        return_type = contract.output_ddl
+    return return_type, custom
 
 
 def _variant(spark: "SparkSession", state: _SessionState, spec: UDFSpec) -> tuple[str, Any]:
@@ -390,7 +417,7 @@ def ai_query(
         raise ArgumentError(f"{label}: {why}")
     if not isinstance(failOnError, bool):
         raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
-    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit)
+    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit, config=config)
     column = F.col(request) if isinstance(request, str) else request
     args: dict[str, Any] = {"endpoint": F.lit(endpoint), "request": column}
     if not failOnError:

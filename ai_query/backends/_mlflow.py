@@ -15,11 +15,17 @@ What ``predict`` receives, from the model's signature:
 - the signature names input columns: a DataFrame with the prompts in the ``prompt`` column, or
   in its first named column;
 - otherwise (no signature, or ``predict(self, context, model_input: list[str])``): a list of
-  prompt strings; chat messages become the text of their messages joined by blank lines.
+  prompt strings; chat messages become the text of their messages joined by blank lines;
+- a struct request (``named_struct('timestamp', ts, 'sender', s, 'text', t)``, a ``dict`` here)
+  is one record of the model's input features, as Databricks feeds a custom model: the rows of
+  a micro-batch become one DataFrame with those columns, typed by the signature (``_custom``),
+  and each row's output is returned as a value (not its JSON text), typed by Spark later.
 
 Generation parameters (``max_tokens``, ``temperature``, ...) and ``response_format`` go to
 ``predict(..., params=...)`` when the signature's params schema declares them, and are dropped
-otherwise (a custom model that declares no params cannot take any).
+otherwise (a default ``max_tokens`` must not break a model that takes none). Any other name
+(a custom model's own ``threshold``) must be declared: otherwise the row fails naming the
+declared ones (the SQL rewrite refuses literal ones on the driver already).
 
 What ``predict`` returns: one output per input, as a list, a pandas Series, a one-column
 DataFrame or a numpy array. Each output is, for ``llm/v1/chat`` and ``llm/v1/completions``, a
@@ -51,9 +57,11 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from ..config import TASKS, ServedEntity
-from .._errors import ConfigError, PermanentEndpointError, SystemicEndpointError
+from .._errors import ArgumentError, ConfigError, PermanentEndpointError, SystemicEndpointError
 from .._redact import redact
 from .._schemas import ModelParameters, ModelResponse, Usage
+from .._schemas import _PARAMETER_TYPES
+from ._custom import ModelContract, check_params, json_value, typed_record
 from ._protocol import Backend, BackendBase, Capabilities
 
 _MESSAGE_LIMIT = 500  # characters of a model's own error message kept in a row's error
@@ -190,6 +198,30 @@ def load_pyfunc_model(uri: str) -> Any:
         return _MODELS[key]
 
 
+_CONTRACTS: dict[str, ModelContract] = {}
+
+
+def model_contract(entity: ServedEntity) -> ModelContract | None:
+    """The signature contract of an MLflow served entity (read from its MLmodel file, without
+    loading the model; once per URI), for checks on the driver; ``None`` for other kinds."""
+    if not entity.is_mlflow:
+        return None
+    uri = MLflowModelRef(model_uri=entity.model_uri, entity_name=entity.entity_name, entity_version=entity.entity_version).uri
+    if uri not in _CONTRACTS:
+        try:
+            import_mlflow()
+            from mlflow.models import get_model_info
+
+            info = get_model_info(uri)
+        except ImportError as exc:
+            raise SystemicEndpointError(f"MLflow model {uri!r} needs the mlflow package, which is not installed: pip install mlflow-skinny") from exc
+        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError: the message names the model and the fix
+            detail = redact(" ".join(str(exc).split()))[:_MESSAGE_LIMIT]
+            raise SystemicEndpointError(f"cannot read MLflow model {uri!r} ({type(exc).__name__}: {detail}). {_registry_hint(uri)}") from exc
+        _CONTRACTS[uri] = ModelContract.of(info)
+    return _CONTRACTS[uri]
+
+
 @dataclass
 class _Row:
     value: Any
@@ -199,9 +231,9 @@ class _Row:
 
 @dataclass
 class _Queue:
-    """Rows waiting for a predict call, per event loop and parameter set."""
+    """Rows waiting for a predict call, per event loop, request kind (record or prompt) and parameter set."""
 
-    rows: dict[tuple[tuple[str, Any], ...], list[_Row]] = field(default_factory=dict)
+    rows: dict[tuple[bool, tuple[tuple[str, Any], ...]], list[_Row]] = field(default_factory=dict)
     running: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -211,6 +243,7 @@ class _InputStyle:
     kind: str  # "messages" | "column" | "list"
     column: str | None
     params: frozenset[str]
+    contract: ModelContract = ModelContract()
 
 
 class MLflowPyfuncBackend(BackendBase):
@@ -304,13 +337,17 @@ class MLflowPyfuncBackend(BackendBase):
         values = dict(params.values)
         if response_format is not None:
             values["response_format"] = dict(response_format)
+        try:
+            check_params(values, self._style.params, repr(self.ref.uri), llm_names=(*_PARAMETER_TYPES, "response_format"))
+        except ArgumentError as exc:
+            raise PermanentEndpointError(str(exc)) from None
         declared = tuple(sorted((k, _hashable(v)) for k, v in values.items() if k in self._style.params))
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = _Queue()
         future: asyncio.Future[ModelResponse] = loop.create_future()
-        queue.rows.setdefault(declared, []).append(_Row(value, prompt_text, future))
+        queue.rows.setdefault((isinstance(value, Mapping), declared), []).append(_Row(value, prompt_text, future))
         if not queue.running:
             queue.running = True
             runner = loop.create_task(self._drain(queue, task))
@@ -333,7 +370,7 @@ class MLflowPyfuncBackend(BackendBase):
                     del queue.rows[key]
                 batch = [row for row in batch if not row.future.done()]  # cancelled rows are skipped
                 if batch:
-                    await self._run_batch(task, dict(key), batch)
+                    await self._run_batch(task, dict(key[1]), batch)
         finally:
             queue.running = False
 
@@ -357,7 +394,9 @@ class MLflowPyfuncBackend(BackendBase):
             return
         for row, output in zip(batch, outputs):
             try:
-                result: ModelResponse | BaseException = _response(task, output, row.prompt_text, self.ref.uri)
+                result: ModelResponse | BaseException = (
+                    _record_response(output, row.prompt_text, self.ref.uri) if isinstance(row.value, Mapping)
+                    else _response(task, output, row.prompt_text, self.ref.uri))
             except PermanentEndpointError as exc:
                 result = exc
             except Exception as exc:  # noqa: BLE001 - an output of a shape nobody expected: that row's error
@@ -371,8 +410,12 @@ class MLflowPyfuncBackend(BackendBase):
         """One predict call (in a worker thread): model input from the signature, one output per input."""
         style = self._style
         assert style is not None and self._model is not None
-        if style.kind == "list":
-            data: Any = [_text(v) for v in values]
+        if values and isinstance(values[0], Mapping):  # struct requests: one record of input features each
+            import pandas as pd
+
+            data: Any = pd.DataFrame([typed_record(v, style.contract) for v in values])
+        elif style.kind == "list":
+            data = [_text(v) for v in values]
         else:
             import pandas as pd
 
@@ -409,13 +452,13 @@ def _input_style(model: Any) -> _InputStyle:
     signature = getattr(getattr(model, "metadata", None), "signature", None)
     inputs = getattr(signature, "inputs", None)
     names = [n for n in (inputs.input_names() if inputs is not None else []) if isinstance(n, str)]
-    schema = getattr(signature, "params", None)
-    params = frozenset(p.name for p in schema.params) if schema is not None else frozenset()
+    contract = ModelContract.of(getattr(model, "metadata", None))
+    params = frozenset(contract.params)
     if "messages" in names:
-        return _InputStyle("messages", "messages", params)
+        return _InputStyle("messages", "messages", params, contract)
     if names:
-        return _InputStyle("column", "prompt" if "prompt" in names else names[0], params)
-    return _InputStyle("list", None, params)
+        return _InputStyle("column", "prompt" if "prompt" in names else names[0], params, contract)
+    return _InputStyle("list", None, params, contract)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -493,6 +536,16 @@ def _response(task: str, output: Any, prompt_text: str, uri: str) -> ModelRespon
     text = json.dumps(output, default=str, ensure_ascii=False)
     usage = output.get("usage") if isinstance(output, Mapping) else None
     return ModelResponse(value=text, usage=Usage.from_payload(usage, prompt_text, text))
+
+
+def _record_response(output: Any, prompt_text: str, uri: str) -> ModelResponse:
+    """A custom model's output for one record: the value itself (JSON-native), typed by Spark later."""
+    if output is None:
+        raise PermanentEndpointError(f"MLflow model {uri!r} returned no output (None) for this row")
+    value = json_value(output)
+    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+    usage = output.get("usage") if isinstance(output, Mapping) else None
+    return ModelResponse(value=value, usage=Usage.from_payload(usage, prompt_text, text))
 
 
 def _embedding(output: Any, prompt_text: str, uri: str) -> ModelResponse:

@@ -140,9 +140,10 @@ def _start_groups(
             for i in group.rows:
                 results[i] = CallResult(i, "", "error", error="the endpoint argument is NULL")
             continue
-        deduplicate = client.endpoint(name).config.client_config.deduplicate  # an unknown endpoint fails the query here
+        config = client.endpoint(name).config  # an unknown endpoint fails the query here
+        deduplicate = config.client_config.deduplicate
         try:
-            params = ModelParameters.from_mapping(group.params)
+            params = ModelParameters.from_mapping(group.params, custom=any(e.may_be_custom for e in config.served_entities))
         except ArgumentError as exc:  # a row's own parameters (a column): that row's error, nothing sent
             for i in group.rows:
                 results[i] = CallResult(i, name, "error", error=f"{exc}; not sent", status_code=400)

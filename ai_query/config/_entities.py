@@ -214,6 +214,12 @@ class ServedEntity(ConfigStruct):
         return self.kind == "mlflow"
 
     @property
+    def may_be_custom(self) -> bool:
+        """It may serve a custom model (an MLflow pyfunc, here or behind a Databricks-style
+        serving endpoint): struct requests go as records, params may have the model's own names."""
+        return self.is_mlflow or (self.external_model is not None and self.external_model.provider == "databricks-model-serving")
+
+    @property
     def task(self) -> str:
         if self.is_mlflow:
             assert self.entity_task is not None

@@ -29,14 +29,17 @@ from typing import Any, AsyncIterator, Callable, Mapping
 from .._logging import get_logger
 from .._errors import AIQueryError, ArgumentError, ConfigError, RateLimitedError, ServingError
 from ..backends import local_model_folder
+from ..backends import check_params, model_contract
 from ..backends._mlflow import import_mlflow
+from .._schemas import _PARAMETER_TYPES, ModelParameters
 from ._auth import Principal, TokenAuthenticator
 from ._json import dumps, loads
 from ._metrics import ServingMetrics, create_metrics, prometheus_missing
 from ._ratelimit import RateLimiter, retry_after_header
 from ._store import EndpointStore
 from ._tables import ServingTables
-from ._bodies import parse_request, render_response, sse_chunks
+from ._bodies import ParsedRequest, parse_request, render_response, sse_chunks
+from ._scoring import is_scoring, parse_scoring, render_predictions
 
 log = get_logger("ai_query.serving")
 
@@ -321,8 +324,10 @@ class ServingApp:
             raise ServingError(429, "REQUEST_LIMIT_EXCEEDED", str(exc), {"Retry-After": retry_after_header(exc.retry_after)}) from None
         if task is not None and task != config.task:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", f"serving endpoint {name!r} serves {config.task}, not {task}")
+        custom = any(e.may_be_custom for e in config.served_entities)
         try:
-            parsed = parse_request(config.task, body)
+            parsed = await self._scoring_request(config, body) if custom and is_scoring(body) else \
+                parse_request(config.task, body, custom=custom)
         except ArgumentError as exc:
             raise ServingError(400, "INVALID_PARAMETER_VALUE", str(exc)) from None
         client = dep.client
@@ -346,14 +351,26 @@ class ServingApp:
             client_request_id = headers.get("x-client-request-id") or (body.get("client_request_id") if isinstance(body, dict) else None)
             for value, result in zip(parsed.values, results):
                 self.tables.record(result, value, requester=principal.user, client_request_id=client_request_id,
-                                   status_code=status, streaming=parsed.stream)
+                                   status_code=status, streaming=parsed.stream, usage_context=parsed.usage_context)
         if failed is not None:
             raise ServingError(status, code, f"serving endpoint {name!r}: {failed.error}",
                                {"Retry-After": "1"} if status in (429, 503) else None)
+        if parsed.scoring:
+            return 200, {}, _encode(render_predictions(results)), None
         out = render_response(config.task, results)
         if parsed.stream and config.task == "llm/v1/chat":
             return 200, {}, b"", sse_chunks(out, parsed.include_usage)
         return 200, {}, _encode(out), None
+
+    @staticmethod
+    async def _scoring_request(config: Any, body: Mapping[str, Any]) -> ParsedRequest:
+        """An MLflow scoring-protocol body for a custom model; its params checked against the signature."""
+        scoring = parse_scoring(body)
+        contract = await asyncio.to_thread(model_contract, config.entity)  # None: a model behind HTTP judges its params
+        if contract is not None:
+            check_params(scoring.params, contract.params, repr(config.entity.model_name),
+                         llm_names=() if contract.takes_records else _PARAMETER_TYPES)
+        return ParsedRequest(scoring.records, ModelParameters.from_mapping(scoring.params, custom=True), None, scoring=True)
 
     async def models(self, request):
         principal = self._principal(request)

@@ -4,6 +4,11 @@ A request body becomes what a Spark row becomes: a value (chat messages, a promp
 embed), ``ModelParameters`` and an optional ``response_format``, handed to the same
 ``EndpointClient.call`` that ``ai_query`` uses; the ``CallResult`` is rendered back in the
 OpenAI shape (``choices``, ``usage``, ``logprobs`` when the backend sent them).
+
+Databricks' query fields are taken too: ``extra_params`` (more parameters, merged with the
+top-level ones; names outside the ``llm/v1`` set only for an endpoint that may serve a custom
+model) and ``usage_context`` (string key/values, stored in the usage table's ``usage_context``).
+A custom model's MLflow scoring bodies are read by ``_scoring``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ._json import dumps
 _IGNORED = frozenset({"model", "stream", "stream_options", "user", "n", "store", "metadata", "client_request_id",
                       "encoding_format", "dimensions"})
 _INPUT_KEY = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt", "llm/v1/embeddings": "input"}
-_ALLOWED = {task: frozenset({key, "response_format", *_IGNORED, *_PARAMETER_TYPES}) for task, key in _INPUT_KEY.items()}
+_ALLOWED = {task: frozenset({key, "response_format", "extra_params", "usage_context", *_IGNORED, *_PARAMETER_TYPES})
+            for task, key in _INPUT_KEY.items()}
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,16 @@ class ParsedRequest:
     response_format: Mapping[str, Any] | None
     stream: bool = False
     include_usage: bool = False
+    usage_context: Mapping[str, str] | None = None
+    """Databricks' ``usage_context``: recorded with the request in the usage table."""
+    scoring: bool = False
+    """An MLflow scoring-protocol request: answered ``{"predictions": [...]}``."""
 
 
-def parse_request(task: str, body: Any) -> ParsedRequest:
-    """Read a ``task`` request body (decoded JSON: objects are dicts); ``ArgumentError`` names what is wrong."""
+def parse_request(task: str, body: Any, *, custom: bool = False) -> ParsedRequest:
+    """Read a ``task`` request body (decoded JSON: objects are dicts); ``ArgumentError`` names what is wrong.
+
+    ``custom``: the endpoint may serve a custom model, whose own parameter names ``extra_params`` may carry."""
     if not isinstance(body, dict):
         shape = {"llm/v1/chat": '{"messages": [{"role": "user", "content": ...}]}',
                  "llm/v1/embeddings": '{"input": ...}'}.get(task, '{"prompt": ...}')
@@ -62,7 +74,17 @@ def parse_request(task: str, body: Any) -> ParsedRequest:
     unknown = sorted(body.keys() - _ALLOWED[task])
     if unknown:
         raise ArgumentError(f"unknown field(s) {', '.join(map(repr, unknown))}; supported parameters are {', '.join(sorted(_PARAMETER_TYPES))}")
-    params = ModelParameters.from_mapping({k: v for k, v in body.items() if k in _PARAMETER_TYPES})
+    extra = body.get("extra_params") or {}
+    if not isinstance(extra, dict):
+        raise ArgumentError("'extra_params' must be an object of parameters, e.g. {\"top_k\": 40}")
+    if not custom and (beyond := sorted(set(extra) - set(_PARAMETER_TYPES))):
+        raise ArgumentError(f"extra_params: unknown parameter(s) {', '.join(map(repr, beyond))}; this endpoint takes "
+                            f"{', '.join(sorted(_PARAMETER_TYPES))}")
+    params = ModelParameters.from_mapping({**extra, **{k: v for k, v in body.items() if k in _PARAMETER_TYPES}}, custom=custom)
+    usage_context = body.get("usage_context")
+    if usage_context is not None and (not isinstance(usage_context, dict)
+                                      or not all(isinstance(k, str) and isinstance(v, str) for k, v in usage_context.items())):
+        raise ArgumentError("'usage_context' must be an object of strings, e.g. {\"project\": \"triage\", \"end_user\": \"ann\"}")
     response_format = body.get("response_format")
     if response_format is not None and not isinstance(response_format, dict):
         raise ArgumentError("'response_format' must be an object, e.g. {\"type\": \"json_schema\", \"json_schema\": {...}}")
@@ -70,7 +92,8 @@ def parse_request(task: str, body: Any) -> ParsedRequest:
         response_format = None
     stream = body.get("stream", False) is True
     options = body.get("stream_options") or {}
-    return ParsedRequest(values, params, response_format, stream, bool(isinstance(options, dict) and options.get("include_usage")))
+    return ParsedRequest(values, params, response_format, stream, bool(isinstance(options, dict) and options.get("include_usage")),
+                         usage_context)
 
 
 def _usage(results: Sequence[CallResult]) -> dict[str, int]:

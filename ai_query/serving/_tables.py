@@ -13,7 +13,7 @@ import asyncio
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .._logging import get_logger
 from ..batch.results import CallResult
@@ -79,10 +79,11 @@ class ServingTables:
         return sum(len(box) for box in (self._usage, self._inference) if box is not None)
 
     def record(self, result: CallResult, request: Any, *, requester: str, client_request_id: str | None,
-               status_code: int, streaming: bool) -> None:
+               status_code: int, streaming: bool, usage_context: Mapping[str, str] | None = None) -> None:
         if self._usage is not None:
             self._usage.rows.append(usage_record(result, request=request, requester=requester, source="serving",
-                                                 client_request_id=client_request_id, status_code=status_code, streaming=streaming))
+                                                 client_request_id=client_request_id, status_code=status_code, streaming=streaming,
+                                                 usage_context=usage_context))
         if self._inference is not None:
             self._inference.rows.append(inference_record(result, request, source="serving",
                                                          client_request_id=client_request_id, status_code=status_code))
