@@ -256,20 +256,14 @@ def markdown_elements(text: str, page_id: int) -> list[Element]:
     """A vision answer (Markdown) as elements: ``#`` headings, ``|`` tables, paragraphs."""
     out: list[Element] = []
     for block in re.split(r"\n\s*\n", text.strip()):
-        block = block.strip()
-        if not block:
-            continue
-        lines = block.splitlines()
-        if all(line.lstrip().startswith("|") for line in lines):
-            out.append(Element("table", block, page_id))
-            continue
-        heading = re.match(r"(#{1,6})\s+(.*)", lines[0])
-        if heading:
+        lines = block.strip().splitlines()
+        heading = re.match(r"(#{1,6})\s+(.*)", lines[0]) if lines else None
+        if heading:  # a heading line, then what follows it in the same block
             out.append(Element("title" if len(heading.group(1)) == 1 else "section_header", heading.group(2).strip(), page_id))
-            if len(lines) > 1:
-                out.append(Element("text", "\n".join(lines[1:]).strip(), page_id))
-        else:
-            out.append(Element("text", block, page_id))
+            lines = lines[1:]
+        if lines:
+            kind = "table" if all(line.lstrip().startswith("|") for line in lines) else "text"
+            out.append(Element(kind, "\n".join(lines).strip(), page_id))
     return out
 
 
