@@ -6,7 +6,6 @@ provider simulator (real HTTP), whose echo names the bytes it received (media ty
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -15,7 +14,7 @@ import spark_udfs
 from ai_query import EndpointRegistry
 from ai_query.testing import ProviderSimulator
 from tests.pdfgen import pdf
-from tests.spark.test_files import png
+from tests.spark.test_files import png, tag
 
 REPORT = pdf([
     [(72, 720, 24, "Quarterly Report"), (72, 680, 12, "Revenue grew by ten percent."), (72, 666, 12, "Costs stayed flat."),
@@ -27,10 +26,6 @@ PHOTO = png(6, 4, 3)
 JUNK = os.urandom(64).replace(b"%", b"x")  # never a PDF or image signature
 ELEMENTS = "ARRAY<STRUCT<id INT, type STRING, content STRING, bbox ARRAY<STRUCT<coord ARRAY<INT>, page_id INT>>>>"
 ERRORS = "ARRAY<STRUCT<error_message STRING, page_id INT>>"
-
-
-def tag(kind: str, data: bytes) -> str:
-    return f"[{kind} {len(data)} bytes sha256:{hashlib.sha256(data).hexdigest()[:8]}]"
 
 
 @pytest.fixture(scope="module")
