@@ -35,12 +35,20 @@ def sim():
 
 
 @pytest.fixture(scope="module")
-def docs(spark, sim, tmp_path_factory):
-    cfg = {"openai_config": {"openai_api_key_plaintext": "sk-sim", "openai_api_base": sim.base_url}}
+def failing_sim():
+    with ProviderSimulator(api_key="sk-sim", error_rates={"500": 1.0}) as simulator:
+        yield simulator
+
+
+@pytest.fixture(scope="module")
+def docs(spark, sim, failing_sim, tmp_path_factory):
+    def endpoint(name, server, attempts):
+        cfg = {"openai_config": {"openai_api_key_plaintext": "sk-sim", "openai_api_base": server.base_url}}
+        return {"name": name, "config": {"served_entities": [{"name": "m", "external_model": {
+            "name": "vision-model", "provider": "openai", "task": "llm/v1/chat", **cfg}}]}, "client_config": {"max_attempts": attempts}}
+
     registry = EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([
-        {"name": "vision", "config": {"served_entities": [{"name": "m", "external_model": {
-            "name": "vision-model", "provider": "openai", "task": "llm/v1/chat", **cfg}}]}, "client_config": {"max_attempts": 2}},
-    ]))
+        endpoint("vision", sim, 2), endpoint("vision-down", failing_sim, 1)]))
     spark_udfs.register(spark, registry)
     folder = tmp_path_factory.mktemp("docs")
     for name, data in (("report.pdf", REPORT), ("photo.png", PHOTO), ("junk.bin", JUNK)):
@@ -110,6 +118,16 @@ def test_without_a_vision_endpoint_images_are_page_errors_and_text_still_parses(
     assert [(e["page_id"], "no vision endpoint is configured" in e["error_message"]) for e in got["photo.png"]["errors"]] == [(0, True)]
     assert [e["page_id"] for e in got["report.pdf"]["errors"]] == [2]
     assert [e["content"] for e in got["report.pdf"]["elements"]][0] == "Quarterly Report"
+
+
+def test_a_failed_vision_call_is_that_pages_error(docs, failing_sim):
+    spark, _ = docs
+    got = parsed(spark, "map('imageEndpoint', 'vision-down')")
+    for name, page in (("photo.png", 0), ("report.pdf", 2)):
+        [error] = got[name]["errors"]
+        assert error["page_id"] == page and error["error_message"].startswith(f"page {page}: the vision endpoint 'vision-down' failed")
+    assert [e["content"] for e in got["report.pdf"]["elements"]][-1] == "Second page text."  # the text pages still parse
+    assert failing_sim.snapshot()["requests"] >= 2
 
 
 def test_the_registry_default_vision_endpoint_the_one_argument_form_and_the_dataframe_api(docs):
