@@ -29,19 +29,15 @@ ERRORS = "ARRAY<STRUCT<error_message STRING, page_id INT>>"
 
 
 @pytest.fixture(scope="module")
-def sim():
-    with ProviderSimulator(api_key="sk-sim") as simulator:
-        yield simulator
+def sims():
+    """A vision provider that answers, and one that answers every request with a 500."""
+    with ProviderSimulator(api_key="sk-sim") as ok, ProviderSimulator(api_key="sk-sim", error_rates={"500": 1.0}) as failing:
+        yield ok, failing
 
 
 @pytest.fixture(scope="module")
-def failing_sim():
-    with ProviderSimulator(api_key="sk-sim", error_rates={"500": 1.0}) as simulator:
-        yield simulator
-
-
-@pytest.fixture(scope="module")
-def docs(spark, sim, failing_sim, tmp_path_factory):
+def docs(spark, sims, tmp_path_factory):
+    sim, failing_sim = sims
     def endpoint(name, server, attempts):
         cfg = {"openai_config": {"openai_api_key_plaintext": "sk-sim", "openai_api_base": server.base_url}}
         return {"name": name, "config": {"served_entities": [{"name": "m", "external_model": {
@@ -120,8 +116,9 @@ def test_without_a_vision_endpoint_images_are_page_errors_and_text_still_parses(
     assert [e["content"] for e in got["report.pdf"]["elements"]][0] == "Quarterly Report"
 
 
-def test_a_failed_vision_call_is_that_pages_error(docs, failing_sim):
+def test_a_failed_vision_call_is_that_pages_error(docs, sims):
     spark, _ = docs
+    failing_sim = sims[1]
     got = parsed(spark, "map('imageEndpoint', 'vision-down')")
     for name, page in (("photo.png", 0), ("report.pdf", 2)):
         [error] = got[name]["errors"]
