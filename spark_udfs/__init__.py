@@ -36,6 +36,7 @@ from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_del
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
+from ._parse_document import ai_parse_document, register_parse_document
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
@@ -47,6 +48,7 @@ log = get_logger("spark_udfs")
 
 __all__ = [
     "AUDIT_COLUMNS",
+    "ai_parse_document",
     "ai_query",
     "DeltaReadError",
     "DeltaWriteError",
@@ -101,7 +103,8 @@ def register(
     named by ``AIQ_ENDPOINTS``). With ``rewrite_sql`` (the default) this session's ``spark.sql``
     rewrites ``ai_query`` calls into typed variants and validates their arguments first.
     The task functions (``ai_classify``, ``ai_summarize``, ...) are registered too, each calling
-    its default endpoint unless ``task_endpoints`` names another (``{"ai_classify": "my-llm"}``).
+    its default endpoint unless ``task_endpoints`` names another (``{"ai_classify": "my-llm"}``);
+    ``ai_parse_document``'s entry names the vision endpoint for images and scanned pages.
     """
     if isinstance(endpoints, EndpointRegistry):
         registry = endpoints
@@ -124,6 +127,9 @@ def register(
         quota_share=state.quota_share,
     )
     spark.udf.register("ai_query", build_udf(default, registry))
+    task_endpoints = dict(task_endpoints or {})
+    register_parse_document(spark, original, registry, task_endpoints.pop("ai_parse_document", None),
+                            default.quota_broker, state.quota_share)
     try:
         state.task_endpoints = configured_endpoints(task_endpoints)
     except ValueError as exc:
