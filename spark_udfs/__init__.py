@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -32,7 +33,7 @@ from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
-from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
+from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
@@ -133,7 +134,7 @@ def register(
         spark.udf.register(name, build_task_udf(TASKS[name], endpoint, registry, default.quota_broker, state.quota_share, None))
     if rewrite_sql:
         def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
-            return original(rewrite(spark, sqlQuery), args, **kwargs)
+            return named_as_written(original(rewrite(spark, sqlQuery), args, **kwargs))
 
         sql_with_ai_query.__doc__ = original.__doc__
         spark.sql = sql_with_ai_query  # type: ignore[method-assign]
@@ -246,6 +247,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     and row errors are data (the batch runner uses this).
     """
     state = _state(spark)
+    query = rewrite_legacy_calls(query, {"ai_query"}, SIGNATURE)
     calls = find_calls(query, {"ai_query", *TASKS})
     if not calls:
         return query
@@ -442,4 +444,15 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
 def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None) -> "DataFrame":
     """``spark.sql`` with ``ai_query`` calls rewritten (see ``rewrite``)."""
     state = _state(spark)
-    return state.original_sql(rewrite(spark, query, audit=audit), args)
+    return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
+
+
+_VARIANT_IN_NAME = re.compile(r"\b(ai_query|ai_extract|ai_classify)__[0-9a-f]{12}\(")
+
+
+def named_as_written(df: "DataFrame") -> "DataFrame":
+    """``df`` with the typed variants' names in its unaliased column names read back as the
+    function the user wrote (``ai_query(sim-chat, text)``, not ``ai_query__24963849780f(...)``)."""
+    columns = df.columns
+    renamed = [_VARIANT_IN_NAME.sub(r"\1(", c) for c in columns]
+    return df if renamed == columns else df.toDF(*renamed)
