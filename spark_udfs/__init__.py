@@ -37,6 +37,7 @@ from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
+from ._tasks_v2 import is_v2, labels_of, options_of, v2_task
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     if not calls:
         return query
     replacements: dict[int, str] = {}
+    wrappers: dict[int, str] = {}  # call start -> the function its variant's result goes through
     used: set[str] = set()
     # A statement with one ai_query call gets the pipelined (iterator) variant, its arguments
     # written by position. Spark runs each iterator UDF of a statement in its own Python worker,
@@ -261,10 +263,12 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     files_position: dict[str, int] = {}  # UDF name -> where a positional files argument sits
     for call in calls:
         if call.name.lower() != "ai_query":
-            name = _rewrite_task_call(spark, state, call)
+            name, wrapper = _rewrite_task_call(spark, state, call)
             used.add(state.task_endpoints[call.name.lower()])
             if name is not None:
                 replacements[call.start] = name
+            if wrapper is not None:
+                wrappers[call.start] = wrapper
             continue
         bound = bind_arguments(call, SIGNATURE, required=2)
         label = f"ai_query({bound['endpoint'].text}, ...)"
@@ -308,7 +312,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
             replacements[call.start] = name
         if "files" in bound:
             files_position[name] = SIGNATURE.index("files")
-    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
+    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls, wrappers)
     if files_position:  # a column's type is known only once Spark resolves it: before anything runs
         check_files_types(spark, rewritten, files_position)
     prepare_endpoints(state.registry, used, state.prepared)
@@ -404,14 +408,45 @@ def ai_query(
     return fn(*args.values())
 
 
-def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> str | None:
-    """Check a task function call on the driver; ``ai_extract`` with literal labels gets a STRUCT variant."""
+def _task_variant(spark: "SparkSession", state: _SessionState, task: Any, key: Any, endpoint: str, return_type: Any = None) -> str:
+    """The registered name of a task function variant (a v2 form, an ai_extract STRUCT), registered once."""
+    name = state.variants.get(key)
+    if name is None:
+        name = f"{task.name}__{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
+        broker = state.quota_broker.address if state.quota_broker is not None else None
+        spark.udf.register(name, build_task_udf(task, endpoint, state.registry, broker, state.quota_share,
+                                                state.progress_address, return_type=return_type))
+        state.variants[key] = name
+    return name
+
+
+def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> tuple[str | None, str | None]:
+    """Check a task function call on the driver: (the variant to call or None, the function to wrap it in or None).
+
+    ``ai_extract`` with literal labels gets a STRUCT variant; the v2 forms of ``ai_classify`` and
+    ``ai_extract`` a variant whose JSON answer ``parse_json`` makes a VARIANT (``_tasks_v2``).
+    """
     task = TASKS[call.name.lower()]
     first = "expr1" if task.name == "ai_similarity" else ("prompt" if task.name == "ai_gen" else "content")
     bound = bind_arguments(call, [first, *task.args], required=1 + (task.name in ("ai_classify", "ai_extract", "ai_mask",
                                                                                      "ai_similarity", "ai_translate")))
     endpoint = state.task_endpoints[task.name]
     state.registry.get(endpoint)  # an unknown endpoint fails here, naming the known ones
+    if task.name in ("ai_classify", "ai_extract"):
+        labels = bound["labels"].literal
+        options = bound["options"].literal if "options" in bound else None
+        if options is not None and options is not NotImplemented and not isinstance(options, list):
+            raise ArgumentError(f"{task.name}: options must be a map, e.g. map('version', '2.0'), got {bound['options'].text}")
+        try:
+            opts = options_of(task.name, options) if isinstance(options, list) else {}
+            if is_v2(labels, options) or options is NotImplemented:
+                if labels is not NotImplemented:
+                    labels_of(task.name, labels)
+                return _task_variant(spark, state, v2_task(task.name), (task.name, "v2"), endpoint), "parse_json"
+        except ValueError as exc:
+            raise ArgumentError(f"{task.name}: {exc}") from None
+        if opts.get("multilabel", "false").lower() == "true":
+            raise ArgumentError(f"{task.name}: multilabel needs version 2.0 (its result is a VARIANT); drop 'version', '1.0' from the options")
     if "labels" in bound:
         labels = bound["labels"].literal
         if labels is not NotImplemented and (not isinstance(labels, list) or not labels
@@ -425,20 +460,12 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
             if labels is NotImplemented:
                 raise ArgumentError("ai_extract: labels must be a literal array('name', 'place', ...) so the result type is known")
             struct = extract_struct_type(labels)
-            key = ("ai_extract", struct.json())
-            name = state.variants.get(key)
-            if name is None:
-                name = f"ai_extract__{hashlib.sha1(struct.json().encode()).hexdigest()[:12]}"
-                broker = state.quota_broker.address if state.quota_broker is not None else None
-                spark.udf.register(name, build_task_udf(task, endpoint, state.registry, broker, state.quota_share,
-                                                        state.progress_address, return_type=struct))
-                state.variants[key] = name
-            return name
+            return _task_variant(spark, state, task, ("ai_extract", struct.json()), endpoint, struct), None
     if "max_words" in bound:
         words = bound["max_words"].literal
         if words is not NotImplemented and (not isinstance(words, int) or isinstance(words, bool) or words < 0):
             raise ArgumentError(f"ai_summarize: max_words must be a non-negative integer, got {bound['max_words'].text}")
-    return None
+    return None, None
 
 
 def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None) -> "DataFrame":
@@ -447,6 +474,7 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
 
 
+_PARSED_VARIANT = re.compile(r"^parse_json\((ai_classify|ai_extract)__[0-9a-f]{12}\((.*)\)\)$", re.S)
 _VARIANT_IN_NAME = re.compile(r"\b(ai_query|ai_extract|ai_classify)__[0-9a-f]{12}\(")
 
 
@@ -454,5 +482,5 @@ def named_as_written(df: "DataFrame") -> "DataFrame":
     """``df`` with the typed variants' names in its unaliased column names read back as the
     function the user wrote (``ai_query(sim-chat, text)``, not ``ai_query__24963849780f(...)``)."""
     columns = df.columns
-    renamed = [_VARIANT_IN_NAME.sub(r"\1(", c) for c in columns]
+    renamed = [_VARIANT_IN_NAME.sub(r"\1(", _PARSED_VARIANT.sub(r"\1(\2)", c)) for c in columns]
     return df if renamed == columns else df.toDF(*renamed)

@@ -228,15 +228,23 @@ def bind_arguments(call: Call, signature: list[str], required: int) -> dict[str,
     return bound
 
 
-def replace_names(sql: str, replacements: dict[int, str], calls: list[Call]) -> str:
-    """Replace the function name of the calls whose start offset is in ``replacements``."""
+def replace_names(sql: str, replacements: dict[int, str], calls: list[Call], wrappers: dict[int, str] | None = None) -> str:
+    """Replace the function name of the calls whose start offset is in ``replacements``; a call
+    whose start is in ``wrappers`` is also wrapped in that function (``parse_json(...)``)."""
+    edits: list[tuple[int, int, str]] = []  # (start, end, text); nested calls' edits never overlap
+    wrappers = wrappers or {}
+    for call in calls:
+        if call.start in replacements:
+            edits.append((call.start, call.name_end, wrappers.get(call.start, "") + ("(" if call.start in wrappers else "")
+                          + replacements[call.start]))
+            if call.start in wrappers:
+                edits.append((call.end, call.end, ")"))
     out = []
     last = 0
-    for call in sorted(calls, key=lambda c: c.start):
-        if call.start in replacements:
-            out.append(sql[last:call.start])
-            out.append(replacements[call.start])
-            last = call.name_end
+    for start, end, text in sorted(edits, key=lambda e: (e[0], e[1])):
+        out.append(sql[last:start])
+        out.append(text)
+        last = end
     out.append(sql[last:])
     return "".join(out)
 
