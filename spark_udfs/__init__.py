@@ -32,6 +32,7 @@ from ai_query.backends import entity_kind, prepare
 from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
+from ._dataframe import install as install_expression_hooks
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
 from ._session import build_session
@@ -42,6 +43,7 @@ from ._udf import SIGNATURE, UDFSpec, build_udf
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
     from pyspark.sql._typing import ColumnOrName
 
 log = logging.getLogger("spark_udfs")
@@ -134,6 +136,8 @@ def register(
             continue  # a default endpoint that is not configured: the function fails when used
         spark.udf.register(name, build_task_udf(TASKS[name], endpoint, registry, default.quota_broker, state.quota_share, None))
     if rewrite_sql:
+        install_expression_hooks(type(spark.range(0)), lambda s: id(s) in _STATES, rewrite_expression, named_as_written)
+
         def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
             return named_as_written(original(rewrite(spark, sqlQuery), args, **kwargs))
 
@@ -241,7 +245,13 @@ def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set
             prepared.add(name)
 
 
-def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
+def rewrite_expression(spark: "SparkSession", text: str) -> str:
+    """``rewrite`` for one expression (``selectExpr``, ``F.expr``): its calls pointed at typed variants."""
+    prefix = "SELECT "
+    return rewrite(spark, prefix + text, check_files=False)[len(prefix):]
+
+
+def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_files: bool = True) -> str:
     """Validate every ``ai_query`` call in ``query`` and point it at a UDF of the right type.
 
     With ``audit`` every call returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>``
@@ -313,7 +323,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
         if "files" in bound:
             files_position[name] = SIGNATURE.index("files")
     rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls, wrappers)
-    if files_position:  # a column's type is known only once Spark resolves it: before anything runs
+    if files_position and check_files:  # a column's type is known only once Spark resolves it: before anything runs
         check_files_types(spark, rewritten, files_position)
     prepare_endpoints(state.registry, used, state.prepared)
     return rewritten
@@ -330,7 +340,7 @@ def _spec_for(
     if fmt_json is not None and task == "llm/v1/embeddings":
         raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
     if return_type is not None:
-        value_type = parse_return_type(return_type)
+        value_type = return_type if hasattr(return_type, "jsonValue") else parse_return_type(return_type)
     elif fmt_struct is not None:
         value_type = fmt_struct
     else:
@@ -361,10 +371,10 @@ def ai_query(
     endpoint: str,
     request: "ColumnOrName",
     *,
-    returnType: str | None = None,  # noqa: N803 - the SQL argument names
+    returnType: "str | DataType | None" = None,  # noqa: N803 - the SQL argument names
     failOnError: bool = True,  # noqa: N803
     modelParameters: Mapping[str, Any] | None = None,  # noqa: N803
-    responseFormat: str | None = None,  # noqa: N803
+    responseFormat: "str | StructType | Mapping[str, Any] | type | None" = None,  # noqa: N803
     files: "ColumnOrName | None" = None,
     audit: bool = False,
 ) -> "Column":
@@ -373,6 +383,8 @@ def ai_query(
         from spark_udfs import ai_query
         df.select("id", ai_query("local-chat", "prompt", modelParameters={"max_tokens": 32}).alias("answer"))
 
+    ``returnType`` is a DDL string or a ``DataType``; ``responseFormat`` a JSON schema (text or
+    dict), a ``StructType`` / ``STRUCT<...>`` string, or a Pydantic model class.
     ``audit=True`` returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>`` (see
     ``batch_runner.flatten_audit``). Checked on the driver, like the SQL form.
     """
@@ -393,7 +405,7 @@ def ai_query(
         raise ArgumentError(f"{label}: {why}")
     if not isinstance(failOnError, bool):
         raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
-    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit)
+    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, _response_format_text(responseFormat, label), audit)
     column = F.col(request) if isinstance(request, str) else request
     args: dict[str, Any] = {"endpoint": F.lit(endpoint), "request": column}
     if not failOnError:
@@ -418,6 +430,21 @@ def _task_variant(spark: "SparkSession", state: _SessionState, task: Any, key: A
                                                 state.progress_address, return_type=return_type))
         state.variants[key] = name
     return name
+
+
+def _response_format_text(fmt: Any, label: str) -> str | None:
+    """``responseFormat`` as the SQL form takes it: a StructType as its DDL, a dict or a Pydantic
+    model class as its JSON schema."""
+    if fmt is None or isinstance(fmt, str):
+        return fmt
+    if isinstance(fmt, Mapping):
+        return json.dumps(dict(fmt))
+    if hasattr(fmt, "simpleString") and hasattr(fmt, "fields"):  # a StructType
+        return fmt.simpleString()
+    if isinstance(fmt, type) and hasattr(fmt, "model_json_schema"):  # a Pydantic model
+        return json.dumps(fmt.model_json_schema())
+    raise ArgumentError(f"{label}: responseFormat must be a JSON schema (str or dict), a StructType or a Pydantic model class, "
+                        f"got {type(fmt).__name__}")
 
 
 def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> tuple[str | None, str | None]:

@@ -136,3 +136,54 @@ def test_v2_arguments_are_refused_on_the_driver(aispark, sim, call, message):
     with pytest.raises(ArgumentError, match=message):
         aispark.sql(f"SELECT {call} AS r")
     assert sim.stats.requests == 0
+
+
+def test_dataframe_select_expr_and_expr_are_typed(aispark):
+    # mutation: drop ``install_expression_hooks`` in ``register`` -> selectExpr answers free text (the INT check fails)
+    from pyspark.sql import functions as F
+
+    df = aispark.createDataFrame([("[[reply:7]] a",), ("[[status:400]] b",)], "q STRING")
+    typed = df.selectExpr("q", "ai_query('qa_bot', q, returnType => 'INT', failOnError => false)")
+    assert typed.columns == ["q", "ai_query(qa_bot, q, false)"]
+    assert typed.schema[1].dataType.simpleString() == "struct<response:int,errorMessage:string>"
+    rows = {r.q: r[1] for r in typed.collect()}
+    assert rows["[[reply:7]] a"].response == 7 and "HTTP 400" in rows["[[status:400]] b"].errorMessage
+    legacy = df.limit(1).select(F.expr("ai_query('qa_bot', q, 'returnType', 'INT')"))
+    assert legacy.columns == ["ai_query('qa_bot', q, 'returnType', 'INT')"]
+    assert legacy.schema[0].dataType.simpleString() == "int" and legacy.collect()[0][0] == 7
+
+
+def test_an_expression_spark_does_not_hand_over_is_refused_not_answered_as_text(aispark):
+    # mutation: ``check_not_rewritten`` returning at once -> the filter compares free text and returns rows
+    df = aispark.createDataFrame([("[[reply:7]] a",)], "q STRING")
+    with pytest.raises(Exception, match=r"spark_udfs\.ai_query\(endpoint, col, returnType="):
+        df.filter("ai_query('qa_bot', q, returnType => 'INT') = 7").collect()
+
+
+def test_column_api_takes_data_types_struct_types_pydantic_models_and_schema_dicts(aispark):
+    # mutation: ``_response_format_text`` returning fmt unchanged -> a StructType is refused as not a string
+    from pydantic import BaseModel
+    from pyspark.sql.types import IntegerType, StructField, StringType, StructType
+
+    class City(BaseModel):
+        city: str
+
+    df = aispark.createDataFrame([('[[reply:{"city": "Oslo"}]] 3',)], "q STRING")
+    out = df.select(
+        spark_udfs.ai_query("qa_bot", F_col("q"), returnType="STRUCT<city: STRING>").alias("ddl"),
+        spark_udfs.ai_query("qa_bot", F_col("q"), responseFormat=StructType([StructField("city", StringType())])).alias("struct"),
+        spark_udfs.ai_query("qa_bot", F_col("q"), responseFormat=City).alias("pydantic"),
+        spark_udfs.ai_query("qa_bot", F_col("q"), responseFormat={"type": "object", "properties": {"city": {"type": "string"}}}).alias("d"),
+    )
+    assert [f.dataType.simpleString() for f in out.schema] == ["struct<city:string>", "struct<city:string>", "string", "string"]
+    row = out.collect()[0]
+    assert row.ddl.city == "Oslo" and row.struct.city == "Oslo" and json.loads(row.pydantic) == {"city": "Oslo"}
+    number = aispark.createDataFrame([("[[reply:12]] n",)], "q STRING").select(
+        spark_udfs.ai_query("qa_bot", "q", returnType=IntegerType()).alias("n"))
+    assert number.schema["n"].dataType == IntegerType() and number.collect()[0].n == 12
+
+
+def F_col(name):  # noqa: N802
+    from pyspark.sql import functions as F
+
+    return F.col(name)
