@@ -34,10 +34,10 @@ from ai_query.limits.quota import QuotaBroker
 from ._argtypes import check_files_types
 from ._dataframe import install as install_expression_hooks
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
-from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
+from ._rewrite import _without_comments, bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
-from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
+from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type, language_name, sentiment_task
 from ._tasks_v2 import is_v2, labels_of, options_of, v2_task
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
@@ -134,7 +134,8 @@ def register(
             if task_endpoints and name in task_endpoints:
                 registry.get(endpoint)  # raises, listing the known endpoints
             continue  # a default endpoint that is not configured: the function fails when used
-        spark.udf.register(name, build_task_udf(TASKS[name], endpoint, registry, default.quota_broker, state.quota_share, None))
+        task = sentiment_task(registry.get(endpoint).entity.model_name) if name == "ai_analyze_sentiment" else TASKS[name]
+        spark.udf.register(name, build_task_udf(task, endpoint, registry, default.quota_broker, state.quota_share, None))
     if rewrite_sql:
         install_expression_hooks(type(spark.range(0)), lambda s: id(s) in _STATES, rewrite_expression, named_as_written)
 
@@ -262,6 +263,12 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_fil
     calls = find_calls(query, {"ai_query", *TASKS})
     if not calls:
         return query
+    if _PERSISTENT_FUNCTION.match(_without_comments(query)):
+        raise ArgumentError(
+            f"CREATE FUNCTION ... RETURN {calls[0].name}(...) cannot be stored in the catalog: {calls[0].name} is a function of "
+            "this Spark session (Spark refuses it with INVALID_TEMP_OBJ_REFERENCE); use CREATE TEMPORARY FUNCTION "
+            "(same body) in each session, after spark_udfs.register(spark)"
+        )
     replacements: dict[int, str] = {}
     wrappers: dict[int, str] = {}  # call start -> the function its variant's result goes through
     used: set[str] = set()
@@ -488,6 +495,11 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
                 raise ArgumentError("ai_extract: labels must be a literal array('name', 'place', ...) so the result type is known")
             struct = extract_struct_type(labels)
             return _task_variant(spark, state, task, ("ai_extract", struct.json()), endpoint, struct), None
+    if "to_lang" in bound and isinstance(bound["to_lang"].literal, str):
+        try:
+            language_name(bound["to_lang"].literal)
+        except ValueError as exc:
+            raise ArgumentError(f"ai_translate: {exc}") from None
     if "max_words" in bound:
         words = bound["max_words"].literal
         if words is not NotImplemented and (not isinstance(words, int) or isinstance(words, bool) or words < 0):
@@ -501,6 +513,7 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
 
 
+_PERSISTENT_FUNCTION = re.compile(r"^\s*CREATE\s+(OR\s+REPLACE\s+)?FUNCTION\b", re.I)
 _PARSED_VARIANT = re.compile(r"^parse_json\((ai_classify|ai_extract)__[0-9a-f]{12}\((.*)\)\)$", re.S)
 _VARIANT_IN_NAME = re.compile(r"\b(ai_query|ai_extract|ai_classify)__[0-9a-f]{12}\(")
 

@@ -89,6 +89,22 @@ def _read_sentiment(text: str, content: str) -> str:
     return "neutral" if not content.strip() else _pick_label(text, SENTIMENTS)
 
 
+SMALL_MODELS = ("smollm2-135m-instruct", "tiny-llama")
+"""Embedded models that answer only the two-way sentiment question reliably."""
+
+
+def _sentiment_four_way(content: str):
+    return (f"What is the sentiment of this text: positive, negative, neutral, or mixed (both positive and negative)?\n\n"
+            f"Text: {content}", _choice_format(SENTIMENTS), {**CHAT_PARAMS, "max_tokens": 24})
+
+
+def sentiment_task(model_name: str | None) -> TaskFunction:
+    """``ai_analyze_sentiment`` with Databricks' four labels, or the two-way question for the embedded small models."""
+    if model_name in SMALL_MODELS:
+        return TASKS["ai_analyze_sentiment"]
+    return TaskFunction("ai_analyze_sentiment", (), (), "local-chat", "STRING", _sentiment_four_way, _read_sentiment)
+
+
 def _classify(content: str, labels: list[str], options: Any = None):
     if not labels:
         raise ValueError("labels must be a non-empty ARRAY<STRING>")
@@ -125,10 +141,31 @@ def _read_summary(text: str, content: str, max_words: int | None) -> str:
     return " ".join(words[:limit]) if limit else " ".join(words)
 
 
+LANGUAGES = {
+    "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fr": "French",
+    "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian", "id": "Indonesian", "it": "Italian", "ja": "Japanese",
+    "ko": "Korean", "lt": "Lithuanian", "lv": "Latvian", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian", "sr": "Serbian", "sv": "Swedish",
+    "sw": "Swahili", "ta": "Tamil", "th": "Thai", "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu",
+    "vi": "Vietnamese", "zh": "Chinese", "cn": "Chinese",  # 'cn' as Databricks' own examples write it
+}
+_LANGUAGE_NAMES = {name.lower(): name for name in LANGUAGES.values()}
+
+
+def language_name(to_lang: Any) -> str:
+    """The language ``to_lang`` names (an ISO 639-1 code or an English name); ``ValueError`` lists the others."""
+    text = str(to_lang or "").strip().lower()
+    name = LANGUAGES.get(text.split("-")[0].split("_")[0]) if text else None
+    name = name or _LANGUAGE_NAMES.get(text)
+    if name is None:
+        raise ValueError(f"to_lang must name a language, e.g. 'es' or 'Spanish', got {to_lang!r}; "
+                         f"the languages are {', '.join(sorted(k for k in LANGUAGES if k != 'cn'))} (or their English names)")
+    return name
+
+
 def _translate(content: str, to_lang: str):
-    if not to_lang:
-        raise ValueError("to_lang must name a language, e.g. 'es' or 'Spanish'")
-    return (f"Translate the text to {to_lang}. Reply with the translation only.\n\nText: {content}", None,
+    return (f"Translate the text to {language_name(to_lang)}. Reply with the translation only.\n\nText: {content}", None,
             {**CHAT_PARAMS, "max_tokens": 512})
 
 

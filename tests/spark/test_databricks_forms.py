@@ -40,7 +40,7 @@ def aispark(spark, sim):
         _endpoint(sim, "qa_bot", "llm/v1/chat"),
         _endpoint(sim, "short-bot", "llm/v1/chat", default_max_tokens=3),
     ]))
-    spark_udfs.register(spark, registry, task_endpoints={"ai_classify": "qa_bot", "ai_extract": "qa_bot"})
+    spark_udfs.register(spark, registry, task_endpoints={"ai_classify": "qa_bot", "ai_extract": "qa_bot", "ai_translate": "qa_bot"})
     yield spark
 
 
@@ -187,3 +187,32 @@ def F_col(name):  # noqa: N802
     from pyspark.sql import functions as F
 
     return F.col(name)
+
+
+def test_sentiment_asks_four_labels_except_on_the_embedded_small_model():
+    # mutation: ``sentiment_task`` always returning the two-way task -> the enum has 2 labels
+    from spark_udfs._tasks import sentiment_task
+
+    _, fmt, _ = sentiment_task("sim-model").prompt("I love it but it broke")
+    assert fmt["json_schema"]["schema"]["properties"]["label"]["enum"] == ["positive", "negative", "neutral", "mixed"]
+    _, small, _ = sentiment_task("smollm2-135m-instruct").prompt("x")
+    assert small["json_schema"]["schema"]["properties"]["label"]["enum"] == ["positive", "negative"]
+
+
+@pytest.mark.parametrize("call, message", [
+    ("ai_translate('hello', 'klingon')", "to_lang must name a language"),
+    ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'failOnError')", "come in pairs"),
+])
+def test_surprises_are_refused_on_the_driver(aispark, sim, call, message):
+    # mutation: drop the to_lang check in ``_rewrite_task_call`` -> the query runs and asks the endpoint
+    sim.reset()
+    with pytest.raises(ArgumentError, match=message):
+        aispark.sql(f"SELECT {call} AS r")
+    assert sim.stats.requests == 0
+
+
+def test_create_function_over_ai_query_points_at_temporary_functions(aispark):
+    # mutation: drop the ``_PERSISTENT_FUNCTION`` check -> Spark's INVALID_TEMP_OBJ_REFERENCE without the hint
+    with pytest.raises(ArgumentError, match="use CREATE TEMPORARY FUNCTION"):
+        aispark.sql("CREATE OR REPLACE FUNCTION answer(q STRING) RETURNS STRING RETURN ai_query('qa_bot', q)")
+    assert aispark.sql("SELECT ai_translate('[[reply:hola]] hello', 'cn') AS t").collect()[0].t == "hola"
