@@ -49,8 +49,8 @@ def labels_of(name: str, labels: Any) -> dict[str, Any]:
         try:
             value = json.loads(labels)
         except ValueError as exc:
-            raise ValueError(f"labels is neither an array nor JSON ({exc}): {labels[:80]!r}; "
-                             """give array('a', 'b'), '["a", "b"]' or '{"a": "what a means"}'""") from None
+            raise ValueError("labels must be a non-empty array of strings, e.g. array('a', 'b'), a JSON array "
+                             f"""'["a", "b"]' or a JSON object '{{"a": "what a means"}}'; got {labels[:80]!r}, which is not JSON ({exc})""") from None
     if isinstance(value, dict) and name == "ai_extract" and value.get("type") == "object" and isinstance(value.get("properties"), dict):
         value = value["properties"]
     if isinstance(value, list) and value and all(isinstance(x, str) and x for x in value):

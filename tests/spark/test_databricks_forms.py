@@ -129,7 +129,7 @@ def test_v2_extract_with_json_schema_returns_variant_and_constrains_the_answer(a
     ("ai_classify('x', array('a', 'b'), map('version', '3.0'))", "version must be one of"),
     ("ai_classify('x', array('a', 'b'), map('colour', 'red'))", "unknown option 'colour'"),
     ("ai_classify('x', array('a', 'b'), map('version', '1.0', 'multilabel', 'true'))", "multilabel needs version 2.0"),
-    ("ai_extract('x', 'not json')", "neither an array nor JSON"),
+    ("ai_extract('x', 'not json')", "which is not JSON"),
 ])
 def test_v2_arguments_are_refused_on_the_driver(aispark, sim, call, message):
     sim.reset()
