@@ -56,19 +56,6 @@ def test_legacy_key_value_form_maps_onto_named_arguments(aispark):
     assert plain.schema["r"].dataType.simpleString() == "string" and plain.collect()[0].r == "echo: hello"
 
 
-@pytest.mark.parametrize("call, message", [
-    ("ai_query('qa_bot', 'x', 'returnType')", "come in pairs"),
-    ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'temperature', 0.5)", "is not an option name"),
-    ("ai_query('qa_bot', 'x', 'failOnError', 'STRING')", "failOnError must be true or false"),
-    ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'returnType', 'INT')", "given twice"),
-])
-def test_legacy_form_is_validated_like_the_named_form(aispark, sim, call, message):
-    sim.reset()
-    with pytest.raises(ArgumentError, match=message):
-        aispark.sql(f"SELECT {call} AS r")
-    assert sim.stats.requests == 0
-
-
 def test_named_form_and_unaliased_column_named_as_written(aispark):
     # mutation: ``named_as_written`` returning df unchanged -> the column is ai_query__<hash>(...)
     df = aispark.sql("SELECT ai_query('qa_bot', 'hi', returnType => 'STRING', failOnError => false)")
@@ -122,20 +109,6 @@ def test_v2_extract_with_json_schema_returns_variant_and_constrains_the_answer(a
     row = df.collect()[0]
     assert json.loads(row.e.toJson()) == {"response": {"invoice_id": "INV-7", "total": 12.5}, "error_message": None}
     assert json.loads(row.f.toJson()) == {"response": {"name": "Ada", "city": None}, "error_message": None}
-
-
-@pytest.mark.parametrize("call, message", [
-    ("ai_classify('x', '[\"only\"]')", "2 to 20 labels"),
-    ("ai_classify('x', array('a', 'b'), map('version', '3.0'))", "version must be one of"),
-    ("ai_classify('x', array('a', 'b'), map('colour', 'red'))", "unknown option 'colour'"),
-    ("ai_classify('x', array('a', 'b'), map('version', '1.0', 'multilabel', 'true'))", "multilabel needs version 2.0"),
-    ("ai_extract('x', 'not json')", "which is not JSON"),
-])
-def test_v2_arguments_are_refused_on_the_driver(aispark, sim, call, message):
-    sim.reset()
-    with pytest.raises(ArgumentError, match=message):
-        aispark.sql(f"SELECT {call} AS r")
-    assert sim.stats.requests == 0
 
 
 def test_dataframe_select_expr_and_expr_are_typed(aispark):
@@ -200,11 +173,22 @@ def test_sentiment_asks_four_labels_except_on_the_embedded_small_model():
 
 
 @pytest.mark.parametrize("call, message", [
-    ("ai_translate('hello', 'klingon')", "to_lang must name a language"),
+    # the legacy form, validated like the named form
+    ("ai_query('qa_bot', 'x', 'returnType')", "come in pairs"),
     ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'failOnError')", "come in pairs"),
-])
-def test_surprises_are_refused_on_the_driver(aispark, sim, call, message):
+    ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'temperature', 0.5)", "is not an option name"),
+    ("ai_query('qa_bot', 'x', 'failOnError', 'STRING')", "failOnError must be true or false"),
+    ("ai_query('qa_bot', 'x', 'returnType', 'STRING', 'returnType', 'INT')", "given twice"),
+    # the v2 task functions
+    ("ai_classify('x', '[\"only\"]')", "2 to 20 labels"),
+    ("ai_classify('x', array('a', 'b'), map('version', '3.0'))", "version must be one of"),
+    ("ai_classify('x', array('a', 'b'), map('colour', 'red'))", "unknown option 'colour'"),
+    ("ai_classify('x', array('a', 'b'), map('version', '1.0', 'multilabel', 'true'))", "multilabel needs version 2.0"),
+    ("ai_extract('x', 'not json')", "which is not JSON"),
     # mutation: drop the to_lang check in ``_rewrite_task_call`` -> the query runs and asks the endpoint
+    ("ai_translate('hello', 'klingon')", "to_lang must name a language"),
+])
+def test_bad_forms_are_refused_on_the_driver(aispark, sim, call, message):
     sim.reset()
     with pytest.raises(ArgumentError, match=message):
         aispark.sql(f"SELECT {call} AS r")
