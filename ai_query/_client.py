@@ -148,6 +148,13 @@ class EndpointClient:
             return [first]
         return [first, *[r for r in self.routes if r is not first]]
 
+    def with_default_max_tokens(self, params: ModelParameters) -> ModelParameters:
+        """``params`` with the endpoint's ``default_max_tokens`` where a generating call sets none."""
+        default = self.config.client_config.default_max_tokens
+        if default is None or self.config.task == "llm/v1/embeddings" or any(k == "max_tokens" for k, _ in params.values):
+            return params
+        return ModelParameters(tuple(sorted((*params.values, ("max_tokens", default)))))
+
     def _reservation(self, prompt_text: str, params: ModelParameters) -> float:
         """Tokens to reserve at admission: the prompt (estimated) plus the most the answer may take."""
         # Never under-count: every word is at least one token for any tokenizer in use.
@@ -470,6 +477,7 @@ class AIQueryClient:
         """One request; see ``amap`` for many."""
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
         client = self.endpoint(endpoint)
+        params = client.with_default_max_tokens(params)
         share = client.concurrency_share
         if share is None:
             return await client.call(value, params, response_format)
@@ -497,6 +505,7 @@ class AIQueryClient:
         """
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
         client = self.endpoint(endpoint)
+        params = client.with_default_max_tokens(params)
         if client.runs_batches and values:
             results = await client.call_batch(values, params, response_format, context)
             if on_result is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -31,17 +32,20 @@ from ai_query.backends import check_params, entity_kind, model_contract, prepare
 from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
+from ._dataframe import install as install_expression_hooks
 from ._live_progress import LiveProgress, in_notebook
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
-from ._rewrite import bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names
+from ._rewrite import _without_comments, bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
 from ._session import build_session
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._parse_document import ai_parse_document, register_parse_document
-from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type
+from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type, language_name, sentiment_task
+from ._tasks_v2 import is_v2, labels_of, options_of, v2_task
 from ._udf import SIGNATURE, UDFSpec, build_udf
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import DataType, StructType
     from pyspark.sql._typing import ColumnOrName
 
 log = get_logger("spark_udfs")
@@ -139,10 +143,13 @@ def register(
             if task_endpoints and name in task_endpoints:
                 registry.get(endpoint)  # raises, listing the known endpoints
             continue  # a default endpoint that is not configured: the function fails when used
-        spark.udf.register(name, build_task_udf(TASKS[name], endpoint, registry, default.quota_broker, state.quota_share, None))
+        task = sentiment_task(registry.get(endpoint).entity.model_name) if name == "ai_analyze_sentiment" else TASKS[name]
+        spark.udf.register(name, build_task_udf(task, endpoint, registry, default.quota_broker, state.quota_share, None))
     if rewrite_sql:
+        install_expression_hooks(type(spark.range(0)), lambda s: id(s) in _STATES, rewrite_expression, named_as_written)
+
         def sql_with_ai_query(sqlQuery: str, args: Any = None, **kwargs: Any) -> "DataFrame":  # noqa: N803
-            return original(rewrite(spark, sqlQuery), args, **kwargs)
+            return named_as_written(original(rewrite(spark, sqlQuery), args, **kwargs))
 
         sql_with_ai_query.__doc__ = original.__doc__
         spark.sql = sql_with_ai_query  # type: ignore[method-assign]
@@ -248,17 +255,31 @@ def prepare_endpoints(registry: EndpointRegistry, names: set[str], prepared: set
             prepared.add(name)
 
 
-def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
+def rewrite_expression(spark: "SparkSession", text: str) -> str:
+    """``rewrite`` for one expression (``selectExpr``, ``F.expr``): its calls pointed at typed variants."""
+    prefix = "SELECT "
+    return rewrite(spark, prefix + text, check_files=False)[len(prefix):]
+
+
+def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_files: bool = True) -> str:
     """Validate every ``ai_query`` call in ``query`` and point it at a UDF of the right type.
 
     With ``audit`` every call returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>``
     and row errors are data (the batch runner uses this).
     """
     state = _state(spark)
+    query = rewrite_legacy_calls(query, {"ai_query"}, SIGNATURE)
     calls = find_calls(query, {"ai_query", *TASKS})
     if not calls:
         return query
+    if _PERSISTENT_FUNCTION.match(_without_comments(query)):
+        raise ArgumentError(
+            f"CREATE FUNCTION ... RETURN {calls[0].name}(...) cannot be stored in the catalog: {calls[0].name} is a function of "
+            "this Spark session (Spark refuses it with INVALID_TEMP_OBJ_REFERENCE); use CREATE TEMPORARY FUNCTION "
+            "(same body) in each session, after spark_udfs.register(spark)"
+        )
     replacements: dict[int, str] = {}
+    wrappers: dict[int, str] = {}  # call start -> the function its variant's result goes through
     used: set[str] = set()
     # A statement with one ai_query call gets the pipelined (iterator) variant, its arguments
     # written by position. Spark runs each iterator UDF of a statement in its own Python worker,
@@ -268,10 +289,12 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
     files_position: dict[str, int] = {}  # UDF name -> where a positional files argument sits
     for call in calls:
         if call.name.lower() != "ai_query":
-            name = _rewrite_task_call(spark, state, call)
+            name, wrapper = _rewrite_task_call(spark, state, call)
             used.add(state.task_endpoints[call.name.lower()])
             if name is not None:
                 replacements[call.start] = name
+            if wrapper is not None:
+                wrappers[call.start] = wrapper
             continue
         bound = bind_arguments(call, SIGNATURE, required=2)
         label = f"ai_query({bound['endpoint'].text}, ...)"
@@ -316,8 +339,8 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False) -> str:
             replacements[call.start] = name
         if "files" in bound:
             files_position[name] = SIGNATURE.index("files")
-    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls)
-    if files_position:  # a column's type is known only once Spark resolves it: before anything runs
+    rewritten = replace_calls(query, whole, calls) if whole else replace_names(query, replacements, calls, wrappers)
+    if files_position and check_files:  # a column's type is known only once Spark resolves it: before anything runs
         check_files_types(spark, rewritten, files_position)
     prepare_endpoints(state.registry, used, state.prepared)
     return rewritten
@@ -338,7 +361,7 @@ def _spec_for(
     if fmt_json is not None and task == "llm/v1/embeddings":
         raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
     if return_type is not None:
-        value_type = parse_return_type(return_type)
+        value_type = return_type if hasattr(return_type, "jsonValue") else parse_return_type(return_type)
     elif fmt_struct is not None:
         value_type = fmt_struct
     else:
@@ -391,10 +414,10 @@ def ai_query(
     endpoint: str,
     request: "ColumnOrName",
     *,
-    returnType: str | None = None,  # noqa: N803 - the SQL argument names
+    returnType: "str | DataType | None" = None,  # noqa: N803 - the SQL argument names
     failOnError: bool = True,  # noqa: N803
     modelParameters: Mapping[str, Any] | None = None,  # noqa: N803
-    responseFormat: str | None = None,  # noqa: N803
+    responseFormat: "str | StructType | Mapping[str, Any] | type | None" = None,  # noqa: N803
     files: "ColumnOrName | None" = None,
     audit: bool = False,
 ) -> "Column":
@@ -403,6 +426,8 @@ def ai_query(
         from spark_udfs import ai_query
         df.select("id", ai_query("local-chat", "prompt", modelParameters={"max_tokens": 32}).alias("answer"))
 
+    ``returnType`` is a DDL string or a ``DataType``; ``responseFormat`` a JSON schema (text or
+    dict), a ``StructType`` / ``STRUCT<...>`` string, or a Pydantic model class.
     ``audit=True`` returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>`` (see
     ``batch_runner.flatten_audit``). Checked on the driver, like the SQL form.
     """
@@ -423,7 +448,8 @@ def ai_query(
         raise ArgumentError(f"{label}: {why}")
     if not isinstance(failOnError, bool):
         raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
-    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, responseFormat, audit, config=config)
+    spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, _response_format_text(responseFormat, label), audit,
+                     config=config)
     column = F.col(request) if isinstance(request, str) else request
     args: dict[str, Any] = {"endpoint": F.lit(endpoint), "request": column}
     if not failOnError:
@@ -438,14 +464,60 @@ def ai_query(
     return fn(*args.values())
 
 
-def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> str | None:
-    """Check a task function call on the driver; ``ai_extract`` with literal labels gets a STRUCT variant."""
+def _task_variant(spark: "SparkSession", state: _SessionState, task: Any, key: Any, endpoint: str, return_type: Any = None) -> str:
+    """The registered name of a task function variant (a v2 form, an ai_extract STRUCT), registered once."""
+    name = state.variants.get(key)
+    if name is None:
+        name = f"{task.name}__{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
+        broker = state.quota_broker.address if state.quota_broker is not None else None
+        spark.udf.register(name, build_task_udf(task, endpoint, state.registry, broker, state.quota_share,
+                                                state.progress_address, return_type=return_type))
+        state.variants[key] = name
+    return name
+
+
+def _response_format_text(fmt: Any, label: str) -> str | None:
+    """``responseFormat`` as the SQL form takes it: a StructType as its DDL, a dict or a Pydantic
+    model class as its JSON schema."""
+    if fmt is None or isinstance(fmt, str):
+        return fmt
+    if isinstance(fmt, Mapping):
+        return json.dumps(dict(fmt))
+    if hasattr(fmt, "simpleString") and hasattr(fmt, "fields"):  # a StructType
+        return fmt.simpleString()
+    if isinstance(fmt, type) and hasattr(fmt, "model_json_schema"):  # a Pydantic model
+        return json.dumps(fmt.model_json_schema())
+    raise ArgumentError(f"{label}: responseFormat must be a JSON schema (str or dict), a StructType or a Pydantic model class, "
+                        f"got {type(fmt).__name__}")
+
+
+def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -> tuple[str | None, str | None]:
+    """Check a task function call on the driver: (the variant to call or None, the function to wrap it in or None).
+
+    ``ai_extract`` with literal labels gets a STRUCT variant; the v2 forms of ``ai_classify`` and
+    ``ai_extract`` a variant whose JSON answer ``parse_json`` makes a VARIANT (``_tasks_v2``).
+    """
     task = TASKS[call.name.lower()]
     first = "expr1" if task.name == "ai_similarity" else ("prompt" if task.name == "ai_gen" else "content")
     bound = bind_arguments(call, [first, *task.args], required=1 + (task.name in ("ai_classify", "ai_extract", "ai_mask",
                                                                                      "ai_similarity", "ai_translate")))
     endpoint = state.task_endpoints[task.name]
     state.registry.get(endpoint)  # an unknown endpoint fails here, naming the known ones
+    if task.name in ("ai_classify", "ai_extract"):
+        labels = bound["labels"].literal
+        options = bound["options"].literal if "options" in bound else None
+        if options is not None and options is not NotImplemented and not isinstance(options, list):
+            raise ArgumentError(f"{task.name}: options must be a map, e.g. map('version', '2.0'), got {bound['options'].text}")
+        try:
+            opts = options_of(task.name, options) if isinstance(options, list) else {}
+            if is_v2(labels, options) or options is NotImplemented:
+                if labels is not NotImplemented:
+                    labels_of(task.name, labels)
+                return _task_variant(spark, state, v2_task(task.name), (task.name, "v2"), endpoint), "parse_json"
+        except ValueError as exc:
+            raise ArgumentError(f"{task.name}: {exc}") from None
+        if opts.get("multilabel", "false").lower() == "true":
+            raise ArgumentError(f"{task.name}: multilabel needs version 2.0 (its result is a VARIANT); drop 'version', '1.0' from the options")
     if "labels" in bound:
         labels = bound["labels"].literal
         if labels is not NotImplemented and (not isinstance(labels, list) or not labels
@@ -459,20 +531,17 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
             if labels is NotImplemented:
                 raise ArgumentError("ai_extract: labels must be a literal array('name', 'place', ...) so the result type is known")
             struct = extract_struct_type(labels)
-            key = ("ai_extract", struct.json())
-            name = state.variants.get(key)
-            if name is None:
-                name = f"ai_extract__{hashlib.sha1(struct.json().encode()).hexdigest()[:12]}"
-                broker = state.quota_broker.address if state.quota_broker is not None else None
-                spark.udf.register(name, build_task_udf(task, endpoint, state.registry, broker, state.quota_share,
-                                                        state.progress_address, return_type=struct))
-                state.variants[key] = name
-            return name
+            return _task_variant(spark, state, task, ("ai_extract", struct.json()), endpoint, struct), None
+    if "to_lang" in bound and isinstance(bound["to_lang"].literal, str):
+        try:
+            language_name(bound["to_lang"].literal)
+        except ValueError as exc:
+            raise ArgumentError(f"ai_translate: {exc}") from None
     if "max_words" in bound:
         words = bound["max_words"].literal
         if words is not NotImplemented and (not isinstance(words, int) or isinstance(words, bool) or words < 0):
             raise ArgumentError(f"ai_summarize: max_words must be a non-negative integer, got {bound['max_words'].text}")
-    return None
+    return None, None
 
 
 def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = None,
@@ -493,4 +562,17 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     if progress and state.live_progress is None:
         state.live_progress = LiveProgress(spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
         state.progress_address = state.live_progress.address
-    return state.original_sql(rewrite(spark, query, audit=audit), args)
+    return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
+
+
+_PERSISTENT_FUNCTION = re.compile(r"^\s*CREATE\s+(OR\s+REPLACE\s+)?FUNCTION\b", re.I)
+_PARSED_VARIANT = re.compile(r"^parse_json\((ai_classify|ai_extract)__[0-9a-f]{12}\((.*)\)\)$", re.S)
+_VARIANT_IN_NAME = re.compile(r"\b(ai_query|ai_extract|ai_classify)__[0-9a-f]{12}\(")
+
+
+def named_as_written(df: "DataFrame") -> "DataFrame":
+    """``df`` with the typed variants' names in its unaliased column names read back as the
+    function the user wrote (``ai_query(sim-chat, text)``, not ``ai_query__24963849780f(...)``)."""
+    columns = df.columns
+    renamed = [_VARIANT_IN_NAME.sub(r"\1(", _PARSED_VARIANT.sub(r"\1(\2)", c)) for c in columns]
+    return df if renamed == columns else df.toDF(*renamed)

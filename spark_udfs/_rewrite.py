@@ -228,15 +228,23 @@ def bind_arguments(call: Call, signature: list[str], required: int) -> dict[str,
     return bound
 
 
-def replace_names(sql: str, replacements: dict[int, str], calls: list[Call]) -> str:
-    """Replace the function name of the calls whose start offset is in ``replacements``."""
+def replace_names(sql: str, replacements: dict[int, str], calls: list[Call], wrappers: dict[int, str] | None = None) -> str:
+    """Replace the function name of the calls whose start offset is in ``replacements``; a call
+    whose start is in ``wrappers`` is also wrapped in that function (``parse_json(...)``)."""
+    edits: list[tuple[int, int, str]] = []  # (start, end, text); nested calls' edits never overlap
+    wrappers = wrappers or {}
+    for call in calls:
+        if call.start in replacements:
+            edits.append((call.start, call.name_end, wrappers.get(call.start, "") + ("(" if call.start in wrappers else "")
+                          + replacements[call.start]))
+            if call.start in wrappers:
+                edits.append((call.end, call.end, ")"))
     out = []
     last = 0
-    for call in sorted(calls, key=lambda c: c.start):
-        if call.start in replacements:
-            out.append(sql[last:call.start])
-            out.append(replacements[call.start])
-            last = call.name_end
+    for start, end, text in sorted(edits, key=lambda e: (e[0], e[1])):
+        out.append(sql[last:start])
+        out.append(text)
+        last = end
     out.append(sql[last:])
     return "".join(out)
 
@@ -260,3 +268,54 @@ def has_positional_marker(text: str) -> bool:
     """Whether ``text`` holds a ``?`` parameter marker (outside literals and comments)."""
     return any(c == "?" for _, c in _tokens_outside_literals(text))
 
+
+
+def legacy_named(call: Call, signature: list[str]) -> list[Argument] | None:
+    """The arguments of a legacy key/value call (``ai_query('ep', req, 'returnType', 'STRING', ...)``)
+    as named ones, or ``None`` when ``call`` is not in that form.
+
+    Databricks' first ``ai_query`` took its options as string keys each followed by its value;
+    a third positional argument that names an option (no DDL type is called ``returnType``)
+    marks the form. The keys then map onto the named arguments, so the checks that follow are the
+    named form's own.
+    """
+    rest = call.args[2:]
+    if len(call.args) < 3 or any(a.name is not None for a in call.args):
+        return None
+    key = rest[0].literal
+    options = {s.lower(): s for s in signature[2:]}
+    if not isinstance(key, str) or key.lower() not in options:
+        return None
+    if len(rest) % 2:
+        raise ArgumentError(
+            f"{call.name}: the key/value options after the request come in pairs ('returnType', 'STRING', 'failOnError', false), "
+            f"but {rest[-1].text} has no value; give a value after it or use named arguments (returnType => 'STRING')"
+        )
+    named = list(call.args[:2])
+    for k, v in zip(rest[0::2], rest[1::2]):
+        option = k.literal
+        if not isinstance(option, str) or option.lower() not in options:
+            raise ArgumentError(
+                f"{call.name}: {k.text} is not an option name; the key/value form takes "
+                f"{', '.join(repr(s) for s in signature[2:])}, each followed by its value"
+            )
+        named.append(Argument(v.text, options[option.lower()]))
+    return named
+
+
+def rewrite_legacy_calls(sql: str, names: set[str], signature: list[str]) -> str:
+    """``sql`` with every legacy key/value call of ``names`` written with named arguments (the
+    argument texts untouched, in their order, so ``?`` markers keep their places)."""
+    while True:
+        calls = find_calls(sql, names)
+        legacy = {c.start: args for c in calls if (args := legacy_named(c, signature)) is not None}
+        if not legacy:
+            return sql
+        chosen: dict[int, str] = {}
+        taken_until = -1
+        for call in sorted(calls, key=lambda c: c.start):
+            if call.start in legacy and call.start >= taken_until:  # outermost first; nested ones on the next pass
+                args = legacy[call.start]
+                chosen[call.start] = f"{call.name}(" + ", ".join(a.text if a.name is None else f"{a.name} => {a.text}" for a in args) + ")"
+                taken_until = call.end
+        sql = replace_calls(sql, chosen, calls)

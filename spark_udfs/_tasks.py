@@ -70,6 +70,8 @@ class TaskFunction:
     """(prompt, response_format, model parameters) for one row's arguments."""
     read: Callable[..., Any] | None
     """The typed value from the answer text and the row's arguments."""
+    errors_as_data: bool = False
+    """A row that fails is that row's value (``_tasks_v2.error_value``), not the query's failure."""
 
 
 POLARITY = ["positive", "negative"]
@@ -87,21 +89,37 @@ def _read_sentiment(text: str, content: str) -> str:
     return "neutral" if not content.strip() else _pick_label(text, SENTIMENTS)
 
 
-def _classify(content: str, labels: list[str]):
+SMALL_MODELS = ("smollm2-135m-instruct", "tiny-llama")
+"""Embedded models that answer only the two-way sentiment question reliably."""
+
+
+def _sentiment_four_way(content: str):
+    return (f"What is the sentiment of this text: positive, negative, neutral, or mixed (both positive and negative)?\n\n"
+            f"Text: {content}", _choice_format(SENTIMENTS), {**CHAT_PARAMS, "max_tokens": 24})
+
+
+def sentiment_task(model_name: str | None) -> TaskFunction:
+    """``ai_analyze_sentiment`` with Databricks' four labels, or the two-way question for the embedded small models."""
+    if model_name in SMALL_MODELS:
+        return TASKS["ai_analyze_sentiment"]
+    return TaskFunction("ai_analyze_sentiment", (), (), "local-chat", "STRING", _sentiment_four_way, _read_sentiment)
+
+
+def _classify(content: str, labels: list[str], options: Any = None):
     if not labels:
         raise ValueError("labels must be a non-empty ARRAY<STRING>")
     return (f"Classify the text into exactly one of these labels: {', '.join(labels)}.\n\nText: {content}",
             _choice_format(labels), {**CHAT_PARAMS, "max_tokens": 48})
 
 
-def _extract(content: str, labels: list[str]):
+def _extract(content: str, labels: list[str], options: Any = None):
     if not labels:
         raise ValueError("labels must be a non-empty ARRAY<STRING>")
     return (f"Extract these items from the text: {', '.join(labels)}. Use null for an item the text does not mention.\n\n"
             f"Text: {content}", _extract_format(labels), {**CHAT_PARAMS, "max_tokens": 64 + 32 * len(labels)})
 
 
-def _read_extract(text: str, content: str, labels: list[str]) -> str:
+def _read_extract(text: str, content: str, labels: list[str], options: Any = None) -> str:
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {text[:80]!r}")
@@ -123,10 +141,31 @@ def _read_summary(text: str, content: str, max_words: int | None) -> str:
     return " ".join(words[:limit]) if limit else " ".join(words)
 
 
+LANGUAGES = {
+    "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+    "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fr": "French",
+    "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian", "id": "Indonesian", "it": "Italian", "ja": "Japanese",
+    "ko": "Korean", "lt": "Lithuanian", "lv": "Latvian", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian", "sr": "Serbian", "sv": "Swedish",
+    "sw": "Swahili", "ta": "Tamil", "th": "Thai", "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu",
+    "vi": "Vietnamese", "zh": "Chinese", "cn": "Chinese",  # 'cn' as Databricks' own examples write it
+}
+_LANGUAGE_NAMES = {name.lower(): name for name in LANGUAGES.values()}
+
+
+def language_name(to_lang: Any) -> str:
+    """The language ``to_lang`` names (an ISO 639-1 code or an English name); ``ValueError`` lists the others."""
+    text = str(to_lang or "").strip().lower()
+    name = LANGUAGES.get(text.split("-")[0].split("_")[0]) if text else None
+    name = name or _LANGUAGE_NAMES.get(text)
+    if name is None:
+        raise ValueError(f"to_lang must name a language, e.g. 'es' or 'Spanish', got {to_lang!r}; "
+                         f"the languages are {', '.join(sorted(k for k in LANGUAGES if k != 'cn'))} (or their English names)")
+    return name
+
+
 def _translate(content: str, to_lang: str):
-    if not to_lang:
-        raise ValueError("to_lang must name a language, e.g. 'es' or 'Spanish'")
-    return (f"Translate the text to {to_lang}. Reply with the translation only.\n\nText: {content}", None,
+    return (f"Translate the text to {language_name(to_lang)}. Reply with the translation only.\n\nText: {content}", None,
             {**CHAT_PARAMS, "max_tokens": 512})
 
 
@@ -139,9 +178,10 @@ def _mask(content: str, labels: list[str]):
 
 TASKS: dict[str, TaskFunction] = {
     "ai_analyze_sentiment": TaskFunction("ai_analyze_sentiment", (), (), "local-chat", "STRING", _sentiment, _read_sentiment),
-    "ai_classify": TaskFunction("ai_classify", ("labels",), (None,), "local-chat", "STRING", _classify,
-                                lambda text, content, labels: _pick_label(text, labels)),
-    "ai_extract": TaskFunction("ai_extract", ("labels",), (None,), "local-chat", "STRING", _extract, _read_extract),
+    # options (v1: version '1.0' only; the v2 forms are in _tasks_v2)
+    "ai_classify": TaskFunction("ai_classify", ("labels", "options"), (None, None), "local-chat", "STRING", _classify,
+                                lambda text, content, labels, options=None: _pick_label(text, labels)),
+    "ai_extract": TaskFunction("ai_extract", ("labels", "options"), (None, None), "local-chat", "STRING", _extract, _read_extract),
     "ai_fix_grammar": TaskFunction("ai_fix_grammar", (), (), "local-chat", "STRING",
                                    lambda c: (f"Correct the grammar and spelling of the text. Reply with the corrected text only.\n\nText: {c}",
                                               None, {**CHAT_PARAMS, "max_tokens": 512}),
@@ -154,6 +194,11 @@ TASKS: dict[str, TaskFunction] = {
                                  lambda text, content, to_lang: _clean(text)),
     "ai_similarity": TaskFunction("ai_similarity", ("expr2",), (None,), "local-embed", "FLOAT", None, None),
 }
+
+
+def error_value(message: str) -> str:
+    """A v2 task function's failed row: ``{"response": null, "error_message": ...}`` as JSON text."""
+    return json.dumps({"response": None, "error_message": message})
 
 
 def _cosine(a: list[float], b: list[float]) -> float:
@@ -195,20 +240,31 @@ def evaluate_task(
         try:
             prompt, fmt, p = task.prompt(*args)  # type: ignore[misc]
         except (ValueError, TypeError) as exc:
+            if task.errors_as_data:
+                skip.append(f"bad arguments: {exc}")
+                prompts.append(None), formats.append(None), params.append(None)
+                continue
             raise RowFailedError(f"{task.name}: bad arguments in row {i} of the batch: {exc}") from None
         skip.append(False)
         prompts.append(prompt), formats.append(fmt), params.append(p)
-    results = start_task_rows(client, progress_address, [endpoint] * n, prompts, params, formats).wait()
+    endpoints = [None if s else endpoint for s in skip]  # a row not asked is not sent
+    results = start_task_rows(client, progress_address, endpoints, prompts, params, formats).wait()
     out = []
     for i, result in enumerate(results):
         if skip[i]:
-            out.append(None)
+            out.append(error_value(skip[i]) if isinstance(skip[i], str) else None)
             continue
         if not result.ok:
+            if task.errors_as_data:
+                out.append(error_value(str(result.error)))
+                continue
             raise RowFailedError(f"{task.name} via {endpoint!r} failed for row {i} of the batch: {result.error}")
         try:
             out.append(task.read(result.value, *[col[i] for col in columns]))  # type: ignore[misc]
         except (ValueError, TypeError) as exc:
+            if task.errors_as_data:
+                out.append(error_value(f"could not read the answer: {exc}"))
+                continue
             raise RowFailedError(f"{task.name} via {endpoint!r}: could not read the answer for row {i}: {exc}") from None
     return out
 

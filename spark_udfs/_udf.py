@@ -228,7 +228,8 @@ def start_batch(
         raise ArgumentError(
             "failOnError => false returns STRUCT<response, errorMessage>, which this plain ai_query UDF cannot: "
             "run the statement through spark.sql after spark_udfs.register(spark) (it rewrites the call), "
-            "or spark_udfs.sql(spark, query)"
+            "or spark_udfs.sql(spark, query); in the DataFrame API use df.selectExpr(...) or "
+            "spark_udfs.ai_query(endpoint, col, failOnError=False)"
         )
     response_format = json.loads(spec.response_format_json) if spec.response_format_json else None
     client = shared_client(registry, spec.quota_broker, spec.quota_share)
@@ -313,6 +314,25 @@ def _arrow_result(spec: UDFSpec, arrow_type: pa.DataType,
     return pa.array(values, type=arrow_type)
 
 
+def check_not_rewritten(spec: UDFSpec, return_type: pa.Array | None, response_format: pa.Array | None) -> None:
+    """Refuse a ``returnType`` / ``responseFormat`` this variant was not registered for: the call
+    reached Spark without the rewrite, and answering free text would silently drop them."""
+    given = next((v for v in return_type.to_pylist() if v is not None), None) if return_type is not None else None
+    fmt = next((v for v in response_format.to_pylist() if v is not None), None) if response_format is not None else None
+    # The rewrite passes these arguments on to the variant it registered for them; only the plain
+    # UDF (STRING) can be reached without it, and it is the rewrite's target only for returnType STRING.
+    if (given is None and fmt is None) or spec.value_type_json != '"string"' or spec.response_format_json is not None:
+        return
+    if fmt is None and str(given).strip().lower() == "string":
+        return
+    what = f"returnType => {given!r}" if given is not None and fmt is None else f"responseFormat => {str(fmt)[:60]!r}"
+    raise ArgumentError(
+        f"ai_query(..., {what}) reached the plain ai_query UDF, which returns {spec.value_type().simpleString().upper()}: "
+        "the expression was not rewritten (spark.sql, df.selectExpr and F.expr are, after spark_udfs.register(spark)). "
+        "For a typed column use spark_udfs.ai_query(endpoint, col, returnType=..., responseFormat=...)"
+    )
+
+
 def build_udf(spec: UDFSpec, registry: EndpointRegistry):
     """An ``arrow_udf`` with ``ai_query``'s signature and ``spec``'s return type.
 
@@ -363,6 +383,7 @@ def build_udf(spec: UDFSpec, registry: EndpointRegistry):
         responseFormat: pa.Array = None,  # type: ignore[assignment]  # noqa: N803
         files: pa.Array = None,  # type: ignore[assignment]
     ) -> pa.Array:
+        check_not_rewritten(spec, returnType, responseFormat)
         outcome = evaluate_batch(spec, registry, endpoint, request, failOnError, modelParameters, files)
         return _arrow_result(spec, arrow_type, outcome)
 

@@ -61,6 +61,9 @@ class ClientConfig(ConfigStruct):
     prefix_ordering: Literal["auto", "on", "off"] = "auto"
     """Dispatch a batch's prompts sorted so shared prefixes go together (``on``), never (``off``), or
     when the prompts share enough to pay (``auto``: >= 64 characters between sorted neighbours)."""
+    default_max_tokens: _Positive | None = None
+    """``max_tokens`` for chat and completions requests that set none (``modelParameters`` wins), so
+    a plain call cannot run on to the model's context limit; ``None``: the server's own default."""
     max_prompt_chars: _Positive | None = None
     """A prompt longer than this many characters is that row's error, not sent (a guard below the
     model's context window, counted exactly instead of estimated in tokens); ``None``: no limit here."""
