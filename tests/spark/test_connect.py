@@ -225,15 +225,6 @@ def test_aiq_driver_host_starts_the_broker_on_the_client(aispark, registry, sim)
         spark_udfs.register(aispark, registry, task_endpoints={"ai_gen": "sim-chat"})
 
 
-def test_register_refuses_a_connect_session_while_pyspark_is_in_classic_mode(remote):
-    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
-    try:
-        with pytest.raises(ArgumentError, match=r"builder\.remote"):
-            spark_udfs.register(remote)
-    finally:
-        os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
-
-
 def test_files_reach_the_provider_and_a_string_column_is_refused_by_the_udf(aispark):
     """No analyzer on a Connect client: the UDF itself checks the files column's type."""
     import hashlib
@@ -244,3 +235,13 @@ def test_files_reach_the_provider_and_a_string_column_is_refused_by_the_udf(aisp
     assert row.r == f"echo: Describe this file.\n[application/pdf {len(pdf)} bytes sha256:{hashlib.sha256(pdf).hexdigest()[:8]}]"
     with pytest.raises(Exception, match="BINARY or ARRAY<BINARY>"):
         aispark.sql("SELECT ai_query('sim-chat', 'x', files => label) AS r FROM files_t").collect()
+
+
+def test_register_refuses_a_connect_session_while_pyspark_is_in_classic_mode(aispark, registry):
+    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    try:
+        with pytest.raises(ArgumentError, match=r"builder\.remote"):
+            spark_udfs.register(aispark, registry)
+    finally:
+        os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+        spark_udfs.register(aispark, registry, task_endpoints={"ai_gen": "sim-chat"})
