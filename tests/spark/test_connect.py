@@ -24,6 +24,8 @@ import spark_udfs
 from ai_query import ArgumentError, EndpointRegistry
 from ai_query.testing import ProviderSimulator
 
+from .test_ai_query_sql import sim_endpoint
+
 CONNECT_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 
 
@@ -100,19 +102,10 @@ def sim():
 
 @pytest.fixture(scope="module")
 def registry(sim):
-    def endpoint(name, task, **client):
-        return {
-            "name": name,
-            "config": {"served_entities": [{"name": "sim", "external_model": {
-                "name": "sim-model", "provider": "openai", "task": task,
-                "openai_config": {"openai_api_key": "{{secrets/sim/key}}", "openai_api_base": sim.base_url}}}]},
-            "client_config": {"max_attempts": 3, **client},
-        }
-
     return EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([
-        endpoint("sim-chat", "llm/v1/chat"),
-        endpoint("sim-embed", "llm/v1/embeddings"),
-        endpoint("sim-capped", "llm/v1/chat", max_concurrency=4, initial_concurrency=4),
+        sim_endpoint(sim, "sim-chat", "llm/v1/chat"),
+        sim_endpoint(sim, "sim-embed", "llm/v1/embeddings"),
+        sim_endpoint(sim, "sim-capped", "llm/v1/chat", max_concurrency=4, initial_concurrency=4),
     ]))
 
 
