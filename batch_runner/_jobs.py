@@ -60,6 +60,17 @@ if TYPE_CHECKING:
 log = get_logger("batch_runner")
 
 
+def _require_classic(spark: "SparkSession", what: str) -> None:
+    """Incremental jobs hand tasks their response journal through a Spark local property, which a
+    Spark Connect client cannot set (no SparkContext on its side)."""
+    if spark_udfs.is_connect(spark):
+        raise ConfigError(
+            f"{what} is incremental (key = [...]) and needs a classic SparkSession: its tasks find the response "
+            "journal through a Spark local property, which a Spark Connect session cannot set; run it with "
+            "`ai-query run` (a classic session on the cluster's master) or drop key = [...] for a one-shot job"
+        )
+
+
 def _budget_check(spec: JobSpec, report: JobRunReport) -> str | None:
     if spec.max_cost_usd is not None and (report.cost_usd or 0.0) >= spec.max_cost_usd:
         return f"options.max_cost_usd = {spec.max_cost_usd:g} reached ({report.cost_usd:.4f} USD spent by this run)"
@@ -97,6 +108,7 @@ def run_incremental(
     """Process the job's pending rows in chunks; see the module docstring."""
     if not spec.incremental:
         raise ConfigError(f"job {spec.name!r} is not incremental: it needs key = [...] and output.mode 'merge' or 'append'")
+    _require_classic(spark, f"job {spec.name!r}")
     stream = stream or sys.stderr
     started = time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -126,7 +138,7 @@ def run_incremental(
     req_sql, _ = request_query(spark, spec)
     sc = spark.sparkContext
 
-    collector = ProgressCollector(host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+    collector = ProgressCollector(host=spark_udfs.services_host(spark) or "127.0.0.1")
     spark_udfs.set_progress_address(spark, collector.address)
     display = _ProgressDisplay(collector, keys.num_rows, spec.name, stream) if progress and keys.num_rows else None
     offset = 0

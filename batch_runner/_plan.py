@@ -238,15 +238,18 @@ def _run_pilot(spark: "SparkSession", spec: JobSpec, input_df: Any, pilot_keys: 
     """The pilot rows through the real query, their answers journaled for the run; nothing committed."""
     names = list(spec.key)
     journal_dir = str(Path(spec.state_path) / "journal" / f"pilot-{uuid.uuid4().hex[:8]}")
-    sc = spark.sparkContext
+    # A Spark Connect client cannot set local properties: its pilot answers are not journaled (the run asks again).
+    sc = None if spark_udfs.is_connect(spark) else spark.sparkContext
     started = time.monotonic()
     try:
         rows_of_keys(spark, input_df, pilot_keys, names).createOrReplaceTempView(spec.driving_view)
         out_df, _ = flatten_audit(spark_udfs.sql(spark, spec.query, audit=True))
-        sc.setLocalProperty(JOURNAL_PROPERTY, ResponseJournal.property_value(journal_dir, journal_dirs(spec)))
+        if sc is not None:
+            sc.setLocalProperty(JOURNAL_PROPERTY, ResponseJournal.property_value(journal_dir, journal_dirs(spec)))
         result = out_df.toArrow()
     finally:
-        sc.setLocalProperty(JOURNAL_PROPERTY, None)
+        if sc is not None:
+            sc.setLocalProperty(JOURNAL_PROPERTY, None)
         spark.table(_INPUT_ALIAS).createOrReplaceTempView(spec.driving_view)
     return result, time.monotonic() - started
 

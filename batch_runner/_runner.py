@@ -197,8 +197,10 @@ def run_job(
     if len(spec.sources) == 1:
         total = spark.table(next(iter(spec.sources))).count()
 
-    collector = ProgressCollector(host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
-    spark_udfs.set_progress_address(spark, collector.address)
+    # no reachable host (a Spark Connect client without AIQ_DRIVER_HOST): the summary only, no live counts
+    host = spark_udfs.services_host(spark)
+    collector = ProgressCollector(host=host) if host is not None else None
+    spark_udfs.set_progress_address(spark, collector.address if collector is not None else None)
     try:
         df = spark_udfs.sql(spark, spec.query, audit=True)
         out_df, response_column = flatten_audit(df)
@@ -210,7 +212,7 @@ def run_job(
 
         app_id = f"ai-query:{spec.name}"
         previous = delta_txn_version(spec.output_path, app_id) or 0
-        display = _ProgressDisplay(collector, total, spec.name, stream) if progress else None
+        display = _ProgressDisplay(collector, total, spec.name, stream) if progress and collector is not None else None
         if display:
             display.__enter__()
         try:
@@ -220,7 +222,8 @@ def run_job(
                 display.__exit__(None, None, None)
     finally:
         spark_udfs.set_progress_address(spark, None)
-        collector.close()
+        if collector is not None:
+            collector.close()
     return summarize(spec, response_column, time.monotonic() - started)
 
 

@@ -13,6 +13,13 @@ for its type (STRING, ``STRUCT<response, errorMessage>`` for ``failOnError => fa
 ``ARRAY<FLOAT>`` for an embeddings endpoint, any ``returnType``). The same rewrite is available
 explicitly as ``spark_udfs.sql(spark, query)``; without it, the registered ``ai_query`` returns
 STRING. Arguments are checked on the driver before any task runs.
+
+On a Spark Connect session (no SparkContext, no JVM on the client) the same functions register
+through Connect's ``spark.udf`` / ``spark.dataSource``, and the rewrite wraps the client's
+``spark.sql``. What needs the driver falls back: no quota broker unless ``AIQ_DRIVER_HOST`` names
+an address of the client the executors reach (each task then keeps its ``1/workers`` share of
+every quota and of ``max_concurrency``), ``files`` types are checked by the UDF rather than the
+analyzer, and incremental jobs (a Spark local property) need a classic session.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from ._dataframe import install as install_expression_hooks
 from ._live_progress import LiveProgress, in_notebook
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import _without_comments, bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
-from ._session import build_session
+from ._session import build_session, default_parallelism, is_connect, services_host
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
 from ._parse_document import ai_parse_document, register_parse_document
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type, language_name, sentiment_task
@@ -58,11 +65,13 @@ __all__ = [
     "DeltaWriteError",
     "build_session",
     "delta_txn_version",
+    "is_connect",
     "prepare_endpoints",
     "read_delta",
     "register",
     "register_delta",
     "rewrite",
+    "services_host",
     "set_progress_address",
     "sql",
     "write_delta",
@@ -114,6 +123,8 @@ def register(
         registry = endpoints
     else:
         registry = EndpointRegistry.default(endpoints)
+    if is_connect(spark):
+        _check_connect_mode()
     state = _STATES.get(id(spark))
     original = state.original_sql if state is not None else spark.sql
     if state is not None and state.quota_broker is not None:
@@ -122,8 +133,11 @@ def register(
     # Quotas (requests/min, tokens/min, provisioned tokens/s) hold for the whole job: tasks lease
     # them from a broker on the driver; each worker's fallback share assumes every slot is busy.
     # The broker also splits each endpoint's max_concurrency among the workers sending to it now.
-    state.quota_broker = QuotaBroker(list(registry), host=spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
-    state.quota_share = 1.0 / max(1, spark.sparkContext.defaultParallelism)
+    # A Spark Connect client is no driver: without AIQ_DRIVER_HOST it starts no broker, and every
+    # task keeps its static share (see _session.services_host).
+    host = services_host(spark)
+    state.quota_broker = QuotaBroker(list(registry), host=host) if host is not None else None
+    state.quota_share = 1.0 / default_parallelism(spark)
     register_delta(spark)
     default = UDFSpec(
         _DEFAULT_SPEC_TYPE,
@@ -156,6 +170,18 @@ def register(
     elif spark.sql is not original:
         spark.sql = original  # type: ignore[method-assign]
     return registry
+
+
+def _check_connect_mode() -> None:
+    """pyspark builds UDFs and columns for the mode this process is in (``is_remote()``)."""
+    from pyspark.sql.utils import is_remote
+
+    if not is_remote():
+        raise ArgumentError(
+            "spark_udfs.register: this is a Spark Connect session but pyspark is in classic mode in this process "
+            "(SPARK_CONNECT_MODE_ENABLED is unset), so the UDFs it builds would need a local SparkContext; build the "
+            "session with pyspark.sql.SparkSession.builder.remote('sc://host:port').getOrCreate(), which switches the mode"
+        )
 
 
 def set_progress_address(spark: "SparkSession", address: tuple[str, int] | None) -> None:

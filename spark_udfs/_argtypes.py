@@ -7,6 +7,8 @@ analyzed like a query) and the type of each ``files`` argument checked before ``
 runs anything. A statement Spark cannot parse fails here with Spark's own error; a part left
 unresolved (a ``?`` or ``:name`` marker bound later) is not checked here: the UDF then refuses a
 wrong ``files`` type on the whole column before its first request (``_udf.start_batch``).
+A Spark Connect client has no analyzer to call (and its ``spark.sql`` runs a CTAS at once), so
+there the UDF's own check is the only one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def check_files_types(spark: "SparkSession", query: str, files_position: Mapping
     ``files_position``: for each ``ai_query`` UDF name of the statement, where ``files`` sits
     when passed by position.
     """
+    from ._session import is_connect
+
+    if is_connect(spark):
+        return  # no JVM here: the UDF refuses a wrong files type before its first request
     state = spark._jsparkSession.sessionState()  # type: ignore[attr-defined]
     # A statement Spark cannot parse raises Spark's own error here (pyspark converts it), as spark.sql would.
     plan = state.analyzer().execute(state.sqlParser().parsePlan(query))

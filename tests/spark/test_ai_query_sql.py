@@ -15,22 +15,24 @@ def sim():
         yield simulator
 
 
+def sim_endpoint(sim, name, task, **client):
+    """An endpoint of the simulator ``sim`` (its key from the secret sim/key); ``client``: client_config."""
+    return {
+        "name": name,
+        "config": {"served_entities": [{"name": "sim", "external_model": {
+            "name": "sim-model", "provider": "openai", "task": task,
+            "openai_config": {"openai_api_key": "{{secrets/sim/key}}", "openai_api_base": sim.base_url}}}]},
+        "client_config": {"max_attempts": 3, **client},
+    }
+
+
 @pytest.fixture(scope="module")
 def registry(sim):
-    def endpoint(name, task, **client):
-        return {
-            "name": name,
-            "config": {"served_entities": [{"name": "sim", "external_model": {
-                "name": "sim-model", "provider": "openai", "task": task,
-                "openai_config": {"openai_api_key": "{{secrets/sim/key}}", "openai_api_base": sim.base_url}}}]},
-            "client_config": {"max_attempts": 3, **client},
-        }
-
     return EndpointRegistry.builtin().with_endpoints(
         EndpointRegistry.from_data([
-            endpoint("sim-chat", "llm/v1/chat"),
-            endpoint("sim-complete", "llm/v1/completions"),
-            endpoint("sim-embed", "llm/v1/embeddings"),
+            sim_endpoint(sim, "sim-chat", "llm/v1/chat"),
+            sim_endpoint(sim, "sim-complete", "llm/v1/completions"),
+            sim_endpoint(sim, "sim-embed", "llm/v1/embeddings"),
         ])
     )
 
