@@ -40,6 +40,17 @@ def test_storage_seam_joins_and_lists_uris_without_mangling(s3_server):
     assert len(objects) == 2 and all(k.startswith("job.aiq/runs.jsonl.d/") for k in objects), objects
 
 
+def test_preflight_writes_a_probe_object_on_s3(s3_server):
+    from ai_query import ConfigError
+    from ai_query._preflight import check_writable
+
+    bucket = s3_server.bucket()
+    check_writable(f"s3://{bucket}/out", "output.path", "fix it")
+    assert [k for k in s3_server.keys(bucket) if not k.endswith("/")] == []  # the probe is deleted
+    with pytest.raises(ConfigError, match=r"output.path s3://no-such-bucket-aiq/out cannot be written .*AWS_"):
+        check_writable("s3://no-such-bucket-aiq/out", "output.path", "fix it")
+
+
 def test_spark_reads_and_writes_delta_tables_on_s3(spark, s3_server):
     assert register_delta(spark) == "delta-rs"
     bucket = s3_server.bucket()
