@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup models demo test test-unit test-spark test-integration bench clean
+.PHONY: setup models demo test test-unit test-spark test-integration notebooks docs bench clean
 
 setup: $(STAMP) models
 
@@ -43,8 +43,16 @@ test-spark: $(STAMP)
 test-integration: setup
 	$(BIN)/python -m pytest -q tests/integration
 
+# Re-execute the notebooks in place (their committed outputs and plots), needs the local models.
+notebooks: setup
+	$(BIN)/python notebooks/run_all.py
+
+# The docs site (docs/mkdocs.yml); CI builds it with --strict in tests/unit/test_docs.py.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -f docs/mkdocs.yml
+
 clean:
-	rm -rf $(VENV) .aiq-demo build *.egg-info spark-warehouse metastore_db
+	rm -rf $(VENV) .aiq-demo build docs/site *.egg-info spark-warehouse metastore_db
 
 bench: setup
 	$(BIN)/python bench/endpoints.py --wait-quiet

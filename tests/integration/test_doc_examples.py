@@ -8,12 +8,18 @@ its place. Two more changes keep the file fast on a shared 2-core CPU: an exampl
 EXISTS`` + ``CREATE TABLE ... AS``, since Spark's built-in catalog cannot replace a table. Each test asserts the documented result shape and type; where the embedded 135M model
 can be expected to get it right (an obvious sentiment, identical strings, an obvious label), the
 value too. The page each example comes from is quoted above it.
+
+Our own docs are checked the same way: every ```python block in README.md and docs/pages/*.md
+preceded by ``<!-- runnable -->`` runs, the blocks of one file in order in one namespace (a later
+block uses the ``spark`` an earlier one built).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 
 import pytest
 
@@ -382,3 +388,31 @@ def test_ai_translate_batch_example(dspark):
     assert type_of(df, "cn_translation") == "string"
     rows = df.collect()
     assert len(rows) == 1 and rows[0].cn_translation.strip()
+
+
+# -- our own README and docs pages: the blocks marked runnable ------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RUNNABLE = re.compile(r"<!-- runnable -->\n```python\n(.*?)\n```", re.S)
+
+
+def runnable_blocks(path: pathlib.Path) -> list[str]:
+    return RUNNABLE.findall(path.read_text())
+
+
+DOC_FILES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").glob("*.md"))] if runnable_blocks(p)]
+
+
+def test_the_readme_marks_its_examples_runnable():
+    # the SQL, DataFrame and client examples; a marker lost in an edit would silently stop checking them
+    assert len(runnable_blocks(ROOT / "README.md")) >= 3
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_runnable_doc_blocks(path, spark):
+    namespace: dict = {"__name__": "__doc_example__"}
+    try:
+        for i, block in enumerate(runnable_blocks(path)):
+            exec(compile(block, f"{path.name}[runnable block {i + 1}]", "exec"), namespace)
+    finally:
+        spark_udfs.register(spark)  # back to the built-in registry for the tests after
