@@ -185,7 +185,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         open_batches = any(not b["collected"] for b in state["batches"].values())
         deadline_at = state.get("deadline_at") if open_batches and state.get("deadline_at") else \
             time.time() - (time.monotonic() - started) + options["deadline_s"]
-        _write(_state_dir(spec) / "_deadline.json", {"deadline_at": deadline_at})
+        _write(storage.join(_state_dir(spec), "_deadline.json"), {"deadline_at": deadline_at})
     poll = float(options.get("poll_s", 2.0))
     rate = _online_rate(spec)
     while True:
