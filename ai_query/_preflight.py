@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import storage
 from ._errors import ConfigError, SecretNotFoundError, SystemicEndpointError, TransportError
 from .config import EndpointRegistry, ServedEntity, is_secret_ref, resolve_secret
 
@@ -45,8 +47,14 @@ def check_writable(path: str, what: str, fix: str) -> None:
     Writability is tried, not read from the mode bits (root passes every ``os.access`` check): a
     file is created and removed in the directory, or in its nearest existing ancestor, and in a
     Delta table's ``_delta_log``. Nothing else is made, so a refused job leaves no trace.
+    On object storage a small object is put under ``path`` and deleted (credentials, bucket and
+    permissions are checked before any request is paid for).
     """
     if path.startswith(_REMOTE_SCHEMES):
+        problem = _remote_write_problem(path)
+        if problem:
+            raise ConfigError(f"{what} {path} cannot be written ({problem}); check the bucket, the credentials "
+                              f"(AWS_*, AZURE_*, GOOGLE_* in the environment) and the permissions, or {fix}")
         return
     local = Path(path[len("file://"):] if path.startswith("file://") else path).absolute()
     target = local
@@ -65,6 +73,23 @@ def check_writable(path: str, what: str, fix: str) -> None:
                     "is a Delta table whose _delta_log is not writable" if directory.name == "_delta_log"
                     else f"cannot be created in {directory}")
                 raise ConfigError(f"{what} {path} {where} ({problem}); {fix}")
+
+
+def _remote_write_problem(path: str) -> str | None:
+    """Why an object cannot be put (and deleted) under ``path`` (``None``: it can, or the scheme is not one pyarrow opens)."""
+    import pyarrow as pa
+
+    try:
+        storage.filesystem(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        return None  # a scheme only Spark or delta-rs opens (dbfs:/, wasbs://): checked when written
+    probe = storage.join(path, f".aiq-preflight-{uuid.uuid4().hex}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except OSError as exc:
+        return " ".join(str(exc).split())[:300]
+    return None
 
 
 def _write_problem(directory: Path) -> str | None:

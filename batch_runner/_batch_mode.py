@@ -28,11 +28,8 @@ journals the lines they finished, and the chunks send the rest online. Lines a b
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -40,6 +37,7 @@ import pyarrow as pa
 import spark_udfs
 from ai_query import get_logger
 from ai_query import CallResult, ConfigError
+from ai_query import storage
 from ai_query.backends import BatchLine, ProviderBatches
 from ai_query.batch import ResponseJournal, prompt_text_of, request_key
 from ai_query.batch import read_entries
@@ -69,31 +67,28 @@ class BatchPhase:
     batch_ids: list[str] = field(default_factory=list)
 
 
-def _state_dir(spec: JobSpec) -> Path:
-    return Path(spec.state_path) / "batches"
+def _state_dir(spec: JobSpec) -> str:
+    return storage.join(spec.state_path, "batches")
 
 
 def _load_state(spec: JobSpec) -> dict[str, Any]:
     """``{"batches": {id: record}, "deadline_at": ...}`` from one file per batch (a save rewrites one batch only)."""
     root = _state_dir(spec)
     state: dict[str, Any] = {"batches": {}}
-    for path in sorted(root.glob("*.json")) if root.is_dir() else ():
-        if path.name == "_deadline.json":
-            state["deadline_at"] = json.loads(path.read_text())["deadline_at"]
+    for path in storage.list_dir(root, suffix=".json", dirs=False):
+        if storage.name(path) == "_deadline.json":
+            state["deadline_at"] = json.loads(storage.read_bytes(path))["deadline_at"]
         else:
-            state["batches"][path.stem] = json.loads(path.read_text())
+            state["batches"][storage.name(path).removesuffix(".json")] = json.loads(storage.read_bytes(path))
     return state
 
 
-def _write(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # atomic: a kill leaves the old record or the new one
+def _write(path: str, data: Any) -> None:
+    storage.write_bytes(path, json.dumps(data).encode())  # atomic: a kill leaves the old record or the new one
 
 
 def _save_batch(spec: JobSpec, batch_id: str, record: dict[str, Any]) -> None:
-    _write(_state_dir(spec) / f"{batch_id}.json", record)
+    _write(storage.join(_state_dir(spec), f"{batch_id}.json"), record)
 
 
 def _call_parts(spec: JobSpec) -> tuple[str, str, str | None]:
@@ -160,12 +155,12 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
     client = ProviderBatches(entity, max_requests=options.get("max_requests"))
     task = entity.external_model.task  # type: ignore[union-attr]
     state = _load_state(spec)
-    journal_root = Path(spec.state_path) / "journal"
+    journal_root = storage.join(spec.state_path, "journal")
 
     carried = {d for b in state["batches"].values() for d, _ in b["lines"].values()}
     journaled = set()
-    for directory in journal_root.glob("*") if journal_root.is_dir() else ():
-        for path in directory.glob("*.jsonl"):
+    for directory in storage.list_dir(journal_root, dirs=True):
+        for path in storage.list_dir(directory, suffix=".jsonl", dirs=False):
             journaled.update(read_entries(path))
     requests = _pending_requests(spark, spec, input_df, keys, endpoint)
     spark.table(_INPUT_ALIAS).createOrReplaceTempView(spec.driving_view)
@@ -190,7 +185,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         open_batches = any(not b["collected"] for b in state["batches"].values())
         deadline_at = state.get("deadline_at") if open_batches and state.get("deadline_at") else \
             time.time() - (time.monotonic() - started) + options["deadline_s"]
-        _write(_state_dir(spec) / "_deadline.json", {"deadline_at": deadline_at})
+        _write(storage.join(_state_dir(spec), "_deadline.json"), {"deadline_at": deadline_at})
     poll = float(options.get("poll_s", 2.0))
     rate = _online_rate(spec)
     while True:
@@ -234,13 +229,13 @@ def _parts(batches: list[list[BatchLine]], digests: list[str]) -> list[tuple[lis
 
 
 def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batch_id: str, status: str,
-             journal_root: Path, phase: BatchPhase) -> None:
+             journal_root: str, phase: BatchPhase) -> None:
     """Journal an ended batch's answers (each under its request key), then mark it collected."""
     record = state["batches"][batch_id]
     lines = {cid: BatchLine(cid, client.entity.external_model.task, {}, text)  # type: ignore[union-attr]
              for cid, (_, text) in record["lines"].items()}
     results = client.results(batch_id, lines)
-    journal = ResponseJournal(str(journal_root / f"batch-{batch_id}"))
+    journal = ResponseJournal(storage.join(journal_root, f"batch-{batch_id}"))
     pricing = client.entity.pricing
     latency_ms = (time.time() - record["submitted_at"]) * 1000.0
     for cid, answer in results.items():
@@ -262,10 +257,10 @@ def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batc
 def batch_ids_by_request(spec: JobSpec) -> dict[str, str]:
     """Request id -> batch id of every journaled batch answer (for ``aiq_batch_id``)."""
     out: dict[str, str] = {}
-    root = Path(spec.state_path) / "journal"
-    for directory in root.glob("batch-*") if root.is_dir() else ():
-        batch_id = directory.name.removeprefix("batch-")
-        for path in directory.glob("*.jsonl"):
+    root = storage.join(spec.state_path, "journal")
+    for directory in storage.list_dir(root, prefix="batch-", dirs=True):
+        batch_id = storage.name(directory).removeprefix("batch-")
+        for path in storage.list_dir(directory, suffix=".jsonl", dirs=False):
             for entry in read_entries(path).values():
                 if entry["result"].get("request_id"):
                     out[entry["result"]["request_id"]] = batch_id
@@ -280,7 +275,7 @@ def with_batch_ids(result: pa.Table, by_request: dict[str, str]) -> pa.Table:
 
 def forget_batches(spec: JobSpec) -> None:
     """Every pending row is committed: the recorded batches are done with."""
-    shutil.rmtree(_state_dir(spec), ignore_errors=True)
+    storage.remove_tree(_state_dir(spec))
 
 
 __all__ = ["BatchPhase", "batch_ids_by_request", "forget_batches", "run_batch_phase", "with_batch_ids"]

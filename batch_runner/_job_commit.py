@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
-import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ai_query.batch import CallResult, read_entries
+from ai_query import storage
 from ai_query.sinks import (
     INFERENCE_SCHEMA,
     USAGE_SCHEMA,
@@ -138,21 +136,20 @@ class UsageStaging:
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
-        self.dir = Path(spec.state_path) / "staged"
+        self.dir = storage.join(spec.state_path, "staged")
 
-    def _path(self, version: int, kind: str) -> Path:
-        return self.dir / f"v{version:08d}-{kind}.parquet"
+    def _path(self, version: int, kind: str) -> str:
+        return storage.join(self.dir, f"v{version:08d}-{kind}.parquet")
 
     def stage(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]]) -> None:
         import pyarrow.parquet as pq
 
-        self.dir.mkdir(parents=True, exist_ok=True)
         for kind, rows, schema in (("usage", usage, USAGE_SCHEMA), ("inference", payloads, INFERENCE_SCHEMA)):
             if kind == "inference" and not self.spec.inference_path:
                 continue
-            tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-            os.replace(tmp, self._path(version, kind))
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+            storage.write_bytes(self._path(version, kind), sink.getvalue().to_pybytes())
 
     def commit(self, version: int) -> None:
         import pyarrow.parquet as pq
@@ -160,26 +157,31 @@ class UsageStaging:
         for kind, path, schema in (("usage", self.spec.usage_table, USAGE_SCHEMA),
                                    ("inference", self.spec.inference_path, INFERENCE_SCHEMA)):
             staged = self._path(version, kind)
-            if path is None or not staged.exists():
+            if path is None or not storage.exists(staged):
                 continue
-            DeltaAppender(path, schema).append(pq.read_table(staged).to_pylist(), txn=chunk_transaction(self.spec, version))
-            staged.unlink()
+            rows = pq.read_table(pa.BufferReader(storage.read_bytes(staged))).to_pylist()
+            DeltaAppender(path, schema).append(rows, txn=chunk_transaction(self.spec, version))
+            storage.remove(staged)
 
     def recover(self) -> int:
         """Commit what a killed run staged for chunks whose output landed; drop the rest. Returns chunks recovered."""
-        if not self.dir.is_dir():
+        names = storage.list_dir(self.dir, dirs=False)
+        if not names:
             return 0
         landed = landed_version(self.spec)
         recovered = set()
-        for staged in sorted(self.dir.glob("v*-*.parquet")):
-            version = int(staged.name[1:9])
+        for staged in names:
+            base = storage.name(staged)
+            if not (base.startswith("v") and base.endswith(".parquet")):
+                if ".tmp-" in base:  # left by a kill inside an earlier local write
+                    storage.remove(staged)
+                continue
+            version = int(base[1:9])
             if landed is not None and version <= landed:
                 self.commit(version)
                 recovered.add(version)
             else:
-                staged.unlink()
-        for tmp in self.dir.glob(".tmp-*"):
-            tmp.unlink()
+                storage.remove(staged)
         return len(recovered)
 
 
@@ -197,7 +199,7 @@ class ReplayedAnswers:
     def __init__(self, spec: JobSpec, journal_dirs: list[str]) -> None:
         self.ids: set[str] = set()
         for directory in journal_dirs:
-            for path in Path(directory).glob("*.jsonl"):
+            for path in storage.list_dir(directory, suffix=".jsonl", dirs=False):
                 self.ids.update(e["result"].get("request_id") for e in read_entries(path).values())
         self.ids.discard(None)  # type: ignore[arg-type]
         self.billed: set[str] = set()

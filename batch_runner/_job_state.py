@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
+from ai_query import storage
 from ai_query.sinks import DeltaAppender
 
 from ._job_input import key_states, open_job, pending_keys
@@ -102,25 +102,18 @@ class JobRunReport:
 
 def journal_dirs(spec: JobSpec) -> list[str]:
     """The journal directories of the job's earlier runs (answers received but maybe not committed)."""
-    root = Path(spec.state_path) / "journal"
-    return sorted(str(p) for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    return storage.list_dir(storage.join(spec.state_path, "journal"), dirs=True)
 
 
 def log_run(spec: JobSpec, record: dict[str, Any]) -> None:
     """Add a line to the run log: a run's start, or its end (the same ``run_id``)."""
-    path = Path(spec.state_path) / "runs.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+    storage.append_text(storage.join(spec.state_path, "runs.jsonl"), json.dumps(record, default=str) + "\n")
 
 
 def read_runs(spec: JobSpec) -> list[dict[str, Any]]:
     """The job's run log, oldest first (a run that has a start but no end was interrupted)."""
-    path = Path(spec.state_path) / "runs.jsonl"
-    if not path.exists():
-        return []
     runs: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in storage.read_appended(storage.join(spec.state_path, "runs.jsonl")).splitlines():
         try:
             rec = json.loads(line)
         except ValueError:

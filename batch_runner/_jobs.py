@@ -30,12 +30,10 @@ report, the run log, ``job_status``).
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import pyarrow as pa
@@ -44,6 +42,7 @@ import pyarrow.compute as pc
 import spark_udfs
 from ai_query import get_logger
 from ai_query import ConfigError, ProgressCollector
+from ai_query import storage
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
 from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
@@ -130,10 +129,10 @@ def run_incremental(
     if spec.batch_api is not None and keys.num_rows:
         report.batch_phase = run_batch_phase(spark, spec, input_df, keys, started)
         batch_ids = batch_ids_by_request(spec)
-    journal_root = Path(spec.state_path) / "journal"
+    journal_root = storage.join(spec.state_path, "journal")
     earlier_journals = journal_dirs(spec)
     replayed = ReplayedAnswers(spec, earlier_journals)
-    journal = ResponseJournal.property_value(str(journal_root / f"run-{run_id}"), earlier_journals)
+    journal = ResponseJournal.property_value(storage.join(journal_root, f"run-{run_id}"), earlier_journals)
     names = list(spec.key)
     req_sql, _ = request_query(spark, spec)
     sc = spark.sparkContext
@@ -171,10 +170,10 @@ def run_incremental(
         report.seconds = time.monotonic() - started
         report.pending_after = keys.num_rows - offset if status != "finished" or offset < keys.num_rows else 0
         if status == "finished" and report.pending_after == 0 and limit is None and spec.max_rows is None:
-            shutil.rmtree(journal_root, ignore_errors=True)  # every journaled answer is committed
+            storage.remove_tree(journal_root)  # every journaled answer is committed
             forget_batches(spec)
         elif status != "failed":
-            shutil.rmtree(journal_root / f"run-{run_id}", ignore_errors=True)  # this run's answers are committed
+            storage.remove_tree(storage.join(journal_root, f"run-{run_id}"))  # this run's answers are committed
         log_run(spec, {"run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(), "status": status,
                         "rows": report.rows, "ok": report.rows_ok, "failed": report.rows_failed,
                         "prompt_tokens": report.prompt_tokens, "completion_tokens": report.completion_tokens,

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import spark_udfs
+from ai_query import storage
 from ai_query.backends import provider_of
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
 
@@ -237,7 +238,7 @@ def plan_job(spec: JobSpec, spark: "SparkSession", *, pilot: bool = True, retry_
 def _run_pilot(spark: "SparkSession", spec: JobSpec, input_df: Any, pilot_keys: pa.Table) -> tuple[pa.Table, float]:
     """The pilot rows through the real query, their answers journaled for the run; nothing committed."""
     names = list(spec.key)
-    journal_dir = str(Path(spec.state_path) / "journal" / f"pilot-{uuid.uuid4().hex[:8]}")
+    journal_dir = storage.join(spec.state_path, "journal", f"pilot-{uuid.uuid4().hex[:8]}")
     # A Spark Connect client cannot set local properties: its pilot answers are not journaled (the run asks again).
     sc = None if spark_udfs.is_connect(spark) else spark.sparkContext
     started = time.monotonic()

@@ -51,15 +51,18 @@ def cluster_conf(master: str | None, environ: dict[str, str] | None = None) -> d
     """Settings a non-local master needs: executors run this venv's Python with the AIQ_* environment.
 
     Python workers read secrets (``AIQ_SECRET_*``), the model cache (``AIQ_CACHE_DIR``) and the
-    endpoints file (``AIQ_ENDPOINTS``) from their environment, which on a cluster is the
-    executor's, not the driver's: ``spark.executorEnv.*`` carries them over.
+    endpoints file (``AIQ_ENDPOINTS``) and object storage credentials (``AWS_*``, ``AZURE_*``,
+    ``GOOGLE_APPLICATION_CREDENTIALS``: tables and the job's state on ``s3://`` etc.) from their
+    environment, which on a cluster is the executor's, not the driver's: ``spark.executorEnv.*``
+    carries them over.
     """
     if not master or master.startswith("local"):
         return {}
     environ = dict(os.environ if environ is None else environ)
     conf = {"spark.pyspark.python": environ.get("PYSPARK_PYTHON", sys.executable)}
     for name, value in environ.items():
-        if name.startswith("AIQ_") or name in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if name.startswith(("AIQ_", "AWS_", "AZURE_")) or name in (
+                "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GOOGLE_APPLICATION_CREDENTIALS"):
             conf[f"spark.executorEnv.{name}"] = value
     return conf
 

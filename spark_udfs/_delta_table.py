@@ -45,7 +45,9 @@ def _filesystem(uri: str) -> tuple[Any, str]:
 
     if "://" not in uri:
         return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
+    from ai_query import storage
+
+    return storage.filesystem(uri)  # one filesystem per bucket, reused across files and tasks
 
 
 def _join(root: str, name: str) -> str:

@@ -22,6 +22,21 @@ os.environ.setdefault("AIQ_SECRET_SIM_KEY", "sk-sim")
 _STATE_KEY_DIR = tempfile.mkdtemp(prefix="aiq-tests-")
 atexit.register(shutil.rmtree, _STATE_KEY_DIR, True)
 os.environ.setdefault("AIQ_SERVING_STATE_KEY", os.path.join(_STATE_KEY_DIR, "serving-state.key"))
+# Object storage tests talk to an S3 server (moto) on 127.0.0.1 that ``s3_server`` starts on
+# demand; the address is set now for the same reason as the key above (and so that no test
+# ever reaches a real AWS account). pyarrow.fs and delta-rs both read these variables.
+from tests.s3_server import s3_environment  # noqa: E402
+
+os.environ.update(s3_environment())
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The S3 server (``tests.s3_server.S3Server``) at ``AWS_ENDPOINT_URL``, started once per session."""
+    from tests.s3_server import S3Server
+
+    with S3Server(os.environ["AWS_ENDPOINT_URL"]) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -46,9 +46,9 @@ import socket
 import threading
 from dataclasses import asdict, fields
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .. import storage
 from .request import RequestKey
 from .results import CallResult
 
@@ -106,7 +106,7 @@ class ResponseJournal:
         if self._replay is None:
             entries: dict[str, dict[str, Any]] = {}
             for directory in self.replay_dirs:
-                for path in sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else ():
+                for path in storage.list_dir(directory, suffix=".jsonl", dirs=False):
                     entries.update(read_entries(path))
             self._replay = entries
         return self._replay
@@ -127,6 +127,10 @@ class ResponseJournal:
         if task is not None:
             entry["task"] = task
         line = json.dumps(entry, default=str) + "\n"
+        if storage.is_remote(self.write_dir):  # no append on object stores: one object per answer
+            name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
+            storage.write_bytes(storage.join(self.write_dir, name), line.encode())
+            return
         with self._lock:
             if self._file is None:
                 os.makedirs(self.write_dir, exist_ok=True)
@@ -151,13 +155,7 @@ class ResponseJournal:
     def _first_attempt(self, task: str) -> bool:
         if self.write_dir is None:
             return True
-        markers = os.path.join(self.write_dir, "tasks")
-        os.makedirs(markers, exist_ok=True)
-        try:
-            os.close(os.open(os.path.join(markers, task), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
+        return storage.create_exclusive(storage.join(self.write_dir, "tasks", task))
 
 
 class TaskJournal:
@@ -168,20 +166,18 @@ class TaskJournal:
         self.journal = journal
         self.task = task
         self._earlier: dict[str, dict[str, Any]] | None = {} if retried and journal.write_dir else None
-        self._read: dict[Path, int] = {}  # bytes of each file of this run already read
+        self._read: dict[str, int] = {}  # bytes of each file of this run already read
         self._lock = threading.Lock()
 
     def catch_up(self) -> None:
         """Read what this run's journal files gained since the last call (a retried attempt only)."""
         if self._earlier is None:
             return
-        directory = Path(self.journal.write_dir or "")
+        directory = self.journal.write_dir or ""
         with self._lock:
-            for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else ():
+            for path in storage.list_dir(directory, suffix=".jsonl", dirs=False):
                 start = self._read.get(path, 0)
-                with open(path, "rb") as fh:
-                    fh.seek(start)
-                    data = fh.read()
+                data = storage.read_bytes(path, start)
                 complete = data.rfind(b"\n") + 1  # a line still being written (or cut by a kill) waits
                 self._read[path] = start + complete
                 for line in data[:complete].splitlines():
@@ -206,15 +202,13 @@ class TaskJournal:
 def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The complete lines of one journal file, by key (a line cut short by a kill is skipped)."""
     out: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.endswith("\n"):
-                break
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            out[entry["key"]] = entry
+    data = storage.read_bytes(os.fspath(path))
+    for line in data[:data.rfind(b"\n") + 1].splitlines():  # past the last newline: cut by a kill
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        out[entry["key"]] = entry
     return out
 
 

@@ -1,0 +1,226 @@
+"""One seam for the files a job keeps next to its tables: local paths or object storage URIs.
+
+A job's state directory (journal, staged usage rows, run log, batch-API records) may live on
+``s3://``, ``gs://``, ``abfss://`` like its tables. ``pathlib`` would mangle those
+(``Path('s3://b/x') / 'y'`` is ``s3:/b/x/y``), so every state-path use goes through the string
+functions here: a local path (or ``file://``) keeps the plain ``os`` calls (same speed and
+atomicity as before), anything else goes to ``pyarrow.fs`` (credentials from the usual
+environment: ``AWS_*`` incl. ``AWS_ENDPOINT_URL``, ``AZURE_*``, Google's default credentials).
+
+Object stores have no append and no rename. So:
+
+- :func:`append_text` on a remote path writes one new object per call under ``<path>.d/``
+  (named by time, so :func:`read_appended` reads them in order); locally it appends to the file.
+- :func:`write_bytes` is atomic on both: locally a temporary file and ``os.replace``; remotely
+  a single PUT (readers see the old object or the new one).
+- :func:`create_exclusive` is ``O_EXCL`` locally; remotely it is "exists, else put": two
+  writers racing in the same instant may both win (used only for journal task markers, where
+  the loser merely skips reading its own earlier attempts' lines).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from functools import lru_cache
+from typing import Any
+from urllib.parse import unquote
+
+__all__ = ["append_text", "create_exclusive", "exists", "filesystem", "is_dir", "is_remote", "join", "list_dir",
+           "local_path", "makedirs", "name", "read_appended", "read_bytes", "remove", "remove_tree", "write_bytes"]
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is an object storage (or other non-local) URI."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """``path`` without a ``file://`` prefix (local paths only)."""
+    return unquote(path[len("file://"):]) if path.startswith("file://") else path
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` joined with ``parts``: ``/`` for URIs (never collapsing ``s3://``), ``os.path.join`` locally."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def name(path: str) -> str:
+    """The last component of ``path``."""
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(path.rstrip(os.sep))
+
+
+@lru_cache(maxsize=32)
+def _fs_for(root: str) -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """A ``pyarrow.fs`` filesystem and ``path`` on it (one filesystem per scheme and bucket, reused)."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(path))
+    scheme, rest = path.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    fs = _fs_for(f"{scheme}://{bucket}")
+    return fs, rest.rstrip("/")
+
+
+def _info(path: str) -> Any:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(local_path(path))
+    import pyarrow.fs as pafs
+
+    return _info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    """A directory (remotely: a prefix holding at least one object)."""
+    if not is_remote(path):
+        return os.path.isdir(local_path(path))
+    import pyarrow.fs as pafs
+
+    return _info(path).type == pafs.FileType.Directory
+
+
+def list_dir(path: str, suffix: str = "", prefix: str = "", dirs: bool | None = None) -> list[str]:
+    """The entries directly under ``path`` (full paths, sorted) whose names match; ``[]`` when it is missing.
+
+    ``dirs``: ``True`` directories only, ``False`` files only, ``None`` both."""
+    if not is_remote(path):
+        root = local_path(path)
+        try:
+            names = os.listdir(root)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for n in names:
+            full = os.path.join(root, n)
+            if n.startswith(prefix) and n.endswith(suffix) and (dirs is None or os.path.isdir(full) == dirs):
+                out.append(full)
+        return sorted(out)
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return []
+    out = []
+    for info in infos:
+        n = info.base_name
+        is_directory = info.type == pafs.FileType.Directory
+        if n.startswith(prefix) and n.endswith(suffix) and (dirs is None or is_directory == dirs):
+            out.append(join(path, n))
+    return sorted(out)
+
+
+def makedirs(path: str) -> None:
+    """Make a local directory (object stores have no directories: nothing to do)."""
+    if not is_remote(path):
+        os.makedirs(local_path(path), exist_ok=True)
+
+
+def read_bytes(path: str, start: int = 0) -> bytes:
+    """The bytes of the file at ``path`` from offset ``start``."""
+    if not is_remote(path):
+        with open(local_path(path), "rb") as fh:
+            fh.seek(start)
+            return fh.read()
+    fs, p = filesystem(path)
+    with fs.open_input_file(p) as fh:
+        if start:
+            fh.seek(start)
+        return fh.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``path`` atomically (a kill leaves the old content or the new, never a part)."""
+    if not is_remote(path):
+        local = local_path(path)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        tmp = f"{local}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, local)
+        return
+    fs, p = filesystem(path)
+    with fs.open_output_stream(p) as fh:  # one PUT when the stream closes
+        fh.write(data)
+
+
+def create_exclusive(path: str) -> bool:
+    """Create an empty ``path``; ``False`` if it existed (remote: not atomic, see the module notes)."""
+    if not is_remote(path):
+        local = local_path(path)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        try:
+            os.close(os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+    if exists(path):
+        return False
+    write_bytes(path, b"")
+    return True
+
+
+def remove(path: str) -> None:
+    """Delete the file at ``path`` (missing is fine)."""
+    if not is_remote(path):
+        try:
+            os.unlink(local_path(path))
+        except FileNotFoundError:
+            pass
+        return
+    fs, p = filesystem(path)
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(path: str) -> None:
+    """Delete ``path`` and everything under it (missing is fine)."""
+    if not is_remote(path):
+        shutil.rmtree(local_path(path), ignore_errors=True)
+        return
+    fs, p = filesystem(path)
+    try:
+        fs.delete_dir(p)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def append_text(path: str, text: str) -> None:
+    """Append ``text`` to ``path`` (remote: one new object under ``<path>.d/``; see the module notes)."""
+    if not is_remote(path):
+        local = local_path(path)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        with open(local, "a", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    write_bytes(join(f"{path}.d", f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"), text.encode())
+
+
+def read_appended(path: str) -> str:
+    """Everything :func:`append_text` added to ``path``, in order (``""`` when nothing)."""
+    if not is_remote(path):
+        local = local_path(path)
+        if not os.path.exists(local):
+            return ""
+        with open(local, encoding="utf-8") as fh:
+            return fh.read()
+    return "".join(read_bytes(p).decode() for p in list_dir(f"{path}.d", dirs=False))
