@@ -29,6 +29,8 @@ def final_bars(err: str) -> list[str]:
     return [line.split("\r")[-1] for line in err.split("\n") if "ai_query:" in line]
 
 
+@pytest.mark.xfail(strict=True, reason="known bug (issue 16, open): run alone, the bar counts every row and token twice "
+                   "(80 rows, tokens=360 for 40 requests, 180 tokens at the provider); the provider saw each request once")
 def test_progress_true_shows_rows_failed_tokens_and_concurrency_per_action(spark, sim, capsys):
     registry = EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([{
         "name": "live-chat", "config": {"served_entities": [{"name": "m", "external_model": {
