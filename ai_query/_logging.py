@@ -61,8 +61,13 @@ class RedactingFilter(logging.Filter):
             value = record.__dict__.get(name)
             if isinstance(value, str):
                 record.__dict__[name] = mask_text(value)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = mask_text(logging.Formatter().formatException(record.exc_info))
+        if record.exc_info:
+            raw = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text = mask_text(raw)
+            if record.exc_text != raw:
+                # Formatters that render the exception object themselves (pyspark's JSONFormatter,
+                # python-json-logger) would print its message unmasked: keep only the masked text.
+                record.exc_info = None
         return True
 
 
@@ -72,6 +77,14 @@ _FILTER = RedactingFilter()
 def get_logger(name: str) -> logging.Logger:
     """The logger ``name`` (one of ours), with ``RedactingFilter`` on it."""
     logger = logging.getLogger(name)
+    if type(logger) is not logging.Logger and type(logger).__module__.startswith("pyspark."):
+        # pyspark's ``PySparkLogger.getLogger`` swaps the process-wide logger class for a moment
+        # (not thread-safe: two Spark errors raised at once can leave it swapped), so a logger made
+        # meanwhile comes out as a PySparkLogger with its own JSON handler on stderr. Ours stay
+        # plain loggers whose records go where the application's handlers say.
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.__class__ = logging.Logger
     if not any(isinstance(f, RedactingFilter) for f in logger.filters):
         logger.addFilter(_FILTER)
     return logger

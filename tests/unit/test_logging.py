@@ -7,6 +7,7 @@ without its throttle (a line per event) or dropping the count of the events it h
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
@@ -31,6 +32,46 @@ def test_a_known_secret_never_reaches_a_handler_from_any_package_logger(name, ca
     assert SECRET not in caplog.text
     assert SECRET not in caplog.records[0].error and "[REDACTED]" in caplog.records[0].getMessage()
     assert all(SECRET not in (r.exc_text or "") for r in caplog.records)
+
+
+class _ExceptionObjectFormatter(logging.Formatter):
+    """Renders the exception object itself, as pyspark's ``JSONFormatter`` and python-json-logger do."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        return f"{record.getMessage()} | {exc!s} | {record.exc_text or ''}"
+
+
+def test_a_formatter_that_renders_the_exception_object_never_sees_the_secret():
+    """Mutation caught: the filter masking ``exc_text`` but keeping ``exc_info`` (the CI failure of stop 21)."""
+    remember_secret(SECRET)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_ExceptionObjectFormatter())
+    logger = get_logger("ai_query.test_exception_object")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"echo {SECRET}")
+        except RuntimeError:
+            logger.error("failed", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert "echo [REDACTED]" in stream.getvalue() and SECRET not in stream.getvalue()
+
+
+def test_a_logger_made_while_pyspark_swapped_the_logger_class_is_still_ours():
+    """pyspark's ``PySparkLogger.getLogger`` swaps the process-wide logger class without a lock; a
+    logger of ours made meanwhile must not come out with pyspark's own JSON handler on stderr.
+    Mutation caught: ``get_logger`` without its class check (the logger keeps the stderr handler)."""
+    pyspark_logger = pytest.importorskip("pyspark.logger")
+    logging.setLoggerClass(pyspark_logger.PySparkLogger)
+    try:
+        logger = get_logger("ai_query.test_made_while_swapped")
+    finally:
+        logging.setLoggerClass(logging.Logger)
+    assert type(logger) is logging.Logger and logger.handlers == []
+    assert any(isinstance(f, RedactingFilter) for f in logger.filters)
 
 
 def test_every_package_logger_carries_the_filter_once():
