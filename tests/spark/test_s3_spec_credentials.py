@@ -102,3 +102,24 @@ def test_an_unset_storage_secret_stops_the_run_before_any_request(tmp_path, s3_s
     assert len(message) == 1, run.stderr  # one paragraph, no traceback
     assert "storage_options.AWS_SECRET_ACCESS_KEY" in message[0] and "{{secrets/s3/secret}}" in message[0]
     assert "AIQ_SECRET_S3_SECRET" in message[0] and "Nothing was read, written or sent" in message[0]
+
+
+def test_a_session_started_without_the_options_is_refused_naming_the_fix(tmp_path, spark, s3_server, monkeypatch):
+    """The shared test session's workers started before this job's options were installed: they
+    would read and write without them, so the run stops before its first request."""
+    from ai_query import ConfigError
+    from ai_query._storage_options import ENV
+    from batch_runner import JobSpec, run_incremental
+
+    monkeypatch.setenv(ENV, "{}")  # restored afterwards: the preflight installs the job's options here
+    monkeypatch.setenv("AIQ_SECRET_S3_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AIQ_SECRET_S3_SECRET", "s3cret")
+    bucket = s3_server.bucket()
+    with ProviderSimulator(api_key="sk-sim", seed=7) as sim:
+        job, _ = _s3_job(tmp_path, sim, bucket, rows=20, chunk=20)
+        _spec_with_storage_options(job, s3_server.endpoint)
+        with pytest.raises(ConfigError, match=r"has \[storage_options\], which reach Spark's Python workers through "
+                                              r"AIQ_STORAGE_OPTIONS, but this Spark session was started without them; "
+                                              r"run the job with `ai-query run`, or call batch_runner.use_storage_options"):
+            run_incremental(JobSpec.load(job), spark, progress=False)
+        assert sim.snapshot()["requests"] == 0
