@@ -23,15 +23,11 @@ code path (more requests, no append or rename), not of a network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,52 +35,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from _common import BackgroundLoad, Record, goal_met, machine, markdown  # noqa: E402 - bench/ is not a package
+from _common import BackgroundLoad, Record, goal_met, write_results  # noqa: E402 - bench/ is not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def endpoints_json(base_url: str) -> dict[str, Any]:
-    return {"name": "sim-chat", "config": {"served_entities": [{
-        "name": "sim", "external_model": {"name": "sim-model", "provider": "openai", "task": "llm/v1/chat",
-                                          "openai_config": {"openai_api_key": "{{secrets/bench/key}}",
-                                                            "openai_api_base": base_url}}}]},
-        "client_config": {"max_concurrency": 64, "initial_concurrency": 64}}
-
-
-def write_job(workdir: Path, base: str, sim_url: str, chunk_rows: int) -> Path:
-    """A job spec under ``workdir`` whose source, output and state are under ``base`` (a directory or ``s3://bucket``)."""
-    (workdir / "endpoints.json").write_text(json.dumps(endpoints_json(sim_url)))
-    job = workdir / "job.toml"
-    job.write_text(textwrap.dedent(f'''
-        name = "storage-bench"
-        endpoints = "endpoints.json"
-        key = ["review_id"]
-        [prompt]
-        endpoint = "sim-chat"
-        template = "Review {{review_id}} of {{product}}: {{review}}"
-        column = "answer"
-        max_tokens = 12
-        [sources]
-        reviews = "{base}/reviews"
-        [output]
-        path = "{base}/out"
-        mode = "merge"
-        inference_path = "{base}/payloads"
-        [options]
-        chunk_rows = {chunk_rows}
-    '''))
-    return job
-
-
-def run_arm(spark: Any, arm: str, base: str, rows: int, chunk_rows: int, wait_quiet: bool, log: Any) -> dict[str, Any]:
+def run_arm(spark: Any, arm: str, root: Path, bucket: str | None, rows: int, chunk_rows: int, wait_quiet: bool,
+            log: Any) -> dict[str, Any]:
+    """One run of the job (the tests' resume job, ``tests/spark/test_job_resume.py``) on fresh paths:
+    under ``root`` locally, or (``bucket``) its source, output, payloads and state in the bucket."""
     from ai_query.testing import ProviderSimulator
-    from batch_runner import JobSpec, run_incremental, write_sample_reviews
+    from batch_runner import JobSpec, run_incremental
+    from tests.spark.test_job_resume import write_job
+    from tests.spark.test_s3 import _s3_job
 
-    write_sample_reviews(f"{base}/reviews", rows=rows)
-    quiet = BackgroundLoad.wait_for_quiet(log=log) if wait_quiet else None
-    with ProviderSimulator(api_key="sk-sim", seed=11) as sim, tempfile.TemporaryDirectory(prefix="aiq-storage-bench-") as work:
-        spec = JobSpec.load(write_job(Path(work), base, sim.base_url, chunk_rows))
+    root.mkdir(parents=True)
+    with ProviderSimulator(api_key="sk-sim", seed=11) as sim:
+        job = _s3_job(root, sim, bucket, rows, chunk_rows)[0] if bucket else write_job(root, sim, rows=rows, chunk=chunk_rows)
+        spec = JobSpec.load(job)
+        quiet = BackgroundLoad.wait_for_quiet(log=log) if wait_quiet else None
         load = BackgroundLoad().start()
         t0 = time.monotonic()
         report = run_incremental(spec, spark, progress=False)
@@ -114,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.s3_server import S3Server, s3_environment
 
     os.environ.update(s3_environment())  # before Spark starts: its Python workers inherit AWS_*
-    os.environ["AIQ_SECRET_BENCH_KEY"] = "sk-sim"
+    os.environ["AIQ_SECRET_SIM_KEY"] = "sk-sim"
     import spark_udfs
 
     runs: list[dict[str, Any]] = []
@@ -122,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         spark = spark_udfs.build_session(app_name="ai-query-storage-bench", ui=False)
         try:
             log("warming up (a small job on each arm)")
-            run_arm(spark, "warm-local", f"{local_root}/warm", 200, 100, False, log)
-            run_arm(spark, "warm-s3", f"s3://{s3.bucket()}", 200, 100, False, log)
+            run_arm(spark, "warm-local", Path(local_root, "warm-local"), None, 200, 100, False, log)
+            run_arm(spark, "warm-s3", Path(local_root, "warm-s3"), s3.bucket(), 200, 100, False, log)
             for rep in range(args.repeats):
                 for arm in ("local", "s3"):
-                    base = f"{local_root}/{arm}{rep}" if arm == "local" else f"s3://{s3.bucket()}"
-                    res = run_arm(spark, arm, base, args.rows, args.chunk_rows, args.wait_quiet, log)
+                    bucket = s3.bucket() if arm == "s3" else None
+                    res = run_arm(spark, arm, Path(local_root, f"{arm}{rep}"), bucket, args.rows, args.chunk_rows,
+                                  args.wait_quiet, log)
                     runs.append(res)
                     log(f"{arm:>5} rep {rep}: {res['rows']} rows in {res['chunks']} chunks, {res['elapsed_s']:.1f} s = "
                         f"{res['rows_per_s']:.1f} rows/s, others {res['others_cores']:.2f} cores")
@@ -141,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = round(s3_rate / local_rate, 3)
     others = max(r["others_cores"] for r in runs)
     setup = (f"{args.rows} rows, chunk_rows {args.chunk_rows}, [prompt] job (merge by key, usage + payload tables, journal, "
-             f"run log); simulator at zero latency; Spark local[2]; S3 = moto server on 127.0.0.1")
+             f"run log; tests/spark/test_job_resume.py's job); simulator at zero latency; Spark local[2]; S3 = moto server on 127.0.0.1")
     records = [
         Record("object_storage", "s3_over_local_rows_per_s", ratio, "ratio", ">= 0.9", 1.0, None, args.rows, None,
                notes=f"median rows/s with everything on s3:// over the same job on local paths ({args.repeats} alternating runs each); {setup}"),
@@ -156,20 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.metric:26} {r.value!s:>8} {r.unit:7} goal {r.goal or '-':7} baseline {r.baseline}")
     if args.out is None and args.rows != 10_000:
         return 0
-    out = args.out or RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python bench/storage.py" + (" --wait-quiet" if args.wait_quiet else "") + (
-        f" --rows {args.rows}" if args.rows != 10_000 else "")
-    meta = {"date": date, "machine": machine(), "command": command, "wall_s": round(time.monotonic() - started)}
-    (out / "storage.json").write_text(json.dumps([{**r.as_dict(), **meta, "runs": runs} for r in records], indent=1) + "\n")
-    md = markdown(records, date=date, command=command, machine_line=meta["machine"], wall_s=meta["wall_s"],
-                  title="Object storage benchmark results",
-                  preamble=[f"- workload: {setup}", "- runs (alternating):"]
-                  + [f"  - {r['arm']}: {r['rows']} rows, {r['chunks']} chunks, {r['elapsed_s']:.1f} s, {r['rows_per_s']:.1f} rows/s, "
-                     f"others {r['others_cores']:.2f} cores" for r in runs])
-    (out / "storage.md").write_text(md)
-    log(f"wrote {out / 'storage.json'} and {out / 'storage.md'}")
+        f" --rows {args.rows}" if args.rows != 10_000 else "") + (
+        f" --chunk-rows {args.chunk_rows}" if args.chunk_rows != 1000 else "")
+    written = write_results(args.out or RESULTS, "storage", records, runs, command=command, wall_s=time.monotonic() - started,
+                            title="Object storage benchmark results",
+                            preamble=[f"- workload: {setup}", "- runs (alternating):"]
+                            + [f"  - {r['arm']}: {r['rows']} rows, {r['chunks']} chunks, {r['elapsed_s']:.1f} s, "
+                               f"{r['rows_per_s']:.1f} rows/s, others {r['others_cores']:.2f} cores" for r in runs])
+    log(f"wrote {written[0]} and {written[1]}")
     return 0
 
 
