@@ -97,3 +97,14 @@ def test_offline_mode_is_repeatable_with_counted_usage(offline_runs):
 def test_server_pool_is_repeatable_and_matches_offline_token_for_token(offline_runs, server_runs):
     assert server_runs[0] == server_runs[1]
     assert server_runs[0] == offline_runs[0]  # same text and the same prompt / completion token counts
+
+
+def test_offline_mode_takes_extra_args_as_engine_arguments():
+    """``options.extra_args`` (``vllm serve`` flags) reach an offline engine as ``vllm.LLM`` arguments:
+    the KV-cache-pressure benchmark sets ``--num-gpu-blocks-override`` this way. Mutations caught:
+    the flags ignored (``{}``), or every default passed along (more keys than the flags given)."""
+    from gpu_workers._offline import _engine_args
+
+    assert _engine_args(()) == {}
+    assert _engine_args(["--num-gpu-blocks-override", "64", "--max-num-seqs", "8"]) == {
+        "num_gpu_blocks_override": 64, "max_num_seqs": 8}
