@@ -153,8 +153,9 @@ def scenario_cost(spark: Any, root: Path, rows: int, chunk: int, wait_quiet: boo
                      f"price; {load_note(loads)}"),
         Record("cost", "cost_usd_per_1000_rows", round(per_k(batch), 6), "USD", None, round(per_k(online), 6), round(ratio, 4), rows,
                batch.rows - batch.ok, others_cores=loads,
-               notes=f"ours = batch mode (a 10-s batch, 1 % of its lines failing), baseline = the same job online "
-                     f"({ONLINE_SIM}); tokens {batch.tokens} vs {online.tokens}; batch mode ran {batch.seconds:.1f} s, online "
+               notes=f"ours = batch mode ({per_k(batch):.6f} USD; a 10-s batch, 1 % of its lines failing), baseline = the same "
+                     f"job online ({per_k(online):.6f} USD, simulator "
+                     f"{ONLINE_SIM}); tokens {batch.tokens} vs {online.tokens}; batch mode ran {batch.seconds:.1f} s, online "
                      f"{online.seconds:.1f} s"),
         Record("cost", "tokens_match_server", int(batch.tokens == batch.served_tokens and online.tokens == online.served_tokens),
                "bool", "== 1", None, None, rows, None, goal_met(int(batch.tokens == batch.served_tokens and online.tokens ==
