@@ -84,20 +84,20 @@ def write_job(folder: Path, rows: int, sim_url: str, batch: dict[str, Any] | Non
     section = "" if batch is None else "[batch_api]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in batch.items())
     (folder / name).write_text(textwrap.dedent(f'''
         name = "bench"
-        endpoints = "endpoints.json"
         key = ["review_id"]
-        [prompt]
-        endpoint = "sim-chat"
-        template = "Review {{review_id}} of {{product}}: {{review}}"
-        column = "answer"
-        max_tokens = 12
+        endpoints = "endpoints.json"
         [sources]
         reviews = "reviews"
-        [output]
-        path = "out"
-        mode = "merge"
         [options]
         chunk_rows = {chunk}
+        [output]
+        mode = "merge"
+        path = "out"
+        [prompt]
+        max_tokens = 12
+        column = "label_guess"
+        endpoint = "sim-chat"
+        template = "Sentiment of review {{review_id}} ({{product}}, {{rating}} stars): {{review}}"
     ''') + section + "\n")
     return str(folder / name)
 
