@@ -307,7 +307,7 @@ def build_records(results: dict[str, list[dict[str, Any]]], prefix: dict[str, An
         setup = (f"{args.prefix_docs} documents x {args.prefix_questions} questions per arm-run (documents of its own), "
                  f"~{per_row:.0f} prompt tokens per row, shuffled; max_tokens 4; offline mode, {args.replicas} engines, each with a "
                  f"KV cache of {args.kv_blocks} blocks of 128 tokens ({args.kv_blocks * 128:,} tokens) for ~"
-                 f"{args.prefix_docs * per_row:,.0f} tokens of an arm-run's prompts per document"
+                 f"{args.prefix_docs * per_row:,.0f} tokens of an arm-run's documents (one prompt each)"
                  + ("" if args.prefix_docs * per_row > args.kv_blocks * 128 else " (**no cache pressure**: more documents or fewer blocks)")
                  + f"; engine start-up {prefix['startup_s']:.0f} s (excluded)")
         pairs = list(zip(arms["grouped"], arms["ungrouped"]))

@@ -1,4 +1,4 @@
-"""The benchmarks' pure helpers (bench/_common.py): the alternating schedule, the median of runs,
+"""The benchmarks' pure logic (bench/_common.py, bench/vllm_pool.py's records): the alternating schedule, the median of runs,
 the load note and the optional table columns. Benchmarks themselves are never run by tests."""
 
 from __future__ import annotations
@@ -45,3 +45,36 @@ def test_markdown_adds_runs_and_load_columns_only_when_a_record_has_them():
     header, rule, first, second = rich.splitlines()[-4:]
     assert header.count("|") == rule.count("|") == first.count("|") == second.count("|")
     assert "| 1.500, 2.500 | 0.01, 0.30 |" in first
+
+
+def _run(elapsed: float, rows: int = 100, tokens: int = 3000, others: float = 0.0, **extra) -> dict:
+    return {"elapsed_s": elapsed, "rows": rows, "ok": rows, "completion_tokens": tokens, "startup_s": 5.0, "others": others,
+            "texts": ["a"] * rows, **extra}
+
+
+def test_vllm_pool_records_are_medians_of_alternating_runs_with_round_by_round_ratios():
+    """bench/vllm_pool.py's records from two runs per mode. Mutations caught: the ratio of the first
+    runs instead of the medians; per-round ratios paired wrongly; tokens/s missing beside rows/s;
+    the prefix ratio inverted (ungrouped over grouped)."""
+    import argparse
+
+    from vllm_pool import build_records
+
+    args = argparse.Namespace(rows=100, max_tokens=32, dtype="bfloat16", replicas=2, prefix_docs=64, prefix_questions=3,
+                              kv_blocks=64)
+    results = {"raw": [_run(10.0), _run(5.0, others=0.4)], "offline": [_run(12.5), _run(5.0)], "pool": []}
+    prefix = {"startup_s": 9.0, "runs": [_run(20.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=0),
+                                        _run(10.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=0),
+                                        _run(30.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=1),
+                                        _run(15.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=1)]}
+    records = {(r.scenario, r.metric): r for r in build_records(results, prefix, args)}
+    raw = records[("raw_vllm", "rows_per_s")]
+    assert raw.value == 15.0 and raw.values == [10.0, 20.0] and raw.others_cores == [0.0, 0.4]
+    assert "run 2 above 0.25" in raw.notes
+    assert records[("raw_vllm", "completion_tokens_per_s")].values == [300.0, 600.0]
+    over = records[("offline_sql", "over_raw_vllm")]
+    assert over.value == round(14.0 / 15.0, 3) and over.values == [0.8, 1.0] and over.met is True
+    assert not any(scenario == "server_pool_sql" for scenario, _ in records)
+    prefix_ratio = records[("shared_prefix_offline", "grouped_over_ungrouped")]
+    assert prefix_ratio.value == round(((19.2 + 12.8) / 2) / ((9.6 + 6.4) / 2), 3) and prefix_ratio.values == [2.0, 2.0]
+    assert prefix_ratio.met is True and "no cache pressure" not in prefix_ratio.notes
