@@ -50,7 +50,8 @@ class JobRunReport:
     rows_deduplicated: int = 0
     """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     per_endpoint: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per endpoint: rows, tokens, cost (None: no pricing), by_status (rows per HTTP status; also in the run log)."""
+    """Per endpoint: rows (requests sent), attempts, tokens, cost (None: no pricing), by_status (rows per HTTP
+    status of their last attempt); also in the run log and, with ``--mlflow-run``, in MLflow."""
     batch_phase: Any = None
     """Batch-API mode (``[batch_api]``): what the provider batches did (``_batch_mode.BatchPhase``)."""
 
