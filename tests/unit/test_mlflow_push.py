@@ -79,3 +79,13 @@ def test_an_unreachable_tracking_server_warns_once_and_fails_nothing(tmp_path, c
     (record,) = [r for r in caplog.records if "not pushed to MLflow" in r.getMessage()]
     text = record.getMessage()
     assert f"http://127.0.0.1:{port}" in text and "no answer within 5 s" in text and KEY not in text and "user" not in text
+
+
+def test_a_one_shot_runs_metrics_come_from_its_audit_counts():
+    from batch_runner import RunSummary
+
+    summary = RunSummary("m", "/out", rows=6, rows_ok=5, rows_failed=1, prompt_tokens=30, completion_tokens=12, seconds=3.0,
+                         response_column="a", cost_usd=None, rows_deduplicated=2, requests=4, attempts=6)
+    m = job_metrics(summary)
+    assert (m["requests"], m["attempts"], m["retries"], m["rows_deduplicated"], m["rows_per_s"]) == (4, 6, 2, 2, 2.0)
+    assert "cost_usd" not in m and "rows_pending_after" not in m  # no pricing: no cost metric, rather than a 0
