@@ -79,7 +79,7 @@ def job_metrics(result: Any) -> dict[str, float]:
     if result.cost_usd is not None:
         out["cost_usd"] = result.cost_usd
     per_endpoint: Mapping[str, Mapping[str, Any]] = getattr(result, "per_endpoint", {}) or {}
-    if per_endpoint:  # incremental runs: the run log's counters, the usage table's sums
+    if per_endpoint or not hasattr(result, "requests"):  # incremental runs: the run log's counters (usage table sums)
         totals = {"requests": 0, "attempts": 0}
         for name, e in sorted(per_endpoint.items()):
             counters = {"requests": int(e["rows"]), "attempts": int(e.get("attempts", e["rows"])), "tokens": int(e["tokens"])}
