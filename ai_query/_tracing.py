@@ -48,8 +48,8 @@ def request_tracer(provider: Any = None) -> Any:
         return None
     if provider is None:
         provider = trace.get_tracer_provider()
-        if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-            return None  # the API's defaults: spans would be dropped, so make none
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None  # the API's defaults: spans would be dropped, so make none
     return provider.get_tracer("ai_query", __version__)
 
 
