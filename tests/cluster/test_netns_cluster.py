@@ -18,7 +18,13 @@ says why. Everything is torn down at the end, processes first (by group), then t
 What it shows: the query answers every row once through executors in another network; usage
 equals what the provider served; the quota broker, the concurrency leases and the progress
 collector were announced on the driver's address and reached from the workers (the broker
-counted every request); the Spark UI is on and answers on the driver's address.
+counted every request); the Spark UI is on and answers on the driver's address; and a driver
+told to use its loopback (``SPARK_LOCAL_IP=127.0.0.1``) is refused at once with the fix.
+
+Mutations it catches: ``services_host`` answering 127.0.0.1 for a cluster master (the announced
+addresses), the broker binding 127.0.0.1 while announcing the driver's address (the broker counts
+0 of 40 requests: the workers fell back to their static share and the rows were still answered),
+``check_reachable`` not refusing a loopback address (the driver waits for executors instead).
 """
 
 from __future__ import annotations
@@ -162,6 +168,19 @@ def test_master_workers_driver_and_endpoint_in_separate_networks(netns, tmp_path
         for w, proc in zip(WORKERS, procs[2:]):
             _wait_for(tmp_path / f"{w}.log", r"Successfully registered with master", proc)
         _wait_for(tmp_path / "endpoint.log", r"provider simulator listening on", sim, timeout=60)
+
+        # the driver told to use its loopback (a user's exported SPARK_LOCAL_IP=127.0.0.1) is refused
+        # before Spark starts, with the fix, instead of waiting for executors that never register
+        refused_log = tmp_path / "driver-refused.log"
+        refused = _start(netns.names["driver"], [sys.executable, "-m", "tests.cluster._netns_driver", master_url, sim_url, str(ROWS),
+                                                 str(tmp_path / "unused.json")], refused_log, dict(base, SPARK_LOCAL_IP="127.0.0.1"))
+        procs.append(refused)
+        try:
+            refused.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a driver on 127.0.0.1 was not refused: {refused_log.read_text(errors='replace')[-3000:]}")
+        message = f"SPARK_LOCAL_IP=127.0.0.1 is a loopback address, but the master {master_url}"
+        assert refused.returncode != 0 and message in refused_log.read_text(errors="replace"), refused_log.read_text()[-3000:]
 
         driver_log, result_file = tmp_path / "driver.log", tmp_path / "driver-result.json"
         driver = _start(netns.names["driver"], [sys.executable, "-m", "tests.cluster._netns_driver", master_url, sim_url, str(ROWS),
