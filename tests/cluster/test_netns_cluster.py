@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.cluster._standalone import spark_home, stop_all, wait_for
 
 SUBNET = "10.77.0"
 ROLES = {"master": 2, "driver": 3, "endpoint": 4, "worker0": 10, "worker1": 11}
@@ -95,32 +94,6 @@ def _start(ns: str, cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True, cwd=ROOT)
 
 
-def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and re.search(pattern, log.read_text(errors="replace")):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[4:6]} exited early ({proc.returncode}): {log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"no {pattern!r} in {log} after {timeout} s: {log.read_text(errors='replace')[-3000:]}")
-
-
-def _spark_home(root: Path) -> tuple[Path, str]:
-    """A SPARK_HOME with a RELEASE file over the pyspark wheel (see conftest.standalone_cluster)."""
-    import pyspark
-
-    installed = Path(pyspark.__file__).parent
-    home = root / "spark-home"
-    home.mkdir()
-    for name in ("jars", "bin", "python"):
-        if (installed / name).exists():
-            (home / name).symlink_to(installed / name)
-    (home / "RELEASE").write_text(f"Spark {pyspark.__version__} (pyspark wheel)\n")
-    scala = next((j.name.split("_")[1].split("-")[0] for j in (installed / "jars").glob("spark-core_*.jar")), "2.13")
-    return home, scala
-
-
 @pytest.fixture
 def netns(tmp_path):
     if shutil.which("ip") is None:
@@ -139,7 +112,7 @@ def netns(tmp_path):
 
 @pytest.mark.spark
 def test_master_workers_driver_and_endpoint_in_separate_networks(netns, tmp_path):
-    home, scala = _spark_home(tmp_path)
+    home, scala = spark_home(tmp_path)
     base = {k: v for k, v in os.environ.items() if k not in ("SPARK_LOCAL_IP", "AIQ_DRIVER_HOST", "SPARK_MASTER_HOST")}
     base.update(SPARK_HOME=str(home), SPARK_SCALA_VERSION=scala, PYSPARK_PYTHON=sys.executable,
                 PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -160,14 +133,14 @@ def test_master_workers_driver_and_endpoint_in_separate_networks(netns, tmp_path
                                                "--port", "8000", "--api-key", "sk-sim", "--latency", "0.01"],
                      tmp_path / "endpoint.log", env("endpoint"))
         procs.append(sim)
-        _wait_for(tmp_path / "master.log", r"Starting Spark master at spark://", master)
+        wait_for(tmp_path / "master.log", r"Starting Spark master at spark://", master)
         for w in WORKERS:
             procs.append(_start(netns.names[w], [*java, "org.apache.spark.deploy.worker.Worker", master_url, "--host", netns.addr(w),
                                                  "--cores", "1", "--memory", "1g", "--webui-port", "8081",
                                                  "--work-dir", str(tmp_path / w)], tmp_path / f"{w}.log", env(w)))
         for w, proc in zip(WORKERS, procs[2:]):
-            _wait_for(tmp_path / f"{w}.log", r"Successfully registered with master", proc)
-        _wait_for(tmp_path / "endpoint.log", r"provider simulator listening on", sim, timeout=60)
+            wait_for(tmp_path / f"{w}.log", r"Successfully registered with master", proc)
+        wait_for(tmp_path / "endpoint.log", r"provider simulator listening on", sim, timeout=60)
 
         # the driver told to use its loopback (a user's exported SPARK_LOCAL_IP=127.0.0.1) is refused
         # before Spark starts, with the fix, instead of waiting for executors that never register
@@ -193,12 +166,7 @@ def test_master_workers_driver_and_endpoint_in_separate_networks(netns, tmp_path
         assert driver.returncode == 0 and result_file.exists(), driver_log.read_text(errors="replace")[-4000:]
         result = json.loads(result_file.read_text())
     finally:
-        for proc in reversed(procs):  # each in its own group: the worker's executors die with it
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+        stop_all(procs)
 
     driver_addr = netns.addr("driver")
     # every row answered once, by executors in the workers' networks
