@@ -72,6 +72,7 @@ class Namespaces:
             self._must("netns", "add", ns)
             self.created.append(ns)
             self._must("-n", ns, "link", "set", "lo", "up")
+        self._must("netns", "exec", self.hub, "true")  # entering one (it remounts /sys) may be refused too
         self._must("-n", self.hub, "link", "add", "br0", "type", "bridge")
         self._must("-n", self.hub, "link", "set", "br0", "up")
         for role, ns in self.names.items():
