@@ -46,6 +46,10 @@
     completion_window = "24h"               # the provider's window (OpenAI: 24h)
     deadline = "6h"                         # rows not answered by then (minus online time) go online
 
+    [mlflow]                                # optional: each run's counters to an MLflow run
+    experiment = "nightly-jobs"             # default: MLFLOW_EXPERIMENT_NAME, else MLflow's default
+    run_id = "..."                          # log into this existing run instead of a new one
+
 Instead of ``query``, a ``[prompt]`` table builds it from a template over the input's columns::
 
     [prompt]
@@ -123,6 +127,8 @@ class JobSpec(ConfigStruct):
     """``[batch_api]`` (see ``batch_api_options``): send pending rows as provider batches."""
     storage_options: dict[str, dict[str, str]] | None = None
     """``[storage_options]`` as ``{"": job-wide, "<uri prefix>": options}`` (see ``ai_query._storage_options``)."""
+    mlflow: dict[str, str] | None = None
+    """``[mlflow]`` (``experiment``, ``run_id``, ``tracking_uri``): push each run's counters to MLflow."""
 
     @classmethod
     def _field_path(cls, path: str, name: str) -> str:
@@ -187,7 +193,7 @@ class JobSpec(ConfigStruct):
             return ConfigError(f"{where}: {key} {message}")
 
         allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api",
-                       "storage_options"}
+                       "mlflow", "storage_options"}
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
@@ -305,6 +311,7 @@ class JobSpec(ConfigStruct):
                 prompt=prompt,
                 batch_api=batch_api_options(data["batch_api"], where) if "batch_api" in data else None,
                 storage_options=parse_section(data["storage_options"], where) if "storage_options" in data else None,
+                mlflow=_mlflow_options(data["mlflow"], where) if "mlflow" in data else None,
             )
 
     @classmethod
@@ -319,6 +326,14 @@ class JobSpec(ConfigStruct):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job spec {p} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, p.resolve().parent, str(p))
+
+
+def _mlflow_options(raw: Any, where: str) -> dict[str, str]:
+    """``[mlflow]`` checked (``_mlflow.MlflowTarget.from_spec``), kept as the table it was."""
+    from ._mlflow import MlflowTarget
+
+    MlflowTarget.from_spec(raw, where)
+    return dict(raw)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from _common import BackgroundLoad, Record, goal_met, write_results  # noqa: E402 - bench/ is not a package
+from _common import Record, alternating, goal_met, load_note, median, quiet_measure, write_results  # noqa: E402 - bench/ is not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,12 +52,12 @@ def run_arm(spark: Any, arm: str, root: Path, bucket: str | None, rows: int, chu
     with ProviderSimulator(api_key="sk-sim", seed=11) as sim:
         job = _s3_job(root, sim, bucket, rows, chunk_rows)[0] if bucket else write_job(root, sim, rows=rows, chunk=chunk_rows)
         spec = JobSpec.load(job)
-        quiet = BackgroundLoad.wait_for_quiet(log=log) if wait_quiet else None
-        load = BackgroundLoad().start()
-        t0 = time.monotonic()
-        report = run_incremental(spec, spark, progress=False)
-        elapsed = time.monotonic() - t0
-        others = load.stop()
+
+        def run() -> tuple[Any, float]:
+            t0 = time.monotonic()
+            return run_incremental(spec, spark, progress=False), time.monotonic() - t0
+
+        (report, elapsed), others, quiet = quiet_measure(run, wait_quiet=wait_quiet, log=log)
         served = sim.snapshot()["ok"]
     assert report.rows == rows and report.table_rows == rows, (report.rows, report.table_rows)
     assert served == rows, f"the simulator served {served} answers for {rows} rows"
@@ -93,33 +92,35 @@ def main(argv: list[str] | None = None) -> int:
             log("warming up (a small job on each arm)")
             run_arm(spark, "warm-local", Path(local_root, "warm-local"), None, 200, 100, False, log)
             run_arm(spark, "warm-s3", Path(local_root, "warm-s3"), s3.bucket(), 200, 100, False, log)
-            for rep in range(args.repeats):
-                for arm in ("local", "s3"):
-                    bucket = s3.bucket() if arm == "s3" else None
-                    res = run_arm(spark, arm, Path(local_root, f"{arm}{rep}"), bucket, args.rows, args.chunk_rows,
-                                  args.wait_quiet, log)
-                    runs.append(res)
-                    log(f"{arm:>5} rep {rep}: {res['rows']} rows in {res['chunks']} chunks, {res['elapsed_s']:.1f} s = "
-                        f"{res['rows_per_s']:.1f} rows/s, others {res['others_cores']:.2f} cores")
+            for arm, rep in alternating(("local", "s3"), args.repeats):
+                bucket = s3.bucket() if arm == "s3" else None
+                res = run_arm(spark, arm, Path(local_root, f"{arm}{rep}"), bucket, args.rows, args.chunk_rows,
+                              args.wait_quiet, log)
+                runs.append(res)
+                log(f"{arm:>5} rep {rep}: {res['rows']} rows in {res['chunks']} chunks, {res['elapsed_s']:.1f} s = "
+                    f"{res['rows_per_s']:.1f} rows/s, others {res['others_cores']:.2f} cores")
         finally:
             spark.stop()
 
     def med(arm: str) -> float:
-        return statistics.median(r["rows_per_s"] for r in runs if r["arm"] == arm)
+        return median([r["rows_per_s"] for r in runs if r["arm"] == arm])
 
     s3_rate, local_rate = med("s3"), med("local")
     ratio = round(s3_rate / local_rate, 3)
-    others = max(r["others_cores"] for r in runs)
     setup = (f"{args.rows} rows, chunk_rows {args.chunk_rows}, [prompt] job (merge by key, usage + payload tables, journal, "
              f"run log; tests/spark/test_job_resume.py's job); simulator at zero latency; Spark local[2]; S3 = moto server on 127.0.0.1")
+    s3_runs, local_runs = [r for r in runs if r["arm"] == "s3"], [r for r in runs if r["arm"] == "local"]
+    loads = [r["others_cores"] for r in runs]
+    local_rates = ", ".join(f"{r['rows_per_s']:.1f}" for r in local_runs)
     records = [
         Record("object_storage", "s3_over_local_rows_per_s", ratio, "ratio", ">= 0.9", 1.0, None, args.rows, None,
-               notes=f"median rows/s with everything on s3:// over the same job on local paths ({args.repeats} alternating runs each); {setup}"),
+               values=[round(s["rows_per_s"] / l["rows_per_s"], 3) for s, l in zip(s3_runs, local_runs)], others_cores=loads,
+               notes=f"median rows/s with everything on s3:// over the same job on local paths (runs: round by round; arms "
+                     f"alternate local, s3); {setup}; {load_note(loads)}"),
         Record("object_storage", "rows_per_s", round(s3_rate, 1), "rows/s", None, round(local_rate, 1), ratio, args.rows,
-               args.rows - int(statistics.median(r["ok"] for r in runs if r["arm"] == "s3")),
-               notes="ours = everything on s3://; baseline = local paths"),
-        Record("object_storage", "others_cpu_load", round(others, 2), "cores", None, None, None, args.rows, None,
-               notes="the most CPU used by processes not of this benchmark during any run (the machine has 2 cores)"),
+               args.rows - int(median([r["ok"] for r in s3_runs])),
+               values=[round(r["rows_per_s"], 1) for r in s3_runs], others_cores=[r["others_cores"] for r in s3_runs],
+               notes=f"ours = everything on s3://, baseline = local paths (its runs: {local_rates})"),
     ]
     for r in records:
         r.met = goal_met(r.value, r.goal)
