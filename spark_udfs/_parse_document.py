@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pyarrow as pa
 
-from ai_query import EndpointRegistry, shared_client
+from ai_query import ArgumentError, EndpointRegistry, shared_client
 from ai_query._documents import VISION_PARAMS, ParsedDocument, ParseOptions, start_document
 from ai_query._files import files_unsupported_reason
 
@@ -38,7 +38,10 @@ def _options_of(value: Any, default_endpoint: str | None, registry: EndpointRegi
     key = tuple(sorted(value or []))
     options = seen.get(key)
     if options is None:
-        options = ParseOptions.from_map(dict(key), default_endpoint)
+        try:
+            options = ParseOptions.from_map(dict(key), default_endpoint)
+        except ArgumentError as exc:  # the query's fault, raised in the worker: with its condition
+            raise argument_error("AI_QUERY_INVALID_ARGUMENT", str(exc.args[0])) from None
         if options.image_endpoint is not None:
             config = registry.get(options.image_endpoint)  # an unknown name fails the query, listing the known ones
             if (why := files_unsupported_reason(config)) is not None:
