@@ -17,14 +17,7 @@ from pyspark.errors import AnalysisException, PySparkException, PythonException
 
 import spark_udfs
 from ai_query import ArgumentError, EndpointRegistry, RowFailedError, UnknownEndpointError
-from ai_query.testing import ProviderSimulator
-from tests.spark.test_databricks_forms import _endpoint
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with ProviderSimulator(api_key="sk-sim") as simulator:
-        yield simulator
+from tests.spark.test_databricks_forms import _endpoint, sim  # noqa: F401 - sim: the provider simulator fixture
 
 
 @pytest.fixture(scope="module")
