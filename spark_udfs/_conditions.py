@@ -108,7 +108,24 @@ class AIQueryRowException(RowFailedError, AIFunctionException):
 
 
 class AIQueryDriverException(AIQueryError, AIFunctionException):
-    """Any other ai-query error met while preparing a statement (a preflight call, a secret)."""
+    """Any other ai-query error met while preparing a statement (a preflight call, a secret); its
+    class is made per ai-query type (``as_spark_error``), so it pickles as that type's twin."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        base = next(c for c in type(self).__bases__ if c is not AIQueryDriverException)
+        return _rebuild_twin, (base, self.args, self.__dict__)
+
+
+def _rebuild_twin(base: type, args: tuple[Any, ...], state: dict[str, Any]) -> AIQueryError:
+    twin = _twin_class(base).__new__(_twin_class(base))
+    twin.args = args
+    twin.__dict__.update(state)
+    return twin
+
+
+@functools.lru_cache(maxsize=None)
+def _twin_class(base: type) -> type:
+    return type(base.__name__, (base, AIQueryDriverException), {"__module__": __name__})
 
 
 def argument_error(condition: str, message: str) -> AIQueryArgumentException:
@@ -132,8 +149,7 @@ def as_spark_error(error: AIQueryError) -> AIQueryError:
         condition = "AI_FUNCTION_HTTP_REQUEST_ERROR"
     else:
         condition = "AI_QUERY_FAILED"
-    twin = type(error.__class__.__name__, (error.__class__, AIQueryDriverException), {"__module__": __name__})
-    return _with_state(twin, error, condition)
+    return _with_state(_twin_class(type(error)), error, condition)
 
 
 def _with_state(cls: type, error: AIQueryError, condition: str) -> Any:

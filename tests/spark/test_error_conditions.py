@@ -122,3 +122,18 @@ def test_condition_of_finds_nothing_in_a_failure_that_is_not_ours(espark):
     with pytest.raises(PySparkException) as caught:
         espark.sql("SELECT no_such_function(1)")
     assert spark_udfs.condition_of(caught.value) is None
+
+
+def test_other_ai_query_errors_keep_their_type_and_pickle_with_their_condition():
+    # mutation: ``AIQueryDriverException.__reduce__`` removed -> pickling fails (the twin class is made per type)
+    import pickle
+
+    from ai_query import ConfigError, SystemicEndpointError
+    from spark_udfs._conditions import as_spark_error
+
+    for error, condition, sqlstate in [(ConfigError("bad endpoints file"), "AI_QUERY_INVALID_CONFIGURATION", "42000"),
+                                       (SystemicEndpointError("HTTP 401", status_code=401), "AI_FUNCTION_HTTP_REQUEST_ERROR", "08000")]:
+        twin = pickle.loads(pickle.dumps(as_spark_error(error)))
+        assert isinstance(twin, type(error)) and isinstance(twin, PySparkException)
+        assert (twin.getCondition(), twin.getSqlState()) == (condition, sqlstate)
+        assert str(twin) == f"[{condition}] {error} SQLSTATE: {sqlstate}" and twin.__dict__.get("status_code") == error.__dict__.get("status_code")
