@@ -532,7 +532,9 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     if progress is None:
         progress = state.live_progress is None and state.progress_address is None and in_notebook()
     if progress and state.live_progress is None:
-        state.live_progress = LiveProgress(spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+        # where the executors reach the driver's other services (a Connect client without
+        # AIQ_DRIVER_HOST: the loopback, as a job's collector)
+        state.live_progress = LiveProgress(services_host(spark) or "127.0.0.1")
         state.progress_address = state.live_progress.address
     return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
 
