@@ -3,10 +3,15 @@
 ``spark.sql`` returns a lazy DataFrame: the rows are sent when an action (``show``, ``collect``,
 a write) runs, later, maybe several times. So progress belongs to the session, not to one call:
 the first ``progress=True`` starts one ``ai_query.ProgressCollector`` for the session (the UDFs
-rewritten from then on send their counters to it) and a watcher thread. The watcher opens a bar
-when rows start arriving, keeps it up to date (rows done, failed, tokens, rows/s, the endpoints'
-concurrency) and closes it once no row has arrived for ``idle_s``: one bar per burst of work,
-which is one action in practice. ``tqdm.auto`` draws a widget in Jupyter and a text bar elsewhere.
+rewritten from then on send their counters to it) and a watcher thread. The tasks' counts name
+the action they belong to (the root SQL execution: ``BatchContext.action``), and the watcher keeps
+one bar per action: it opens when the action's first rows arrive, keeps up to date (rows done,
+failed, tokens, rows/s, the endpoints' concurrency) and closes when the next action's rows start
+arriving or once none has arrived for ``idle_s``. Cutting bars at pauses alone merged
+``df.collect(); df.collect()`` into one bar with twice the query's rows and tokens: the second
+action starts long before any pause a display could wait for. An action whose rows arrive again
+after its bar closed (two actions running at once from two threads) gets a new bar counting from
+there. ``tqdm.auto`` draws a widget in Jupyter and a text bar elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class LiveProgress:
         self._clock = clock
         self._bar_factory = bar_factory
         self.bars = 0
-        """Bars opened so far (one per burst of rows)."""
+        """Bars opened so far (one per action, see the module docstring)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ai-query-live-progress", daemon=True)
         self._thread.start()
@@ -49,23 +54,30 @@ class LiveProgress:
         return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True)
 
     def _watch(self) -> None:
-        bar: Any = None
-        base = seen = ProgressCounts()
-        last_change = 0.0
+        bars: dict[str | None, tuple[Any, ProgressCounts]] = {}  # open bars: action -> (bar, counts when it opened)
+        seen: dict[str | None, ProgressCounts] = {}
+        last_change: dict[str | None, float] = {}
         while not self._stop.wait(self.poll_s):
             now = self._clock()
-            snap = self.collector.snapshot()
-            if (snap.rows, snap.tokens) != (seen.rows, seen.tokens):
-                if bar is None:
-                    bar, base = self._new_bar(), seen
+            changed: dict[str | None, ProgressCounts] = {}  # action -> its counts before this poll
+            for action, snap in self.collector.by_action().items():
+                before = seen.get(action, ProgressCounts())
+                if (snap.rows, snap.tokens) != (before.rows, before.tokens):
+                    changed[action] = before
+                    seen[action], last_change[action] = snap, now
+            starting = any(action not in bars for action in changed)
+            for action in list(bars):  # an earlier action is done once a new one sends rows, or after a pause
+                if action not in changed and (starting or now - last_change[action] >= self.idle_s):
+                    bars.pop(action)[0].close()
+            for action, before in changed.items():
+                if action not in bars:  # counting from its counts so far (none, unless its bar closed before)
+                    bars[action] = (self._new_bar(), before)
                     self.bars += 1
-                seen, last_change = snap, now
-                show(bar, snap, base)
-            elif bar is not None and now - last_change >= self.idle_s:
-                bar.close()
-                bar = None
-        if bar is not None:
-            show(bar, self.collector.snapshot(), base)
+                bar, base = bars[action]
+                show(bar, seen[action], base)
+        final = self.collector.by_action()
+        for action, (bar, base) in bars.items():
+            show(bar, final.get(action, seen[action]), base)
             bar.close()
 
     def close(self) -> None:
