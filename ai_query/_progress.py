@@ -97,6 +97,8 @@ class ProgressCollector:
         self._totals = ProgressCounts()
         self._actions: dict[str | None, ProgressCounts] = {}
         self._lock = threading.Lock()
+        self._sync_done = threading.Condition(self._lock)
+        self._syncs = self._synced = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ai-query-progress", daemon=True)
         self._thread.start()
@@ -110,6 +112,13 @@ class ProgressCollector:
             try:
                 msg = json.loads(data)
             except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if "sync" in msg:
+                with self._lock:
+                    self._synced = max(self._synced, int(msg["sync"]))
+                    self._sync_done.notify_all()
                 continue
             action = msg.get("action")
             action = action if isinstance(action, str) else None
@@ -127,6 +136,19 @@ class ProgressCollector:
     def snapshot(self) -> ProgressCounts:
         with self._lock:
             return _copy(self._totals)
+
+    def sync(self, timeout: float = 1.0) -> bool:
+        """Wait (at most ``timeout`` s) until every datagram queued at this socket is counted: a
+        marker sent to itself is read after them. False if the marker was not seen in time."""
+        with self._lock:
+            self._syncs += 1
+            token = self._syncs
+        try:
+            self._sock.sendto(json.dumps({"sync": token}).encode(), self.address)
+        except OSError:
+            return False
+        with self._sync_done:
+            return self._sync_done.wait_for(lambda: self._synced >= token, timeout)
 
     def by_action(self) -> dict[str | None, ProgressCounts]:
         """The counts of each action (``None``: counts sent without one)."""

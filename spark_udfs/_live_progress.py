@@ -25,7 +25,11 @@ from ai_query import ProgressCollector, ProgressCounts
 
 
 class LiveProgress:
-    """A session's progress bars (see the module docstring); ``close()`` stops the watcher."""
+    """A session's progress bars (see the module docstring); ``close()`` stops the watcher.
+
+    In a Jupyter kernel the bars of a cell also close when the cell ends (IPython's
+    ``post_run_cell``), drawn with every count the cell's actions sent: a bar closed by the
+    watcher ``idle_s`` later would land its last line in whichever cell runs then."""
 
     def __init__(self, host: str = "127.0.0.1", *, stream: IO[str] | None = None, idle_s: float = 2.0, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic, bar_factory: Callable[..., Any] | None = None) -> None:
@@ -38,9 +42,16 @@ class LiveProgress:
         self._bar_factory = bar_factory
         self.bars = 0
         """Bars opened so far (one per action, see the module docstring)."""
+        self._lock = threading.Lock()
+        self._open: dict[str | None, tuple[Any, ProgressCounts]] = {}  # action -> (bar, its counts when the bar opened)
+        self._seen: dict[str | None, ProgressCounts] = {}
+        self._last_change: dict[str | None, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ai-query-live-progress", daemon=True)
         self._thread.start()
+        self._events = _ipython_events() if in_notebook() else None
+        if self._events is not None:
+            self._events.register("post_run_cell", self._cell_done)
 
     def _new_bar(self) -> Any:
         if self._bar_factory is not None:
@@ -54,35 +65,48 @@ class LiveProgress:
         return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True)
 
     def _watch(self) -> None:
-        bars: dict[str | None, tuple[Any, ProgressCounts]] = {}  # open bars: action -> (bar, counts when it opened)
-        seen: dict[str | None, ProgressCounts] = {}
-        last_change: dict[str | None, float] = {}
         while not self._stop.wait(self.poll_s):
-            now = self._clock()
-            changed: dict[str | None, ProgressCounts] = {}  # action -> its counts before this poll
-            for action, snap in self.collector.by_action().items():
-                before = seen.get(action, ProgressCounts())
-                if (snap.rows, snap.tokens) != (before.rows, before.tokens):
-                    changed[action] = before
-                    seen[action], last_change[action] = snap, now
-            starting = any(action not in bars for action in changed)
-            for action in list(bars):  # an earlier action is done once a new one sends rows, or after a pause
-                if action not in changed and (starting or now - last_change[action] >= self.idle_s):
-                    bars.pop(action)[0].close()
-            for action, before in changed.items():
-                if action not in bars:  # counting from its counts so far (none, unless its bar closed before)
-                    bars[action] = (self._new_bar(), before)
-                    self.bars += 1
-                bar, base = bars[action]
-                show(bar, seen[action], base)
-        final = self.collector.by_action()
-        for action, (bar, base) in bars.items():
-            show(bar, final.get(action, seen[action]), base)
-            bar.close()
+            with self._lock:
+                self._poll(self._clock())
+
+    def _poll(self, now: float) -> None:
+        bars, seen = self._open, self._seen
+        changed: dict[str | None, ProgressCounts] = {}  # action -> its counts before this poll
+        for action, snap in self.collector.by_action().items():
+            before = seen.get(action, ProgressCounts())
+            if (snap.rows, snap.tokens) != (before.rows, before.tokens):
+                changed[action] = before
+                seen[action], self._last_change[action] = snap, now
+        starting = any(action not in bars for action in changed)
+        for action in list(bars):  # an earlier action is done once a new one sends rows, or after a pause
+            if action not in changed and (starting or now - self._last_change[action] >= self.idle_s):
+                bars.pop(action)[0].close()
+        for action, before in changed.items():
+            if action not in bars:  # counting from its counts so far (none, unless its bar closed before)
+                bars[action] = (self._new_bar(), before)
+                self.bars += 1
+            bar, base = bars[action]
+            show(bar, seen[action], base)
+
+    def close_bars(self) -> None:
+        """Close the open bars now, with every count that reached the driver so far."""
+        self.collector.sync()
+        with self._lock:
+            self._poll(self._clock())
+            for bar, _ in self._open.values():
+                bar.close()
+            self._open.clear()
+
+    def _cell_done(self, *_: Any) -> None:
+        self.close_bars()
 
     def close(self) -> None:
+        if self._events is not None:
+            self._events.unregister("post_run_cell", self._cell_done)
+            self._events = None
         self._stop.set()
         self._thread.join(timeout=5)
+        self.close_bars()
         self.collector.close()
 
 
@@ -93,6 +117,11 @@ def show(bar: Any, snap: ProgressCounts, base: ProgressCounts) -> None:
     bar.set_postfix(failed=snap.rows_failed - base.rows_failed, tokens=snap.tokens - base.tokens, concurrency=conc or "-",
                     refresh=False)
     bar.refresh()
+
+
+def _ipython_events() -> Any:
+    shell = sys.modules["IPython"].get_ipython()  # type: ignore[attr-defined]
+    return shell.events
 
 
 def in_notebook() -> bool:

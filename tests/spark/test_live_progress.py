@@ -102,3 +102,45 @@ def test_back_to_back_actions_get_a_bar_each_however_long_the_bar_waits_for_a_pa
         live.close()  # draws the open bars' final state and closes them
     assert sim.stats.requests == 80 and live.bars == 2, (sim.stats, stream.getvalue())
     check_bars(closed_bars(stream.getvalue()), tokens)
+
+
+NOTEBOOK_CELLS = [
+    """import spark_udfs
+spark = spark_udfs.build_session(app_name="live-progress-notebook")
+print("ui:", spark.conf.get("spark.ui.enabled"), spark.sparkContext.uiWebUrl is not None)""",
+    """from ai_query import EndpointRegistry
+spark_udfs.register(spark, EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([{
+    "name": "live-chat", "config": {"served_entities": [{"name": "m", "external_model": {
+        "name": "sim-model", "provider": "openai", "task": "llm/v1/chat",
+        "openai_config": {"openai_api_key_plaintext": "sk-sim", "openai_api_base": BASE_URL}}}]}}])))
+spark.createDataFrame([(i, f"question {i}") for i in range(40)], "id INT, q STRING").createOrReplaceTempView("live_rows")""",
+    "print(len(spark_udfs.sql(spark, QUERY).collect()))  # no progress argument: on by default in a notebook",
+    "print('the next cell')",
+]
+
+
+@pytest.mark.integration
+def test_in_a_notebook_the_ui_is_on_and_progress_is_on_by_default_and_ends_in_its_cell(sim, tmp_path):
+    """A real Jupyter kernel (nbclient) runs ``build_session()`` and ``spark_udfs.sql`` without
+    ``progress``: the Spark UI is on, and the cell that runs the query shows a bar with the
+    query's counts, closed in that cell (tqdm's text bar on stderr: ipywidgets is not installed).
+
+    Mutations caught: ``build_session(..., ui=False)`` as the default: ``ui: false False``;
+    ``in_notebook`` returning False: no bar; the ``post_run_cell`` hook not registered in
+    ``LiveProgress.__init__``: the bar's close lands after its cell (no closed bar in it)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    source = [c.replace("BASE_URL", repr(sim.base_url)).replace("QUERY", repr(QUERY)) for c in NOTEBOOK_CELLS]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in source])
+    sim.reset()
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    def text(cell: int, name: str) -> str:
+        return "".join(o.get("text", "") for o in nb.cells[cell].outputs if o.get("name") == name)
+
+    assert "ui: true True" in text(0, "stdout"), nb.cells[0].outputs
+    assert text(2, "stdout") == "40\n", nb.cells[2].outputs
+    assert sim.stats.requests == 40, sim.stats
+    bars = closed_bars(text(2, "stderr"))
+    check_bars(bars, [sim.stats.total_tokens])
+    assert "ai_query:" not in text(3, "stderr") + text(3, "stdout"), nb.cells[3].outputs
