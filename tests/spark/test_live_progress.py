@@ -115,7 +115,7 @@ spark_udfs.register(spark, EndpointRegistry.builtin().with_endpoints(EndpointReg
         "openai_config": {"openai_api_key_plaintext": "sk-sim", "openai_api_base": BASE_URL}}}]}}])))
 spark.createDataFrame([(i, f"question {i}") for i in range(40)], "id INT, q STRING").createOrReplaceTempView("live_rows")""",
     "print(len(spark_udfs.sql(spark, QUERY).collect()))  # no progress argument: on by default in a notebook",
-    "print('the next cell')",
+    "import time; time.sleep(3); print('the next cell')  # longer than idle_s: a bar left open would close here",
 ]
 
 
