@@ -583,18 +583,13 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     if progress is False and state.live_progress is not None:
         state.live_progress.close()
         state.live_progress = state.progress_address = None
-    asked = progress
     if progress is None:
         progress = state.live_progress is None and state.progress_address is None and in_notebook()
     if progress and state.live_progress is None:
-        host = services_host(spark)  # where the executors reach this process (none for Spark Connect by default)
-        if host is not None:
-            state.live_progress = LiveProgress(host)
-            state.progress_address = state.live_progress.address
-        elif asked:
-            log.warning("spark_udfs.sql(..., progress=True): no live progress on this Spark Connect session, as its "
-                        "executors cannot reach this client; set AIQ_DRIVER_HOST to an address of this machine "
-                        "that the executors reach to see it")
+        # where the executors reach the driver's other services (a Connect client without
+        # AIQ_DRIVER_HOST: the loopback, as a job's collector)
+        state.live_progress = LiveProgress(services_host(spark) or "127.0.0.1")
+        state.progress_address = state.live_progress.address
     return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
 
 
