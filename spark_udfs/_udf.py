@@ -101,12 +101,15 @@ def _answers_of_this_stage() -> StageAnswers:
 
 
 def _batch_context() -> BatchContext | None:
-    """What a backend may need to know of the running task: the GPUs Spark assigned to it."""
+    """What the core may need to know of the running task: the GPUs Spark assigned to it (for a
+    backend), the SQL execution it serves (live progress counts per action; the root execution,
+    so that a subquery's rows count towards the action that ran it)."""
     ctx = _task_context()
     if ctx is None:
         return None
     gpu = ctx.resources().get("gpu")
-    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else ())
+    action = ctx.getLocalProperty("spark.sql.execution.root.id") or ctx.getLocalProperty("spark.sql.execution.id")
+    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (), action=action)
 
 
 _BOUND_TO_DAEMON: int | None = None  # the pid that asked for its parent-death signal (a fork must ask again)
