@@ -59,6 +59,10 @@ class BatchContext:
     gpu_ids: tuple[str, ...] = ()
     """GPU addresses the scheduler assigned to this task (Spark resource scheduling)."""
 
+    action: str | None = None
+    """The user action the batch is part of (Spark: the root SQL execution of ``collect``,
+    ``show``, a write): live progress draws one bar per action."""
+
 
 @dataclass(frozen=True)
 class HTTPRequest:

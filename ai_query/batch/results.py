@@ -44,6 +44,9 @@ class CallResult:
     400 for a row refused before sending, its request at fault: ``request.row_fault``)."""
     logprobs: Any = None
     """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
+    prediction: Any = None
+    """A custom model's output for the row when it is not ``value``: a one-column DataFrame's record
+    (``ModelResponse.prediction``); the serving endpoint answers it as MLflow's scoring server does."""
 
     @property
     def ok(self) -> bool:
@@ -70,6 +73,7 @@ def answered_result(index: int, endpoint: str, model: str | None, pricing: Any, 
         request_id=response.request_id,
         finish_reason=response.finish_reason,
         logprobs=_logprobs(response),
+        prediction=response.prediction,
     )
 
 
