@@ -156,7 +156,7 @@ class _ProgressDisplay:
         if self._tty:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total, desc=self.label, unit="row", file=self.stream, dynamic_ncols=True)
+            bar = tqdm(total=self.total, desc=self.label, unit="row", file=self.stream, dynamic_ncols=True, position=0)
             try:
                 while not self._stop.wait(0.5):
                     self._update(bar)

@@ -62,7 +62,9 @@ class LiveProgress:
         except ImportError:
             from tqdm import tqdm
 
-        return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True)
+        # position=0: one line redrawn in place, even while some other tqdm bar of the process is
+        # open (and never closed): tqdm would stack ours below it with newlines and cursor moves
+        return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True, position=0)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):

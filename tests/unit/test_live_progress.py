@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import time
 
+from tqdm import tqdm
+
 from ai_query import ProgressReporter
 from spark_udfs import LiveProgress
 
@@ -68,3 +70,24 @@ def test_one_bar_per_action_and_a_reopened_bar_counts_from_where_the_last_one_st
     counts = live.collector.by_action()
     assert (counts["a"].rows, counts["a"].rows_failed, counts["a"].tokens) == (9, 3, 34)
     assert live.collector.snapshot().rows == 10
+
+
+def test_a_bar_is_one_line_redrawn_in_place_while_another_tqdm_bar_of_the_process_is_open():
+    """Mutation caught: ``position=0`` removed from ``_new_bar``: tqdm stacks the bar below the
+    other open one with a newline and cursor moves, so the stream has stray lines (the full suite
+    left such a bar open and the Spark test saw four bars for two actions)."""
+    other = tqdm(total=3, file=io.StringIO())  # some other bar of the process, never closed here
+    clock, stream = Clock(), io.StringIO()
+    live = LiveProgress(stream=stream, idle_s=10, poll_s=0.01, clock=clock)
+    reporter = ProgressReporter(live.address)
+    try:
+        for i in range(5):
+            reporter.add(True, 2, "ep", 4, action="a")
+        reporter.flush()
+        wait_for(lambda: "tokens=10" in stream.getvalue(), "a's bar")
+    finally:
+        reporter.close()
+        live.close()
+        other.close()
+    assert "\x1b[" not in stream.getvalue()
+    assert closed(stream) == [stream.getvalue().split("\r")[-1].rstrip("\n")] and "5row" in closed(stream)[0]
