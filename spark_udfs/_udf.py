@@ -23,6 +23,7 @@ from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query.backends import BatchContext
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, TaskJournal, stage_answers
 from ai_query.batch.pipeline import PendingRows, start_rows
+from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 from ai_query.batch.request import invalid_utf8_message
 from ai_query.process import cmdline, die_with_parent
 
@@ -100,12 +101,14 @@ def _answers_of_this_stage() -> StageAnswers:
 
 
 def _batch_context() -> BatchContext | None:
-    """What a backend may need to know of the running task: the GPUs Spark assigned to it."""
+    """What a backend may need to know of the running task: the GPUs Spark assigned to it, and
+    whether a job's batch phase asks its calls to go online."""
     ctx = _task_context()
     if ctx is None:
         return None
     gpu = ctx.resources().get("gpu")
-    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else ())
+    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (),
+                        online_only=bool(ctx.getLocalProperty(ONLINE_ONLY_PROPERTY)))
 
 
 _BOUND_TO_DAEMON: int | None = None  # the pid that asked for its parent-death signal (a fork must ask again)

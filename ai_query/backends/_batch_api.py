@@ -90,15 +90,18 @@ class ProviderBatches:
         self._base = ""
 
     # -- lines ----------------------------------------------------------------------------
-    def lines(self, task: str, requests: Sequence[Any], params: Sequence[Any], prompt_texts: Sequence[str]) -> list[BatchLine]:
-        """One line per request, its body built by the online backend (same model, parameters, headers)."""
+    def lines(self, task: str, requests: Sequence[Any], params: Sequence[Any], prompt_texts: Sequence[str],
+              response_format: Mapping[str, Any] | None = None) -> list[BatchLine]:
+        """One line per request, its body built by the online backend (same model, parameters,
+        response format, headers); ``params``: a ``ModelParameters`` or a mapping per request."""
         if task not in _TASK_PATHS:
             raise ConfigError(f"batch mode sends chat and completions requests; endpoint task {task!r} has no batch API: run it online")
 
         async def build_all() -> list[BatchLine]:
             out = []
             for value, p, text in zip(requests, params, prompt_texts):
-                built = await self.backend.build(task, value, ModelParameters.from_mapping(p), None)
+                built = await self.backend.build(task, value, p if isinstance(p, ModelParameters) else ModelParameters.from_mapping(p),
+                                                 response_format)
                 if not self._base:
                     self._headers = {k: v for k, v in built.headers.items() if k != "content-type"}
                     self._base = built.url[: -len("/chat/completions" if task == "llm/v1/chat" else "/completions")] \
