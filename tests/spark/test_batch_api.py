@@ -136,6 +136,22 @@ def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
 
 
 @pytest.mark.spark
+def test_a_job_on_an_endpoint_in_batch_mode_sends_its_remainder_online_not_as_new_batches(tmp_path, spark):
+    """The endpoint itself has ``client_config.batch_api`` (as for SQL); after the job's batch
+    phase its chunks must go online. Mutation caught: the chunks run without the online-only
+    property (the remainder goes out as new batches: batches_created > 1, requests == 0)."""
+    rows = 120
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 120.0}) as sim:
+        job = _job(tmp_path, sim, rows, 'deadline = "3s"\nonline_rows_per_s = 100000\npoll_s = 0.05\nmax_poll_s = 0.2')
+        endpoints = json.loads((tmp_path / "endpoints.json").read_text())
+        endpoints["client_config"]["batch_api"] = {"poll_s": 0.05}
+        (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+        report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
+        assert served["batches_created"] == 1 and served["batches_cancelled"] == 1
+        assert served["requests"] == rows - served["batch_lines_ok"] > 0
+
+
+@pytest.mark.spark
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_failed_lines_of_a_batch_are_retried_alone(tmp_path, spark, provider):
     """A seeded 15 % of batch lines fail (500 in the error file); the rows are split into 3 batches
