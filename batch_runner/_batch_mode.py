@@ -13,7 +13,10 @@ in ``aiq_cost_usd`` (the price table's batch rate), its request id (the provider
 
 **Exactly once, paid once.** Each batch is recorded in ``<state>/batches/<id>.json`` the moment the
 provider has accepted it, with its lines' request keys; a killed job's next run polls the recorded
-batches and submits only requests no recorded batch carries. A batch's answers are journaled once
+batches and submits only requests no recorded batch carries. Before each create, an intent
+(``_intent-<token>.json``: the batch's lines) is written and the token sent as the batch's
+metadata: a run killed between the create and the record leaves the intent, and the next run
+finds the batch by its metadata (OpenAI; Message Batches carry none) and polls it. A batch's answers are journaled once
 it has ended (then it is marked collected); a chunk commit is idempotent as in online jobs, so a
 batch's results are committed once. The state is dropped when the job has no pending rows left.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
 
 log = get_logger("batch_runner")
 _STRUCT = "__aiq_batch_request"
+_INTENT = "_intent-"
+_INTENT_KEY = "aiq_intent"
 
 
 @dataclass
@@ -75,9 +81,12 @@ def _load_state(spec: JobSpec) -> dict[str, Any]:
     """``{"batches": {id: record}, "deadline_at": ...}`` from one file per batch (a save rewrites one batch only)."""
     root = _state_dir(spec)
     state: dict[str, Any] = {"batches": {}}
+    state["intents"] = {}
     for path in storage.list_dir(root, suffix=".json", dirs=False):
         if storage.name(path) == "_deadline.json":
             state["deadline_at"] = json.loads(storage.read_bytes(path))["deadline_at"]
+        elif storage.name(path).startswith(_INTENT):
+            state["intents"][storage.name(path).removeprefix(_INTENT).removesuffix(".json")] = json.loads(storage.read_bytes(path))
         else:
             state["batches"][storage.name(path).removesuffix(".json")] = json.loads(storage.read_bytes(path))
     return state
@@ -157,6 +166,7 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
     state = _load_state(spec)
     journal_root = storage.join(spec.state_path, "journal")
 
+    _adopt_orphans(client, spec, state)
     carried = {d for b in state["batches"].values() for d, _ in b["lines"].values()}
     journaled = set()
     for directory in storage.list_dir(journal_root, dirs=True):
@@ -171,10 +181,15 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
     lines = client.lines(task, [new[d][0] for d in digests], [new[d][1] for d in digests],
                          [prompt_text_of(new[d][0]) for d in digests]) if digests else []
     for part_lines, part_digests in _parts(client.split(lines), digests):
-        batch_id = client.submit(part_lines, options.get("completion_window", "24h"))
-        state["batches"][batch_id] = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
-                                      "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
-        _save_batch(spec, batch_id, state["batches"][batch_id])
+        token = uuid.uuid4().hex  # the intent: a kill between the create and the record below leaves it
+        record = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
+                  "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
+        intent = storage.join(_state_dir(spec), f"{_INTENT}{token}.json")
+        _write(intent, record)
+        batch_id = client.submit(part_lines, options.get("completion_window", "24h"), {_INTENT_KEY: token})
+        state["batches"][batch_id] = record
+        _save_batch(spec, batch_id, record)
+        storage.remove(intent)
         phase.submitted += 1
         phase.lines += len(part_lines)
         log.info("job %s: batch %s submitted (%d requests)", spec.name, batch_id, len(part_lines))
@@ -197,6 +212,19 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
                      max_poll_s=float(options.get("max_poll_s", 60.0)), on_cancel=on_cancel)
     phase.batch_ids = list(state["batches"])
     return phase
+
+
+def _adopt_orphans(client: ProviderBatches, spec: JobSpec, state: dict[str, Any]) -> None:
+    """A batch whose create a killed run sent but never recorded: found by its intent's metadata
+    and recorded (polled, not sent again); an intent the provider has no batch for is dropped."""
+    for token, record in state.pop("intents").items():
+        batch_id = client.find(_INTENT_KEY, token)
+        if batch_id is not None and batch_id not in state["batches"]:
+            state["batches"][batch_id] = record
+            _save_batch(spec, batch_id, record)
+            log.info("job %s: batch %s, created by a run killed before recording it, is polled instead of sent again",
+                     spec.name, batch_id)
+        storage.remove(storage.join(_state_dir(spec), f"{_INTENT}{token}.json"))
 
 
 def _parts(batches: list[list[BatchLine]], digests: list[str]) -> list[tuple[list[BatchLine], list[str]]]:

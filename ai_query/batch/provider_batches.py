@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .._errors import EndpointError
 from .._schemas import ModelParameters, ModelResponse
-from ..backends import BatchContext
+from ..backends import BatchContext, backend_class, entity_kind
 from ..backends._batch_api import BatchState, ProviderBatches
 from ..config import EndpointConfig, ServedEntity
 from .request import prompt_text_of, row_fault
@@ -154,7 +154,12 @@ async def amap_in_batches(aiq: "AIQueryClient", endpoint: str, values: Sequence[
 
 
 def batch_client(entity: ServedEntity, max_requests: int | None = None) -> ProviderBatches:
-    """The batch API of ``entity``: its provider's (OpenAI, Anthropic)."""
+    """The batch API of ``entity``: its provider's (OpenAI, Anthropic), or the one its backend
+    brings (a ``vllm_pool``: vLLM's batch runner over the same JSONL; ``Backend.batch_api``)."""
+    if entity.external_model is None:
+        factory = getattr(backend_class(entity_kind(entity)), "batch_api", None)
+        if factory is not None:
+            return factory(entity, max_requests=max_requests)  # type: ignore[no-any-return]
     return ProviderBatches(entity, max_requests=max_requests)
 
 

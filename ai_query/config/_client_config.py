@@ -38,7 +38,8 @@ def duration_s(value: Any, where: str) -> float:
 
 class BatchAPIConfig(ConfigStruct):
     """``client_config.batch_api``: batch calls (SQL, DataFrames, ``map``) send their rows as provider
-    batches (OpenAI Batch API, Anthropic Message Batches) at the batch price; rows not answered when ``deadline`` nears go online."""
+    batches (OpenAI Batch API, Anthropic Message Batches; a ``vllm_pool`` runs the same JSONL
+    through vLLM's batch runner) at the batch price; rows not answered when ``deadline`` nears go online."""
 
     completion_window: str = "24h"
     """The provider's completion window of each batch."""

@@ -85,11 +85,11 @@ class EndpointConfig(ConfigStruct):
         if len(self.served_entities) != 1:
             raise ConfigError(f"{where} is set on an endpoint with {len(self.served_entities)} served entities; batch mode sends "
                               "every row to one entity's batch API: give the endpoint one served entity, or remove batch_api")
-        if provider not in BATCH_API_PROVIDERS:
+        if provider not in BATCH_API_PROVIDERS and entity.vllm_pool is None:
             what = f"external_model provider {provider!r}" if provider else f"a {entity.kind} entity"
             raise ConfigError(f"{where} is set, but served entity {entity.name!r} is {what}, which has no batch API; "
-                              f"batch mode needs an external_model with provider {' or '.join(map(repr, BATCH_API_PROVIDERS))}: "
-                              "point the endpoint at one, or remove client_config.batch_api to send rows online")
+                              f"batch mode needs an external_model with provider {' or '.join(map(repr, BATCH_API_PROVIDERS))}, "
+                              "or a vllm_pool (vLLM's batch runner): point the endpoint at one, or remove client_config.batch_api to send rows online")
         if self.task not in ("llm/v1/chat", "llm/v1/completions"):
             raise ConfigError(f"{where} is set on an endpoint of task {self.task!r}; batch mode sends chat and completions "
                               "requests only: remove client_config.batch_api to send these rows online")

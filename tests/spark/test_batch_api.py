@@ -18,6 +18,7 @@ import pytest
 from deltalake import DeltaTable
 
 from ai_query.testing import ProviderSimulator
+from ai_query.transport import TransportError
 from batch_runner import JobSpec, run_incremental
 from tests.spark.test_job_resume import start_run, write_job
 
@@ -114,6 +115,26 @@ def test_killed_while_batches_in_progress_resumes_polling_without_resubmitting(t
         assert served["requests"] == 0
         assert set(table.column("aiq_batch_id").to_pylist()) == {batch_id}
         assert usage.num_rows == rows and pc.sum(usage.column("input_token_count")).as_py() == served["batch_prompt_tokens"]
+
+
+@pytest.mark.spark
+def test_a_batch_created_but_never_recorded_is_found_by_its_metadata_not_sent_again(tmp_path, spark):
+    """The simulator makes the first batch but loses its answer (a reset connection: what a run
+    killed between the create and its state write leaves). That run fails; the next one finds the
+    batch by its intent's metadata and polls it. Mutations caught: no orphan lookup on resume
+    (batches_created == 2); the intent written after the create instead of before (no intent
+    survives the failed create: batches_created == 2)."""
+    rows = 100
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.3, "lost_creates": 1}) as sim:
+        job = _job(tmp_path, sim, rows, 'poll_s = 0.05')
+        with pytest.raises(TransportError, match="closed before the answer was complete"):
+            run_incremental(JobSpec.load(job), spark, progress=False)
+        assert sim.snapshot()["batches_created"] == 1
+        assert len(list((tmp_path / "out.aiq" / "batches").glob("_intent-*.json"))) == 1
+        report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
+        assert served["batches_created"] == 1, "the batch a failed run created was sent again"
+        assert report.batch_phase.resumed == 1 and report.batch_phase.submitted == 0
+        assert served["requests"] == 0 and table.column("aiq_batch_id").null_count == 0
 
 
 @pytest.mark.spark
