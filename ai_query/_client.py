@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from .limits.aimd import AdaptiveConcurrencyLimiter
 from .limits.gradient import GradientConcurrencyLimiter
@@ -45,6 +45,8 @@ from ._errors import (
 from .backends import Backend, BatchContext, backend_for
 from ._logging import Throttled, get_logger
 from ._redact import redact, remember_headers
+from ._loop import LoopThread
+from ._tracing import RequestSpans, request_tracer
 from .limits.breaker import CircuitBreaker, is_outage
 from .limits.quota import BrokeredQuota, LocalQuota, Quota, QuotaLimits
 from .limits.retry import RecentFaults, RetryBudget, log_budget_stop, log_retry, make_retrying, retry_within_budget
@@ -56,7 +58,6 @@ from .batch.request import prompt_text_of, row_fault, traffic_point
 from .batch.results import CallResult, answered_result, check_exactly_once, failed_result
 from .batch.scheduler import WindowScheduler
 
-T = TypeVar("T")
 _throttled = Throttled(get_logger("ai_query.client"))  # rare events only: 429 waits, budget stops
 DEFAULT_MAX_TOKENS_RESERVED = 256
 """Tokens reserved for the answer when a request sets no max_tokens (quota admission only)."""
@@ -96,6 +97,7 @@ class EndpointClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         quota: Quota | None = None,
         share: float = 1.0,
+        tracer: Any = None,
     ) -> None:
         self.config = config
         cc = config.client_config
@@ -120,6 +122,9 @@ class EndpointClient:
         self.fallbacks = 0
         self.concurrency_share: ConcurrencyShare | None = None
         """Set by ``AIQueryClient`` when several workers share the endpoint through the driver's broker."""
+        self.spans = RequestSpans(tracer, config) if tracer is not None else None
+        if self.spans is not None:  # decided once (``_tracing``): without a tracer ``call`` stays the plain method
+            self.call = self.spans.traced(self.call)  # type: ignore[method-assign]
 
     @property
     def backend(self) -> Backend:
@@ -335,10 +340,11 @@ class EndpointClient:
     ) -> tuple[CallResult, bool]:
         """The retry policy from a failed first attempt (``first_failure``, made at ``started``) on."""
         cc = self.config.client_config
+        before_sleep = log_retry(self.config.name, route.limiter, _throttled)  # with spans: each retry an event too
         retrying = make_retrying(
             max_attempts=cc.max_attempts, rate_limit_wait_s=cc.rate_limit_wait_s, clock=self._clock, sleep=self._sleep,
             budget=self.budget, initial_backoff=cc.retry_backoff_s, started=started, recent_faults=self.recent_faults,
-            before_sleep=log_retry(self.config.name, route.limiter, _throttled),
+            before_sleep=before_sleep if self.spans is None else self.spans.retry_events(before_sleep),
         )
         attempts = 0
         replay: RetryableEndpointError | None = first_failure
@@ -399,28 +405,11 @@ RowBatch = tuple[str, Sequence[Any], ModelParameters | Mapping[str, Any] | None,
 """``(endpoint, values, params, response_format)``: rows for ``map_many`` / ``submit_many``."""
 
 
-class _LoopThread:
-    """A daemon thread running one asyncio loop for the process."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ai-query-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
-
-
 class AIQueryClient:
     """Sends rows to the endpoints of a registry.
 
     ``transport`` replaces the network (e.g. ``ai_query.transport.MockTransport(handler)``) and ``clock`` /
-    ``sleep`` replace time, so tests are hermetic without patching anything.
+    ``sleep`` replace time, so tests are hermetic without patching anything; ``tracer_provider`` spans (``_tracing``).
     """
 
     def __init__(
@@ -433,8 +422,10 @@ class AIQueryClient:
         quota_broker: tuple[str, int] | None = None,
         quota_share: float = 1.0,
         quota_clock: Callable[[], float] = time.time,
+        tracer_provider: Any = None,
     ) -> None:
         self.registry = registry if registry is not None else EndpointRegistry.default()
+        self._tracer = request_tracer(tracer_provider)  # once: None means no span and no cost per request
         self.quota_broker = quota_broker
         self.quota_share = quota_share
         self._quota_clock = quota_clock
@@ -442,7 +433,7 @@ class AIQueryClient:
         self._clock = clock
         self._sleep = sleep
         self._endpoints: dict[str, EndpointClient] = {}
-        self._loop_thread: _LoopThread | None = None
+        self._loop_thread: LoopThread | None = None
         self._lock = threading.Lock()
 
     def endpoint(self, name: str) -> EndpointClient:
@@ -453,7 +444,7 @@ class AIQueryClient:
             if self._transport is None:  # aiohttp unless a transport was injected, made on first use
                 self._transport = make_transport("aiohttp")
             client = EndpointClient(config, self._transport, clock=self._clock, sleep=self._sleep,
-                                    quota=self._quota(config), share=self.quota_share)
+                                    quota=self._quota(config), share=self.quota_share, tracer=self._tracer)
             if self.quota_broker is not None and self.quota_share < 1.0:  # one of several workers
                 client.concurrency_share = ConcurrencyShare(name, self.quota_broker, config.client_config.max_concurrency,
                                                             [route.limiter for route in client.routes])
@@ -541,10 +532,10 @@ class AIQueryClient:
         check_exactly_once(results, len(values))
         return results
 
-    def _loop(self) -> _LoopThread:
+    def _loop(self) -> LoopThread:
         with self._lock:
             if self._loop_thread is None:
-                self._loop_thread = _LoopThread()
+                self._loop_thread = LoopThread()
             return self._loop_thread
 
     def map(

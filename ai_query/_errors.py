@@ -32,6 +32,9 @@
     └── (spark_udfs) DeltaReadError        a Delta table cannot be read by the delta-rs data source
 
 Row failures are data (``errorMessage``); only systemic failures and ``failOnError`` raise.
+Through ``spark_udfs`` (``spark.sql``, ``selectExpr``, ``spark_udfs.ai_query``, a failed row) these
+are raised as their twins that also carry a Spark error condition and SQLSTATE
+(``spark_udfs/_conditions.py``): still the same types here, for every ``except`` clause.
 
 Every message is scrubbed of secrets when the error is made (``ai_query/_redact.py``): a provider
 that echoes the key it was sent cannot put it into an error, and so into a row, a log or an answer.

@@ -4,6 +4,11 @@ Spark accumulators arrive only when a task ends, which for a 10,000-row Arrow ba
 calls is minutes of silence. Tasks therefore send small JSON counters (fire and forget, at most
 a few per second per process) to a ``ProgressCollector`` listening on the driver. Progress is a
 view, not accounting: the Delta tables hold the truth.
+
+Counts carry the user action they belong to (Spark: the SQL execution, ``BatchContext.action``),
+because the driver cannot tell two actions apart by timing: ``df.collect(); df.collect()`` runs
+the second action's tasks within milliseconds of the first one's last datagram, and a display
+that cut bars at pauses showed one bar with twice the rows and tokens of the query.
 """
 
 from __future__ import annotations
@@ -31,44 +36,49 @@ class ProgressCounts:
 
 
 class ProgressReporter:
-    """Accumulates counts in a task and sends them every ``interval`` seconds (and on flush)."""
+    """Accumulates counts in a task and sends them every ``interval`` seconds (and on flush),
+    per action (``None``: an action nobody named)."""
 
     def __init__(self, address: tuple[str, int], interval: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
         self.interval = interval
         self._clock = clock
-        self._pending = ProgressCounts()
+        self._pending: dict[str | None, ProgressCounts] = {}
         self._last_sent = clock()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def add(self, ok: bool, tokens: int, endpoint: str | None = None, concurrency: int | None = None,
-            *, deduplicated: bool = False) -> None:
+            *, deduplicated: bool = False, action: str | None = None) -> None:
         with self._lock:
-            self._pending.deduplicated += deduplicated
+            pending = self._pending.get(action)
+            if pending is None:
+                pending = self._pending[action] = ProgressCounts()
+            pending.deduplicated += deduplicated
             if ok:
-                self._pending.rows_ok += 1
+                pending.rows_ok += 1
             else:
-                self._pending.rows_failed += 1
-            self._pending.tokens += tokens
+                pending.rows_failed += 1
+            pending.tokens += tokens
             if endpoint is not None and concurrency is not None:
-                self._pending.concurrency[endpoint] = concurrency
+                pending.concurrency[endpoint] = concurrency
             due = self._clock() - self._last_sent >= self.interval
         if due:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, ProgressCounts()
+            by_action, self._pending = self._pending, {}
             self._last_sent = self._clock()
-        if pending.rows == 0 and pending.tokens == 0:
-            return
-        payload = {"ok": pending.rows_ok, "failed": pending.rows_failed, "tokens": pending.tokens, "dedup": pending.deduplicated,
-                   "conc": pending.concurrency}
-        try:
-            self._sock.sendto(json.dumps(payload).encode(), self.address)
-        except OSError:
-            pass  # progress is best effort; the results do not depend on it
+        for action, pending in by_action.items():
+            if pending.rows == 0 and pending.tokens == 0:
+                continue
+            payload = {"ok": pending.rows_ok, "failed": pending.rows_failed, "tokens": pending.tokens,
+                       "dedup": pending.deduplicated, "conc": pending.concurrency, "action": action}
+            try:
+                self._sock.sendto(json.dumps(payload).encode(), self.address)
+            except OSError:
+                pass  # progress is best effort; the results do not depend on it
 
     def close(self) -> None:
         self.flush()
@@ -76,7 +86,8 @@ class ProgressReporter:
 
 
 class ProgressCollector:
-    """Receives task counters on the driver; ``snapshot()`` gives the totals so far."""
+    """Receives task counters on the driver; ``snapshot()`` gives the totals so far,
+    ``by_action()`` the same per action (in the order their first counts arrived)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -84,7 +95,10 @@ class ProgressCollector:
         self._sock.settimeout(0.2)
         self.address: tuple[str, int] = self._sock.getsockname()
         self._totals = ProgressCounts()
+        self._actions: dict[str | None, ProgressCounts] = {}
         self._lock = threading.Lock()
+        self._sync_done = threading.Condition(self._lock)
+        self._syncs = self._synced = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="ai-query-progress", daemon=True)
         self._thread.start()
@@ -99,22 +113,56 @@ class ProgressCollector:
                 msg = json.loads(data)
             except ValueError:
                 continue
+            if not isinstance(msg, dict):
+                continue
+            if "sync" in msg:
+                with self._lock:
+                    self._synced = max(self._synced, int(msg["sync"]))
+                    self._sync_done.notify_all()
+                continue
+            action = msg.get("action")
+            action = action if isinstance(action, str) else None
             with self._lock:
-                self._totals.rows_ok += int(msg.get("ok", 0))
-                self._totals.rows_failed += int(msg.get("failed", 0))
-                self._totals.tokens += int(msg.get("tokens", 0))
-                self._totals.deduplicated += int(msg.get("dedup", 0))
-                self._totals.concurrency.update(msg.get("conc", {}))
+                per_action = self._actions.get(action)
+                if per_action is None:
+                    per_action = self._actions[action] = ProgressCounts()
+                for counts in (self._totals, per_action):
+                    counts.rows_ok += int(msg.get("ok", 0))
+                    counts.rows_failed += int(msg.get("failed", 0))
+                    counts.tokens += int(msg.get("tokens", 0))
+                    counts.deduplicated += int(msg.get("dedup", 0))
+                    counts.concurrency.update(msg.get("conc", {}))
 
     def snapshot(self) -> ProgressCounts:
         with self._lock:
-            t = self._totals
-            return ProgressCounts(t.rows_ok, t.rows_failed, t.tokens, t.deduplicated, dict(t.concurrency))
+            return _copy(self._totals)
+
+    def sync(self, timeout: float = 1.0) -> bool:
+        """Wait (at most ``timeout`` s) until every datagram queued at this socket is counted: a
+        marker sent to itself is read after them. False if the marker was not seen in time."""
+        with self._lock:
+            self._syncs += 1
+            token = self._syncs
+        try:
+            self._sock.sendto(json.dumps({"sync": token}).encode(), self.address)
+        except OSError:
+            return False
+        with self._sync_done:
+            return self._sync_done.wait_for(lambda: self._synced >= token, timeout)
+
+    def by_action(self) -> dict[str | None, ProgressCounts]:
+        """The counts of each action (``None``: counts sent without one)."""
+        with self._lock:
+            return {action: _copy(counts) for action, counts in self._actions.items()}
 
     def close(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=2)
         self._sock.close()
+
+
+def _copy(t: ProgressCounts) -> ProgressCounts:
+    return ProgressCounts(t.rows_ok, t.rows_failed, t.tokens, t.deduplicated, dict(t.concurrency))
 
 
 _REPORTERS: dict[tuple[str, int], ProgressReporter] = {}

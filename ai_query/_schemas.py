@@ -126,3 +126,6 @@ class ModelResponse:
     request_id: str | None = None
     finish_reason: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    prediction: Any = None
+    """What a custom model returned for the row when it is not ``value`` itself: a one-column
+    DataFrame's record ``{"column": value}``, which MLflow's scoring server answers."""

@@ -50,7 +50,8 @@ class JobRunReport:
     rows_deduplicated: int = 0
     """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     per_endpoint: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per endpoint: rows, tokens, cost (None: no pricing), by_status (rows per HTTP status; also in the run log)."""
+    """Per endpoint: rows (requests sent), attempts, tokens, cost (None: no pricing), by_status (rows per HTTP
+    status of their last attempt); also in the run log and, with ``--mlflow-run``, in MLflow."""
     batch_phase: Any = None
     """Batch-API mode (``[batch_api]``): what the provider batches did (``_batch_mode.BatchPhase``)."""
 
@@ -146,12 +147,14 @@ class JobStatus:
             f"{self.usage_completion_tokens} completion tokens, {cost}",
             f"  runs          {len(self.runs)}" + (f" (last {last}):" if self.runs else ""),
         ]
+        if self.runs:
+            lines.append(f"    {'STARTED':<19}  {'STATUS':<11} {'ROWS':>6}  {'FAILED':>6}  {'TOKENS':>8}")
         for run in self.runs[-last:]:
             state = run.get("status", "?")
             if state == "running":
                 state = "interrupted"
-            lines.append(f"    {run.get('started', '?')[:19]}  {state:<11} rows {run.get('rows', '-')!s:>6}  "
-                         f"failed {run.get('failed', '-')!s:>5}  tokens {(run.get('prompt_tokens') or 0) + (run.get('completion_tokens') or 0):>8}"
+            lines.append(f"    {run.get('started', '?')[:19]:<19}  {state:<11} {run.get('rows', '-')!s:>6}  "
+                         f"{run.get('failed', '-')!s:>6}  {(run.get('prompt_tokens') or 0) + (run.get('completion_tokens') or 0):>8}"
                          + (f"  ({run['stopped'][:80]})" if run.get("stopped") else ""))
         return "\n".join(lines)
 

@@ -242,8 +242,9 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     for rec in usage:
         report.prompt_tokens += rec["input_token_count"]
         report.completion_tokens += rec["output_token_count"]
-        e = report.per_endpoint.setdefault(rec["endpoint_name"], {"rows": 0, "tokens": 0, "cost": None, "by_status": {}})
-        e["rows"] += 1
+        e = report.per_endpoint.setdefault(rec["endpoint_name"], {"rows": 0, "attempts": 0, "tokens": 0, "cost": None, "by_status": {}})
+        e["rows"] += 1  # one usage row per request sent; attempts - rows are its retries
+        e["attempts"] += rec["attempts"] or 0
         status = str(rec.get("status_code") or "none")  # the serving /metrics' requests by status, per endpoint
         e["by_status"][status] = e["by_status"].get(status, 0) + 1
         e["tokens"] += rec["input_token_count"] + rec["output_token_count"]

@@ -39,6 +39,10 @@ class RunSummary:
     rows_deduplicated: int = 0
     """Rows answered by an identical request of the same query (sent once, zero tokens of their own)."""
     examples: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0
+    """Requests sent (rows with attempts; a deduplicated or NULL row sent none)."""
+    attempts: int = 0
+    """Attempts over those requests (``attempts - requests`` are retries)."""
 
     @property
     def total_tokens(self) -> int:
@@ -234,6 +238,7 @@ def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int
 
     table = DeltaTable(spec.output_path).to_pyarrow_table()
     status = table.column("aiq_status")
+    attempts = pc.fill_null(table.column("aiq_attempts"), 0)
     ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
     shown_cols = [c for c in (*spec.key, response_column, "aiq_status", "aiq_total_tokens") if c in table.column_names]
     sample = table.select(list(dict.fromkeys(shown_cols))).slice(0, examples).to_pylist()
@@ -251,4 +256,6 @@ def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int
                   else 0.0 if job_priced(spec) else None),
         rows_deduplicated=(pc.sum(table.column("aiq_deduplicated")).as_py() or 0) if "aiq_deduplicated" in table.column_names else 0,
         examples=sample,
+        requests=pc.sum(pc.greater(attempts, 0)).as_py() or 0,
+        attempts=pc.sum(attempts).as_py() or 0,
     )

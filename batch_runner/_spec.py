@@ -39,6 +39,10 @@
     completion_window = "24h"               # the provider's window (OpenAI: 24h)
     deadline = "6h"                         # rows not answered by then (minus online time) go online
 
+    [mlflow]                                # optional: each run's counters to an MLflow run
+    experiment = "nightly-jobs"             # default: MLFLOW_EXPERIMENT_NAME, else MLflow's default
+    run_id = "..."                          # log into this existing run instead of a new one
+
 Instead of ``query``, a ``[prompt]`` table builds it from a template over the input's columns::
 
     [prompt]
@@ -113,6 +117,8 @@ class JobSpec(ConfigStruct):
     prompt: dict[str, Any] | None = None
     batch_api: dict[str, Any] | None = None
     """``[batch_api]`` (see ``batch_api_options``): send pending rows as provider batches."""
+    mlflow: dict[str, str] | None = None
+    """``[mlflow]`` (``experiment``, ``run_id``, ``tracking_uri``): push each run's counters to MLflow."""
 
     @classmethod
     def _field_path(cls, path: str, name: str) -> str:
@@ -167,7 +173,7 @@ class JobSpec(ConfigStruct):
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{where}: {key} {message}")
 
-        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api"}
+        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api", "mlflow"}
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
@@ -284,6 +290,7 @@ class JobSpec(ConfigStruct):
                 schedule=schedule,
                 prompt=prompt,
                 batch_api=batch_api_options(data["batch_api"], where) if "batch_api" in data else None,
+                mlflow=_mlflow_options(data["mlflow"], where) if "mlflow" in data else None,
             )
 
     @classmethod
@@ -298,6 +305,14 @@ class JobSpec(ConfigStruct):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job spec {p} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, p.resolve().parent, str(p))
+
+
+def _mlflow_options(raw: Any, where: str) -> dict[str, str]:
+    """``[mlflow]`` checked (``_mlflow.MlflowTarget.from_spec``), kept as the table it was."""
+    from ._mlflow import MlflowTarget
+
+    MlflowTarget.from_spec(raw, where)
+    return dict(raw)
 
 
 _BATCH_KEYS = ("completion_window", "deadline", "poll_s", "max_poll_s", "online_rows_per_s", "max_requests")

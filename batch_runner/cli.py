@@ -90,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                               "set key = [...] and output.mode = \"merge\" (or \"append\")")
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be a number of rows >= 1, got {args.limit}; leave it out to process every pending row")
+    mlflow = _mlflow_push(args, specs)
     for spec in specs:  # paths, secrets, duplicate keys, endpoints: before Spark starts and before any paid request
         preflight_job(spec, probe=not args.no_probe)
     spark = None
@@ -102,14 +103,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if spec.incremental:
                 report = run_incremental(spec, spark, retry_failed=args.retry_failed, limit=args.limit,  # type: ignore[arg-type]
                                          progress=not args.no_progress)
-                _show(report, args.json, summaries, failure_rate=report.failure_rate)
+                summary_json = _show(report, args.json, summaries, failure_rate=report.failure_rate)
+                mlflow.push(spec, report, summary_json, _spec_target(spec))
                 failed, rows, rate = report.table_failed, report.table_rows, report.failure_rate
                 if report.stopped:
                     print(f"job {spec.name!r} stopped: {report.stopped}", file=sys.stderr)
                     worst = max(worst, EXIT_BUDGET)
             else:
                 summary = run_job(spec, spark=spark, progress=not args.no_progress)  # type: ignore[arg-type]
-                _show(summary, args.json, summaries, failure_rate=summary.failure_rate)
+                summary_json = _show(summary, args.json, summaries, failure_rate=summary.failure_rate)
+                mlflow.push(spec, summary, summary_json, _spec_target(spec))
                 failed, rows, rate = summary.rows_failed, summary.rows, summary.failure_rate
             if rate > spec.allowed_failure_rate:
                 print(
@@ -126,12 +129,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return worst
 
 
-def _show(result: Any, as_json: bool, summaries: list[dict[str, Any]], **derived: Any) -> None:
-    """A job's summary: its table now, or (``--json``) kept for the one JSON document printed at the end."""
+def _show(result: Any, as_json: bool, summaries: list[dict[str, Any]], **derived: Any) -> dict[str, Any]:
+    """A job's summary: its table now, or (``--json``) kept for the one JSON document printed at the end.
+    Returns the JSON form (also the MLflow run's ``summary.json``)."""
+    summary = {**dataclasses.asdict(result), "total_tokens": result.total_tokens, **derived}
     if as_json:
-        summaries.append({**dataclasses.asdict(result), "total_tokens": result.total_tokens, **derived})
+        summaries.append(summary)
     else:
         print(result.render(), flush=True)
+    return summary
+
+
+def _mlflow_push(args: argparse.Namespace, specs: list[Any]) -> Any:
+    """``--mlflow-run [RUN_ID]`` / ``--mlflow-experiment``: where every job's counters go (a spec's
+    ``[mlflow]`` adds its own target for that job when the command line gives none)."""
+    from batch_runner._mlflow import MlflowPush, MlflowTarget
+
+    if args.mlflow_run is None:
+        if args.mlflow_experiment is not None:
+            raise ConfigError(f"--mlflow-experiment {args.mlflow_experiment!r} needs --mlflow-run (a new run in that experiment)")
+        return MlflowPush(None)
+    run_id = None if args.mlflow_run == _NEW_RUN else args.mlflow_run
+    if run_id is not None and len(specs) > 1:
+        raise ConfigError(f"--mlflow-run {run_id} logs one job into an existing run, and {len(specs)} jobs were given; "
+                          "run them one by one, or pass --mlflow-run without a run id (a new run per job)")
+    if run_id is not None and args.mlflow_experiment is not None:
+        raise ConfigError(f"--mlflow-experiment {args.mlflow_experiment!r} names where a new run goes, and --mlflow-run {run_id} "
+                          "names an existing run; drop one of them")
+    return MlflowPush(MlflowTarget(run_id=run_id, experiment=args.mlflow_experiment))
+
+
+def _spec_target(spec: Any) -> Any:
+    """The spec's ``[mlflow]`` target, or None (the command line's, if any)."""
+    from batch_runner._mlflow import MlflowTarget
+
+    return MlflowTarget.from_spec(spec.mlflow) if spec.mlflow is not None else None
+
+
+_NEW_RUN = "<new>"
 
 
 def _with_batch_api(spec: Any, args: argparse.Namespace) -> Any:
@@ -235,6 +270,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send pending rows as provider batches (half price; as [batch_api] in the spec)")
     parser.add_argument("--deadline", metavar="DURATION",
                         help="with --batch-api: rows the batches have not answered by then (e.g. 6h) go online")
+    parser.add_argument("--mlflow-run", nargs="?", const=_NEW_RUN, metavar="RUN_ID",
+                        help="log each job's counters (params, metrics, summary.json) to a new MLflow run in the active "
+                             "experiment of MLFLOW_TRACKING_URI, or into the existing run RUN_ID (put it after the job files, "
+                             "or write --mlflow-run=RUN_ID); as [mlflow] in the spec")
+    parser.add_argument("--mlflow-experiment", metavar="NAME", help="with --mlflow-run: the experiment of the new runs (created if missing)")
 
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -291,6 +292,10 @@ class Record:
     failed_rows: int | None = None
     met: bool | None = None
     notes: str = ""
+    values: list[float] | None = None
+    """Each run's value when ``value`` is their median (alternating runs)."""
+    others_cores: list[float] | None = None
+    """CPU cores other processes used during each run behind ``value`` (see :class:`BackgroundLoad`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -334,6 +339,11 @@ def _fmt(v: Any) -> str:
 
 def markdown(records: Sequence[Record], *, date: str, command: str, machine_line: str, wall_s: float,
              preamble: Iterable[str] = (), title: str = "Endpoint benchmark results") -> str:
+    """The results table; ``runs`` and ``others' CPU`` columns appear when a record has them."""
+    runs = any(r.values for r in records)
+    load = any(r.others_cores for r in records)
+    extra_head = ("| runs " if runs else "") + ("| others' CPU (cores) " if load else "")
+    extra_rule = ("| --- " if runs else "") + ("| --- " if load else "")
     lines = [
         f"# {title}",
         "",
@@ -343,16 +353,61 @@ def markdown(records: Sequence[Record], *, date: str, command: str, machine_line
         f"- wall time of that run: {wall_s:.0f} s",
         *preamble,
         "",
-        "| scenario | metric | ours | unit | goal | met | baseline | ours / baseline | rows | failed rows (ours) | notes |",
-        "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| scenario | metric | ours | unit | goal | met | baseline | ours / baseline " + extra_head
+        + "| rows | failed rows (ours) | notes |",
+        "| --- | --- | ---: | --- | --- | --- | ---: | ---: " + extra_rule + "| ---: | ---: | --- |",
     ]
     for r in records:
+        extra = (f"| {', '.join(_fmt(float(v)) for v in r.values or ())} " if runs else "") + \
+            (f"| {', '.join(f'{v:.2f}' for v in r.others_cores or ())} " if load else "")
         lines.append(
             f"| {r.scenario} | {r.metric} | {_fmt(r.value)} | {r.unit} | {r.goal or ''} | {_fmt(r.met)} | "
-            f"{_fmt(r.baseline)} | {_fmt(r.ratio)} | {_fmt(r.rows)} | {_fmt(r.failed_rows)} | {r.notes} |"
+            f"{_fmt(r.baseline)} | {_fmt(r.ratio)} {extra}| {_fmt(r.rows)} | {_fmt(r.failed_rows)} | {r.notes} |"
         )
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BackgroundLoad", "FILLER", "Record", "Sample", "SimSampler", "SparkCpu", "goal_met", "machine", "markdown",
-           "prompts", "run_baseline"]
+# -- alternating runs on a quiet machine -------------------------------------------------------
+
+
+def alternating(phases: Sequence[str], runs: int) -> list[tuple[str, int]]:
+    """The order to run ``runs`` runs of each phase in: round by round (a, b, c, a, b, c, ...).
+
+    A neighbour that gets busy for a while then hits every phase alike, instead of all the runs
+    of the one phase that happened to be running.
+    """
+    if runs < 1:
+        raise ValueError(f"runs={runs!r} must be >= 1 (the benchmarks default to 2: a median and both values)")
+    return [(phase, run) for run in range(runs) for phase in phases]
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of the runs' values (of two runs: their mean)."""
+    if not values:
+        raise ValueError("median of no runs: run each phase at least once")
+    return float(statistics.median(values))
+
+
+def quiet_measure(fn: Any, *, wait_quiet: bool, threshold: float = 0.25, max_wait_s: float = 1800.0,
+                  log: Any = print) -> tuple[Any, float, float | None]:
+    """``fn()`` timed on a machine others leave alone: (its result, others' cores during it, others' cores before).
+
+    With ``wait_quiet`` nothing is measured while other processes use ``threshold`` cores or
+    more: it waits (up to ``max_wait_s``) first. The load measured *during* ``fn`` is returned
+    so it goes beside the figure; a caller flags a run whose load went over ``threshold``.
+    """
+    before = BackgroundLoad.wait_for_quiet(threshold, max_wait_s=max_wait_s, log=log) if wait_quiet else None
+    meter = BackgroundLoad().start()
+    out = fn()
+    return out, meter.stop(), before
+
+
+def load_note(cores: Sequence[float], threshold: float = 0.25) -> str:
+    """``others' CPU 0.03, 0.41 cores (run 2 above 0.25: not quiet)`` for the notes beside a figure."""
+    loaded = [str(i + 1) for i, c in enumerate(cores) if c > threshold]
+    text = "others' CPU " + ", ".join(f"{c:.2f}" for c in cores) + " cores"
+    return text + (f" (run {', '.join(loaded)} above {threshold}: not quiet)" if loaded else "")
+
+
+__all__ = ["BackgroundLoad", "FILLER", "Record", "Sample", "SimSampler", "SparkCpu", "alternating", "goal_met", "load_note",
+           "machine", "markdown", "median", "prompts", "quiet_measure", "run_baseline"]

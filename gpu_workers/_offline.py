@@ -71,6 +71,7 @@ class _Engine:
         }
         if opts.max_num_seqs:
             kwargs["max_num_seqs"] = opts.max_num_seqs
+        kwargs.update(_engine_args(opts.extra_args))
         if plan.device == "cuda":
             kwargs["tensor_parallel_size"] = int(plan.extra_args[plan.extra_args.index("--tensor-parallel-size") + 1])
             kwargs["gpu_memory_utilization"] = float(plan.extra_args[plan.extra_args.index("--gpu-memory-utilization") + 1])
@@ -105,6 +106,19 @@ class _Engine:
                 conversations = [v if isinstance(v, list) else [{"role": "user", "content": v}] for v in values]
                 return self.llm.chat(conversations, sampling, use_tqdm=False)
             return self.llm.generate(list(values), sampling, use_tqdm=False)
+
+
+def _engine_args(extra_args: Sequence[str]) -> dict[str, Any]:
+    """``options.extra_args`` (``vllm serve`` flags, e.g. ``--num-gpu-blocks-override 64``) as
+    ``vllm.LLM`` keyword arguments: the flags that differ from vLLM's defaults."""
+    if not extra_args:
+        return {}
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    given, defaults = vars(parser.parse_args(list(extra_args))), vars(parser.parse_args([]))
+    return {k: v for k, v in given.items() if v != defaults.get(k)}
 
 
 def _take_slot(name: str, slots: int) -> tuple[int, Any]:

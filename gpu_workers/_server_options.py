@@ -56,7 +56,8 @@ class LocalServerOptions:
     served_model_name: str | None = None
     """The ``model`` name requests must use; default: the alias or path as given."""
     extra_args: tuple[str, ...] = ()
-    """Extra command-line arguments for the server, appended verbatim."""
+    """Extra command-line arguments for the server, appended verbatim (in ``vllm_pool`` offline mode,
+    the same ``vllm serve`` flags become ``vllm.LLM`` arguments)."""
     env: tuple[tuple[str, str], ...] = ()
     """Extra environment variables for the server process."""
     startup_timeout: float = 600.0

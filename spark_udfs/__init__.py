@@ -39,12 +39,14 @@ from ai_query.backends import check_params, entity_kind, model_contract, prepare
 from ai_query.limits.quota import QuotaBroker
 
 from ._argtypes import check_files_types
+from ._conditions import CONDITIONS, AIFunctionException, argument_error, condition_of, raises_conditions
+from ._response_format import response_format as _response_format
 from ._dataframe import install as install_expression_hooks
 from ._live_progress import LiveProgress, in_notebook
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import _without_comments, bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
 from ._session import build_session, default_parallelism, is_connect, services_host
-from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type, struct_to_json_schema
+from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type
 from ._parse_document import ai_parse_document, register_parse_document
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type, language_name, sentiment_task
 from ._tasks_v2 import is_v2, labels_of, options_of, v2_task
@@ -58,12 +60,15 @@ if TYPE_CHECKING:
 log = get_logger("spark_udfs")
 
 __all__ = [
+    "AIFunctionException",
     "AUDIT_COLUMNS",
+    "CONDITIONS",
     "ai_parse_document",
     "ai_query",
     "DeltaReadError",
     "DeltaWriteError",
     "build_session",
+    "condition_of",
     "delta_txn_version",
     "is_connect",
     "prepare_endpoints",
@@ -103,6 +108,7 @@ def _state(spark: "SparkSession") -> _SessionState:
     return state
 
 
+@raises_conditions
 def register(
     spark: "SparkSession",
     endpoints: EndpointRegistry | str | os.PathLike[str] | None = None,
@@ -189,74 +195,6 @@ def set_progress_address(spark: "SparkSession", address: tuple[str, int] | None)
     _state(spark).progress_address = address
 
 
-def _response_format(text: Any, call_name: str) -> tuple[str | None, Any]:
-    """(OpenAI response_format JSON, the Spark struct type it implies or None)."""
-    if text is None:
-        return None, None
-    if not isinstance(text, str) or not text.strip():
-        raise ArgumentError(f"{call_name}: responseFormat must be a string literal: a JSON schema or a STRUCT<...> type")
-    stripped = text.strip()
-    if stripped.startswith(("{", "[")):
-        try:
-            schema = json.loads(stripped)
-        except ValueError as exc:
-            raise ArgumentError(f"{call_name}: responseFormat is not valid JSON ({exc}); give a JSON schema or a STRUCT<...> type") from None
-        if not isinstance(schema, dict):
-            raise ArgumentError(
-                f"{call_name}: responseFormat must be a JSON object (a JSON schema such as "
-                f"'{{\"type\": \"object\", \"properties\": {{...}}}}') or a STRUCT<...> type, got a JSON {type(schema).__name__}"
-            )
-        if schema.get("type") == "json_schema" and "json_schema" in schema:
-            fmt = schema
-            inner = schema["json_schema"].get("schema") if isinstance(schema["json_schema"], dict) else None
-            if inner is not None:
-                _check_json_schema(inner, call_name, "$")
-        elif schema.get("type") == "json_object":
-            fmt = schema
-        else:
-            _check_json_schema(schema, call_name, "$")
-            fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": True}}
-        return json.dumps(fmt, sort_keys=True), None
-    try:
-        struct = parse_return_type(stripped)
-    except ArgumentError as exc:
-        reason = str(exc).split(" is not a valid Spark SQL type ", 1)[-1]
-        raise ArgumentError(f"{call_name}: responseFormat {stripped!r} is not a valid STRUCT<...> type {reason}") from None
-    from pyspark.sql.types import StructType
-
-    if not isinstance(struct, StructType):
-        raise ArgumentError(f"{call_name}: responseFormat {stripped!r} must be a STRUCT<...> type or a JSON schema")
-    fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": struct_to_json_schema(struct), "strict": True}}
-    return json.dumps(fmt, sort_keys=True), struct
-
-
-_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-def _check_json_schema(schema: Any, call_name: str, where: str) -> None:
-    """The parts of a JSON schema a backend would refuse, checked before any task runs."""
-    if not isinstance(schema, dict):
-        raise ArgumentError(f"{call_name}: responseFormat's JSON schema at {where} must be an object, got {json.dumps(schema)}")
-    kind = schema.get("type")
-    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
-    for k in kinds:
-        if k not in _JSON_TYPES:
-            raise ArgumentError(
-                f"{call_name}: responseFormat's JSON schema has type {k!r} at {where}; JSON schema types are {', '.join(_JSON_TYPES)}"
-            )
-    props = schema.get("properties")
-    if props is not None:
-        if not isinstance(props, dict):
-            raise ArgumentError(f"{call_name}: responseFormat's JSON schema 'properties' at {where} must be an object of schemas")
-        for name, sub in props.items():
-            _check_json_schema(sub, call_name, f"{where}.properties.{name}")
-    if "items" in schema:
-        _check_json_schema(schema["items"], call_name, f"{where}.items")
-    required = schema.get("required")
-    if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
-        raise ArgumentError(f"{call_name}: responseFormat's JSON schema 'required' at {where} must be a list of property names")
-
-
 def _variant_name(spec: UDFSpec) -> str:
     digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:12]
     return f"ai_query__{digest}"
@@ -287,6 +225,7 @@ def rewrite_expression(spark: "SparkSession", text: str) -> str:
     return rewrite(spark, prefix + text, check_files=False)[len(prefix):]
 
 
+@raises_conditions
 def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_files: bool = True) -> str:
     """Validate every ``ai_query`` call in ``query`` and point it at a UDF of the right type.
 
@@ -299,7 +238,7 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_fil
     if not calls:
         return query
     if _PERSISTENT_FUNCTION.match(_without_comments(query)):
-        raise ArgumentError(
+        raise argument_error("AI_QUERY_TEMPORARY_FUNCTION_REQUIRED", 
             f"CREATE FUNCTION ... RETURN {calls[0].name}(...) cannot be stored in the catalog: {calls[0].name} is a function of "
             "this Spark session (Spark refuses it with INVALID_TEMP_OBJ_REFERENCE); use CREATE TEMPORARY FUNCTION "
             "(same body) in each session, after spark_udfs.register(spark)"
@@ -337,13 +276,15 @@ def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_fil
                 raise ArgumentError(f"{label}: {why}")
         return_type = bound["returnType"].literal if "returnType" in bound else None
         if return_type is NotImplemented:
-            raise ArgumentError(f"{label}: returnType must be a string literal like 'STRING', got {bound['returnType'].text}")
+            raise argument_error("AI_FUNCTION_UNSUPPORTED_RETURN_TYPE",
+                                 f"{label}: returnType must be a string literal like 'STRING', got {bound['returnType'].text}")
         fail_on_error = bound["failOnError"].literal if "failOnError" in bound else True
         if not isinstance(fail_on_error, bool):
             raise ArgumentError(f"{label}: failOnError must be true or false, got {bound['failOnError'].text}")
         params = bound["modelParameters"].literal if "modelParameters" in bound else None
         if params is not NotImplemented and params is not None and not isinstance(params, dict):
-            raise ArgumentError(f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
+            raise argument_error("AI_FUNCTION_INVALID_MODEL_PARAMETERS",
+                                 f"{label}: modelParameters must be named_struct('max_tokens', 64, ...), got {bound['modelParameters'].text}")
         spec = _spec_for(state, label, task, return_type, fail_on_error, params if isinstance(params, dict) else None,
                          bound["responseFormat"].literal if "responseFormat" in bound else None, audit,
                          config=config if isinstance(endpoint, str) else None)
@@ -380,12 +321,15 @@ def _spec_for(
 
     ``config``: the endpoint's; for a custom model its signature checks the parameters and gives
     the default result type (see ``_custom_model``)."""
-    return_type, custom = _custom_model(label, config, return_type, params, response_format)
-    if params is not None:
-        ModelParameters.from_mapping(params, custom=custom)
+    try:
+        return_type, custom = _custom_model(label, config, return_type, params, response_format)
+        if params is not None:
+            ModelParameters.from_mapping(params, custom=custom)
+    except ArgumentError as exc:  # the core's checks of the parameters: Databricks' condition for them
+        raise argument_error("AI_FUNCTION_INVALID_MODEL_PARAMETERS", str(exc.args[0])) from None
     fmt_json, fmt_struct = _response_format(response_format, label) if response_format is not None else (None, None)
     if fmt_json is not None and task == "llm/v1/embeddings":
-        raise ArgumentError(f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
+        raise argument_error("AI_FUNCTION_UNSUPPORTED_RESPONSE_FORMAT", f"{label}: responseFormat applies to chat and completions endpoints, not embeddings")
     if return_type is not None:
         value_type = return_type if hasattr(return_type, "jsonValue") else parse_return_type(return_type)
     elif fmt_struct is not None:
@@ -436,6 +380,7 @@ def _variant(spark: "SparkSession", state: _SessionState, spec: UDFSpec) -> tupl
     return entry
 
 
+@raises_conditions
 def ai_query(
     endpoint: str,
     request: "ColumnOrName",
@@ -473,7 +418,7 @@ def ai_query(
     if files is not None and (why := files_unsupported_reason(config)) is not None:
         raise ArgumentError(f"{label}: {why}")
     if not isinstance(failOnError, bool):
-        raise ArgumentError(f"{label}: failOnError must be True or False, got {failOnError!r}")
+        raise argument_error("AI_QUERY_INVALID_ARGUMENT", f"{label}: failOnError must be True or False, got {failOnError!r}")
     spec = _spec_for(state, label, task, returnType, failOnError, modelParameters, _response_format_text(responseFormat, label), audit,
                      config=config)
     column = F.col(request) if isinstance(request, str) else request
@@ -513,7 +458,7 @@ def _response_format_text(fmt: Any, label: str) -> str | None:
         return fmt.simpleString()
     if isinstance(fmt, type) and hasattr(fmt, "model_json_schema"):  # a Pydantic model
         return json.dumps(fmt.model_json_schema())
-    raise ArgumentError(f"{label}: responseFormat must be a JSON schema (str or dict), a StructType or a Pydantic model class, "
+    raise argument_error("AI_FUNCTION_UNSUPPORTED_RESPONSE_FORMAT", f"{label}: responseFormat must be a JSON schema (str or dict), a StructType or a Pydantic model class, "
                         f"got {type(fmt).__name__}")
 
 
@@ -562,11 +507,12 @@ def _rewrite_task_call(spark: "SparkSession", state: _SessionState, call: Any) -
         try:
             language_name(bound["to_lang"].literal)
         except ValueError as exc:
-            raise ArgumentError(f"ai_translate: {exc}") from None
+            raise argument_error("AI_QUERY_INVALID_ARGUMENT", f"ai_translate: {exc}") from None
     if "max_words" in bound:
         words = bound["max_words"].literal
         if words is not NotImplemented and (not isinstance(words, int) or isinstance(words, bool) or words < 0):
-            raise ArgumentError(f"ai_summarize: max_words must be a non-negative integer, got {bound['max_words'].text}")
+            raise argument_error("AI_FUNCTION_INVALID_MAX_WORDS",
+                                 f"ai_summarize: max_words must be a non-negative integer, got {bound['max_words'].text}")
     return None, None
 
 
@@ -586,7 +532,9 @@ def sql(spark: "SparkSession", query: str, *, audit: bool = False, args: Any = N
     if progress is None:
         progress = state.live_progress is None and state.progress_address is None and in_notebook()
     if progress and state.live_progress is None:
-        state.live_progress = LiveProgress(spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+        # where the executors reach the driver's other services (a Connect client without
+        # AIQ_DRIVER_HOST: the loopback, as a job's collector)
+        state.live_progress = LiveProgress(services_host(spark) or "127.0.0.1")
         state.progress_address = state.live_progress.address
     return named_as_written(state.original_sql(rewrite(spark, query, audit=audit), args))
 

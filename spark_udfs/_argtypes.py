@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ai_query import ArgumentError
+from ._conditions import argument_error
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -72,7 +72,7 @@ def check_files_types(spark: "SparkSession", query: str, files_position: Mapping
                 continue
             kind = (arg.value() if named else arg).dataType().simpleString()
             if kind not in FILES_TYPES:
-                raise ArgumentError(
+                raise argument_error("AI_QUERY_FILES_DATATYPE_MISMATCH", 
                     f"ai_query: files => takes a BINARY or ARRAY<BINARY> column (image or PDF bytes), got {kind.upper()}; "
                     "nothing was sent. Read the files with spark.read.format('binaryFile') and pass its content column, "
                     "or unbase64(col) for base64 text"

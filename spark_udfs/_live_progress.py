@@ -3,10 +3,15 @@
 ``spark.sql`` returns a lazy DataFrame: the rows are sent when an action (``show``, ``collect``,
 a write) runs, later, maybe several times. So progress belongs to the session, not to one call:
 the first ``progress=True`` starts one ``ai_query.ProgressCollector`` for the session (the UDFs
-rewritten from then on send their counters to it) and a watcher thread. The watcher opens a bar
-when rows start arriving, keeps it up to date (rows done, failed, tokens, rows/s, the endpoints'
-concurrency) and closes it once no row has arrived for ``idle_s``: one bar per burst of work,
-which is one action in practice. ``tqdm.auto`` draws a widget in Jupyter and a text bar elsewhere.
+rewritten from then on send their counters to it) and a watcher thread. The tasks' counts name
+the action they belong to (the root SQL execution: ``BatchContext.action``), and the watcher keeps
+one bar per action: it opens when the action's first rows arrive, keeps up to date (rows done,
+failed, tokens, rows/s, the endpoints' concurrency) and closes when the next action's rows start
+arriving or once none has arrived for ``idle_s``. Cutting bars at pauses alone merged
+``df.collect(); df.collect()`` into one bar with twice the query's rows and tokens: the second
+action starts long before any pause a display could wait for. An action whose rows arrive again
+after its bar closed (two actions running at once from two threads) gets a new bar counting from
+there. ``tqdm.auto`` draws a widget in Jupyter and a text bar elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from ai_query import ProgressCollector, ProgressCounts
 
 
 class LiveProgress:
-    """A session's progress bars (see the module docstring); ``close()`` stops the watcher."""
+    """A session's progress bars (see the module docstring); ``close()`` stops the watcher.
+
+    In a Jupyter kernel the bars of a cell also close when the cell ends (IPython's
+    ``post_run_cell``), drawn with every count the cell's actions sent: a bar closed by the
+    watcher ``idle_s`` later would land its last line in whichever cell runs then."""
 
     def __init__(self, host: str = "127.0.0.1", *, stream: IO[str] | None = None, idle_s: float = 2.0, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic, bar_factory: Callable[..., Any] | None = None) -> None:
@@ -32,10 +41,17 @@ class LiveProgress:
         self._clock = clock
         self._bar_factory = bar_factory
         self.bars = 0
-        """Bars opened so far (one per burst of rows)."""
+        """Bars opened so far (one per action, see the module docstring)."""
+        self._lock = threading.Lock()
+        self._open: dict[str | None, tuple[Any, ProgressCounts]] = {}  # action -> (bar, its counts when the bar opened)
+        self._seen: dict[str | None, ProgressCounts] = {}
+        self._last_change: dict[str | None, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ai-query-live-progress", daemon=True)
         self._thread.start()
+        self._events = _ipython_events() if in_notebook() else None
+        if self._events is not None:
+            self._events.register("post_run_cell", self._cell_done)
 
     def _new_bar(self) -> Any:
         if self._bar_factory is not None:
@@ -49,28 +65,48 @@ class LiveProgress:
         return tqdm(desc="ai_query", unit="row", file=self.stream or sys.stderr, dynamic_ncols=True)
 
     def _watch(self) -> None:
-        bar: Any = None
-        base = seen = ProgressCounts()
-        last_change = 0.0
         while not self._stop.wait(self.poll_s):
-            now = self._clock()
-            snap = self.collector.snapshot()
-            if (snap.rows, snap.tokens) != (seen.rows, seen.tokens):
-                if bar is None:
-                    bar, base = self._new_bar(), seen
-                    self.bars += 1
-                seen, last_change = snap, now
-                show(bar, snap, base)
-            elif bar is not None and now - last_change >= self.idle_s:
+            with self._lock:
+                self._poll(self._clock())
+
+    def _poll(self, now: float) -> None:
+        bars, seen = self._open, self._seen
+        changed: dict[str | None, ProgressCounts] = {}  # action -> its counts before this poll
+        for action, snap in self.collector.by_action().items():
+            before = seen.get(action, ProgressCounts())
+            if (snap.rows, snap.tokens) != (before.rows, before.tokens):
+                changed[action] = before
+                seen[action], self._last_change[action] = snap, now
+        starting = any(action not in bars for action in changed)
+        for action in list(bars):  # an earlier action is done once a new one sends rows, or after a pause
+            if action not in changed and (starting or now - self._last_change[action] >= self.idle_s):
+                bars.pop(action)[0].close()
+        for action, before in changed.items():
+            if action not in bars:  # counting from its counts so far (none, unless its bar closed before)
+                bars[action] = (self._new_bar(), before)
+                self.bars += 1
+            bar, base = bars[action]
+            show(bar, seen[action], base)
+
+    def close_bars(self) -> None:
+        """Close the open bars now, with every count that reached the driver so far."""
+        self.collector.sync()
+        with self._lock:
+            self._poll(self._clock())
+            for bar, _ in self._open.values():
                 bar.close()
-                bar = None
-        if bar is not None:
-            show(bar, self.collector.snapshot(), base)
-            bar.close()
+            self._open.clear()
+
+    def _cell_done(self, *_: Any) -> None:
+        self.close_bars()
 
     def close(self) -> None:
+        if self._events is not None:
+            self._events.unregister("post_run_cell", self._cell_done)
+            self._events = None
         self._stop.set()
         self._thread.join(timeout=5)
+        self.close_bars()
         self.collector.close()
 
 
@@ -81,6 +117,11 @@ def show(bar: Any, snap: ProgressCounts, base: ProgressCounts) -> None:
     bar.set_postfix(failed=snap.rows_failed - base.rows_failed, tokens=snap.tokens - base.tokens, concurrency=conc or "-",
                     refresh=False)
     bar.refresh()
+
+
+def _ipython_events() -> Any:
+    shell = sys.modules["IPython"].get_ipython()  # type: ignore[attr-defined]
+    return shell.events
 
 
 def in_notebook() -> bool:

@@ -22,6 +22,7 @@ from ai_query import ArgumentError, EndpointRegistry, shared_client
 from ai_query._documents import VISION_PARAMS, ParsedDocument, ParseOptions, start_document
 from ai_query._files import files_unsupported_reason
 
+from ._conditions import argument_error
 from ._udf import start_task_rows
 
 if TYPE_CHECKING:
@@ -37,11 +38,14 @@ def _options_of(value: Any, default_endpoint: str | None, registry: EndpointRegi
     key = tuple(sorted(value or []))
     options = seen.get(key)
     if options is None:
-        options = ParseOptions.from_map(dict(key), default_endpoint)
+        try:
+            options = ParseOptions.from_map(dict(key), default_endpoint)
+        except ArgumentError as exc:  # the query's fault, raised in the worker: with its condition
+            raise argument_error("AI_QUERY_INVALID_ARGUMENT", str(exc.args[0])) from None
         if options.image_endpoint is not None:
             config = registry.get(options.image_endpoint)  # an unknown name fails the query, listing the known ones
             if (why := files_unsupported_reason(config)) is not None:
-                raise ArgumentError(f"ai_parse_document: imageEndpoint {options.image_endpoint!r} cannot read images: {why}")
+                raise argument_error("AI_QUERY_INVALID_ARGUMENT", f"ai_parse_document: imageEndpoint {options.image_endpoint!r} cannot read images: {why}")
         seen[key] = options
     return options
 
@@ -88,7 +92,7 @@ def register_parse_document(spark: "SparkSession", sql: Any, registry: EndpointR
     if default_endpoint is not None:
         config = registry.get(default_endpoint)
         if (why := files_unsupported_reason(config)) is not None:
-            raise ArgumentError(f"task_endpoints['ai_parse_document'] = {default_endpoint!r} cannot read images: {why}")
+            raise argument_error("AI_QUERY_INVALID_ARGUMENT", f"task_endpoints['ai_parse_document'] = {default_endpoint!r} cannot read images: {why}")
     spark.udf.register(JSON_UDF, build_parse_udf(registry, default_endpoint, quota_broker, quota_share))
     sql(f"CREATE OR REPLACE TEMPORARY FUNCTION {FUNCTION}(content BINARY, options MAP<STRING, STRING> DEFAULT map()) "
         f"RETURNS VARIANT RETURN parse_json({JSON_UDF}(content, options))")

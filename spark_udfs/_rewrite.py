@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ai_query import ArgumentError
+from ._conditions import argument_error
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -54,7 +54,7 @@ def _skip_quoted(sql: str, i: int) -> int:
                 continue
             return j + 1
         j += 1
-    raise ArgumentError(f"unterminated {quote} quote in SQL starting at offset {i}: {sql[i:i + 40]!r}")
+    raise argument_error("AI_QUERY_SQL_SYNTAX", f"unterminated {quote} quote in SQL starting at offset {i}: {sql[i:i + 40]!r}")
 
 
 def _skip_comment(sql: str, i: int) -> int:
@@ -63,7 +63,7 @@ def _skip_comment(sql: str, i: int) -> int:
         return len(sql) if j < 0 else j + 1
     j = sql.find("*/", i + 2)
     if j < 0:
-        raise ArgumentError(f"unterminated /* comment in SQL at offset {i}")
+        raise argument_error("AI_QUERY_SQL_SYNTAX", f"unterminated /* comment in SQL at offset {i}")
     return j + 2
 
 
@@ -104,7 +104,7 @@ def _parse_args(sql: str, open_paren: int) -> tuple[list[Argument], int]:
         elif c == "," and depth == 1:
             pieces.append((start, i))
             start = i + 1
-    raise ArgumentError(f"unbalanced parentheses in SQL after offset {open_paren}: {sql[open_paren:open_paren + 60]!r}")
+    raise argument_error("AI_QUERY_SQL_SYNTAX", f"unbalanced parentheses in SQL after offset {open_paren}: {sql[open_paren:open_paren + 60]!r}")
 
 
 def _without_comments(text: str) -> str:
@@ -183,7 +183,7 @@ def parse_literal(text: str) -> object:
             if not isinstance(k, str):
                 return NotImplemented
             if k in out:  # Spark keeps both fields; Arrow then fails on an executor, far from the cause
-                raise ArgumentError(f"named_struct(...): the field {k!r} is given twice; give each field once")
+                raise argument_error("AI_QUERY_INVALID_ARGUMENT", f"named_struct(...): the field {k!r} is given twice; give each field once")
             out[k] = v
         return out
     m = re.match(r"^map\s*\((.*)\)$", t, re.S | re.I)
@@ -208,23 +208,23 @@ def bind_arguments(call: Call, signature: list[str], required: int) -> dict[str,
     for position, arg in enumerate(call.args):
         if arg.name is None:
             if seen_named:
-                raise ArgumentError(f"{call.name}: a positional argument ({arg.text!r}) follows a named one; name it too")
+                raise argument_error("AI_QUERY_WRONG_ARGUMENTS", f"{call.name}: a positional argument ({arg.text!r}) follows a named one; name it too")
             if position >= len(signature):
-                raise ArgumentError(f"{call.name} takes at most {len(signature)} arguments ({', '.join(signature)}), got {len(call.args)}")
+                raise argument_error("AI_QUERY_WRONG_ARGUMENTS", f"{call.name} takes at most {len(signature)} arguments ({', '.join(signature)}), got {len(call.args)}")
             bound[signature[position]] = arg
         else:
             seen_named = True
             match = {s.lower(): s for s in signature}.get(arg.name.lower())
             if match is None:
-                raise ArgumentError(
+                raise argument_error("AI_QUERY_WRONG_ARGUMENTS", 
                     f"{call.name}: unknown named argument {arg.name!r}; the arguments are {', '.join(signature)}"
                 )
             if match in bound:
-                raise ArgumentError(f"{call.name}: argument {match!r} is given twice (by position or by name); give it once")
+                raise argument_error("AI_QUERY_WRONG_ARGUMENTS", f"{call.name}: argument {match!r} is given twice (by position or by name); give it once")
             bound[match] = arg
     missing = [s for s in signature[:required] if s not in bound]
     if missing:
-        raise ArgumentError(f"{call.name}: missing required argument(s) {', '.join(missing)}; the arguments are {', '.join(signature)}")
+        raise argument_error("AI_QUERY_WRONG_ARGUMENTS", f"{call.name}: missing required argument(s) {', '.join(missing)}; the arguments are {', '.join(signature)}")
     return bound
 
 
@@ -287,7 +287,7 @@ def legacy_named(call: Call, signature: list[str]) -> list[Argument] | None:
     if not isinstance(key, str) or key.lower() not in options:
         return None
     if len(rest) % 2:
-        raise ArgumentError(
+        raise argument_error("AI_QUERY_WRONG_ARGUMENTS", 
             f"{call.name}: the key/value options after the request come in pairs ('returnType', 'STRING', 'failOnError', false), "
             f"but {rest[-1].text} has no value; give a value after it or use named arguments (returnType => 'STRING')"
         )
@@ -295,7 +295,7 @@ def legacy_named(call: Call, signature: list[str]) -> list[Argument] | None:
     for k, v in zip(rest[0::2], rest[1::2]):
         option = k.literal
         if not isinstance(option, str) or option.lower() not in options:
-            raise ArgumentError(
+            raise argument_error("AI_QUERY_WRONG_ARGUMENTS", 
                 f"{call.name}: {k.text} is not an option name; the key/value form takes "
                 f"{', '.join(repr(s) for s in signature[2:])}, each followed by its value"
             )

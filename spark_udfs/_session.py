@@ -11,7 +11,10 @@ listen where executors can reach them (``services_host``): ``AIQ_DRIVER_HOST`` w
 the driver: the executors belong to a server that may sit in another network (Databricks
 serverless), so there the services start only when ``AIQ_DRIVER_HOST`` names an address of the
 client that the executors reach; otherwise each task keeps its static ``1/workers`` share of
-every quota and concurrency limit (see ``spark_udfs.register``).
+every quota and concurrency limit (see ``spark_udfs.register``). A loopback address for a master
+on another host is refused at once (``check_reachable``): it would otherwise show as executors
+that never register, or as a broker nobody calls. tests/cluster/test_netns_cluster.py runs the
+master, workers, driver and endpoint in network namespaces of their own to keep this honest.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
+from urllib.parse import urlsplit
+
+from ai_query import ConfigError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -72,10 +78,46 @@ def session_conf(master: str, env: Mapping[str, str], *, ui: bool = True) -> dic
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
         "spark.executor.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j}",
     }
-    host = (env.get("AIQ_DRIVER_HOST") or "").strip() or (env.get("SPARK_LOCAL_IP") or "").strip()
+    source = next((name for name in ("AIQ_DRIVER_HOST", "SPARK_LOCAL_IP") if (env.get(name) or "").strip()), None)
+    host = (env.get(source) or "").strip() if source else ""
+    if host:
+        check_reachable(master, host, source or "")
     if host or local:
         conf["spark.driver.host"] = host or "127.0.0.1"
     return conf
+
+
+def check_reachable(master: str | None, host: str, source: str) -> None:
+    """Refuse a loopback driver address (``host``, read from ``source``) for a master on another host.
+
+    Executors on other machines cannot reach 127.0.0.1 of the driver: Spark would wait for
+    executors that never register, and the quota broker and progress collector would go unheard
+    (each task keeping its static share). A cluster whose master is on this host's loopback too
+    (a standalone cluster on a laptop, the tests) is fine.
+    """
+    if master is None or is_local_master(master) or not _is_loopback(host):
+        return
+    master_host = _master_host(master)
+    if master_host is not None and _is_loopback(master_host):
+        return
+    raise ConfigError(
+        f"{source}={host} is a loopback address, but the master {master} runs its executors on other hosts, which "
+        "cannot reach the driver (nor its quota broker and progress collector) there; set AIQ_DRIVER_HOST (or "
+        "SPARK_LOCAL_IP) to an address of this host that the executors reach, or unset both to let Spark choose")
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip().strip("[]").lower()
+    return name in ("localhost", "::1", "ip6-localhost") or name.startswith("127.")
+
+
+def _master_host(master: str) -> str | None:
+    """The host of a ``spark://`` (first of a list) or ``k8s://`` master URL; None for others (``yarn``)."""
+    for scheme in ("spark://", "k8s://"):
+        if master.startswith(scheme):
+            rest = master[len(scheme):].split(",")[0]
+            return urlsplit(rest if "://" in rest else f"//{rest}").hostname
+    return None
 
 
 def is_local_master(master: str | None) -> bool:
@@ -96,6 +138,8 @@ def services_host(spark: "SparkSession") -> str | None:
     """
     configured = os.environ.get("AIQ_DRIVER_HOST", "").strip()
     if configured:
+        if not is_connect(spark):
+            check_reachable(spark.conf.get("spark.master", None), configured, "AIQ_DRIVER_HOST")
         return configured
     if is_connect(spark):
         return None

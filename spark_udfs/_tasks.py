@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 
-from ai_query import EndpointRegistry, RowFailedError, shared_client
+from ai_query import EndpointRegistry, shared_client
 
+from ._conditions import AIQueryRowException
 from ._udf import decode_column, start_task_rows
 
 SENTIMENTS = ["positive", "negative", "neutral", "mixed"]
@@ -226,7 +227,7 @@ def evaluate_task(
                 continue
             for r in (ra, rb):
                 if not r.ok:
-                    raise RowFailedError(f"ai_similarity via {endpoint!r} failed for row {i} of the batch: {r.error}")
+                    raise AIQueryRowException(f"ai_similarity via {endpoint!r} failed for row {i} of the batch: {r.error}")
             out.append(max(0.0, min(1.0, _cosine(ra.value, rb.value))))
         return out
 
@@ -244,7 +245,7 @@ def evaluate_task(
                 skip.append(f"bad arguments: {exc}")
                 prompts.append(None), formats.append(None), params.append(None)
                 continue
-            raise RowFailedError(f"{task.name}: bad arguments in row {i} of the batch: {exc}") from None
+            raise AIQueryRowException(f"{task.name}: bad arguments in row {i} of the batch: {exc}", "AI_QUERY_INVALID_ARGUMENT") from None
         skip.append(False)
         prompts.append(prompt), formats.append(fmt), params.append(p)
     endpoints = [None if s else endpoint for s in skip]  # a row not asked is not sent
@@ -258,14 +259,15 @@ def evaluate_task(
             if task.errors_as_data:
                 out.append(error_value(str(result.error)))
                 continue
-            raise RowFailedError(f"{task.name} via {endpoint!r} failed for row {i} of the batch: {result.error}")
+            raise AIQueryRowException(f"{task.name} via {endpoint!r} failed for row {i} of the batch: {result.error}")
         try:
             out.append(task.read(result.value, *[col[i] for col in columns]))  # type: ignore[misc]
         except (ValueError, TypeError) as exc:
             if task.errors_as_data:
                 out.append(error_value(f"could not read the answer: {exc}"))
                 continue
-            raise RowFailedError(f"{task.name} via {endpoint!r}: could not read the answer for row {i}: {exc}") from None
+            raise AIQueryRowException(f"{task.name} via {endpoint!r}: could not read the answer for row {i}: {exc}",
+                                      "AI_FUNCTION_HTTP_PARSE_CAST_ERROR") from None
     return out
 
 
@@ -285,7 +287,8 @@ def build_task_udf(task: TaskFunction, endpoint: str, registry: EndpointRegistry
         for name, a, d in zip((first, *task.args), arrays, (None, *task.defaults)):
             values, bad_text = decode_column(a) if a is not None else ([d] * n, {})
             for i, why in bad_text.items():  # a task function has no failOnError: the row fails the query
-                raise RowFailedError(f"{task.name} failed for row {i} of the batch: its {name} argument: {why}")
+                raise AIQueryRowException(f"{task.name} failed for row {i} of the batch: its {name} argument: {why}",
+                                          "AI_QUERY_INVALID_ARGUMENT")
             columns.append(values)
         values = evaluate_task(task, endpoint, registry, columns, quota_broker, quota_share, progress_address)
         if return_type is not None:  # ai_extract with literal labels: a typed struct

@@ -28,7 +28,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from ai_query import ArgumentError
+from ._conditions import argument_error
 
 AUDIT_FIELDS: list[StructField] = [
     StructField("aiq_endpoint", StringType()),
@@ -54,12 +54,12 @@ def parse_return_type(ddl: str) -> DataType:
     from pyspark.sql.types import _parse_datatype_string
 
     if not isinstance(ddl, str) or not ddl.strip():
-        raise ArgumentError(f"returnType must be a non-empty DDL type string like 'STRING' or 'STRUCT<a: INT>', got {ddl!r}")
+        raise argument_error("AI_FUNCTION_UNSUPPORTED_RETURN_TYPE", f"returnType must be a non-empty DDL type string like 'STRING' or 'STRUCT<a: INT>', got {ddl!r}")
     try:
         return _parse_datatype_string(ddl)
     except Exception as exc:  # pyspark raises its own ParseException family
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ArgumentError(
+        raise argument_error("AI_FUNCTION_UNSUPPORTED_RETURN_TYPE", 
             f"returnType {ddl!r} is not a valid Spark SQL type ({first}); use e.g. 'STRING', 'FLOAT', "
             "'ARRAY<FLOAT>' or 'STRUCT<label: STRING, score: DOUBLE>'"
         ) from None

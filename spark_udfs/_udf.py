@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from ai_query import AIQueryClient, ArgumentError, CallResult, EndpointRegistry, RowFailedError, shared_client
+from ai_query import AIQueryClient, CallResult, EndpointRegistry, shared_client
 from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query.backends import BatchContext
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, TaskJournal, stage_answers
@@ -27,6 +27,7 @@ from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 from ai_query.batch.request import invalid_utf8_message
 from ai_query.process import cmdline, die_with_parent
 
+from ._conditions import AIQueryRowException, argument_error
 from ._types import AUDIT_COLUMNS, convert, result_type
 
 SIGNATURE = ["endpoint", "request", "returnType", "failOnError", "modelParameters", "responseFormat", "files"]
@@ -101,13 +102,16 @@ def _answers_of_this_stage() -> StageAnswers:
 
 
 def _batch_context() -> BatchContext | None:
-    """What a backend may need to know of the running task: the GPUs Spark assigned to it, and
-    whether a job's batch phase asks its calls to go online."""
+    """What the core may need to know of the running task: the GPUs Spark assigned to it (for a
+    backend), the SQL execution it serves (live progress counts per action; the root execution,
+    so that a subquery's rows count towards the action that ran it), and whether a job's batch
+    phase asks its calls to go online."""
     ctx = _task_context()
     if ctx is None:
         return None
     gpu = ctx.resources().get("gpu")
-    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (),
+    action = ctx.getLocalProperty("spark.sql.execution.root.id") or ctx.getLocalProperty("spark.sql.execution.id")
+    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (), action=action,
                         online_only=bool(ctx.getLocalProperty(ONLINE_ONLY_PROPERTY)))
 
 
@@ -170,7 +174,8 @@ def _check_files_type(files: pa.Array) -> None:
     if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
             pa.types.is_binary(kind.value_type) or pa.types.is_large_binary(kind.value_type) or pa.types.is_null(kind.value_type)):
         return
-    raise ArgumentError(
+    raise argument_error(
+        "AI_QUERY_FILES_DATATYPE_MISMATCH",
         f"ai_query: files => takes a BINARY or ARRAY<BINARY> column (image or PDF bytes), got a column of Arrow type {kind}; "
         "read the files with spark.read.format('binaryFile') and pass its content column, or unbase64(col) for base64 text"
     )
@@ -228,7 +233,8 @@ def start_batch(
     params_col = _column(model_parameters, n)
     fails = _column(fail_on_error, n)
     if not spec.with_error and not spec.audit and any(f is False for f in fails):
-        raise ArgumentError(
+        raise argument_error(
+            "AI_QUERY_INVALID_ARGUMENT",
             "failOnError => false returns STRUCT<response, errorMessage>, which this plain ai_query UDF cannot: "
             "run the statement through spark.sql after spark_udfs.register(spark) (it rewrites the call), "
             "or spark_udfs.sql(spark, query); in the DataFrame API use df.selectExpr(...) or "
@@ -250,6 +256,7 @@ def finish_batch(batch: PendingBatch) -> tuple[list[CallResult], list[Any], list
     value_type = spec.value_type()
     values: list[Any] = []
     errors: list[str | None] = []
+    unreadable: set[int] = set()  # answers that are not of the result type (the others: the call failed)
     for result in results:
         if not result.ok:
             values.append(None)
@@ -259,6 +266,7 @@ def finish_batch(batch: PendingBatch) -> tuple[list[CallResult], list[Any], list
             values.append(convert(result.value, value_type))
             errors.append(None)
         except (ValueError, TypeError, ArithmeticError) as exc:
+            unreadable.add(len(values))
             values.append(None)
             errors.append(f"could not read the response as {value_type.simpleString().upper()}: {exc}")
             result.status = "error"
@@ -267,9 +275,11 @@ def finish_batch(batch: PendingBatch) -> tuple[list[CallResult], list[Any], list
         for position, (result, error) in enumerate(zip(results, errors)):
             if error is not None and fails[position] is not False:
                 preview = str(requests[position])[:60]
-                raise RowFailedError(
+                raise AIQueryRowException(
                     f"ai_query({result.endpoint!r}) failed for {_row_label(position)} (request {preview!r}): {error}. "
-                    "Use failOnError => false to get the error per row instead of failing the query."
+                    "Use failOnError => false to get the error per row instead of failing the query.",
+                    "AI_FUNCTION_HTTP_PARSE_CAST_ERROR" if position in unreadable else
+                    "AI_QUERY_INVALID_ARGUMENT" if position in batch.row_errors else "AI_FUNCTION_HTTP_REQUEST_ERROR",
                 )
     return results, values, errors
 
@@ -329,7 +339,8 @@ def check_not_rewritten(spec: UDFSpec, return_type: pa.Array | None, response_fo
     if fmt is None and str(given).strip().lower() == "string":
         return
     what = f"returnType => {given!r}" if given is not None and fmt is None else f"responseFormat => {str(fmt)[:60]!r}"
-    raise ArgumentError(
+    raise argument_error(
+        "AI_FUNCTION_UNSUPPORTED_RESPONSE_FORMAT" if "responseFormat" in what else "AI_FUNCTION_UNSUPPORTED_RETURN_TYPE",
         f"ai_query(..., {what}) reached the plain ai_query UDF, which returns {spec.value_type().simpleString().upper()}: "
         "the expression was not rewritten (spark.sql, df.selectExpr and F.expr are, after spark_udfs.register(spark)). "
         "For a typed column use spark_udfs.ai_query(endpoint, col, returnType=..., responseFormat=...)"

@@ -4,7 +4,8 @@ from code) with signatures that name input features, declare params (or none) an
 ``triage``: inputs ``timestamp`` (datetime), ``sender``, ``text``; param ``threshold`` (double,
 0.5); output ``label`` (string), ``score`` (double), ``hour`` (long). It raises unless each column
 arrives with its signature's type (a timestamp, not text), so a wrongly fed record fails loudly.
-``plain``: the same inputs, no params, output one double.
+``plain``: the same inputs, no params, output one double (a list). ``column``: the same as a
+one-column DataFrame (``length``), which MLflow's scoring server answers as records.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ PLAIN = """
     mlflow.models.set_model(Plain())
 """
 
+COLUMN = """
+    import mlflow
+    import pandas as pd
+    from mlflow.pyfunc import PythonModel
+
+    class Column(PythonModel):
+        def predict(self, context, model_input, params=None):
+            return pd.DataFrame({"length": [float(len(s) + len(t)) for s, t in zip(model_input["sender"], model_input["text"])]})
+
+    mlflow.models.set_model(Column())
+"""
+
 
 def save_custom_models(root: Path) -> dict[str, str]:
-    """Save ``triage`` and ``plain`` under ``root``; their paths (model URIs) by name."""
+    """Save ``triage``, ``plain`` and ``column`` under ``root``; their paths (model URIs) by name."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
@@ -57,9 +70,10 @@ def save_custom_models(root: Path) -> dict[str, str]:
                                  outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"), ColSpec("long", "hour")]),
                                  params=ParamSchema([ParamSpec("threshold", "double", 0.5)])),
         "plain": ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")])),
+        "column": ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "length")])),
     }
     paths = {}
-    for name, code in (("triage", TRIAGE), ("plain", PLAIN)):
+    for name, code in (("triage", TRIAGE), ("plain", PLAIN), ("column", COLUMN)):
         source = root / f"{name}.py"
         source.write_text(textwrap.dedent(code))
         path = root / name

@@ -424,7 +424,7 @@ class MLflowPyfuncBackend(BackendBase):
         self.predict_calls += 1
         self.rows_predicted += len(values)
         output = self._model.predict(data, params=params) if params else self._model.predict(data)
-        outputs = _per_row(output, len(values), task)
+        outputs = _per_row(output, len(values), task, records=bool(values) and isinstance(values[0], Mapping))
         if len(outputs) != len(values):
             raise SystemicEndpointError(
                 f"MLflow model {self.ref.uri!r} returned {len(outputs)} outputs for {len(values)} inputs: its predict "
@@ -475,15 +475,27 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _per_row(output: Any, n: int, task: str) -> list[Any]:
-    """Split what predict returned into one output per input row."""
+@dataclass(frozen=True)
+class _ColumnValue:
+    """One row of a one-column DataFrame a custom model returned: the column's value (the row's
+    ``value``, typed like the column) and the record MLflow's scoring server answers for it."""
+
+    value: Any
+    record: dict[str, Any]
+
+
+def _per_row(output: Any, n: int, task: str, *, records: bool = False) -> list[Any]:
+    """Split what predict returned into one output per input row (``records``: struct requests)."""
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas comes with mlflow
         pd = None
     if pd is not None and isinstance(output, pd.DataFrame):
         if output.shape[1] == 1:
-            return output.iloc[:, 0].tolist()
+            values = output.iloc[:, 0].tolist()
+            if records:
+                return [_ColumnValue(v, r) for v, r in zip(values, output.to_dict("records"))]
+            return values
         return output.to_dict("records")
     if pd is not None and isinstance(output, pd.Series):
         return output.tolist()
@@ -540,12 +552,15 @@ def _response(task: str, output: Any, prompt_text: str, uri: str) -> ModelRespon
 
 def _record_response(output: Any, prompt_text: str, uri: str) -> ModelResponse:
     """A custom model's output for one record: the value itself (JSON-native), typed by Spark later."""
+    prediction = None
+    if isinstance(output, _ColumnValue):
+        output, prediction = output.value, json_value(output.record)
     if output is None:
         raise PermanentEndpointError(f"MLflow model {uri!r} returned no output (None) for this row")
     value = json_value(output)
     text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
     usage = output.get("usage") if isinstance(output, Mapping) else None
-    return ModelResponse(value=value, usage=Usage.from_payload(usage, prompt_text, text))
+    return ModelResponse(value=value, usage=Usage.from_payload(usage, prompt_text, text), prediction=prediction)
 
 
 def _embedding(output: Any, prompt_text: str, uri: str) -> ModelResponse:

@@ -62,6 +62,10 @@ class BatchContext:
     """Send online even where the endpoint's ``client_config.batch_api`` asks for batches (a job's
     batch phase sent them already)."""
 
+    action: str | None = None
+    """The user action the batch is part of (Spark: the root SQL execution of ``collect``,
+    ``show``, a write): live progress draws one bar per action."""
+
 
 @dataclass(frozen=True)
 class HTTPRequest:

@@ -41,9 +41,11 @@ from .results import CallResult, shared_copy, without_gaps
 class PendingRows:
     """Rows on their way to their endpoints; ``wait()`` returns each row's result at its position."""
 
-    def __init__(self, results: list[CallResult | None], reporter: Any) -> None:
+    def __init__(self, results: list[CallResult | None], reporter: Any, action: str | None = None) -> None:
         self.results = results
         self.reporter = reporter
+        self.action = action
+        """The user action the rows belong to (``BatchContext.action``): their progress counts say so."""
         self.rounds: list[tuple[concurrent.futures.Future[list[list[CallResult]]], list[list[int]]]] = []
         self.copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
         self.earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
@@ -74,7 +76,7 @@ class PendingRows:
         if self.reporter is not None:
             shared = [*self.copies, *self.earlier, *self.waiting]
             for i, _ in shared:
-                self.reporter.add(results[i].ok, 0, None, None, deduplicated=True)  # type: ignore[union-attr]
+                self.reporter.add(results[i].ok, 0, None, None, deduplicated=True, action=self.action)  # type: ignore[union-attr]
             self.reporter.flush()
         return without_gaps(results)
 
@@ -105,7 +107,7 @@ def start_rows(
     sent again: the row shares that answer. ``context`` (the task running the batch) goes to a
     backend that runs whole batches.
     """
-    pending = PendingRows([None] * len(requests), reporter_for(progress_address))
+    pending = PendingRows([None] * len(requests), reporter_for(progress_address), context.action if context is not None else None)
     cache = answers if answers is not None else StageAnswers()
     reserved: Reserved = {}
     try:
@@ -164,7 +166,7 @@ def _start_groups(
                 i = result.index
                 results[i] = result
                 if reporter is not None:
-                    reporter.add(result.ok, result.total_tokens, None, None)
+                    reporter.add(result.ok, result.total_tokens, None, None, action=pending.action)
                 if i in plan.shareable and (answer := cache.reserve(keys[i])) is not None:
                     # later batches of the stage share it, as they shared the answer before the kill
                     cache.settle(keys[i], answer, result)
@@ -187,7 +189,7 @@ def _start_groups(
             target.append(b)
     for round_ in rounds:
         row_of = {batches[b][0]: batch_rows[b] for b in round_}
-        on_result = _on_result(client, row_of, keys, journal, reporter, cache, reserved)
+        on_result = _on_result(client, row_of, keys, journal, reporter, pending.action, cache, reserved)
         future = client.submit_many([batches[b] for b in round_], on_result=on_result, context=context)
         rows_of_round = [batch_rows[b] for b in round_]
         if reserved:
@@ -197,7 +199,7 @@ def _start_groups(
 
 
 def _on_result(client: AIQueryClient, row_of: dict[str, list[int]], keys: dict[int, RequestKey],
-               journal: ResponseJournal | TaskJournal | None, reporter: Any, cache: StageAnswers,
+               journal: ResponseJournal | TaskJournal | None, reporter: Any, action: str | None, cache: StageAnswers,
                reserved: Reserved) -> Callable[[str, CallResult], None]:
     """What happens to each answer as it arrives: journaled, counted, shared with waiting rows."""
 
@@ -206,7 +208,7 @@ def _on_result(client: AIQueryClient, row_of: dict[str, list[int]], keys: dict[i
         if journal is not None:
             journal.record(keys[i], r)
         if reporter is not None:
-            reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit)
+            reporter.add(r.ok, r.total_tokens, name, client.endpoint(name).limiter.limit, action=action)
         if i in reserved:
             cache.settle(*reserved[i], r)
 

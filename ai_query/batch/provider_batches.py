@@ -142,7 +142,7 @@ async def amap_in_batches(aiq: "AIQueryClient", endpoint: str, values: Sequence[
             on_result(result)
     rest = [i for i, r in enumerate(results) if r is None]
     if rest:
-        online = BatchContext(context.gpu_ids if context is not None else (), online_only=True)
+        online = dataclasses.replace(context, online_only=True) if context is not None else BatchContext(online_only=True)
         callback = (lambda r: on_result(dataclasses.replace(r, index=rest[r.index]))) if on_result is not None else None
         for result in await aiq.amap(endpoint, [values[i] for i in rest], params, response_format, on_result=callback,
                                      context=online):

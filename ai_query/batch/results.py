@@ -46,6 +46,9 @@ class CallResult:
     """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
     batch_id: str | None = None
     """The provider batch that answered the row (``client_config.batch_api``); ``None``: answered online."""
+    prediction: Any = None
+    """A custom model's output for the row when it is not ``value``: a one-column DataFrame's record
+    (``ModelResponse.prediction``); the serving endpoint answers it as MLflow's scoring server does."""
 
     @property
     def ok(self) -> bool:
@@ -72,6 +75,7 @@ def answered_result(index: int, endpoint: str, model: str | None, pricing: Any, 
         request_id=response.request_id,
         finish_reason=response.finish_reason,
         logprobs=_logprobs(response),
+        prediction=response.prediction,
     )
 
 

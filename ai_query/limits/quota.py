@@ -175,6 +175,15 @@ class QuotaState:
         with self._lock:
             self.paused_until = max(self.paused_until, until)
 
+    def used(self) -> dict[str, float]:
+        """What the windows hold, per kind (``requests``, ``tokens``; the larger of two windows of
+        one kind): diagnostics, e.g. that a cluster's executors really took their quota here."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for kind, w in self._windows:
+                out[kind] = max(out.get(kind, 0.0), w.used)
+        return out
+
 
 class Quota(Protocol):
     async def admit(self, tokens: float) -> float:

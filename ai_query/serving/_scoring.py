@@ -87,8 +87,9 @@ def parse_scoring(body: Mapping[str, Any]) -> ScoringRequest:
 
 
 def render_predictions(results: Sequence[CallResult]) -> dict[str, Any]:
-    """``{"predictions": [...]}``, one output per record, in order."""
-    return {"predictions": [r.value for r in results]}
+    """``{"predictions": [...]}``, one output per record, in order (a one-column DataFrame's records
+    as records, ``[{"column": value}]``, as MLflow's scoring server writes them)."""
+    return {"predictions": [r.value if r.prediction is None else r.prediction for r in results]}
 
 
 __all__ = ["FORMATS", "ScoringRequest", "is_scoring", "parse_scoring", "render_predictions"]

@@ -97,3 +97,29 @@ def test_offline_mode_is_repeatable_with_counted_usage(offline_runs):
 def test_server_pool_is_repeatable_and_matches_offline_token_for_token(offline_runs, server_runs):
     assert server_runs[0] == server_runs[1]
     assert server_runs[0] == offline_runs[0]  # same text and the same prompt / completion token counts
+
+
+ENGINE_BLOCKS = textwrap.dedent("""
+    import sys
+    from ai_query import VLLMPool
+    from gpu_workers._offline import _Engine
+
+    pool = VLLMPool.from_dict({"model": "smollm2-135m-instruct", "task": "llm/v1/chat", "replicas": 1, "mode": "offline",
+                               "options": {"dtype": "float32", "extra_args": ["--num-gpu-blocks-override", "24"]}}, "vllm_pool")
+    print("BLOCKS", _Engine(pool).llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, flush=True)
+""")
+
+
+def test_offline_mode_takes_extra_args_as_engine_arguments():
+    """``options.extra_args`` (``vllm serve`` flags) reach an offline engine as ``vllm.LLM`` arguments:
+    the KV-cache-pressure benchmark cuts the cache with ``--num-gpu-blocks-override`` this way (an
+    engine in a child process: its blocks are 24, not the ~180 of 1 GiB). Mutations caught: the
+    flags ignored (``{}``, or the kwargs never passed to ``vllm.LLM``: 180 blocks), or every default
+    passed along (more keys than the flags given)."""
+    from gpu_workers._offline import _engine_args
+
+    assert _engine_args(()) == {}
+    assert _engine_args(["--num-gpu-blocks-override", "64", "--max-num-seqs", "8"]) == {
+        "num_gpu_blocks_override": 64, "max_num_seqs": 8}
+    out = subprocess.run([sys.executable, "-c", ENGINE_BLOCKS], capture_output=True, text=True, timeout=600, check=False)
+    assert "BLOCKS 24" in out.stdout.splitlines(), out.stderr[-3000:]

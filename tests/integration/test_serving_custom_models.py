@@ -81,10 +81,15 @@ def test_each_scoring_format_answers_what_mlflows_scoring_server_answers(server,
     assert len(expected["predictions"]) == 2  # one output per record, as the model computed them
 
 
-def test_a_one_column_output_model_answers_like_mlflow(server, models):
-    status, expected = mlflow_scoring(models["plain"], BODIES["inputs"])
-    got = post(server, "plain", BODIES["inputs"])
-    assert (got.status_code, got.json()) == (status, expected) == (200, {"predictions": [5.0, 43.0]})
+@pytest.mark.parametrize("model, predictions", [
+    ("plain", [5.0, 43.0]),  # a list: its values
+    # mutation: ``_per_row`` ignoring ``records`` (the column's values) -> [5.0, 43.0], not MLflow's records
+    ("column", [{"length": 5.0}, {"length": 43.0}]),  # a one-column DataFrame: records
+])
+def test_a_one_output_model_answers_like_mlflow(server, models, model, predictions):
+    status, expected = mlflow_scoring(models[model], BODIES["inputs"])
+    got = post(server, model, BODIES["inputs"])
+    assert (got.status_code, got.json()) == (status, expected) == (200, {"predictions": predictions})
 
 
 @pytest.mark.parametrize("endpoint, params, message", [

@@ -1,5 +1,19 @@
-"""Databricks' documented ``ai_query`` / task-function forms, run as written against a real HTTP
-provider simulator on 127.0.0.1, with the result types Databricks documents.
+"""The conformance file: Databricks' documented ``ai_query`` / AI-function forms, run as written
+against real HTTP servers on 127.0.0.1 (a provider simulator; a saved MLflow model), each checked
+for the result type Databricks documents. One test per form:
+
+| form | test here | behaviour in depth |
+| --- | --- | --- |
+| legacy key/value ``ai_query(ep, req, 'returnType', 'INT', ...)`` | ``test_legacy_key_value_form_...`` | |
+| named arguments ``ai_query(ep, req, returnType => ..., failOnError => false)`` | ``test_named_form_...`` | ``test_ai_query_sql.py`` |
+| v2 ``ai_classify(content, labels, options)`` (VARIANT) | ``test_v2_classify_...`` | |
+| v2 ``ai_extract(content, schema)`` (VARIANT) | ``test_v2_extract_...`` | |
+| ``ai_parse_document(content)`` on a generated PDF (VARIANT) | ``test_parse_document_form_...`` | ``test_parse_document.py`` |
+| custom model, ``named_struct`` request (the signature's type) | ``test_custom_model_struct_form_...`` | ``test_custom_models.py`` |
+| DataFrame ``selectExpr`` / ``F.expr`` | ``test_dataframe_select_expr_...`` | |
+
+Error conditions / SQLSTATEs of refused forms: ``test_error_conditions.py``; the table of forms
+and how each differs: ``docs/pages/databricks-parity.md``.
 
 The simulator echoes the prompt (``echo: ...``) or answers ``[[reply:TEXT]]``; it cuts an answer
 at the request's ``max_tokens``, which is how ``default_max_tokens`` is observed on the wire.
@@ -15,6 +29,8 @@ import pytest
 import spark_udfs
 from ai_query import ArgumentError, EndpointRegistry
 from ai_query.testing import ProviderSimulator
+from tests.custom_models import custom_endpoints, save_custom_models
+from tests.pdfgen import pdf
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +50,13 @@ def _endpoint(sim, name, task, **client):
 
 
 @pytest.fixture(scope="module")
-def aispark(spark, sim):
+def aispark(spark, sim, tmp_path_factory):
     os.environ["AIQ_SECRET_SIM_KEY"] = "sk-sim"
+    models = save_custom_models(tmp_path_factory.mktemp("custom-models"))
     registry = EndpointRegistry.builtin().with_endpoints(EndpointRegistry.from_data([
         _endpoint(sim, "qa_bot", "llm/v1/chat"),
         _endpoint(sim, "short-bot", "llm/v1/chat", default_max_tokens=3),
+        *custom_endpoints(models),
     ]))
     spark_udfs.register(spark, registry, task_endpoints={"ai_classify": "qa_bot", "ai_extract": "qa_bot", "ai_translate": "qa_bot"})
     yield spark
@@ -109,6 +127,26 @@ def test_v2_extract_with_json_schema_returns_variant_and_constrains_the_answer(a
     row = df.collect()[0]
     assert json.loads(row.e.toJson()) == {"response": {"invoice_id": "INV-7", "total": 12.5}, "error_message": None}
     assert json.loads(row.f.toJson()) == {"response": {"name": "Ada", "city": None}, "error_message": None}
+
+
+def test_parse_document_form_returns_a_variant_in_the_documented_shape(aispark, tmp_path):
+    # mutation: drop ``register_parse_document`` in ``register`` -> UNRESOLVED_ROUTINE ai_parse_document
+    (tmp_path / "memo.pdf").write_bytes(pdf([[(72, 720, 20, "Memo"), (72, 690, 12, "Ship on Friday.")]]))
+    aispark.read.format("binaryFile").load(str(tmp_path)).createOrReplaceTempView("memo_files")
+    df = aispark.sql("SELECT ai_parse_document(content) AS parsed FROM memo_files")
+    assert df.schema["parsed"].dataType.simpleString() == "variant"
+    doc = json.loads(df.collect()[0].parsed.toJson())
+    assert set(doc) == {"document", "error_status", "metadata"} and doc["error_status"] == []
+    assert [(e["type"], e["content"]) for e in doc["document"]["elements"]] == [("title", "Memo"), ("text", "Ship on Friday.")]
+    assert len(doc["document"]["pages"]) == 1 and doc["metadata"]["version"]
+
+
+def test_custom_model_struct_form_is_one_record_typed_by_the_signature(aispark):
+    # mutation: ``_custom_model`` not taking the signature's output type -> the result is STRING (JSON)
+    df = aispark.sql("SELECT ai_query('triage', named_struct('timestamp', TIMESTAMP'2026-03-01 09:30:00', 'sender', 'ann', "
+                     "'text', 'hi')) AS r")
+    assert df.schema["r"].dataType.simpleString() == "struct<label:string,score:double,hour:bigint>"
+    assert df.collect()[0].r.asDict() == {"label": "short", "score": 2 / 40, "hour": 9}
 
 
 def test_dataframe_select_expr_and_expr_are_typed(aispark):

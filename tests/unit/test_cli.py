@@ -222,7 +222,20 @@ def test_sample_data_then_status_json_needs_no_spark(tmp_path, capsys):
     assert (status["job"], status["done"], status["failed"], status["pending"], status["usage_requests"]) == ("status-json", 0, 0, 12, 0)
     assert [r["run_id"] for r in status["runs"]] == ["r2", "r3"]
     assert main(["status", str(job)]) == 0
-    assert "pending               12" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "pending               12" in text
+    header, *runs = text.splitlines()[-4:]  # the runs table: a header, then one line per run
+    assert header.split() == ["STARTED", "STATUS", "ROWS", "FAILED", "TOKENS"]
+    assert [r.split()[:3] for r in runs] == [["2026-01-01T00:00:00", "done", "1"], ["2026-01-02T00:00:00", "done", "2"],
+                                             ["2026-01-03T00:00:00", "done", "3"]]
+
+
+def test_workers_status_json_and_its_empty_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AIQ_CACHE_DIR", str(tmp_path))  # no pool recorded in this cache
+    assert main(["workers", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["workers", "status"]) == 0
+    assert capsys.readouterr().out.startswith(f"no vLLM pools under {tmp_path}")
 
 
 def test_status_of_a_priced_job_with_no_usage_yet_costs_zero_not_unknown(tmp_path, capsys):

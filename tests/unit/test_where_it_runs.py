@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ai_query import ConfigError
 from spark_udfs._session import is_local_master, services_host, session_conf
 
 
@@ -58,3 +59,29 @@ def test_services_bind_loopback_only_for_local_masters(monkeypatch):
     monkeypatch.setenv("AIQ_DRIVER_HOST", "driver.internal")
     assert services_host(cluster) == "driver.internal"
     assert services_host(_ClassicSession(**{"spark.master": "local[2]"})) == "driver.internal"
+
+
+@pytest.mark.parametrize("master, env", [
+    ("spark://10.0.0.5:7077", {"SPARK_LOCAL_IP": "127.0.0.1"}),
+    ("spark://10.0.0.5:7077,10.0.0.6:7077", {"AIQ_DRIVER_HOST": "localhost", "SPARK_LOCAL_IP": "10.0.0.9"}),
+    ("k8s://https://api.internal:6443", {"AIQ_DRIVER_HOST": "127.0.1.1"}),
+    ("yarn", {"SPARK_LOCAL_IP": "::1"}),
+])
+def test_a_loopback_driver_address_is_refused_for_a_master_on_another_host(master, env):
+    with pytest.raises(ConfigError) as err:
+        session_conf(master, env)
+    source = "AIQ_DRIVER_HOST" if "AIQ_DRIVER_HOST" in env else "SPARK_LOCAL_IP"
+    assert f"{source}={env[source]} is a loopback address, but the master {master}" in str(err.value)
+    assert "set AIQ_DRIVER_HOST (or SPARK_LOCAL_IP)" in str(err.value)
+
+
+@pytest.mark.parametrize("master", ["local[2]", "spark://127.0.0.1:7077", "spark://localhost:7077", "k8s://https://127.0.0.1:6443"])
+def test_loopback_is_fine_when_the_master_is_on_this_hosts_loopback_too(master):
+    assert session_conf(master, {"SPARK_LOCAL_IP": "127.0.0.1"})["spark.driver.host"] == "127.0.0.1"
+
+
+def test_services_refuse_a_loopback_aiq_driver_host_for_a_remote_master(monkeypatch):
+    monkeypatch.setenv("AIQ_DRIVER_HOST", "127.0.0.1")
+    with pytest.raises(ConfigError, match="AIQ_DRIVER_HOST=127.0.0.1 is a loopback address"):
+        services_host(_ClassicSession(**{"spark.master": "spark://10.0.0.5:7077", "spark.driver.host": "10.0.0.9"}))
+    assert services_host(_ClassicSession(**{"spark.master": "spark://127.0.0.1:7077"})) == "127.0.0.1"
