@@ -83,6 +83,8 @@ def _remote_write_problem(path: str) -> str | None:
         storage.filesystem(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         return None  # a scheme only Spark or delta-rs opens (dbfs:/, wasbs://): checked when written
+    except OSError as exc:  # the store cannot be reached at all (no endpoint, the bucket's region unknown)
+        return " ".join(str(exc).split())[:300]
     probe = storage.join(path, f".aiq-preflight-{uuid.uuid4().hex}")
     try:
         storage.write_bytes(probe, b"")

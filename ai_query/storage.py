@@ -5,7 +5,9 @@ A job's state directory (journal, staged usage rows, run log, batch-API records)
 (``Path('s3://b/x') / 'y'`` is ``s3:/b/x/y``), so every state-path use goes through the string
 functions here: a local path (or ``file://``) keeps the plain ``os`` calls (same speed and
 atomicity as before), anything else goes to ``pyarrow.fs`` (credentials from the usual
-environment: ``AWS_*`` incl. ``AWS_ENDPOINT_URL``, ``AZURE_*``, Google's default credentials).
+environment: ``AWS_*`` incl. ``AWS_ENDPOINT_URL``, ``AZURE_*``, Google's default credentials, or
+from a job spec's ``[storage_options]``, see ``_storage_options``). Delta tables are opened
+through :func:`delta_table` / :func:`delta_options`, so delta-rs gets the same options.
 
 Object stores have no append and no rename. So:
 
@@ -28,8 +30,8 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["append_text", "create_exclusive", "exists", "filesystem", "is_dir", "is_remote", "join", "list_dir",
-           "local_path", "makedirs", "name", "read_appended", "read_bytes", "remove", "remove_tree", "write_bytes"]
+__all__ = ["append_text", "create_exclusive", "delta_options", "delta_table", "exists", "filesystem", "is_delta_table",
+           "is_dir", "is_remote", "join", "list_dir", "local_path", "makedirs", "name", "read_appended", "read_bytes", "remove", "remove_tree", "write_bytes"]
 
 
 def is_remote(path: str) -> bool:
@@ -55,22 +57,49 @@ def name(path: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _fs_for(root: str) -> Any:
+def _fs_for(root: str, options: tuple[tuple[str, str], ...] = ()) -> Any:
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(root)[0]
+    from ._storage_options import pyarrow_filesystem
+
+    fs = pyarrow_filesystem(root.split("://", 1)[0], dict(options)) if options else None
+    return fs if fs is not None else pafs.FileSystem.from_uri(root)[0]
+
+
+def delta_options(path: str) -> dict[str, str] | None:
+    """The delta-rs ``storage_options`` for ``path`` (secrets resolved), ``None``: the environment's."""
+    if not is_remote(path):
+        return None
+    from ._storage_options import resolved
+
+    return resolved(path)
 
 
 def filesystem(path: str) -> tuple[Any, str]:
-    """A ``pyarrow.fs`` filesystem and ``path`` on it (one filesystem per scheme and bucket, reused)."""
+    """A ``pyarrow.fs`` filesystem and ``path`` on it (one filesystem per scheme, bucket and options, reused)."""
     import pyarrow.fs as pafs
 
     if not is_remote(path):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(path))
     scheme, rest = path.split("://", 1)
     bucket = rest.split("/", 1)[0]
-    fs = _fs_for(f"{scheme}://{bucket}")
+    options = delta_options(path)
+    fs = _fs_for(f"{scheme}://{bucket}", tuple(sorted(options.items())) if options else ())
     return fs, rest.rstrip("/")
+
+
+def delta_table(path: str, **kwargs: Any) -> Any:
+    """``deltalake.DeltaTable(path)`` with the storage options of ``path``."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(path, storage_options=delta_options(path), **kwargs)
+
+
+def is_delta_table(path: str) -> bool:
+    """Whether a Delta table is at ``path`` (read with the storage options of ``path``)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(path, storage_options=delta_options(path))
 
 
 def _info(path: str) -> Any:

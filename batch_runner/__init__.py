@@ -25,6 +25,7 @@ _HOMES = {
     "run_incremental": "._jobs",
     "run_job": "._runner",
     "sample_reviews": "._sample",
+    "use_storage_options": "._preflight",
     "write_sample_reviews": "._sample",
 }
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ._runner import RunSummary, explain_error, flatten_audit, run_job
     from ._sample import sample_reviews, write_sample_reviews
     from ._spec import JobSpec
+    from ._preflight import use_storage_options
 
 
 def __getattr__(name: str) -> Any:

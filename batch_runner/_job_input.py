@@ -9,6 +9,7 @@ query with its model call replaced by the call's request) for usage character co
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 
 import spark_udfs
 from ai_query import ConfigError, EndpointRegistry
+from ai_query import storage
 
 from ._runner import explain_error
 from ._spec import JobSpec
@@ -50,6 +52,7 @@ def job_registry(spec: JobSpec) -> EndpointRegistry:
 
 def open_job(spec: JobSpec, spark: "SparkSession") -> "DataFrame":
     """Register ``ai_query`` with the job's endpoints and the source views; return the input rows."""
+    _check_workers_see_storage_options(spec, spark)
     spark_udfs.register(spark, job_registry(spec))
     for view, path in spec.sources.items():
         try:
@@ -79,24 +82,38 @@ def open_job(spec: JobSpec, spark: "SparkSession") -> "DataFrame":
     return spark.table(_INPUT_ALIAS)
 
 
+def _check_workers_see_storage_options(spec: JobSpec, spark: "SparkSession") -> None:
+    """``[storage_options]`` reach Spark's Python workers through ``AIQ_STORAGE_OPTIONS`` in the environment
+    their JVM started with (``ai_query._storage_options``): a session started before the job's options
+    were installed would read and write the tables without them."""
+    entries = spec.storage_entries()
+    if not entries:
+        return
+    from ai_query._storage_options import ENV
+
+    for seen in spark_udfs.worker_environment(spark, ENV):
+        have = json.loads(seen) if seen else {}
+        if any(have.get(prefix) != options for prefix, options in entries.items()):
+            raise ConfigError(
+                f"job {spec.name!r} has [storage_options], which reach Spark's Python workers through {ENV}, but this Spark "
+                f"session was started without them; run the job with `ai-query run`, or call "
+                f"batch_runner.use_storage_options(spec) before the session is built (or set spark.executorEnv.{ENV})")
+
+
 # --------------------------------------------------------------------------------------------
 # what is done, what is pending
 
 
 def _output_exists(spec: JobSpec) -> bool:
-    from deltalake import DeltaTable
-
-    return DeltaTable.is_deltatable(spec.output_path)
+    return storage.is_delta_table(spec.output_path)
 
 
 def key_states(spec: JobSpec) -> pa.Table:
     """One row per key in the output: its key columns and ``ok`` (any row of the key succeeded)."""
-    from deltalake import DeltaTable
-
     names = list(spec.key)
     if not _output_exists(spec):
         return pa.table({**{k: pa.array([], pa.string()) for k in names}, "ok": pa.array([], pa.bool_())})
-    table = DeltaTable(spec.output_path).to_pyarrow_table(columns=[*names, "aiq_status"])
+    table = storage.delta_table(spec.output_path).to_pyarrow_table(columns=[*names, "aiq_status"])
     table = table.append_column("is_ok", pc.equal(table.column("aiq_status"), "ok"))
     grouped = table.group_by(names).aggregate([("is_ok", "max")])
     return grouped.rename_columns([*names, "ok"]).select([*names, "ok"])

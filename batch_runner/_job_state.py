@@ -161,15 +161,16 @@ class JobStatus:
 
 def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
     """Done / failed / pending counts, the run log, and usage totals. Spark only for SQL inputs."""
+    from ._preflight import use_storage_options
+
+    use_storage_options(spec)
     states = key_states(spec)
     ok = pc.sum(states.column("ok")).as_py() or 0 if states.num_rows else 0
     pending: int | None = None
     if spec.input_sql is None:
-        from deltalake import DeltaTable
-
         source = spec.sources[spec.driving_view]
-        if DeltaTable.is_deltatable(source):
-            keys = DeltaTable(source).to_pyarrow_table(columns=list(spec.key)).group_by(list(spec.key)).aggregate([])
+        if storage.is_delta_table(source):
+            keys = storage.delta_table(source).to_pyarrow_table(columns=list(spec.key)).group_by(list(spec.key)).aggregate([])
             if states.num_rows:
                 keys = keys.join(states.select(list(spec.key)).cast(keys.schema), keys=list(spec.key), join_type="left anti")
             pending = keys.num_rows

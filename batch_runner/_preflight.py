@@ -4,6 +4,8 @@
 functions call it again without the probe (a notebook calling ``run_incremental`` gets the same
 checks). In order, cheapest first:
 
+0. every secret of ``[storage_options]`` resolves, and the options are installed for this process
+   (and, through ``AIQ_STORAGE_OPTIONS``, for the Spark session ``ai-query run`` starts next);
 1. the paths the job writes (output, usage, payloads, state) are writable (``ai_query._preflight``);
 2. every endpoint the query calls is known and its secrets resolve on the driver;
    (and, with ``options.max_cost_usd``, has prices);
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ai_query import AIQueryError, ArgumentError, ConfigError, EndpointRegistry
+from ai_query import AIQueryError, ArgumentError, ConfigError, EndpointRegistry, SecretNotFoundError
 from ai_query._preflight import check_writable, preflight_endpoints
+from ai_query._storage_options import install, secret_references
+from ai_query.config import resolve_secret
 
 from ._spec import JobSpec
 
@@ -87,12 +91,13 @@ def check_source_keys(spec: JobSpec) -> None:
     """Duplicate keys of a job whose input is one Delta source, read with delta-rs (no Spark)."""
     if not spec.incremental or spec.input_sql is not None or spec.driving_view not in spec.sources:
         return
-    from deltalake import DeltaTable
     from deltalake.exceptions import DeltaError
+
+    from ai_query import storage
 
     path = spec.sources[spec.driving_view]
     try:
-        table = DeltaTable(path)
+        table = storage.delta_table(path)
         if any(k not in table.schema().to_arrow().names for k in spec.key):
             return  # open_job names the missing key column with the input's columns
         keys = table.to_pyarrow_table(columns=list(spec.key))
@@ -128,10 +133,28 @@ def job_priced(spec: JobSpec) -> bool:
         return False
 
 
+def use_storage_options(spec: JobSpec) -> None:
+    """Resolve every secret of the job's ``[storage_options]`` (an unset one stops the job before any
+    request, object storage included) and install the options for this process."""
+    if not spec.storage_options:
+        return
+    where = spec.source_file or "the job spec"
+    for prefix, name, ref in secret_references(spec.storage_options):
+        try:
+            resolve_secret(ref)
+        except SecretNotFoundError as exc:
+            key = f"storage_options.{name}" if not prefix else f"storage_options.\"{prefix}\".{name}"
+            paths = f"the paths under {prefix}" if prefix else "every object storage path of the job"
+            raise SecretNotFoundError(f"{where}: {key} (object storage credentials for {paths}) needs its secret: {exc}. "
+                                      "Nothing was read, written or sent") from None
+    install(spec.storage_entries())
+
+
 def preflight_job(spec: JobSpec, *, probe: bool = True) -> None:
     """Check ``spec`` before anything is sent; see the module docstring."""
     from ._job_input import job_registry
 
+    use_storage_options(spec)
     check_job_paths(spec)
     registry, endpoints = job_registry(spec), job_endpoints(spec)
     preflight_endpoints(registry, endpoints, probe=False)
@@ -141,4 +164,5 @@ def preflight_job(spec: JobSpec, *, probe: bool = True) -> None:
         preflight_endpoints(registry, endpoints, probe=True)
 
 
-__all__ = ["check_budget_pricing", "check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "job_priced", "preflight_job"]
+__all__ = ["check_budget_pricing", "check_job_paths", "check_source_keys", "duplicate_keys_message", "job_endpoints", "job_priced", "preflight_job",
+           "use_storage_options"]

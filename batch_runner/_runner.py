@@ -234,9 +234,9 @@ def run_job(
 def summarize(spec: JobSpec, response_column: str, seconds: float, examples: int = 3) -> RunSummary:
     """Read the output table back (with delta-rs, not Spark) and count what it holds."""
     import pyarrow.compute as pc
-    from deltalake import DeltaTable
+    from ai_query import storage
 
-    table = DeltaTable(spec.output_path).to_pyarrow_table()
+    table = storage.delta_table(spec.output_path).to_pyarrow_table()
     status = table.column("aiq_status")
     attempts = pc.fill_null(table.column("aiq_attempts"), 0)
     ok = pc.sum(pc.equal(status, "ok")).as_py() or 0

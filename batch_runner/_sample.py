@@ -41,5 +41,8 @@ def write_sample_reviews(path: str, rows: int = 240, seed: int = 7) -> str:
     """Write the sample as a Delta table at ``path`` (replacing what is there); return the path."""
     from deltalake import write_deltalake
 
-    write_deltalake(path, sample_reviews(rows, seed), mode="overwrite", schema_mode="overwrite")
+    from ai_query import storage
+
+    write_deltalake(path, sample_reviews(rows, seed), mode="overwrite", schema_mode="overwrite",
+                    storage_options=storage.delta_options(path))
     return path

@@ -35,6 +35,13 @@
 
     schedule = "0 2 * * *"                  # cron: minute hour day-of-month month day-of-week
 
+    [storage_options]                       # optional: object storage options for every s3:// ... path
+    AWS_ACCESS_KEY_ID = "{{secrets/s3/key_id}}"     # credentials: secret references only
+    AWS_SECRET_ACCESS_KEY = "{{secrets/s3/secret}}"
+    AWS_ENDPOINT_URL = "https://minio.internal:9000"
+    [storage_options."s3://raw-bucket"]     # ... and over them, for the paths under a prefix
+    AWS_ACCESS_KEY_ID = "{{secrets/raw/key_id}}"
+
     [batch_api]                             # optional: pending rows go as provider batches (half price)
     completion_window = "24h"               # the provider's window (OpenAI: 24h)
     deadline = "6h"                         # rows not answered by then (minus online time) go online
@@ -67,6 +74,7 @@ from typing import Annotated, Any, Literal, Mapping, get_args
 from msgspec import Meta
 
 from ai_query import ConfigError
+from ai_query._storage_options import parse_section
 from ai_query.config import ConfigStruct, building, duration_s
 
 _VIEW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -117,6 +125,8 @@ class JobSpec(ConfigStruct):
     prompt: dict[str, Any] | None = None
     batch_api: dict[str, Any] | None = None
     """``[batch_api]`` (see ``batch_api_options``): send pending rows as provider batches."""
+    storage_options: dict[str, dict[str, str]] | None = None
+    """``[storage_options]`` as ``{"": job-wide, "<uri prefix>": options}`` (see ``ai_query._storage_options``)."""
     mlflow: dict[str, str] | None = None
     """``[mlflow]`` (``experiment``, ``run_id``, ``tracking_uri``): push each run's counters to MLflow."""
 
@@ -166,6 +176,15 @@ class JobSpec(ConfigStruct):
     def usage_table(self) -> str:
         return self.usage_path or self.state_path + "/endpoint_usage"
 
+    def storage_entries(self) -> dict[str, dict[str, str]]:
+        """``[storage_options]`` as one entry per object storage path of the job (what ``install`` takes)."""
+        from ai_query._storage_options import expand
+
+        if not self.storage_options:
+            return {}
+        paths = [*self.sources.values(), self.output_path, self.state_path, self.usage_table, self.inference_path or ""]
+        return expand(self.storage_options, paths)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: Path, source_file: str | None = None) -> "JobSpec":
         where = source_file or "job spec"
@@ -173,7 +192,8 @@ class JobSpec(ConfigStruct):
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{where}: {key} {message}")
 
-        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api", "mlflow"}
+        allowed_top = {"name", "query", "prompt", "sources", "input", "output", "options", "key", "endpoints", "schedule", "batch_api",
+                       "mlflow", "storage_options"}
         unknown = sorted(set(data) - allowed_top)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed are {', '.join(sorted(allowed_top))}")
@@ -290,6 +310,7 @@ class JobSpec(ConfigStruct):
                 schedule=schedule,
                 prompt=prompt,
                 batch_api=batch_api_options(data["batch_api"], where) if "batch_api" in data else None,
+                storage_options=parse_section(data["storage_options"], where) if "storage_options" in data else None,
                 mlflow=_mlflow_options(data["mlflow"], where) if "mlflow" in data else None,
             )
 

@@ -205,9 +205,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from batch_runner._job_state import job_status
     from batch_runner._spec import JobSpec
 
+    from batch_runner._preflight import use_storage_options
+
     spec = JobSpec.load(args.job)
     if not spec.incremental:
         raise ConfigError(f"{args.job}: status needs an incremental job (key = [...] and output.mode merge or append)")
+    use_storage_options(spec)  # before Spark starts: its workers inherit AIQ_STORAGE_OPTIONS
     spark = _session(args, spec) if spec.input_sql is not None else None
     try:
         status = job_status(spec, spark)  # type: ignore[arg-type]

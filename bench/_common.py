@@ -409,5 +409,19 @@ def load_note(cores: Sequence[float], threshold: float = 0.25) -> str:
     return text + (f" (run {', '.join(loaded)} above {threshold}: not quiet)" if loaded else "")
 
 
+def write_results(out: Any, name: str, records: Sequence[Record], runs: list[dict[str, Any]], *, command: str,
+                  wall_s: float, title: str, preamble: Iterable[str]) -> tuple[Any, Any]:
+    """``<out>/<name>.json`` (every record with the date, machine, command and the runs) and ``<name>.md``; their paths."""
+    from datetime import datetime, timezone
+
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {"date": date, "machine": machine(), "command": command, "wall_s": round(wall_s)}
+    (out / f"{name}.json").write_text(json.dumps([{**r.as_dict(), **meta, "runs": runs} for r in records], indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(records, date=date, command=command, machine_line=meta["machine"],
+                                             wall_s=meta["wall_s"], title=title, preamble=preamble))
+    return out / f"{name}.json", out / f"{name}.md"
+
+
 __all__ = ["BackgroundLoad", "FILLER", "Record", "Sample", "SimSampler", "SparkCpu", "alternating", "goal_met", "load_note",
-           "machine", "markdown", "median", "prompts", "quiet_measure", "run_baseline"]
+           "machine", "markdown", "median", "prompts", "quiet_measure", "run_baseline", "write_results"]

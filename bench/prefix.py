@@ -33,13 +33,12 @@ import statistics
 import sys
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BackgroundLoad, Record, goal_met, machine, markdown  # noqa: E402 - bench/ is not a package
+from _common import BackgroundLoad, Record, goal_met, write_results  # noqa: E402 - bench/ is not a package
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = (
@@ -176,19 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.metric:24} {r.value!s:>8} {r.unit:7} goal {r.goal or '-':7} baseline {r.baseline}")
     if args.quick and args.out is None:
         return 0
-    out = args.out or RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python bench/prefix.py" + (" --quick" if args.quick else "")
-    meta = {"date": date, "machine": machine(), "command": command, "wall_s": round(time.monotonic() - started)}
-    (out / "prefix.json").write_text(json.dumps([{**r.as_dict(), **meta, "runs": runs} for r in records], indent=1) + "\n")
-    md = markdown(records, date=date, command=command, machine_line=meta["machine"], wall_s=meta["wall_s"],
-                  title="Prefix-aware ordering benchmark results",
-                  preamble=[f"- workload: {setup}", "- runs (alternating):"]
-                  + [f"  - {r['mode']} ({r['arm']}): {r['rows']} rows, {r['elapsed_s']:.1f} s, {r['rows_per_s']:.2f} rows/s, "
-                     f"hit rate {r['hit_rate']:.2f}, others {r['others_cores']:.2f} cores" for r in runs])
-    (out / "prefix.md").write_text(md)
-    log(f"wrote {out / 'prefix.json'} and {out / 'prefix.md'}")
+    written = write_results(args.out or RESULTS, "prefix", records, runs, command=command, wall_s=time.monotonic() - started,
+                            title="Prefix-aware ordering benchmark results",
+                            preamble=[f"- workload: {setup}", "- runs (alternating):"]
+                            + [f"  - {r['mode']} ({r['arm']}): {r['rows']} rows, {r['elapsed_s']:.1f} s, {r['rows_per_s']:.2f} "
+                               f"rows/s, hit rate {r['hit_rate']:.2f}, others {r['others_cores']:.2f} cores" for r in runs])
+    log(f"wrote {written[0]} and {written[1]}")
     return 0
 
 

@@ -45,7 +45,7 @@ from ._dataframe import install as install_expression_hooks
 from ._live_progress import LiveProgress, in_notebook
 from ._delta import DeltaReadError, DeltaWriteError, delta_txn_version, read_delta, register_delta, write_delta
 from ._rewrite import _without_comments, bind_arguments, find_calls, has_positional_marker, replace_calls, replace_names, rewrite_legacy_calls
-from ._session import build_session, default_parallelism, is_connect, services_host
+from ._session import build_session, default_parallelism, is_connect, services_host, worker_environment
 from ._types import AUDIT_COLUMNS, default_value_type, parse_return_type
 from ._parse_document import ai_parse_document, register_parse_document
 from ._tasks import TASKS, build_task_udf, configured_endpoints, extract_struct_type, language_name, sentiment_task
@@ -79,6 +79,7 @@ __all__ = [
     "services_host",
     "set_progress_address",
     "sql",
+    "worker_environment",
     "write_delta",
 ]
 

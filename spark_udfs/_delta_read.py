@@ -42,7 +42,7 @@ class _FileGroup(InputPartition):
 
 
 def _load_table(options: Any) -> tuple[Any, str]:
-    from deltalake import DeltaTable
+    from ai_query import storage
 
     path = options.get("path")
     if not path:
@@ -54,7 +54,7 @@ def _load_table(options: Any) -> tuple[Any, str]:
     timestamp = options.get("timestampAsOf")
     if version is not None and timestamp is not None:
         raise DeltaReadError("pass versionAsOf or timestampAsOf, not both")
-    table = DeltaTable(uri)
+    table = storage.delta_table(uri)
     latest = table.version()
     try:
         if version is not None:

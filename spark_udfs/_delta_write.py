@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ai_query import DeltaCommitError
+from ai_query import DeltaCommitError, storage
 from ai_query.sinks import AppTransaction, CommitResult, DeltaCommitter
 from pyspark.sql.datasource import DataSourceArrowWriter, WriterCommitMessage
 from pyspark.sql.types import StructField, StructType
@@ -121,8 +121,6 @@ def _parse_mode(options: Any, overwrite: bool) -> str:
 
 def _plan_write(options: Any, data_schema: StructType, overwrite: bool) -> _WritePlan:
     """Validate mode, options and schema on the driver, before any task runs."""
-    from deltalake import DeltaTable
-
     uri = _path_option(options)
     mode = _parse_mode(options, overwrite)
     txn = _parse_txn(options)
@@ -153,7 +151,7 @@ def _plan_write(options: Any, data_schema: StructType, overwrite: bool) -> _Writ
     skip_reason: str | None = None
 
     if exists:
-        table = DeltaTable(uri)
+        table = storage.delta_table(uri)
         if mode == "error":
             raise DeltaWriteError(
                 f"a Delta table already exists at {uri} and saveMode is 'errorifexists'; "
@@ -277,7 +275,7 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
         self._delete_job_files(_files_of(messages))
 
     def _commit(self, files: list[_WrittenFile]) -> None:
-        from deltalake import DeltaTable, Schema
+        from deltalake import Schema
         from deltalake.schema import Field
         from deltalake.transaction import AddAction, create_table_with_add_actions
 
@@ -286,7 +284,7 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
             self._delete_job_files(files)
             return
         committer = DeltaCommitter(plan.uri)
-        table = DeltaTable(plan.uri) if committer.exists() else None
+        table = storage.delta_table(plan.uri) if committer.exists() else None
         missing: list[StructField] = []
         if table is not None:
             # The table may have changed since the plan was made (another job, a retried chunk).
@@ -308,7 +306,8 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
 
         def write(props: Any) -> None:
             if table is None:
-                create_table_with_add_actions(plan.uri, delta_schema, adds, mode="error", commit_properties=props)
+                create_table_with_add_actions(plan.uri, delta_schema, adds, mode="error", commit_properties=props,
+                                              storage_options=storage.delta_options(plan.uri))
                 return
             if not plan.table_existed:
                 conflicts, extra = _schema_differences(_spark_schema_of(table), plan.table_schema)
@@ -326,7 +325,7 @@ class _DeltaArrowWriter(DataSourceArrowWriter):
                 # delta-rs cannot change the schema inside an append, so mergeSchema costs one
                 # extra (metadata-only) commit; a retry after a crash here finds the columns.
                 current.alter.add_columns([Field.from_json(json.dumps(f.jsonValue())) for f in missing])
-                current = DeltaTable(plan.uri)
+                current = storage.delta_table(plan.uri)
             if adds or plan.txn is not None:
                 current.create_write_transaction(adds, mode="append", schema=current.schema(), commit_properties=props)
 
@@ -365,13 +364,11 @@ def _any_committed(uri: str, files: list[_WrittenFile]) -> bool:
     if not files:
         return False
     try:
-        from deltalake import DeltaTable
-
         if not _is_delta_table(uri):
             return False
         import pyarrow as pa
 
-        paths = set(pa.table(DeltaTable(uri).get_add_actions(flatten=False)).column("path").to_pylist())
+        paths = set(pa.table(storage.delta_table(uri).get_add_actions(flatten=False)).column("path").to_pylist())
     except Exception:  # noqa: BLE001 - if unsure, keep the files: orphans are harmless, holes are not
         return True
     return any(f.path in paths for f in files)

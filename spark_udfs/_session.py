@@ -148,6 +148,20 @@ def services_host(spark: "SparkSession") -> str | None:
     return spark.conf.get("spark.driver.host", None) or "127.0.0.1"
 
 
+def worker_environment(spark: "SparkSession", name: str) -> list[str | None]:
+    """The values of environment variable ``name`` that Spark's Python workers of ``spark`` start with.
+
+    Every worker is started by a JVM and inherits its environment: the driver's JVM (Delta data
+    source planning and commits, and the executors of a ``local[*]`` master) and, on a cluster,
+    the executors' (``spark.executorEnv.<name>``). Empty for a Spark Connect session (not knowable)."""
+    if is_connect(spark):
+        return []
+    values = [spark.sparkContext._jvm.java.lang.System.getenv(name)]  # type: ignore[union-attr]
+    if not is_local_master(spark.conf.get("spark.master", None)):
+        values.append(spark.conf.get(f"spark.executorEnv.{name}", None))
+    return values
+
+
 def default_parallelism(spark: "SparkSession") -> int:
     """How many tasks run at once: ``defaultParallelism``; on Connect, the partitions of a default range."""
     if not is_connect(spark):

@@ -7,10 +7,12 @@ call back into Python), speaks the S3 wire protocol over HTTP, and supports cond
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -37,10 +39,13 @@ class S3Server:
         self.endpoint = endpoint
         self.port = urlparse(endpoint).port
         self._proc: subprocess.Popen | None = None
+        self._recording = os.path.join(tempfile.mkdtemp(prefix="aiq-moto-"), "recording.jsonl")
 
     def __enter__(self) -> "S3Server":
+        # moto's request recorder (off until ``start_recording``) writes here, not into the cwd
         self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=dict(os.environ, MOTO_RECORDER_FILEPATH=self._recording))
         for _ in range(300):
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
@@ -64,6 +69,22 @@ class S3Server:
         name = f"aiq-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def _moto_api(self, action: str) -> str:
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.read().decode()
+
+    def start_recording(self) -> None:
+        """Record every request from now on (method, URL, headers: who signed it)."""
+        self._moto_api("reset-recording")
+        self._moto_api("start-recording")
+
+    def recorded(self, bucket: str) -> list[dict]:
+        """Stop recording; the requests recorded since ``start_recording`` that name ``bucket``."""
+        self._moto_api("stop-recording")
+        entries = [json.loads(line) for line in self._moto_api("download-recording").splitlines() if line.strip()]
+        return [e for e in entries if f"/{bucket}" in e["url"] or e["url"].split("//", 1)[-1].startswith(f"{bucket}.")]
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import AIQueryError, DeltaCommitError
+from .. import storage
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -68,17 +69,13 @@ class DeltaCommitter:
         self.path = path
 
     def exists(self) -> bool:
-        from deltalake import DeltaTable
-
-        return DeltaTable.is_deltatable(self.path)
+        return storage.is_delta_table(self.path)
 
     def committed_version(self, app_id: str) -> int | None:
         """The highest version of ``app_id`` the table records (``None``: none, or no table)."""
-        from deltalake import DeltaTable
-
         if not self.exists():
             return None
-        version = DeltaTable(self.path).transaction_version(app_id)
+        version = storage.delta_table(self.path).transaction_version(app_id)
         return None if version is None else int(version)
 
     def is_committed(self, txn: AppTransaction) -> bool:
@@ -130,7 +127,8 @@ class DeltaCommitter:
         from deltalake import write_deltalake
 
         return self.commit_once(
-            txn, lambda props: write_deltalake(self.path, data, mode="append", commit_properties=props),
+            txn, lambda props: write_deltalake(self.path, data, mode="append", commit_properties=props,
+                                               storage_options=storage.delta_options(self.path)),
             changes=data.num_rows > 0, check_committed=check_committed)
 
     def merge(self, data: "pa.Table", keys: Sequence[str], txn: AppTransaction | None = None, *,
@@ -143,13 +141,14 @@ class DeltaCommitter:
             raise DeltaCommitError(f"a merge into {self.path} needs key columns to match rows on; pass keys=[...]")
 
         def write(props: Any) -> None:
-            from deltalake import DeltaTable, write_deltalake
+            from deltalake import write_deltalake
 
             if not self.exists():
-                write_deltalake(self.path, data, mode="append", commit_properties=props)
+                write_deltalake(self.path, data, mode="append", commit_properties=props,
+                                storage_options=storage.delta_options(self.path))
                 return
             predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-            (DeltaTable(self.path)
+            (storage.delta_table(self.path)
              .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props)
              .when_matched_update_all().when_not_matched_insert_all().execute())
 

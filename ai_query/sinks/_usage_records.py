@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from ._delta_commit import AppTransaction, CommitResult, DeltaCommitter
+from .. import storage
 
 USAGE_SCHEMA = pa.schema(
     [
@@ -161,11 +162,9 @@ class DeltaAppender:
         return DeltaCommitter(self.path).committed_version(app_id)
 
     def read(self) -> pa.Table:
-        from deltalake import DeltaTable
-
-        if not DeltaTable.is_deltatable(self.path):
+        if not storage.is_delta_table(self.path):
             return self.schema.empty_table()
-        return DeltaTable(self.path).to_pyarrow_table()
+        return storage.delta_table(self.path).to_pyarrow_table()
 
 
 __all__ = ["DeltaAppender", "INFERENCE_SCHEMA", "USAGE_SCHEMA", "inference_record", "usage_record"]
