@@ -497,6 +497,10 @@ class AIQueryClient:
         params = params if isinstance(params, ModelParameters) else ModelParameters.from_mapping(params)
         client = self.endpoint(endpoint)
         params = client.with_default_max_tokens(params)
+        if values and client.config.client_config.batch_api is not None and not (context is not None and context.online_only):
+            from .batch.provider_batches import amap_in_batches
+
+            return await amap_in_batches(self, endpoint, values, params, response_format, on_result, context)
         if client.runs_batches and values:
             results = await client.call_batch(values, params, response_format, context)
             if on_result is not None:

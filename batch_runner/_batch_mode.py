@@ -13,7 +13,10 @@ in ``aiq_cost_usd`` (the price table's batch rate), its request id (the provider
 
 **Exactly once, paid once.** Each batch is recorded in ``<state>/batches/<id>.json`` the moment the
 provider has accepted it, with its lines' request keys; a killed job's next run polls the recorded
-batches and submits only requests no recorded batch carries. A batch's answers are journaled once
+batches and submits only requests no recorded batch carries. Before each create, an intent
+(``_intent-<token>.json``: the batch's lines) is written and the token sent as the batch's
+metadata: a run killed between the create and the record leaves the intent, and the next run
+finds the batch by its metadata (OpenAI; Message Batches carry none) and polls it. A batch's answers are journaled once
 it has ended (then it is marked collected); a chunk commit is idempotent as in online jobs, so a
 batch's results are committed once. The state is dropped when the job has no pending rows left.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +40,12 @@ import pyarrow as pa
 
 import spark_udfs
 from ai_query import get_logger
-from ai_query import CallResult, ConfigError
+from ai_query import ConfigError
 from ai_query import storage
 from ai_query.backends import BatchLine, ProviderBatches
 from ai_query.batch import ResponseJournal, prompt_text_of, request_key
 from ai_query.batch import read_entries
+from ai_query.batch.provider_batches import DEFAULT_ONLINE_ROWS_PER_S, batch_client, batch_result, poll_until_ended
 
 from ._job_input import _INPUT_ALIAS, rows_of_keys
 from ._job_state import read_runs
@@ -51,7 +56,8 @@ if TYPE_CHECKING:
 
 log = get_logger("batch_runner")
 _STRUCT = "__aiq_batch_request"
-_DEFAULT_ONLINE_ROWS_PER_S = 5.0
+_INTENT = "_intent-"
+_INTENT_KEY = "aiq_intent"
 
 
 @dataclass
@@ -75,9 +81,12 @@ def _load_state(spec: JobSpec) -> dict[str, Any]:
     """``{"batches": {id: record}, "deadline_at": ...}`` from one file per batch (a save rewrites one batch only)."""
     root = _state_dir(spec)
     state: dict[str, Any] = {"batches": {}}
+    state["intents"] = {}
     for path in storage.list_dir(root, suffix=".json", dirs=False):
         if storage.name(path) == "_deadline.json":
             state["deadline_at"] = json.loads(storage.read_bytes(path))["deadline_at"]
+        elif storage.name(path).startswith(_INTENT):
+            state["intents"][storage.name(path).removeprefix(_INTENT).removesuffix(".json")] = json.loads(storage.read_bytes(path))
         else:
             state["batches"][storage.name(path).removesuffix(".json")] = json.loads(storage.read_bytes(path))
     return state
@@ -143,7 +152,7 @@ def _online_rate(spec: JobSpec) -> float:
     for run in reversed(read_runs(spec)):  # the last online run's rate (a batch-mode run's includes its waiting)
         if run.get("status") == "finished" and run.get("rows") and run.get("seconds") and not run.get("batch_api"):
             return float(run["rows"]) / float(run["seconds"])
-    return _DEFAULT_ONLINE_ROWS_PER_S
+    return DEFAULT_ONLINE_ROWS_PER_S
 
 
 def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", keys: pa.Table, started: float) -> BatchPhase:
@@ -152,11 +161,12 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
     phase = BatchPhase()
     _, endpoint, _ = _call_parts(spec)
     entity = spark_udfs._state(spark).registry.get(endpoint).entity  # noqa: SLF001 - same project
-    client = ProviderBatches(entity, max_requests=options.get("max_requests"))
-    task = entity.external_model.task  # type: ignore[union-attr]
+    client = batch_client(entity, options.get("max_requests"))
+    task = entity.task
     state = _load_state(spec)
     journal_root = storage.join(spec.state_path, "journal")
 
+    _adopt_orphans(client, spec, state)
     carried = {d for b in state["batches"].values() for d, _ in b["lines"].values()}
     journaled = set()
     for directory in storage.list_dir(journal_root, dirs=True):
@@ -171,10 +181,15 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
     lines = client.lines(task, [new[d][0] for d in digests], [new[d][1] for d in digests],
                          [prompt_text_of(new[d][0]) for d in digests]) if digests else []
     for part_lines, part_digests in _parts(client.split(lines), digests):
-        batch_id = client.submit(part_lines, options.get("completion_window", "24h"))
-        state["batches"][batch_id] = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
-                                      "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
-        _save_batch(spec, batch_id, state["batches"][batch_id])
+        token = uuid.uuid4().hex  # the intent: a kill between the create and the record below leaves it
+        record = {"endpoint": endpoint, "submitted_at": time.time(), "collected": False,
+                  "lines": {ln.custom_id: [d, ln.prompt_text] for ln, d in zip(part_lines, part_digests)}}
+        intent = storage.join(_state_dir(spec), f"{_INTENT}{token}.json")
+        _write(intent, record)
+        batch_id = client.submit(part_lines, options.get("completion_window", "24h"), {_INTENT_KEY: token})
+        state["batches"][batch_id] = record
+        _save_batch(spec, batch_id, record)
+        storage.remove(intent)
         phase.submitted += 1
         phase.lines += len(part_lines)
         log.info("job %s: batch %s submitted (%d requests)", spec.name, batch_id, len(part_lines))
@@ -186,38 +201,30 @@ def run_batch_phase(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame",
         deadline_at = state.get("deadline_at") if open_batches and state.get("deadline_at") else \
             time.time() - (time.monotonic() - started) + options["deadline_s"]
         _write(storage.join(_state_dir(spec), "_deadline.json"), {"deadline_at": deadline_at})
-    poll = float(options.get("poll_s", 2.0))
-    rate = _online_rate(spec)
-    while True:
-        open_ids = [bid for bid, b in state["batches"].items() if not b["collected"]]
-        if not open_ids:
-            break
-        unanswered = 0
-        for bid in open_ids:
-            seen = client.poll(bid)
-            if seen.ended:
-                _collect(client, spec, state, bid, seen.status, journal_root, phase)
-            else:
-                unanswered += seen.total - seen.done
-        if all(state["batches"][bid]["collected"] for bid in open_ids):
-            continue
-        if deadline_at is not None:
-            left = deadline_at - time.time() - unanswered / rate
-            if left <= 0:
-                for bid in open_ids:
-                    if not state["batches"][bid]["collected"]:
-                        client.cancel(bid)
-                        phase.cancelled += 1
-                        log.info("job %s: batch %s cancelled at the deadline; its unfinished rows go online", spec.name, bid)
-                poll = 0.05
-                deadline_at = None  # cancelled: wait for the batches to end, then collect what they did
-                continue
-            time.sleep(max(0.01, min(poll, left)))
-        else:
-            time.sleep(poll)
-        poll = min(poll * 1.5, float(options.get("max_poll_s", 60.0)))
+    open_ids = [bid for bid, b in state["batches"].items() if not b["collected"]]
+
+    def on_cancel(batch_id: str) -> None:
+        phase.cancelled += 1
+        log.info("job %s: batch %s cancelled at the deadline; its unfinished rows go online", spec.name, batch_id)
+
+    poll_until_ended(client, open_ids, lambda bid, seen: _collect(client, spec, state, bid, seen.status, journal_root, phase),
+                     deadline_at=deadline_at, online_rows_per_s=_online_rate(spec), poll_s=float(options.get("poll_s", 2.0)),
+                     max_poll_s=float(options.get("max_poll_s", 60.0)), on_cancel=on_cancel)
     phase.batch_ids = list(state["batches"])
     return phase
+
+
+def _adopt_orphans(client: ProviderBatches, spec: JobSpec, state: dict[str, Any]) -> None:
+    """A batch whose create a killed run sent but never recorded: found by its intent's metadata
+    and recorded (polled, not sent again); an intent the provider has no batch for is dropped."""
+    for token, record in state.pop("intents").items():
+        batch_id = client.find(_INTENT_KEY, token)
+        if batch_id is not None and batch_id not in state["batches"]:
+            state["batches"][batch_id] = record
+            _save_batch(spec, batch_id, record)
+            log.info("job %s: batch %s, created by a run killed before recording it, is polled instead of sent again",
+                     spec.name, batch_id)
+        storage.remove(storage.join(_state_dir(spec), f"{_INTENT}{token}.json"))
 
 
 def _parts(batches: list[list[BatchLine]], digests: list[str]) -> list[tuple[list[BatchLine], list[str]]]:
@@ -232,22 +239,16 @@ def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batc
              journal_root: str, phase: BatchPhase) -> None:
     """Journal an ended batch's answers (each under its request key), then mark it collected."""
     record = state["batches"][batch_id]
-    lines = {cid: BatchLine(cid, client.entity.external_model.task, {}, text)  # type: ignore[union-attr]
+    lines = {cid: BatchLine(cid, client.entity.task, {}, text)
              for cid, (_, text) in record["lines"].items()}
     results = client.results(batch_id, lines)
     journal = ResponseJournal(storage.join(journal_root, f"batch-{batch_id}"))
-    pricing = client.entity.pricing
     latency_ms = (time.time() - record["submitted_at"]) * 1000.0
     for cid, answer in results.items():
         if isinstance(answer, Exception):
             phase.failed_lines += 1
             continue
-        usage = answer.usage
-        journal.record(record["lines"][cid][0], CallResult(
-            0, record["endpoint"], "ok", value=answer.value, model=answer.model or client.entity.external_model.name,  # type: ignore[union-attr]
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
-            usage_estimated=usage.estimated, cost_usd=pricing.batch_cost(usage.prompt_tokens, usage.completion_tokens) if pricing else None,
-            latency_ms=latency_ms, attempts=1, request_id=answer.request_id, finish_reason=answer.finish_reason))
+        journal.record(record["lines"][cid][0], batch_result(answer, record["endpoint"], client.entity, batch_id, latency_ms))
         phase.answered += 1
     record["collected"], record["status"] = True, status
     _save_batch(spec, batch_id, record)

@@ -44,6 +44,7 @@ from ai_query import get_logger
 from ai_query import ConfigError, ProgressCollector
 from ai_query import storage
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal
+from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 
 from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
@@ -146,6 +147,8 @@ def run_incremental(
         if display:
             display.__enter__()
         sc.setLocalProperty(JOURNAL_PROPERTY, journal)
+        if spec.batch_api is not None:  # the batch phase sent what batches should: the chunks go online
+            sc.setLocalProperty(ONLINE_ONLY_PROPERTY, "1")
         while offset < keys.num_rows:
             stop = _budget_check(spec, report)
             if stop:
@@ -162,6 +165,7 @@ def run_incremental(
         raise
     finally:
         sc.setLocalProperty(JOURNAL_PROPERTY, None)
+        sc.setLocalProperty(ONLINE_ONLY_PROPERTY, None)
         if display:
             display.__exit__(None, None, None)
         spark_udfs.set_progress_address(spark, None)

@@ -75,7 +75,7 @@ from msgspec import Meta
 
 from ai_query import ConfigError
 from ai_query._storage_options import parse_section
-from ai_query.config import ConfigStruct, building
+from ai_query.config import ConfigStruct, building, duration_s
 
 _VIEW = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -336,16 +336,7 @@ def _mlflow_options(raw: Any, where: str) -> dict[str, str]:
     return dict(raw)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _BATCH_KEYS = ("completion_window", "deadline", "poll_s", "max_poll_s", "online_rows_per_s", "max_requests")
-
-
-def duration_s(value: Any, where: str) -> float:
-    """``"6h"``, ``"90m"``, ``"30s"``, ``"1d"`` or a number of seconds, as seconds."""
-    m = _DURATION.match(str(value)) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
-    if m is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"{where} must be a duration such as \"6h\", \"90m\" or \"30s\", got {value!r}")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
 
 
 def batch_api_options(raw: Any, where: str = "job spec") -> dict[str, Any]:

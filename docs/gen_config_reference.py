@@ -40,6 +40,7 @@ CLASSES: list[tuple[str, type]] = [
     ("Endpoint", aq_config.VLLMPool),
     ("Endpoint", aq_config.Pricing),
     ("Endpoint", aq_config.ClientConfig),
+    ("Endpoint", aq_config.BatchAPIConfig),
     ("Endpoint", aq_config.RateLimit),
     ("Job spec (TOML)", JobSpec),
 ]

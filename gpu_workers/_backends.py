@@ -160,6 +160,13 @@ class VLLMPoolBackend(_EngineOptions, BackendBase):
         assert entity.vllm_pool is not None
         prepare_pool(entity.vllm_pool)
 
+    @classmethod
+    def batch_api(cls, entity: ServedEntity, *, max_requests: int | None = None) -> Any:
+        """``client_config.batch_api`` on a pool: vLLM's batch runner over the OpenAI batch JSONL."""
+        from ._run_batch import VLLMRunBatch
+
+        return VLLMRunBatch(entity, max_requests=max_requests)
+
     def __init__(self, entity: ServedEntity, *, clock: Callable[[], float] = time.monotonic) -> None:
         assert entity.vllm_pool is not None
         self.entity = entity

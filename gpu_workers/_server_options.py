@@ -214,6 +214,15 @@ def _server_command(target: _Target, port: int) -> list[str]:
     return cmd + list(opts.extra_args)
 
 
+def run_batch_command(target: _Target, input_path: str | pathlib.Path, output_path: str | pathlib.Path) -> list[str]:
+    """vLLM's batch runner over an OpenAI batch JSONL, with the engine options a server of ``target`` gets."""
+    server = _server_command(target, 0)
+    engine = server[server.index("--dtype"):]  # the engine options, after the server's own
+    engine = [a for a in engine if a not in ("--disable-uvicorn-access-log",)]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(input_path), "-o", str(output_path),
+            "--model", str(target.model_path), "--served-model-name", target.served_model_name, *engine]
+
+
 def _default_max_model_len(target: _Target) -> int | None:
     """2048 for generation (or less if the model is shorter); the model's own for embeddings.
 

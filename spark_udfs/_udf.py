@@ -23,6 +23,7 @@ from ai_query._files import UnsupportedFileError, as_file_list, with_files
 from ai_query.backends import BatchContext
 from ai_query.batch import JOURNAL_PROPERTY, ResponseJournal, StageAnswers, TaskJournal, stage_answers
 from ai_query.batch.pipeline import PendingRows, start_rows
+from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 from ai_query.batch.request import invalid_utf8_message
 from ai_query.process import cmdline, die_with_parent
 
@@ -103,13 +104,15 @@ def _answers_of_this_stage() -> StageAnswers:
 def _batch_context() -> BatchContext | None:
     """What the core may need to know of the running task: the GPUs Spark assigned to it (for a
     backend), the SQL execution it serves (live progress counts per action; the root execution,
-    so that a subquery's rows count towards the action that ran it)."""
+    so that a subquery's rows count towards the action that ran it), and whether a job's batch
+    phase asks its calls to go online."""
     ctx = _task_context()
     if ctx is None:
         return None
     gpu = ctx.resources().get("gpu")
     action = ctx.getLocalProperty("spark.sql.execution.root.id") or ctx.getLocalProperty("spark.sql.execution.id")
-    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (), action=action)
+    return BatchContext(gpu_ids=tuple(gpu.addresses) if gpu is not None else (), action=action,
+                        online_only=bool(ctx.getLocalProperty(ONLINE_ONLY_PROPERTY)))
 
 
 _BOUND_TO_DAEMON: int | None = None  # the pid that asked for its parent-death signal (a fork must ask again)

@@ -90,15 +90,18 @@ class ProviderBatches:
         self._base = ""
 
     # -- lines ----------------------------------------------------------------------------
-    def lines(self, task: str, requests: Sequence[Any], params: Sequence[Any], prompt_texts: Sequence[str]) -> list[BatchLine]:
-        """One line per request, its body built by the online backend (same model, parameters, headers)."""
+    def lines(self, task: str, requests: Sequence[Any], params: Sequence[Any], prompt_texts: Sequence[str],
+              response_format: Mapping[str, Any] | None = None) -> list[BatchLine]:
+        """One line per request, its body built by the online backend (same model, parameters,
+        response format, headers); ``params``: a ``ModelParameters`` or a mapping per request."""
         if task not in _TASK_PATHS:
             raise ConfigError(f"batch mode sends chat and completions requests; endpoint task {task!r} has no batch API: run it online")
 
         async def build_all() -> list[BatchLine]:
             out = []
             for value, p, text in zip(requests, params, prompt_texts):
-                built = await self.backend.build(task, value, ModelParameters.from_mapping(p), None)
+                built = await self.backend.build(task, value, p if isinstance(p, ModelParameters) else ModelParameters.from_mapping(p),
+                                                 response_format)
                 if not self._base:
                     self._headers = {k: v for k, v in built.headers.items() if k != "content-type"}
                     self._base = built.url[: -len("/chat/completions" if task == "llm/v1/chat" else "/completions")] \
@@ -161,8 +164,10 @@ class ProviderBatches:
     def _prime(self) -> None:
         self.lines("llm/v1/chat", ["x"], [None], ["x"])
 
-    def submit(self, lines: Sequence[BatchLine], completion_window: str = "24h") -> str:
-        """Upload and create one batch (``lines`` within the limits: see ``split``); returns its id."""
+    def submit(self, lines: Sequence[BatchLine], completion_window: str = "24h", metadata: Mapping[str, str] | None = None) -> str:
+        """Upload and create one batch (``lines`` within the limits: see ``split``); returns its id.
+
+        ``metadata`` goes with an OpenAI batch (``find`` looks it up); Message Batches have none."""
         data = b"".join(self._encode(line) for line in lines)
         if self.provider == "anthropic":
             items = [json.loads(x) for x in data.splitlines()]
@@ -173,9 +178,26 @@ class ProviderBatches:
                 f"Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
         file_id = json.loads(self._send("POST", "/files", content=form, content_type=f"multipart/form-data; boundary={boundary}"))["id"]
         endpoint = _TASK_PATHS[lines[0].task]
-        created = json.loads(self._send("POST", "/batches", body={"input_file_id": file_id, "endpoint": endpoint,
-                                                                  "completion_window": completion_window}))
-        return str(created["id"])
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": completion_window}
+        if metadata:
+            body["metadata"] = dict(metadata)
+        return str(json.loads(self._send("POST", "/batches", body=body))["id"])
+
+    def find(self, key: str, value: str, *, pages: int = 20) -> str | None:
+        """The id of a batch created with ``metadata[key] == value`` (newest first, up to ``pages`` of
+        100), or ``None``: none, or a provider whose batches carry no metadata (Anthropic)."""
+        if self.provider != "openai":
+            return None
+        after = None
+        for _ in range(pages):
+            data = json.loads(self._send("GET", "/batches?limit=100" + (f"&after={after}" if after else "")))
+            for item in data.get("data") or []:
+                if (item.get("metadata") or {}).get(key) == value:
+                    return str(item["id"])
+            if not data.get("has_more") or not data.get("last_id"):
+                return None
+            after = data["last_id"]
+        return None
 
     def poll(self, batch_id: str) -> BatchState:
         if self.provider == "anthropic":
@@ -219,21 +241,28 @@ class ProviderBatches:
             return out
         data = json.loads(self._send("GET", f"/batches/{batch_id}"))
         for file_id in (data.get("output_file_id"), data.get("error_file_id")):
-            if not file_id:
+            if file_id:
+                out.update(self.read_output(self._send("GET", f"/files/{file_id}/content"), lines))
+        return out
+
+    def read_output(self, data: bytes, lines: Mapping[str, BatchLine]) -> dict[str, ModelResponse | EndpointError]:
+        """The lines of an OpenAI batch output or error file (vLLM's ``run_batch`` writes the same)."""
+        out: dict[str, ModelResponse | EndpointError] = {}
+        for raw in data.splitlines():
+            if not raw.strip():
                 continue
-            for raw in self._send("GET", f"/files/{file_id}/content").splitlines():
-                item = json.loads(raw)
-                line, response = lines.get(item["custom_id"]), item.get("response")
-                if line is None:
+            item = json.loads(raw)
+            line, response = lines.get(item["custom_id"]), item.get("response")
+            if line is None:
+                continue
+            if response is None:  # expired or not run: the line's error, no answer
+                error = item.get("error") or {}
+                if error.get("code") in ("batch_expired", "batch_cancelled"):
                     continue
-                if response is None:  # expired or not run: the line's error, no answer
-                    error = item.get("error") or {}
-                    if error.get("code") in ("batch_expired", "batch_cancelled"):
-                        continue
-                    out[line.custom_id] = self._parse(line, 400, {}, {"error": error})
-                    continue
-                headers = {"x-request-id": response.get("request_id") or item.get("id") or ""}
-                out[line.custom_id] = self._parse(line, int(response["status_code"]), headers, response.get("body"))
+                out[line.custom_id] = self._parse(line, 400, {}, {"error": error})
+                continue
+            headers = {"x-request-id": response.get("request_id") or item.get("id") or ""}
+            out[line.custom_id] = self._parse(line, int(response["status_code"]), headers, response.get("body"))
         return out
 
     def _parse(self, line: BatchLine, status: int, headers: Mapping[str, str], body: Any) -> ModelResponse | EndpointError:

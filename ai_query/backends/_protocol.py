@@ -58,6 +58,9 @@ class BatchContext:
 
     gpu_ids: tuple[str, ...] = ()
     """GPU addresses the scheduler assigned to this task (Spark resource scheduling)."""
+    online_only: bool = False
+    """Send online even where the endpoint's ``client_config.batch_api`` asks for batches (a job's
+    batch phase sent them already)."""
 
     action: str | None = None
     """The user action the batch is part of (Spark: the root SQL execution of ``collect``,

@@ -44,6 +44,8 @@ class CallResult:
     400 for a row refused before sending, its request at fault: ``request.row_fault``)."""
     logprobs: Any = None
     """The answer's ``choices[0].logprobs`` when the request asked for them and the endpoint sent them."""
+    batch_id: str | None = None
+    """The provider batch that answered the row (``client_config.batch_api``); ``None``: answered online."""
     prediction: Any = None
     """A custom model's output for the row when it is not ``value``: a one-column DataFrame's record
     (``ModelResponse.prediction``); the serving endpoint answers it as MLflow's scoring server does."""

@@ -14,7 +14,7 @@ JSON or directly in code; every error names the field's path, the value and the 
 """
 
 from ._checks import TASKS, ConfigStruct, Task, building
-from ._client_config import ClientConfig, RateLimit
+from ._client_config import BatchAPIConfig, ClientConfig, RateLimit, duration_s
 from ._endpoint import EndpointConfig
 from ._entities import ENTITY_KINDS, POOL_DEVICES, POOL_MODES, EntityKind, LocalModel, Pricing, ServedEntity, VLLMPool
 from ._external import PROVIDER_CONFIGS, AnthropicConfig, ExternalModel, OpenAIConfig, ProviderConfig, ServingEndpointConfig
@@ -23,6 +23,7 @@ from ._secrets import SECRET_REF, is_secret_ref, mask, resolve_secret, secret_en
 
 __all__ = [
     "AnthropicConfig",
+    "BatchAPIConfig",
     "ClientConfig",
     "ConfigStruct",
     "ENTITY_KINDS",
@@ -45,6 +46,7 @@ __all__ = [
     "Task",
     "VLLMPool",
     "building",
+    "duration_s",
     "is_secret_ref",
     "mask",
     "resolve_secret",

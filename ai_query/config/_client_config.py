@@ -3,7 +3,8 @@ the serving endpoint's per-key call limits (``RateLimit``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -22,6 +23,55 @@ class RateLimit(ConfigStruct):
     renewal_period: Literal["minute"] = "minute"
 
     from_dict = classmethod(decode)  # (data, path): built from JSON, errors naming ``path``
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+
+
+def duration_s(value: Any, where: str) -> float:
+    """``"6h"``, ``"90m"``, ``"30s"``, ``"1d"`` or a number of seconds, as seconds."""
+    m = _DURATION.match(str(value)) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{where} must be a duration such as \"6h\", \"90m\" or \"30s\", got {value!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+
+
+class BatchAPIConfig(ConfigStruct):
+    """``client_config.batch_api``: batch calls (SQL, DataFrames, ``map``) send their rows as provider
+    batches (OpenAI Batch API, Anthropic Message Batches; a ``vllm_pool`` runs the same JSONL
+    through vLLM's batch runner) at the batch price; rows not answered when ``deadline`` nears go online."""
+
+    completion_window: str = "24h"
+    """The provider's completion window of each batch."""
+    deadline: str | None = None
+    """How long a batch of rows may wait (``"6h"``, ``"90m"``), counted from its submission; rows not
+    answered by then minus the time online sending needs go online. ``None``: wait for the batch."""
+    poll_s: Annotated[float, Meta(gt=0, description="a number > 0")] = 2.0
+    """First wait between polls; it grows by half each poll up to ``max_poll_s``."""
+    max_poll_s: Annotated[float, Meta(gt=0, description="a number > 0")] = 60.0
+    """The longest wait between polls."""
+    online_rows_per_s: Annotated[float, Meta(gt=0, description="a number > 0")] | None = None
+    """The online rate deadline routing plans with (``None``: 5 rows/s)."""
+    max_requests: _Positive | None = None
+    """Requests per batch, below the provider's own limit."""
+
+    def _check(self, path: str) -> None:
+        duration_s(self.completion_window, f"{path}.completion_window")
+        if self.deadline is not None:
+            duration_s(self.deadline, f"{path}.deadline")
+
+    def options(self) -> dict[str, Any]:
+        """The options as the batch loop takes them (the job spec's ``[batch_api]`` shape)."""
+        out: dict[str, Any] = {"completion_window": self.completion_window, "poll_s": self.poll_s, "max_poll_s": self.max_poll_s}
+        if self.deadline is not None:
+            out["deadline_s"] = duration_s(self.deadline, "batch_api.deadline")
+        if self.online_rows_per_s is not None:
+            out["online_rows_per_s"] = self.online_rows_per_s
+        if self.max_requests is not None:
+            out["max_requests"] = self.max_requests
+        return out
+
+    from_dict = classmethod(decode)
 
 
 class ClientConfig(ConfigStruct):
@@ -71,6 +121,8 @@ class ClientConfig(ConfigStruct):
     """Backoff before retrying a timeout, or a 5xx / reset / unparseable body a second time (the first retry
     of those goes at once); doubled each time, jittered, capped at 30 s (Envoy starts at 25 ms).
     Rate limits wait for ``Retry-After`` instead; the retry budget keeps a failing endpoint from a storm."""
+    batch_api: BatchAPIConfig | None = None
+    """Set: batch calls go to the provider's batch API at the batch price (``BatchAPIConfig``)."""
 
     def _check(self, path: str) -> None:
         if self.initial_concurrency > self.max_concurrency:
@@ -79,4 +131,10 @@ class ClientConfig(ConfigStruct):
                 f"({self.max_concurrency}); lower it or raise max_concurrency"
             )
 
-    from_dict = classmethod(decode)  # (data, path): built from JSON, errors naming ``path``
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> "ClientConfig":
+        """Built from JSON, errors naming ``path`` (``batch_api``'s by its own path)."""
+        if isinstance(data, dict) and isinstance(data.get("batch_api"), dict):
+            batch = BatchAPIConfig.from_dict(data["batch_api"], f"{path}.batch_api")
+            return decode(cls, {k: v for k, v in data.items() if k != "batch_api"}, path).replace(batch_api=batch)  # type: ignore[no-any-return]
+        return decode(cls, data, path)  # type: ignore[no-any-return]

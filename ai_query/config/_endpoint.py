@@ -23,6 +23,9 @@ from msgspec import Meta
 from .._errors import ConfigError
 from ._checks import ConfigStruct, NonEmpty, building, check_keys, mapping
 from ._client_config import ClientConfig, RateLimit
+
+BATCH_API_PROVIDERS = ("openai", "anthropic")
+"""External-model providers with a batch API (``client_config.batch_api``)."""
 from ._entities import ServedEntity
 
 
@@ -72,6 +75,24 @@ class EndpointConfig(ConfigStruct):
             raise ConfigError(f"{path}: all served entities must share one task, found {sorted(tasks)}")
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}: served entity names must be unique, found {names}")
+        if self.client_config.batch_api is not None:
+            self._check_batch_api(path)
+
+    def _check_batch_api(self, path: str) -> None:
+        entity = self.served_entities[0]
+        provider = entity.external_model.provider if entity.external_model is not None else None
+        where = f"{path}.client_config.batch_api"
+        if len(self.served_entities) != 1:
+            raise ConfigError(f"{where} is set on an endpoint with {len(self.served_entities)} served entities; batch mode sends "
+                              "every row to one entity's batch API: give the endpoint one served entity, or remove batch_api")
+        if provider not in BATCH_API_PROVIDERS and entity.vllm_pool is None:
+            what = f"external_model provider {provider!r}" if provider else f"a {entity.kind} entity"
+            raise ConfigError(f"{where} is set, but served entity {entity.name!r} is {what}, which has no batch API; "
+                              f"batch mode needs an external_model with provider {' or '.join(map(repr, BATCH_API_PROVIDERS))}, "
+                              "or a vllm_pool (vLLM's batch runner): point the endpoint at one, or remove client_config.batch_api to send rows online")
+        if self.task not in ("llm/v1/chat", "llm/v1/completions"):
+            raise ConfigError(f"{where} is set on an endpoint of task {self.task!r}; batch mode sends chat and completions "
+                              "requests only: remove client_config.batch_api to send these rows online")
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "endpoint") -> "EndpointConfig":
@@ -122,7 +143,9 @@ class EndpointConfig(ConfigStruct):
             **extra,
             "rate_limits": [msgspec.structs.asdict(r) for r in self.rate_limits],
             "tags": [{"key": k, "value": v} for k, v in self.tags],
-            "client_config": msgspec.structs.asdict(self.client_config),
+            "client_config": {k: (msgspec.structs.asdict(v) if isinstance(v, msgspec.Struct) else v)
+                              for k, v in msgspec.structs.asdict(self.client_config).items()
+                              if k != "batch_api" or v is not None},
         }
 
 

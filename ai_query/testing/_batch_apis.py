@@ -22,6 +22,10 @@ a line with ``[[status:N]]`` fails with N, and ``error_rate`` fails a seeded sha
 
 **Busy** (``busy_polls``): the first N reads of a batch answer 429 with ``Retry-After: 0``.
 
+**Lost creates** (``lost_creates``): the first N creations are made but their answer is lost (a
+reset connection), as for a caller killed between the create and recording the id; ``GET
+/v1/batches`` lists batches (newest first, ``after`` / ``limit``) with their ``metadata``.
+
 **Enqueued-token quota** (``enqueued_token_limit``): a batch's tokens (prompt + ``max_tokens`` per
 line) count while it is not ended; a batch that would exceed the limit fails at creation (OpenAI:
 ``status: failed`` with ``errors``; Anthropic: 429), as the providers' batch quotas do.
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .._errors import BadRequestError
+from ._faults import abort
 from ._provider_formats import ANTHROPIC, OPENAI, WireFormat, count_tokens, dumps, generate, loads
 
 if TYPE_CHECKING:
@@ -80,7 +85,8 @@ class BatchAPIs:
     """The batch routes of one :class:`ProviderSimulator` (see the module docstring)."""
 
     def __init__(self, sim: "ProviderSimulator", *, delay_s: float = 0.5, expire_s: float | None = None,
-                 error_rate: float = 0.0, enqueued_token_limit: int | None = None, busy_polls: int = 0) -> None:
+                 error_rate: float = 0.0, enqueued_token_limit: int | None = None, busy_polls: int = 0,
+                 lost_creates: int = 0) -> None:
         if not (isinstance(delay_s, (int, float)) and delay_s >= 0):
             raise ValueError(f"batch_api delay_s={delay_s!r} must be seconds >= 0 (e.g. 0.5 in tests)")
         if expire_s is not None and not (isinstance(expire_s, (int, float)) and expire_s > 0):
@@ -95,6 +101,9 @@ class BatchAPIs:
         self.error_rate = float(error_rate)
         self.enqueued_token_limit = enqueued_token_limit
         self.busy_polls = busy_polls
+        self.lost_creates = lost_creates
+        """The first this many batch creations are made, but their answer is lost (the connection is
+        reset): a caller that dies between the create and recording its id looks the same."""
         """The first this many batch reads answer 429 (``Retry-After: 0``), as a busy provider does."""
         self._rng = random.Random(f"batch/{sim.seed}")
         self.files: dict[str, bytes] = {}
@@ -104,12 +113,14 @@ class BatchAPIs:
 
     def config(self) -> dict[str, Any]:
         return {"delay_s": self.delay_s, "expire_s": self.expire_s, "error_rate": self.error_rate,
-                "enqueued_token_limit": self.enqueued_token_limit, "busy_polls": self.busy_polls}
+                "enqueued_token_limit": self.enqueued_token_limit, "busy_polls": self.busy_polls,
+                "lost_creates": self.lost_creates}
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/files", self._upload)
         router.add_get("/v1/files/{id}/content", self._file_content)
         router.add_post("/v1/batches", self._openai_create)
+        router.add_get("/v1/batches", self._openai_list)
         router.add_get("/v1/batches/{id}", self._openai_get)
         router.add_post("/v1/batches/{id}/cancel", self._openai_cancel)
         router.add_post("/v1/messages/batches", self._anthropic_create)
@@ -297,7 +308,26 @@ class BatchAPIs:
             tokens += t
             lines.append((cid, answer, error))
         batch = self._create("openai", lines, tokens, {"input_file_id": fid, "endpoint": endpoint, "metadata": body.get("metadata")})
+        if self.lost_creates > 0:
+            self.lost_creates -= 1
+            abort(request)
         return self._json(self._openai_view(batch))
+
+    async def _openai_list(self, request: web.Request) -> web.Response:
+        """``GET /v1/batches?limit=&after=``: newest first, a page at a time (``has_more``, ``last_id``)."""
+        refused = self._refuse(OPENAI, request)
+        if refused:
+            return refused
+        ordered = sorted((b for b in self.batches.values() if b.kind == "openai"), key=lambda b: b.created, reverse=True)
+        after = request.query.get("after")
+        if after:
+            at = next((i for i, b in enumerate(ordered) if b.id == after), None)
+            ordered = ordered[at + 1:] if at is not None else []
+        limit = max(1, min(100, int(request.query.get("limit", "20"))))
+        page = ordered[:limit]
+        return self._json({"object": "list", "data": [self._openai_view(b) for b in page],
+                           "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
+                           "has_more": len(ordered) > limit})
 
     def _openai_view(self, b: _Batch) -> dict[str, Any]:
         counts = self._counts(b)

@@ -18,6 +18,7 @@ import pytest
 from deltalake import DeltaTable
 
 from ai_query.testing import ProviderSimulator
+from ai_query.transport import TransportError
 from batch_runner import JobSpec, run_incremental
 from tests.spark.test_job_resume import start_run, write_job
 
@@ -117,6 +118,26 @@ def test_killed_while_batches_in_progress_resumes_polling_without_resubmitting(t
 
 
 @pytest.mark.spark
+def test_a_batch_created_but_never_recorded_is_found_by_its_metadata_not_sent_again(tmp_path, spark):
+    """The simulator makes the first batch but loses its answer (a reset connection: what a run
+    killed between the create and its state write leaves). That run fails; the next one finds the
+    batch by its intent's metadata and polls it. Mutations caught: no orphan lookup on resume
+    (batches_created == 2); the intent written after the create instead of before (no intent
+    survives the failed create: batches_created == 2)."""
+    rows = 100
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 0.3, "lost_creates": 1}) as sim:
+        job = _job(tmp_path, sim, rows, 'poll_s = 0.05')
+        with pytest.raises(TransportError, match="closed before the answer was complete"):
+            run_incremental(JobSpec.load(job), spark, progress=False)
+        assert sim.snapshot()["batches_created"] == 1
+        assert len(list((tmp_path / "out.aiq" / "batches").glob("_intent-*.json"))) == 1
+        report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
+        assert served["batches_created"] == 1, "the batch a failed run created was sent again"
+        assert report.batch_phase.resumed == 1 and report.batch_phase.submitted == 0
+        assert served["requests"] == 0 and table.column("aiq_batch_id").null_count == 0
+
+
+@pytest.mark.spark
 def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
     """The batch would take 120 s; the deadline is 3 s: the batch is cancelled, the lines it did
     are kept, the rest go online, the job ends with every row ok. Mutations caught: no cancel at
@@ -133,6 +154,22 @@ def test_deadline_shorter_than_the_batch_moves_the_rest_online(tmp_path, spark):
         assert usage.num_rows == rows
         assert pc.sum(usage.column("input_token_count")).as_py() == served["batch_prompt_tokens"] + served["prompt_tokens"]
         assert report.pending_after == 0
+
+
+@pytest.mark.spark
+def test_a_job_on_an_endpoint_in_batch_mode_sends_its_remainder_online_not_as_new_batches(tmp_path, spark):
+    """The endpoint itself has ``client_config.batch_api`` (as for SQL); after the job's batch
+    phase its chunks must go online. Mutation caught: the chunks run without the online-only
+    property (the remainder goes out as new batches: batches_created > 1, requests == 0)."""
+    rows = 120
+    with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 120.0}) as sim:
+        job = _job(tmp_path, sim, rows, 'deadline = "3s"\nonline_rows_per_s = 100000\npoll_s = 0.05\nmax_poll_s = 0.2')
+        endpoints = json.loads((tmp_path / "endpoints.json").read_text())
+        endpoints["client_config"]["batch_api"] = {"poll_s": 0.05}
+        (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+        report, served, table, _ = _run_all_ok(tmp_path, spark, sim, job, rows)
+        assert served["batches_created"] == 1 and served["batches_cancelled"] == 1
+        assert served["requests"] == rows - served["batch_lines_ok"] > 0
 
 
 @pytest.mark.spark

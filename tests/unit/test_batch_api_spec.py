@@ -1,11 +1,11 @@
-"""``[batch_api]`` in a job spec and the batch rate of ``Pricing``."""
+"""``[batch_api]`` in a job spec, ``client_config.batch_api`` of an endpoint, and the batch rate of ``Pricing``."""
 
 from __future__ import annotations
 
 import pytest
 
 from ai_query import ConfigError
-from ai_query.config import Pricing
+from ai_query.config import EndpointConfig, Pricing
 from batch_runner._spec import batch_api_options, duration_s
 
 
@@ -44,3 +44,17 @@ def test_run_batch_api_and_deadline_flags_set_the_spec_option():
     assert _with_batch_api(kept, argparse.Namespace(batch_api=True, deadline=None)).batch_api["deadline_s"] == 7200.0
     with pytest.raises(ConfigError, match="--batch-api needs an incremental job"):
         _with_batch_api(spec.replace(output_mode="overwrite", key=()), argparse.Namespace(batch_api=True, deadline=None))
+
+
+def test_batch_api_on_a_provider_without_a_batch_api_is_refused_naming_the_fix():
+    """Mutation caught: the provider check removed (the endpoint is accepted)."""
+    data = {"name": "gw", "config": {"served_entities": [{"name": "g", "external_model": {
+        "name": "m", "provider": "databricks-model-serving", "task": "llm/v1/chat",
+        "databricks_model_serving_config": {"databricks_api_token": "{{secrets/sim/key}}", "databricks_workspace_url": "http://127.0.0.1:1"}}}]},
+        "client_config": {"batch_api": {"deadline": "6h"}}}
+    with pytest.raises(ConfigError) as err:
+        EndpointConfig.from_dict(data, "endpoints[0]")
+    text = str(err.value)
+    assert "client_config.batch_api" in text and "'databricks-model-serving'" in text and "remove client_config.batch_api" in text
+    with pytest.raises(ConfigError, match=r"client_config\.batch_api\.deadline must be a duration"):
+        EndpointConfig.from_dict({**data, "client_config": {"batch_api": {"deadline": "soon"}}}, "endpoints[0]")
