@@ -69,13 +69,13 @@ def test_sql_rows_go_as_provider_batches_answered_once_at_the_batch_rate(spark, 
 
 @pytest.mark.spark
 def test_sql_deadline_shorter_than_the_batch_sends_the_rest_online(spark):
-    """The batches would take 120 s; the deadline is 2 s: each partition's batch is cancelled at
+    """The batches would take 120 s; the deadline is 4 s (cancelled 1 s before it, the reserve's fixed margin): each partition's batch is cancelled at
     the deadline, the lines it did are kept, the rest go online and the query returns every row
     ok. Mutations caught: no cancel at the deadline (the query waits for the batch:
     batches_cancelled == 0); the cancelled batch's finished lines dropped (online == rows)."""
     rows = 200
     with ProviderSimulator(api_key="sk-sim", batch_api={"delay_s": 120.0}) as sim:
-        _register(spark, sim, "openai", {"deadline": "2s", "online_rows_per_s": 100000, "poll_s": 0.05, "max_poll_s": 0.2})
+        _register(spark, sim, "openai", {"deadline": "4s", "online_rows_per_s": 100000, "poll_s": 0.05, "max_poll_s": 0.2})
         out = _audit_rows(spark, rows)
         served = sim.snapshot()
         assert [r["id"] for r in out] == list(range(1, rows + 1))

@@ -58,3 +58,38 @@ def test_batch_api_on_a_provider_without_a_batch_api_is_refused_naming_the_fix()
     assert "client_config.batch_api" in text and "'databricks-model-serving'" in text and "remove client_config.batch_api" in text
     with pytest.raises(ConfigError, match=r"client_config\.batch_api\.deadline must be a duration"):
         EndpointConfig.from_dict({**data, "client_config": {"batch_api": {"deadline": "soon"}}}, "endpoints[0]")
+
+
+class _SlowBatch:
+    """A batch that never ends by itself: 100 lines open until cancelled (the poll loop's view)."""
+
+    def __init__(self) -> None:
+        self.cancelled_at: float | None = None
+        self.now = 0.0
+
+    def poll(self, batch_id: str):
+        from ai_query.backends._batch_api import BatchState
+
+        ended = self.cancelled_at is not None
+        return BatchState(id=batch_id, status="cancelled" if ended else "in_progress", ended=ended, total=100, done=0)
+
+    def cancel(self, batch_id: str) -> None:
+        self.cancelled_at = self.now
+
+
+def test_the_deadline_keeps_a_margin_over_the_online_time_of_the_open_lines():
+    """100 open lines at 100 rows/s online take 1 s; the loop cancels 1 x 1.25 + 1 = 2.25 s before
+    the deadline (10 s), at the first poll at or after 7.75 s. Mutation caught: the reserve without
+    its margin (cancel at 9 s: the benchmark's 30-s deadline then ended at 30.9 s)."""
+    from ai_query.batch.provider_batches import poll_until_ended
+
+    batch = _SlowBatch()
+
+    def sleep(s: float) -> None:
+        batch.now += s
+
+    collected = []
+    cancelled = poll_until_ended(batch, ["b1"], lambda bid, seen: collected.append((bid, seen.status)), deadline_at=10.0,
+                                 online_rows_per_s=100.0, poll_s=0.5, max_poll_s=0.5, sleep=sleep, clock=lambda: batch.now)
+    assert cancelled == 1 and collected == [("b1", "cancelled")]
+    assert 7.7 <= batch.cancelled_at <= 7.8, batch.cancelled_at
