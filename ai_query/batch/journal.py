@@ -39,6 +39,7 @@ endpoint billed, never fewer).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -88,6 +89,7 @@ class ResponseJournal:
         self._replay: dict[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
         self._file: Any = None
+        self._remote: _RemoteWriter | None = None
         self._tasks: dict[tuple[str, str], TaskJournal] = {}
 
     @classmethod
@@ -127,9 +129,11 @@ class ResponseJournal:
         if task is not None:
             entry["task"] = task
         line = json.dumps(entry, default=str) + "\n"
-        if storage.is_remote(self.write_dir):  # no append on object stores: one object per answer
-            name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
-            storage.write_bytes(storage.join(self.write_dir, name), line.encode())
+        if storage.is_remote(self.write_dir):  # no append on object stores: see _RemoteWriter
+            with self._lock:
+                if self._remote is None:
+                    self._remote = _RemoteWriter(self.write_dir)
+            self._remote.add(line)
             return
         with self._lock:
             if self._file is None:
@@ -138,6 +142,11 @@ class ResponseJournal:
                 self._file = open(os.path.join(self.write_dir, name), "a", encoding="utf-8")  # noqa: SIM115 - kept open
             self._file.write(line)
             self._file.flush()
+
+    def flush(self) -> None:
+        """Write the answers still queued (an object store's journal; a local file is flushed per line)."""
+        if self._remote is not None:
+            self._remote.flush()
 
     def for_task(self, task: str, attempt: str, retried: bool = False) -> "TaskJournal":
         """The journal of one attempt of ``task``; it replays earlier attempts' lines when ``retried``
@@ -156,6 +165,61 @@ class ResponseJournal:
         if self.write_dir is None:
             return True
         return storage.create_exclusive(storage.join(self.write_dir, "tasks", task))
+
+
+REMOTE_FLUSH_LINES = 64
+"""On an object store, the journal writes an object once this many answers wait (or ``REMOTE_FLUSH_S``)."""
+REMOTE_FLUSH_S = 0.1
+
+
+class _RemoteWriter:
+    """The journal of one process on an object store. Objects cannot be appended to, and one PUT
+    per answer made on the client's event loop (where answers arrive) held every request up: a
+    10,000-row job ran at 0.08x its local speed. Answers are queued here and a thread writes
+    what is queued as one object (``part-<host>-<pid>-<n>.jsonl``) as soon as
+    ``REMOTE_FLUSH_LINES`` wait or ``REMOTE_FLUSH_S`` passed. So a kill on an object store also
+    loses the answers still queued (at most about ``REMOTE_FLUSH_LINES`` per Python worker, plus
+    what arrives during one write), on top of the requests in flight; they are bought again. A
+    batch of rows writes what is queued before its rows go back to Spark (``PendingRows.wait``),
+    so no answer of a committed chunk is written after the driver removed the run's journal."""
+
+    def __init__(self, write_dir: str) -> None:
+        self.write_dir = write_dir
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ai-query-journal", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def add(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+            full = len(self._lines) >= REMOTE_FLUSH_LINES
+        if full:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write the queued answers as one object (nothing when none waits)."""
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if lines:
+            name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
+            try:
+                storage.write_bytes(storage.join(self.write_dir, name), "".join(lines).encode())
+            except BaseException:
+                with self._lock:  # kept for the next write
+                    self._lines[:0] = lines
+                raise
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(REMOTE_FLUSH_S)
+            self._wake.clear()
+            try:
+                self.flush()
+            except OSError:  # the store is unreachable for a moment: the lines wait for the next write
+                pass
 
 
 class TaskJournal:
@@ -197,6 +261,9 @@ class TaskJournal:
 
     def record(self, key: RequestKey | str, result: CallResult) -> None:
         self.journal.record(key, result, self.task)
+
+    def flush(self) -> None:
+        self.journal.flush()
 
 
 def read_entries(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

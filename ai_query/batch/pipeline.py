@@ -46,6 +46,8 @@ class PendingRows:
         self.reporter = reporter
         self.action = action
         """The user action the rows belong to (``BatchContext.action``): their progress counts say so."""
+        self.journal: ResponseJournal | TaskJournal | None = None
+        """The task's journal: what it still queues is written before the rows are returned."""
         self.rounds: list[tuple[concurrent.futures.Future[list[list[CallResult]]], list[list[int]]]] = []
         self.copies: list[tuple[int, int]] = []  # (duplicate row, the row whose request is sent)
         self.earlier: list[tuple[int, CallResult]] = []  # (duplicate row, the answer an earlier batch got)
@@ -73,6 +75,8 @@ class PendingRows:
             original = results[source]
             assert original is not None
             results[i] = shared_copy(original, i)
+        if self.journal is not None:
+            self.journal.flush()
         if self.reporter is not None:
             shared = [*self.copies, *self.earlier, *self.waiting]
             for i, _ in shared:
@@ -108,6 +112,7 @@ def start_rows(
     backend that runs whole batches.
     """
     pending = PendingRows([None] * len(requests), reporter_for(progress_address), context.action if context is not None else None)
+    pending.journal = journal
     cache = answers if answers is not None else StageAnswers()
     reserved: Reserved = {}
     try:

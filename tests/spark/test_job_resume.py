@@ -100,7 +100,7 @@ def wait_groups_gone(groups: set[int]) -> None:
 
 
 def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, chunks: int, rng: random.Random,
-                    timeout: float = 600) -> int:
+                    timeout: float = 600, chunk_rows: int | None = None) -> int:
     """SIGKILL the run's whole process group inside the chunk after ``chunks`` committed chunks,
     once a random 50-85 % of that chunk's answers have been served (so that a journal that did
     not work would lose far more than the requests in flight at the kill)."""
@@ -109,7 +109,7 @@ def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, ch
         assert proc.poll() is None, f"the run ended before chunk {chunks}: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.02)
-    target = sim.snapshot()["ok"] + int(rng.uniform(0.5, 0.85) * CHUNK)
+    target = sim.snapshot()["ok"] + int(rng.uniform(0.5, 0.85) * (chunk_rows or CHUNK))
     while sim.snapshot()["ok"] < target and committed(out) == chunks:
         assert proc.poll() is None, f"the run ended inside chunk {chunks + 1}: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
