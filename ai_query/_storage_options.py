@@ -162,7 +162,7 @@ def pyarrow_filesystem(scheme: str, options: Mapping[str, str]) -> Any:
         return next((options[n] for n in names if options.get(n)), None)
 
     if scheme in ("s3", "s3a", "s3n"):
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"allow_delayed_open": True}  # a small object: one PUT, not a multipart upload
         if first("AWS_ACCESS_KEY_ID"):
             kwargs.update(access_key=first("AWS_ACCESS_KEY_ID"), secret_key=first("AWS_SECRET_ACCESS_KEY"),
                           session_token=first("AWS_SESSION_TOKEN"))

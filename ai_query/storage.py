@@ -26,12 +26,15 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["append_text", "create_exclusive", "delta_options", "delta_table", "exists", "filesystem", "is_delta_table",
-           "is_dir", "is_remote", "join", "list_dir", "local_path", "makedirs", "name", "read_appended", "read_bytes", "remove", "remove_tree", "write_bytes"]
+__all__ = ["append_text", "create_exclusive", "delta_options", "delta_table", "delta_transaction_version", "delta_write_target", "exists", "filesystem", "is_delta_table",
+           "is_dir", "is_remote", "join", "reuse_delta_tables", "list_dir", "local_path", "makedirs", "name", "read_appended", "read_bytes", "remove", "remove_tree", "write_bytes"]
 
 
 def is_remote(path: str) -> bool:
@@ -62,8 +65,12 @@ def _fs_for(root: str, options: tuple[tuple[str, str], ...] = ()) -> Any:
 
     from ._storage_options import pyarrow_filesystem
 
-    fs = pyarrow_filesystem(root.split("://", 1)[0], dict(options)) if options else None
-    return fs if fs is not None else pafs.FileSystem.from_uri(root)[0]
+    scheme = root.split("://", 1)[0]
+    fs = pyarrow_filesystem(scheme, dict(options)) if options else None
+    if fs is not None:
+        return fs
+    # S3: ``allow_delayed_open`` makes a small object one PUT (not a three-request multipart upload)
+    return pafs.FileSystem.from_uri(root + ("?allow_delayed_open=true" if scheme in S3_SCHEMES else ""))[0]
 
 
 def delta_options(path: str) -> dict[str, str] | None:
@@ -88,17 +95,104 @@ def filesystem(path: str) -> tuple[Any, str]:
     return fs, rest.rstrip("/")
 
 
+S3_SCHEMES = ("s3", "s3a", "s3n")
+
+# Delta table handles kept by ``reuse_delta_tables`` (per thread: a ContextVar; None: not reusing),
+# and the app transactions read from them: (path, app_id) -> (table version read up to, txn version)
+_TABLES: ContextVar[dict[str, Any] | None] = ContextVar("aiq_delta_tables", default=None)
+_TXNS: ContextVar[dict[tuple[str, str], tuple[int, int | None]] | None] = ContextVar("aiq_delta_txns", default=None)
+
+
+@contextmanager
+def reuse_delta_tables() -> Iterator[None]:
+    """Inside the block (in this thread), :func:`delta_table` keeps one handle per table.
+
+    Opening a Delta table reads its whole log: one GET per commit since the last checkpoint, so a
+    job committing every chunk read each earlier commit again at every chunk (on an object store,
+    a request each). Inside the block a handle is opened once and brought up to date with the
+    commits made since (``update_incremental``: a LIST, and a GET per new commit) each time it is
+    asked for, so what it answers is as current as a fresh open. Only for code that does not
+    delete and re-create a table inside the block (a job run; nothing of a job's tables is
+    removed while it runs). Nested blocks share the outer block's handles.
+    """
+    if _TABLES.get() is not None:
+        yield
+        return
+    token, txn_token = _TABLES.set({}), _TXNS.set({})
+    try:
+        yield
+    finally:
+        _TABLES.reset(token)
+        _TXNS.reset(txn_token)
+
+
+def delta_write_target(path: str) -> Any:
+    """What to give ``write_deltalake``: the kept handle of an existing table inside
+    :func:`reuse_delta_tables` (brought up to date, so the write reads no log again), else ``path``."""
+    if _TABLES.get() is None or not is_delta_table(path):
+        return path
+    return delta_table(path)
+
+
 def delta_table(path: str, **kwargs: Any) -> Any:
-    """``deltalake.DeltaTable(path)`` with the storage options of ``path``."""
+    """``deltalake.DeltaTable(path)`` with the storage options of ``path`` (see :func:`reuse_delta_tables`)."""
     from deltalake import DeltaTable
 
-    return DeltaTable(path, storage_options=delta_options(path), **kwargs)
+    tables = _TABLES.get()
+    if tables is None or kwargs:  # a version or other options: a handle of its own
+        return DeltaTable(path, storage_options=delta_options(path), **kwargs)
+    table = tables.get(path)
+    if table is None:
+        table = tables[path] = DeltaTable(path, storage_options=delta_options(path))
+    else:
+        table.update_incremental()
+    return table
+
+
+def delta_transaction_version(path: str, app_id: str) -> int | None:
+    """The highest version of app transaction ``app_id`` in the Delta table at ``path`` (``None``: none).
+
+    ``DeltaTable.transaction_version`` replays the whole log at every call. Inside
+    :func:`reuse_delta_tables` the answer is kept with the table version it was read at, and the
+    next call reads only the commits made since (their ``txn`` actions, from the commit files of
+    the Delta protocol), so a job's check before each commit costs the new commits, not the log.
+    """
+    table = delta_table(path)
+    txns = _TXNS.get()
+    if txns is None:
+        return table.transaction_version(app_id)
+    current = table.version()
+    known = txns.get((path, app_id))
+    if known is None:
+        found = table.transaction_version(app_id)
+    else:
+        read_to, found = known
+        for version in range(read_to + 1, current + 1):
+            found = _txn_in_commit(join(path, "_delta_log", f"{version:020d}.json"), app_id, found)
+    txns[(path, app_id)] = (current, found)
+    return found
+
+
+def _txn_in_commit(commit: str, app_id: str, found: int | None) -> int | None:
+    """``found`` raised to the version of any ``txn`` action of ``app_id`` in the commit file ``commit``."""
+    import json
+
+    for line in read_bytes(commit).splitlines():
+        if b'"txn"' not in line:
+            continue
+        txn = json.loads(line).get("txn") or {}
+        if txn.get("appId") == app_id and isinstance(txn.get("version"), int):
+            found = txn["version"] if found is None else max(found, txn["version"])
+    return found
 
 
 def is_delta_table(path: str) -> bool:
     """Whether a Delta table is at ``path`` (read with the storage options of ``path``)."""
     from deltalake import DeltaTable
 
+    tables = _TABLES.get()
+    if tables is not None and path in tables:  # a handle is kept: the table is there
+        return True
     return DeltaTable.is_deltatable(path, storage_options=delta_options(path))
 
 

@@ -19,8 +19,8 @@ the pair is made exactly once by its order and by what a resumed run does:
 
 So every paid request has exactly one usage row and every key one output row, whatever fails
 between them; only the moment differs at which both tables agree (at the latest, the end of the
-next run). Usage rows are still staged as parquet in the job's state directory before their
-commit; ``UsageStaging.recover`` commits what a run of the earlier order (output first) left.
+next run). Runs of an earlier order (output first) staged usage rows as parquet in the job's
+state directory; ``UsageStaging.recover`` commits what such a run left.
 """
 
 from __future__ import annotations
@@ -126,12 +126,16 @@ def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
 
 
 class UsageStaging:
-    """Usage and payload rows staged as parquet next to the job, then committed before the output.
+    """A chunk's usage and payload rows, committed before its output; and what older runs staged.
 
-    See the module docstring for the order. ``recover`` handles what a kill left: staged rows of
-    a chunk whose output landed (left by the earlier order, output first) are committed, each
-    once (app transaction per table); the others are dropped (their usage either landed already
-    or their answers are still in the journal and will be written with the output).
+    ``commit_rows`` appends a chunk's rows to the usage and payload tables, each with the chunk's
+    app transaction (see the module docstring for the order). Runs of the earlier order (output
+    first) staged these rows as parquet in the job's state directory before committing them;
+    ``recover`` handles what such a run left when killed: staged rows of a chunk whose output
+    landed are committed, each once (app transaction per table); the others are dropped (their
+    usage either landed already or their answers are still in the journal and will be written with
+    the output). The current order needs no staged copy: a kill before the usage commit leaves
+    the chunk pending with its answers in the journal, a kill after it is the orphan version above.
     """
 
     def __init__(self, spec: JobSpec) -> None:
@@ -141,17 +145,15 @@ class UsageStaging:
     def _path(self, version: int, kind: str) -> str:
         return storage.join(self.dir, f"v{version:08d}-{kind}.parquet")
 
-    def stage(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]]) -> None:
-        import pyarrow.parquet as pq
-
-        for kind, rows, schema in (("usage", usage, USAGE_SCHEMA), ("inference", payloads, INFERENCE_SCHEMA)):
-            if kind == "inference" and not self.spec.inference_path:
-                continue
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-            storage.write_bytes(self._path(version, kind), sink.getvalue().to_pybytes())
+    def commit_rows(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]]) -> None:
+        """Append chunk ``version``'s usage rows, then its payload rows, each table at most once."""
+        for path, rows, schema in ((self.spec.usage_table, usage, USAGE_SCHEMA),
+                                   (self.spec.inference_path, payloads, INFERENCE_SCHEMA)):
+            if path is not None:
+                DeltaAppender(path, schema).append(rows, txn=chunk_transaction(self.spec, version))
 
     def commit(self, version: int) -> None:
+        """Commit what an earlier run staged for chunk ``version`` (each table once), then remove it."""
         import pyarrow.parquet as pq
 
         for kind, path, schema in (("usage", self.spec.usage_table, USAGE_SCHEMA),

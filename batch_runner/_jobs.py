@@ -29,10 +29,16 @@ report, the run log, ``job_status``).
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import dataclasses
 import math
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING
 
@@ -106,6 +112,12 @@ def run_incremental(
     progress: bool = True,
 ) -> JobRunReport:
     """Process the job's pending rows in chunks; see the module docstring."""
+    with storage.reuse_delta_tables():  # each table's log read once per run, not once per chunk and commit
+        return _run_incremental(spec, spark, retry_failed=retry_failed, limit=limit, stream=stream, progress=progress)
+
+
+def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool, limit: int | None,
+                     stream: IO[str] | None, progress: bool) -> JobRunReport:
     if not spec.incremental:
         raise ConfigError(f"job {spec.name!r} is not incremental: it needs key = [...] and output.mode 'merge' or 'append'")
     _require_classic(spark, f"job {spec.name!r}")
@@ -143,27 +155,32 @@ def run_incremental(
     display = _ProgressDisplay(collector, keys.num_rows, spec.name, stream) if progress and keys.num_rows else None
     offset = 0
     status = "finished"
+    commits = _ChunkCommits(report)
     try:
         if display:
             display.__enter__()
         sc.setLocalProperty(JOURNAL_PROPERTY, journal)
         if spec.batch_api is not None:  # the batch phase sent what batches should: the chunks go online
             sc.setLocalProperty(ONLINE_ONLY_PROPERTY, "1")
+        version = next_chunk_version(spec) - 1  # this run is the job's one writer: later versions follow in memory
         while offset < keys.num_rows:
-            stop = _budget_check(spec, report)
+            projected = commits.projected()  # with the chunk still committing: it was paid
+            stop = _budget_check(spec, projected)
             if stop:
                 report.stopped = stop
                 status = "budget"
                 break
-            size = _next_chunk_size(spec, report)
+            size = _next_chunk_size(spec, projected)
             chunk_keys = keys.slice(offset, size)
-            version = next_chunk_version(spec)
-            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, report, replayed, batch_ids)
+            version += 1
+            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, commits, replayed, batch_ids)
             offset += chunk_keys.num_rows
+        commits.wait()
     except BaseException:
         status = "failed"
         raise
     finally:
+        commits.close()  # after an error: a chunk still committing lands (or fails, logged) before the run is recorded
         sc.setLocalProperty(JOURNAL_PROPERTY, None)
         sc.setLocalProperty(ONLINE_ONLY_PROPERTY, None)
         if display:
@@ -197,7 +214,7 @@ def run_incremental(
 
 
 def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chunk_keys: pa.Table, names: list[str],
-               req_sql: str, staging: UsageStaging, version: int, run_id: str, report: JobRunReport,
+               req_sql: str, staging: UsageStaging, version: int, run_id: str, commits: "_ChunkCommits",
                replayed: ReplayedAnswers, batch_ids: dict[str, str] | None = None) -> None:
     # The chunk's input rows come to the driver once and go back as a local relation: the model
     # query and the request-text query then read it without scanning the sources again, and Spark
@@ -227,10 +244,17 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     requests = {tuple(r[k] for k in names): r[response_column]
                 for r in request_rows.select([*names, response_column]).to_pylist()}
     usage, payloads = usage_rows(spec, result, requests, response_column, run_id, version)
-    staging.stage(version, usage, payloads)
-    staging.commit(version)  # usage first, output second: see _job_commit for why this is exactly once
-    commit_output(spec, result, version)
 
+    def commit() -> None:  # usage first, output second: see _job_commit for why this is exactly once
+        staging.commit_rows(version, usage, payloads)
+        commit_output(spec, result, version)
+        log.info("job %s chunk v%d: %d rows committed", spec.name, version, result.num_rows)
+
+    commits.submit(commit, result, usage)
+
+
+def _tally(report: JobRunReport, result: pa.Table, usage: list[dict]) -> None:
+    """Add a committed chunk (its output rows, its usage rows) to the run's report."""
     status = result.column("aiq_status")
     ok = pc.sum(pc.equal(status, "ok")).as_py() or 0
     report.chunks += 1
@@ -251,7 +275,73 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
         if rec["cost_usd"] is not None:
             e["cost"] = (e["cost"] or 0.0) + rec["cost_usd"]
             report.cost_usd = (report.cost_usd or 0.0) + rec["cost_usd"]
-    log.info("job %s chunk v%d: %d rows committed", spec.name, version, result.num_rows)
+
+
+class _ChunkCommits:
+    """A chunk's commits (usage, payloads, output) on one thread while the next chunk is answered.
+
+    A chunk's commits are sequential store requests (the log listed, data files written, each
+    commit put conditionally): on an object store ~20 round trips, a second or more a chunk on a
+    real one, with the cluster idle. Here they overlap the next chunk's model calls. One chunk
+    commits at a time, in chunk order (``submit`` waits for the one before); a chunk counts in the
+    report once committed, and while it commits, budget decisions see it too (``projected``:
+    it was paid). The first chunk commits before the second is asked, so a table that refuses
+    the job's rows (a schema, a permission) stops the run after one chunk, as without overlap.
+    A later failed commit is raised at the next ``submit`` or ``wait``: the run fails, and the
+    answers of the chunk asked meanwhile are in the journal, so a re-run buys nothing again (the
+    same as a kill at that moment).
+    """
+
+    def __init__(self, report: JobRunReport) -> None:
+        self.report = report
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiq-commit")
+        self._future: Future[None] | None = None
+        self._pending: tuple[pa.Table, list[dict]] | None = None
+        self._overlap = False  # from the second chunk on
+
+    def projected(self) -> JobRunReport:
+        """The report with the chunk still committing counted in."""
+        with self._lock:
+            if self._pending is None:
+                return self.report
+            view = dataclasses.replace(self.report, per_endpoint=copy.deepcopy(self.report.per_endpoint))
+            _tally(view, *self._pending)
+            return view
+
+    def submit(self, commit: Callable[[], None], result: pa.Table, usage: list[dict]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                commit()
+                with self._lock:
+                    _tally(self.report, result, usage)
+            finally:
+                with self._lock:
+                    self._pending = None
+
+        with self._lock:
+            self._pending = (result, usage)
+        # the thread runs in a copy of this context: the run's Delta handles (storage.reuse_delta_tables)
+        self._future = self._pool.submit(contextvars.copy_context().run, run)
+        if not self._overlap:
+            self.wait()
+            self._overlap = True
+
+    def wait(self) -> None:
+        future, self._future = self._future, None
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        """Wait for a chunk still committing (a failure is logged: an error is already on its way) and stop."""
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001 - the run is failing already; this is its second error
+            log.error("a chunk's commit failed as well (its keys stay pending): %s", exc)
+        finally:
+            self._pool.shutdown()
 
 
 __all__ = ["run_incremental"]

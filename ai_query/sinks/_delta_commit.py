@@ -75,7 +75,7 @@ class DeltaCommitter:
         """The highest version of ``app_id`` the table records (``None``: none, or no table)."""
         if not self.exists():
             return None
-        version = storage.delta_table(self.path).transaction_version(app_id)
+        version = storage.delta_transaction_version(self.path, app_id)
         return None if version is None else int(version)
 
     def is_committed(self, txn: AppTransaction) -> bool:
@@ -127,8 +127,8 @@ class DeltaCommitter:
         from deltalake import write_deltalake
 
         return self.commit_once(
-            txn, lambda props: write_deltalake(self.path, data, mode="append", commit_properties=props,
-                                               storage_options=storage.delta_options(self.path)),
+            txn, lambda props: write_deltalake(storage.delta_write_target(self.path), data, mode="append",
+                                               commit_properties=props, storage_options=storage.delta_options(self.path)),
             changes=data.num_rows > 0, check_committed=check_committed)
 
     def merge(self, data: "pa.Table", keys: Sequence[str], txn: AppTransaction | None = None, *,
@@ -147,12 +147,39 @@ class DeltaCommitter:
                 write_deltalake(self.path, data, mode="append", commit_properties=props,
                                 storage_options=storage.delta_options(self.path))
                 return
-            predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+            predicate = " AND ".join([*_key_range(data, keys[0]), *(f"t.`{k}` = s.`{k}`" for k in keys)])
             (storage.delta_table(self.path)
              .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props)
              .when_matched_update_all().when_not_matched_insert_all().execute())
 
         return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)
+
+
+def _key_range(data: "pa.Table", key: str) -> list[str]:
+    """``t.key >= lo``, ``t.key <= hi``: the range of ``key`` in ``data``, for a merge's predicate.
+
+    A target row that matches a source row has its key in the source's range, so the bounds
+    change no match; they let delta-rs skip every target file whose statistics lie outside it.
+    Without them a merge reads the whole table (a job merging chunk after chunk read every
+    earlier chunk's files again: quadratic, and on an object store a GET each). Integer and
+    plain string keys only (their literals are exact); other types merge without bounds.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = data.column(key)
+    if data.num_rows == 0 or not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)
+                                  or pa.types.is_large_string(column.type)):
+        return []
+    bounds = pc.min_max(column).as_py()
+    lo, hi = bounds["min"], bounds["max"]
+    if lo is None:
+        return []
+    if isinstance(lo, str):
+        if any(not c.isprintable() or c == "\\" for c in lo + hi):
+            return []
+        lo, hi = ("'" + v.replace("'", "''") + "'" for v in (lo, hi))
+    return [f"t.`{key}` >= {lo}", f"t.`{key}` <= {hi}"]
 
 
 __all__ = ["AppTransaction", "CommitResult", "DeltaCommitter"]
