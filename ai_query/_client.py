@@ -78,8 +78,8 @@ class _Route:
 
 
 def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
-    """AIMD for endpoints that refuse when full (429/503); a latency gradient for self-hosted
-    engines, which queue instead and so never send AIMD a signal."""
+    """AIMD unless the endpoint (``concurrency``) or the backend (``Capabilities.limiter``) asks for
+    the latency gradient (a shared self-hosted server whose other users' latency matters)."""
     if kind == "gradient" or (kind == "auto" and backend.capabilities.limiter == "gradient"):  # the backend says which
         return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
     return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)

@@ -36,9 +36,15 @@ class Capabilities:
     """What a backend can do; the core's one lookup instead of asking which kind it holds."""
 
     limiter: Literal["aimd", "gradient"] = "aimd"
-    """The adaptive limiter under ``concurrency: auto``: AIMD for endpoints that refuse when full
-    (429/503); a latency gradient for self-hosted engines, which queue instead and so never send
-    AIMD a signal."""
+    """The adaptive limiter under ``concurrency: auto``. AIMD grows the requests in flight until the
+    endpoint refuses (429/503) or times out: right for remote endpoints, and for the engines this
+    project starts (``local_model``, ``vllm_pool``), where what matters to a batch is throughput:
+    vLLM batches whatever is in flight up to ``max_num_seqs``, and a queue at our own engine costs
+    no throughput. The latency gradient holds in flight where latency starts to rise, which on a
+    CPU engine (latency grows with every sequence added) is far below its throughput: measured,
+    a 2-replica CPU pool ran at 7.1 rows/s under the gradient and 12.5 filled
+    (bench/results/vllm_pool.md). ``gradient`` suits a shared self-hosted server whose other
+    users' latency matters; ``concurrency = "gradient"`` picks it."""
     accepts_files: bool = False
     """``files =>`` (images, PDFs) can be sent to it."""
     runs_whole_batches: bool = False

@@ -98,8 +98,10 @@ class ClientConfig(ConfigStruct):
     """The endpoint's token quota; prompt + max_tokens is reserved at admission, refunded from usage."""
     queries_per_hour: _Positive | None = None
     concurrency: Literal["auto", "aimd", "gradient"] = "auto"
-    """The limiter: ``aimd`` (429/503/timeouts; remote endpoints), ``gradient`` (latency; self-hosted
-    engines that queue instead of refusing), or ``auto`` (gradient for local models, else aimd)."""
+    """The limiter: ``aimd`` (grows until 429/503/timeouts), ``gradient`` (holds in flight where latency
+    starts to rise: for a shared self-hosted server whose other users' latency matters), or ``auto``
+    (what the backend says: aimd for every built-in one, the local engines included, whose batches
+    it keeps full)."""
     quota_refunds_unused: bool = True
     """Whether the endpoint gives unused ``max_tokens`` back to the tokens/min window (OpenAI-style
     gateways differ): if false, the client keeps the full reservation on its books too."""

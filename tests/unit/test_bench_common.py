@@ -60,13 +60,17 @@ def test_vllm_pool_records_are_medians_of_alternating_runs_with_round_by_round_r
 
     from vllm_pool import build_records
 
-    args = argparse.Namespace(rows=100, max_tokens=32, dtype="bfloat16", replicas=2, prefix_docs=64, prefix_questions=3,
-                              kv_blocks=64)
+    args = argparse.Namespace(rows=100, max_tokens=32, dtype="bfloat16", replicas=2, server_replicas=1, prefix_docs=64,
+                              prefix_questions=3, kv_blocks=64)
     results = {"raw": [_run(10.0), _run(5.0, others=0.4)], "offline": [_run(12.5), _run(5.0)], "pool": []}
-    prefix = {"startup_s": 9.0, "runs": [_run(20.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=0),
-                                        _run(10.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=0),
-                                        _run(30.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=1),
-                                        _run(15.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=1)]}
+    prefix = {"startup_s": 9.0, "runs": [_run(20.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=0, layout="prefix"),
+                                        _run(10.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=0, layout="prefix"),
+                                        _run(20.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=0, layout="random"),
+                                        _run(16.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=0, layout="random"),
+                                        _run(30.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=1, layout="prefix"),
+                                        _run(15.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=1, layout="prefix"),
+                                        _run(30.0, 192, 700, prompt_tokens=192 * 330, arm="ungrouped", run=1, layout="random"),
+                                        _run(24.0, 192, 700, prompt_tokens=192 * 330, arm="grouped", run=1, layout="random")]}
     records = {(r.scenario, r.metric): r for r in build_records(results, prefix, args)}
     raw = records[("raw_vllm", "rows_per_s")]
     assert raw.value == 15.0 and raw.values == [10.0, 20.0] and raw.others_cores == [0.0, 0.4]
@@ -78,3 +82,7 @@ def test_vllm_pool_records_are_medians_of_alternating_runs_with_round_by_round_r
     prefix_ratio = records[("shared_prefix_offline", "grouped_over_ungrouped")]
     assert prefix_ratio.value == round(((19.2 + 12.8) / 2) / ((9.6 + 6.4) / 2), 3) and prefix_ratio.values == [2.0, 2.0]
     assert prefix_ratio.met is True and "no cache pressure" not in prefix_ratio.notes
+    assert prefix_ratio.goal == ">= 1.3" and "repartitionByRange" in prefix_ratio.notes
+    # the layout without the recipe: its own scenario, the same arithmetic, no goal
+    random = records[("shared_prefix_offline_random_partitions", "grouped_over_ungrouped")]
+    assert random.value == 1.25 and random.values == [1.25, 1.25] and random.goal is None and random.met is None
