@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
-from .limits.aimd import AdaptiveConcurrencyLimiter
-from .limits.gradient import GradientConcurrencyLimiter
+from .limits import AdaptiveConcurrencyLimiter, limiter_for
 from .limits.slots import Outcome
 from .config import EndpointConfig, EndpointRegistry, ServedEntity
 from ._errors import (
@@ -77,14 +76,6 @@ class _Route:
     breaker: CircuitBreaker
 
 
-def _limiter_for(backend: Backend, kind: str, initial: int, maximum: int, clock: Callable[[], float]) -> Any:
-    """AIMD unless the endpoint (``concurrency``) or the backend (``Capabilities.limiter``) asks for
-    the latency gradient (a shared self-hosted server whose other users' latency matters)."""
-    if kind == "gradient" or (kind == "auto" and backend.capabilities.limiter == "gradient"):  # the backend says which
-        return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
-    return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
-
-
 class EndpointClient:
     """Calls to one endpoint: routes over its served entities, concurrency, quota and retries."""
 
@@ -106,7 +97,7 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, backend, _limiter_for(backend, cc.concurrency, initial, maximum, clock), weights.get(e.name, 0),
+            _Route(e, backend, limiter_for(cc.concurrency, backend.capabilities.limiter, initial, maximum, clock), weights.get(e.name, 0),
                    CircuitBreaker(config.name if len(config.served_entities) == 1 else f"{config.name}/{e.name}",
                                   outage_wait_s=cc.outage_wait_s, clock=clock, sleep=sleep))
             for e, backend in ((e, backend_for(e)) for e in config.served_entities)

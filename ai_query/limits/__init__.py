@@ -1,13 +1,16 @@
 """How much goes out, and when: concurrency limits, quotas, shares across workers, retries.
 
 - ``slots``: the one first-come-first-served, cancel-safe queue of slots in flight;
-- ``aimd`` and ``gradient``: the two concurrency policies over it (429s for remote endpoints,
-  latency for self-hosted servers), with the same interface;
+- ``aimd`` and ``gradient``: the two concurrency policies over it (AIMD grows until 429s, 503s or
+  timeouts, for every built-in backend; the latency gradient on request), with the same
+  interface, picked by ``limiter_for``;
 - ``quota``: request/token quotas, leased from the driver's ``QuotaBroker`` across workers;
 - ``share`` and ``leases``: an endpoint's concurrency split over the workers sending to it now,
   leased from the same broker before sending (the worker's side and the broker's);
 - ``retry``: the retry policy composed from tenacity, and the retry budget.
 """
+
+from collections.abc import Callable
 
 from .aimd import AdaptiveConcurrencyLimiter
 from .gradient import GradientConcurrencyLimiter
@@ -16,8 +19,18 @@ from .retry import RecentFaults, RetryBudget, make_retrying
 from .share import ConcurrencyShare
 from .slots import Outcome, SlotQueue
 
+
+def limiter_for(kind: str, preferred: str, initial: int, maximum: int,
+                clock: Callable[[], float]) -> AdaptiveConcurrencyLimiter | GradientConcurrencyLimiter:
+    """The limiter of ``client_config.concurrency`` = ``kind``; under ``auto``, the backend's ``preferred``
+    (``Capabilities.limiter``): AIMD unless the latency gradient is asked for (a shared self-hosted
+    server whose other users' latency matters)."""
+    if kind == "gradient" or (kind == "auto" and preferred == "gradient"):
+        return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
+    return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
+
 __all__ = [
     "AdaptiveConcurrencyLimiter", "BrokeredQuota", "ConcurrencyShare", "GradientConcurrencyLimiter", "LocalQuota",
     "Outcome", "Quota", "QuotaBroker", "QuotaLimits", "RecentFaults", "RetryBudget", "SlidingWindowLimit", "SlotQueue",
-    "make_retrying",
+    "limiter_for", "make_retrying",
 ]
