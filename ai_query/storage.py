@@ -127,11 +127,15 @@ def reuse_delta_tables() -> Iterator[None]:
 
 
 def delta_write_target(path: str) -> Any:
-    """What to give ``write_deltalake``: the kept handle of an existing table inside
-    :func:`reuse_delta_tables` (brought up to date, so the write reads no log again), else ``path``."""
-    if _TABLES.get() is None or not is_delta_table(path):
-        return path
-    return delta_table(path)
+    """What to give ``write_deltalake``: the kept handle of the table inside :func:`reuse_delta_tables`
+    (the write reads no log again), else ``path``.
+
+    The handle is not brought up to date first: the commit's own check did that a moment ago (or
+    the handle's last write did), and a commit made meanwhile by another writer is what delta-rs's
+    commit handles anyway (it finds the version taken, checks the winner for conflicts and
+    commits after it)."""
+    tables = _TABLES.get()
+    return tables.get(path, path) if tables is not None else path
 
 
 def delta_table(path: str, **kwargs: Any) -> Any:
