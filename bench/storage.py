@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     with S3Server(os.environ["AWS_ENDPOINT_URL"]) as s3, tempfile.TemporaryDirectory(prefix="aiq-storage-bench-") as local_root:
         spark = spark_udfs.build_session(app_name="ai-query-storage-bench", ui=False)
         try:
-            log("warming up (a small job on each arm)")
-            run_arm(spark, "warm-local", Path(local_root, "warm-local"), None, 200, 100, False, log)
-            run_arm(spark, "warm-s3", Path(local_root, "warm-s3"), s3.bucket(), 200, 100, False, log)
+            # a 2,000-row job on each arm first: the JVM's JIT and the Python workers warm up (the
+            # first big run of a fresh session was 20-30% slower whichever arm it was)
+            warm = min(args.rows, 2000)
+            log(f"warming up (a {warm}-row job on each arm)")
+            run_arm(spark, "warm-local", Path(local_root, "warm-local"), None, warm, args.chunk_rows, False, log)
+            run_arm(spark, "warm-s3", Path(local_root, "warm-s3"), s3.bucket(), warm, args.chunk_rows, False, log)
             for arm, rep in alternating(("local", "s3"), args.repeats):
                 bucket = s3.bucket() if arm == "s3" else None
                 res = run_arm(spark, arm, Path(local_root, f"{arm}{rep}"), bucket, args.rows, args.chunk_rows,
