@@ -116,7 +116,7 @@ def prepare_pool(pool: VLLMPool) -> str | None:
 class LocalModelBackend(_EngineOptions, OpenAICompatibleBackend):
     """A model served on this machine over the OpenAI-compatible API (``local_model``)."""
 
-    capabilities = Capabilities(limiter="aimd", needs_start=True)  # fill the engine: see Capabilities.limiter
+    capabilities = Capabilities(limiter="aimd", needs_start=True, starts_full=True)  # fill the engine: see Capabilities
 
     def __init__(self, entity: ServedEntity) -> None:
         assert entity.local_model is not None
@@ -146,7 +146,7 @@ class LocalModelBackend(_EngineOptions, OpenAICompatibleBackend):
 class VLLMPoolBackend(_EngineOptions, BackendBase):
     """Routes each request to a replica of the node's pool (``mode = "server"``)."""
 
-    capabilities = Capabilities(limiter="aimd", accepts_files=True)  # a vision model reads the images; fill the replicas
+    capabilities = Capabilities(limiter="aimd", accepts_files=True, starts_full=True)  # a vision model reads the images; fill the replicas
     REFRESH_S = 1.0
     DOWN_S = 5.0
 

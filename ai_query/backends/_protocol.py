@@ -53,6 +53,12 @@ class Capabilities:
     """It answers in this process through ``invoke``, not over HTTP."""
     needs_start: bool = False
     """``start()`` has work to do (a local server to start, a model to load): a server warms it."""
+    starts_full: bool = False
+    """An engine of this project's own (``local_model``, ``vllm_pool``): under AIMD its requests in
+    flight start at ``max_concurrency`` (the worker's share), not at ``initial_concurrency``. There is
+    no quota to find (vLLM queues what its batch cannot take), and a slow start from 32 at a
+    CPU engine's multi-second latency spent several round trips below its batch (512 rows: 36.0 s
+    started full, 37.5-41.2 s from 32)."""
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,8 @@ def fresh_registry(monkeypatch):
         ("mlflow", MLflowPyfuncBackend, Capabilities("aimd", in_process=True, needs_start=True)),
         # our own engines are filled (AIMD): a CPU engine's latency rises with every sequence, so
         # the gradient would hold it far below its throughput (bench/results/vllm_pool.md)
-        ("local_model", LocalModelBackend, Capabilities("aimd", needs_start=True)),
-        ("vllm_pool", VLLMPoolBackend, Capabilities("aimd", accepts_files=True)),
+        ("local_model", LocalModelBackend, Capabilities("aimd", needs_start=True, starts_full=True)),
+        ("vllm_pool", VLLMPoolBackend, Capabilities("aimd", accepts_files=True, starts_full=True)),
         ("vllm_pool offline", OfflineVLLMBackend,
          Capabilities("aimd", accepts_files=True, runs_whole_batches=True, in_process=True)),
     ],
@@ -213,3 +213,20 @@ def test_pool_backend_reports_a_down_replica_through_request_done():
     request = HTTPRequest("POST", url + "/chat/completions", {}, {})
     assert backend.request_done(request, RetryableEndpointError("connection lost")) is True  # another replica takes it
     assert backend.router.available() == [u for u in backend._statuses if u != url]
+
+
+@pytest.mark.parametrize("kind, concurrency, expected", [
+    ("vllm_pool", "auto", 64),      # our own engine: full from the start
+    ("local_model", "auto", 64),
+    ("vllm_pool", "gradient", 8),   # the gradient asked for: it probes from initial_concurrency
+    ("openai", "auto", 8),          # a remote endpoint: AIMD's slow start from initial_concurrency
+])
+def test_our_own_engines_start_at_max_concurrency_and_remote_ones_probe(fresh_registry, kind, concurrency, expected):
+    registry = EndpointRegistry.from_data({"name": "ep", "config": {"served_entities": [ENTITIES[kind]]},
+                                           "client_config": {"max_concurrency": 64, "initial_concurrency": 8,
+                                                             "concurrency": concurrency}})
+    client = AIQueryClient(registry)
+    try:
+        assert client.endpoint("ep").limiter.limit == expected
+    finally:
+        client.close()
