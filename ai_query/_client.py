@@ -97,9 +97,7 @@ class EndpointClient:
         initial = max(1, min(maximum, math.ceil(cc.initial_concurrency * share)))
         weights = dict(config.traffic_routes) if config.traffic_routes else {config.served_entities[0].name: 100}
         self.routes = [
-            _Route(e, backend, limiter_for(cc.concurrency, backend.capabilities.limiter,
-                                           maximum if backend.capabilities.starts_full and cc.concurrency != "gradient" else initial,
-                                           maximum, clock), weights.get(e.name, 0),
+            _Route(e, backend, limiter_for(cc.concurrency, backend.capabilities, initial, maximum, clock), weights.get(e.name, 0),
                    CircuitBreaker(config.name if len(config.served_entities) == 1 else f"{config.name}/{e.name}",
                                   outage_wait_s=cc.outage_wait_s, clock=clock, sleep=sleep))
             for e, backend in ((e, backend_for(e)) for e in config.served_entities)

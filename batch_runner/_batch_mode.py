@@ -250,6 +250,7 @@ def _collect(client: ProviderBatches, spec: JobSpec, state: dict[str, Any], batc
             continue
         journal.record(record["lines"][cid][0], batch_result(answer, record["endpoint"], client.entity, batch_id, latency_ms))
         phase.answered += 1
+    journal.flush()  # on an object store the answers are queued: written before the batch counts as collected
     record["collected"], record["status"] = True, status
     _save_batch(spec, batch_id, record)
     log.info("job %s: batch %s %s, %d answers journaled", spec.name, batch_id, status, len(results))

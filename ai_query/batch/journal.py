@@ -170,6 +170,9 @@ class ResponseJournal:
 REMOTE_FLUSH_LINES = 64
 """On an object store, the journal writes an object once this many answers wait (or ``REMOTE_FLUSH_S``)."""
 REMOTE_FLUSH_S = 0.1
+REMOTE_IDLE_S = 5.0
+"""The writer's thread ends after this long with nothing queued (a long-lived Python worker serves
+many runs, each with a journal of its own); the next answer starts it again."""
 
 
 class _RemoteWriter:
@@ -188,14 +191,16 @@ class _RemoteWriter:
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ai-query-journal", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
         atexit.register(self.flush)
 
     def add(self, line: str) -> None:
         with self._lock:
             self._lines.append(line)
             full = len(self._lines) >= REMOTE_FLUSH_LINES
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ai-query-journal", daemon=True)
+                self._thread.start()
         if full:
             self._wake.set()
 
@@ -207,12 +212,16 @@ class _RemoteWriter:
             name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
             try:
                 storage.write_bytes(storage.join(self.write_dir, name), "".join(lines).encode())
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:  # kept for the next write
                     self._lines[:0] = lines
+                if isinstance(exc, OSError):
+                    raise OSError(f"the response journal could not write {len(lines)} answer(s) to {self.write_dir}: "
+                                  f"{exc}; they stay queued and are written at the next try") from exc
                 raise
 
     def _run(self) -> None:
+        idle = 0.0
         while True:
             self._wake.wait(REMOTE_FLUSH_S)
             self._wake.clear()
@@ -220,6 +229,14 @@ class _RemoteWriter:
                 self.flush()
             except OSError:  # the store is unreachable for a moment: the lines wait for the next write
                 pass
+            with self._lock:
+                if self._lines:
+                    idle = 0.0
+                    continue
+                idle += REMOTE_FLUSH_S
+                if idle >= REMOTE_IDLE_S:  # nothing to write for a while: the thread ends, add() starts another
+                    self._thread = None
+                    return
 
 
 class TaskJournal:

@@ -11,6 +11,7 @@
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from .aimd import AdaptiveConcurrencyLimiter
 from .gradient import GradientConcurrencyLimiter
@@ -20,14 +21,15 @@ from .share import ConcurrencyShare
 from .slots import Outcome, SlotQueue
 
 
-def limiter_for(kind: str, preferred: str, initial: int, maximum: int,
+def limiter_for(kind: str, capabilities: Any, initial: int, maximum: int,
                 clock: Callable[[], float]) -> AdaptiveConcurrencyLimiter | GradientConcurrencyLimiter:
-    """The limiter of ``client_config.concurrency`` = ``kind``; under ``auto``, the backend's ``preferred``
-    (``Capabilities.limiter``): AIMD unless the latency gradient is asked for (a shared self-hosted
-    server whose other users' latency matters)."""
-    if kind == "gradient" or (kind == "auto" and preferred == "gradient"):
+    """The limiter of ``client_config.concurrency`` = ``kind`` for a backend's ``capabilities``
+    (``backends.Capabilities``): under ``auto`` its ``limiter``; AIMD unless the latency gradient
+    is asked for (a shared self-hosted server whose other users' latency matters). AIMD starts at
+    ``maximum`` for a backend that ``starts_full`` (an engine of our own: no quota to find)."""
+    if kind == "gradient" or (kind == "auto" and capabilities.limiter == "gradient"):
         return GradientConcurrencyLimiter(initial, maximum=maximum, clock=clock)
-    return AdaptiveConcurrencyLimiter(initial, maximum=maximum, clock=clock)
+    return AdaptiveConcurrencyLimiter(maximum if capabilities.starts_full else initial, maximum=maximum, clock=clock)
 
 __all__ = [
     "AdaptiveConcurrencyLimiter", "BrokeredQuota", "ConcurrencyShare", "GradientConcurrencyLimiter", "LocalQuota",
