@@ -127,15 +127,23 @@ def reuse_delta_tables() -> Iterator[None]:
 
 
 def delta_write_target(path: str) -> Any:
-    """What to give ``write_deltalake``: the kept handle of the table inside :func:`reuse_delta_tables`
-    (the write reads no log again), else ``path``.
+    """What to give ``write_deltalake`` or to merge into: inside :func:`reuse_delta_tables` the
+    table's kept handle (opened and kept here when none is yet; the write reads no log again),
+    else ``path`` (also for a table not created yet: the write creates it).
 
-    The handle is not brought up to date first: the commit's own check did that a moment ago (or
-    the handle's last write did), and a commit made meanwhile by another writer is what delta-rs's
-    commit handles anyway (it finds the version taken, checks the winner for conflicts and
-    commits after it)."""
+    The handle is not brought up to date first: its last write (or the check before it) did
+    that, and a commit made meanwhile by another writer is what delta-rs's commit handles
+    anyway (it finds the version taken, checks the winner for conflicts, an app transaction of
+    the same id included, and commits after it)."""
     tables = _TABLES.get()
-    return tables.get(path, path) if tables is not None else path
+    if tables is None:
+        return path
+    table = tables.get(path)
+    if table is None and is_delta_table(path):
+        from deltalake import DeltaTable
+
+        table = tables[path] = DeltaTable(path, storage_options=delta_options(path))
+    return path if table is None else table
 
 
 def delta_table(path: str, **kwargs: Any) -> Any:

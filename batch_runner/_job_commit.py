@@ -117,12 +117,18 @@ def next_chunk_version(spec: JobSpec) -> int:
     return max(versions) + 1 if versions else 1
 
 
-def commit_output(spec: JobSpec, table: pa.Table, version: int) -> CommitResult:
-    """Write a chunk to the output (merge by key, or append) with app transaction (job, version)."""
+def commit_output(spec: JobSpec, table: pa.Table, version: int, *, fresh: bool = False) -> CommitResult:
+    """Write a chunk to the output (merge by key, or append) with app transaction (job, version).
+
+    ``fresh``: ``version`` was taken by this run after every version the job's tables held
+    (:func:`next_chunk_version`), so no table can hold it yet and the check before the commit (a
+    read of the table's new commits: on an object store a LIST and a GET or more per commit) is
+    skipped. A run is its job's one writer; a commit racing another writer's commit of the same
+    transaction is refused by delta-rs's conflict check (an app transaction of the same id)."""
     committer = DeltaCommitter(spec.output_path)
     if spec.output_mode == "merge":
-        return committer.merge(table, spec.key, chunk_transaction(spec, version))
-    return committer.append(table, chunk_transaction(spec, version))
+        return committer.merge(table, spec.key, chunk_transaction(spec, version), check_committed=not fresh)
+    return committer.append(table, chunk_transaction(spec, version), check_committed=not fresh)
 
 
 class UsageStaging:
@@ -145,12 +151,14 @@ class UsageStaging:
     def _path(self, version: int, kind: str) -> str:
         return storage.join(self.dir, f"v{version:08d}-{kind}.parquet")
 
-    def commit_rows(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]]) -> None:
-        """Append chunk ``version``'s usage rows, then its payload rows, each table at most once."""
+    def commit_rows(self, version: int, usage: list[dict[str, Any]], payloads: list[dict[str, Any]], *,
+                    fresh: bool = False) -> None:
+        """Append chunk ``version``'s usage rows, then its payload rows, each table at most once
+        (``fresh``: a version this run took, see :func:`commit_output`)."""
         for path, rows, schema in ((self.spec.usage_table, usage, USAGE_SCHEMA),
                                    (self.spec.inference_path, payloads, INFERENCE_SCHEMA)):
             if path is not None:
-                DeltaAppender(path, schema).append(rows, txn=chunk_transaction(self.spec, version))
+                DeltaAppender(path, schema).append(rows, txn=chunk_transaction(self.spec, version), check_committed=not fresh)
 
     def commit(self, version: int) -> None:
         """Commit what an earlier run staged for chunk ``version`` (each table once), then remove it."""

@@ -246,8 +246,8 @@ def _run_chunk(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", chun
     usage, payloads = usage_rows(spec, result, requests, response_column, run_id, version)
 
     def commit() -> None:  # usage first, output second: see _job_commit for why this is exactly once
-        staging.commit_rows(version, usage, payloads)
-        commit_output(spec, result, version)
+        staging.commit_rows(version, usage, payloads, fresh=True)  # this run took the version: no table holds it
+        commit_output(spec, result, version, fresh=True)
         log.info("job %s chunk v%d: %d rows committed", spec.name, version, result.num_rows)
 
     commits.submit(commit, result, usage)

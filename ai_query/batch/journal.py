@@ -167,9 +167,10 @@ class ResponseJournal:
         return storage.create_exclusive(storage.join(self.write_dir, "tasks", task))
 
 
-REMOTE_FLUSH_LINES = 64
-"""On an object store, the journal writes an object once this many answers wait (or ``REMOTE_FLUSH_S``)."""
-REMOTE_FLUSH_S = 0.1
+REMOTE_FLUSH_S = 0.5
+"""On an object store, the journal writes what is queued as one object at least this often."""
+REMOTE_FLUSH_LINES = 1024
+"""... or as soon as this many answers wait (an object's size, and the memory they hold)."""
 REMOTE_IDLE_S = 5.0
 """The writer's thread ends after this long with nothing queued (a long-lived Python worker serves
 many runs, each with a journal of its own); the next answer starts it again."""
@@ -179,12 +180,18 @@ class _RemoteWriter:
     """The journal of one process on an object store. Objects cannot be appended to, and one PUT
     per answer made on the client's event loop (where answers arrive) held every request up: a
     10,000-row job ran at 0.08x its local speed. Answers are queued here and a thread writes
-    what is queued as one object (``part-<host>-<pid>-<n>.jsonl``) as soon as
-    ``REMOTE_FLUSH_LINES`` wait or ``REMOTE_FLUSH_S`` passed. So a kill on an object store also
-    loses the answers still queued (at most about ``REMOTE_FLUSH_LINES`` per Python worker, plus
-    what arrives during one write), on top of the requests in flight; they are bought again. A
-    batch of rows writes what is queued before its rows go back to Spark (``PendingRows.wait``),
-    so no answer of a committed chunk is written after the driver removed the run's journal."""
+    what is queued as one object (``part-<host>-<pid>-<n>.jsonl``) every ``REMOTE_FLUSH_S``
+    (sooner when ``REMOTE_FLUSH_LINES`` wait), and a batch of rows writes what is queued before
+    its rows go back to Spark (``PendingRows.wait``), so no answer of a committed chunk is written
+    after the driver removed the run's journal.
+
+    The interval is in time, not in answers, because that is what bounds both costs. A kill on
+    an object store re-buys the answers still queued: those of the last ``REMOTE_FLUSH_S`` (plus
+    one write), which at a model's latency (0.5 s and more) is no more than the requests in flight
+    that any kill loses anyway. And a Python worker puts at most 1 / ``REMOTE_FLUSH_S`` objects a
+    second however fast answers come: a count (an object per 64 answers) made a fast endpoint's
+    workers put tens a second each, every request a round trip and CPU for the store (S3 allows
+    3,500 PUTs a second per prefix, and bills each)."""
 
     def __init__(self, write_dir: str) -> None:
         self.write_dir = write_dir
@@ -204,8 +211,8 @@ class _RemoteWriter:
         if full:
             self._wake.set()
 
-    def flush(self) -> None:
-        """Write the queued answers as one object (nothing when none waits)."""
+    def flush(self) -> int:
+        """Write the queued answers as one object (nothing when none waits); returns how many."""
         with self._lock:
             lines, self._lines = self._lines, []
         if lines:
@@ -219,6 +226,7 @@ class _RemoteWriter:
                     raise OSError(f"the response journal could not write {len(lines)} answer(s) to {self.write_dir}: "
                                   f"{exc}; they stay queued and are written at the next try") from exc
                 raise
+        return len(lines)
 
     def _run(self) -> None:
         idle = 0.0
@@ -226,11 +234,11 @@ class _RemoteWriter:
             self._wake.wait(REMOTE_FLUSH_S)
             self._wake.clear()
             try:
-                self.flush()
+                wrote = self.flush()
             except OSError:  # the store is unreachable for a moment: the lines wait for the next write
-                pass
+                wrote = 0
             with self._lock:
-                if self._lines:
+                if self._lines or wrote:
                     idle = 0.0
                     continue
                 idle += REMOTE_FLUSH_S

@@ -126,10 +126,12 @@ class DeltaCommitter:
         """Append ``data`` (the first write creates the table) in one commit recording ``txn``."""
         from deltalake import write_deltalake
 
-        return self.commit_once(
-            txn, lambda props: write_deltalake(storage.delta_write_target(self.path), data, mode="append",
-                                               commit_properties=props, storage_options=storage.delta_options(self.path)),
-            changes=data.num_rows > 0, check_committed=check_committed)
+        def write(props: Any) -> None:
+            target = storage.delta_write_target(self.path)
+            write_deltalake(target, data, mode="append", commit_properties=props,
+                            post_commithook_properties=_hooks(target), storage_options=storage.delta_options(self.path))
+
+        return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)
 
     def merge(self, data: "pa.Table", keys: Sequence[str], txn: AppTransaction | None = None, *,
               check_committed: bool = True) -> CommitResult:
@@ -148,11 +150,34 @@ class DeltaCommitter:
                                 storage_options=storage.delta_options(self.path))
                 return
             predicate = " AND ".join([*_key_range(data, keys[0]), *(f"t.`{k}` = s.`{k}`" for k in keys)])
-            (storage.delta_table(self.path)
-             .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props)
+            target = storage.delta_write_target(self.path)
+            table = storage.delta_table(self.path) if isinstance(target, str) else target
+            (table
+             .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props,
+                    post_commithook_properties=_hooks(target))
              .when_matched_update_all().when_not_matched_insert_all().execute())
 
         return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)
+
+
+def _hooks(target: Any) -> Any:
+    """The post-commit hooks of a commit through ``target`` (a kept handle, or a path: the defaults).
+
+    delta-rs lists the whole ``_delta_log`` after every commit to clean up expired log files,
+    which only a new checkpoint can make expired (the files before it, past the retention).
+    With a kept handle the next version is known: the cleanup runs with the commit that writes
+    a checkpoint (every ``delta.checkpointInterval`` versions, 100 by default), as Delta on
+    Spark does, and the other commits skip that request (a LIST of the whole log, each chunk).
+    """
+    from deltalake import PostCommitHookProperties
+
+    if isinstance(target, str):
+        return None
+    interval = int(target.metadata().configuration.get("delta.checkpointInterval") or 100)
+    version = target.version() + 1  # the one this commit makes (unless another writer took it)
+    if version % interval in (0, interval - 1):  # delta-rs 1.x checkpoints at (version + 1) % interval == 0
+        return None  # the defaults: checkpoint, then clean up as the table's configuration says
+    return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
 
 
 def _key_range(data: "pa.Table", key: str) -> list[str]:

@@ -8,9 +8,10 @@ server records, so that a change which brings back whole-log reads or multipart 
 from __future__ import annotations
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+import pytest
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from ai_query import storage
+from ai_query import DeltaCommitError, storage
 from ai_query.sinks import AppTransaction, DeltaCommitter
 
 
@@ -76,3 +77,66 @@ def test_handles_are_kept_per_thread_block_and_dropped_after_it(tmp_path):
             assert storage.delta_table(path) is first
         assert storage.delta_table(path, version=0) is not first  # a pinned version: a handle of its own
     assert storage.delta_table(path) is not first
+
+
+def _whole_log_lists(requests: list[dict]) -> int:
+    return sum(1 for r in requests if r["method"] == "GET" and "list-type=2" in r["url"] and "_delta_log" in r["url"]
+               and "start-after" not in r["url"])
+
+
+def test_a_job_commit_through_a_kept_handle_reads_only_what_it_writes(s3_server):
+    """A job's chunk commit (a version the run took: ``check_committed=False``) goes through the
+    kept handle: no read of the earlier commits, no whole-log listing (delta-rs's expired-log
+    cleanup lists the log after every commit; it runs with the checkpoints only)."""
+    bucket = s3_server.bucket()
+    path = f"s3://{bucket}/usage"
+    for v in range(1, 9):
+        DeltaCommitter(path).append(pa.table({"x": [v]}), AppTransaction("job", v))
+    with storage.reuse_delta_tables():
+        committer = DeltaCommitter(path)
+        committer.append(pa.table({"x": [9]}), AppTransaction("job", 9), check_committed=False)  # opens the handle
+        s3_server.start_recording()
+        for v in range(10, 14):
+            committer.append(pa.table({"x": [v]}), AppTransaction("job", v), check_committed=False)
+            committer.merge(pa.table({"x": [v]}), ["x"], AppTransaction("job2", v), check_committed=False)
+        requests = s3_server.recorded(bucket)
+    assert _whole_log_lists(requests) == 0, [r["url"] for r in requests if "list-type" in r["url"]]
+    # delta-rs reads back what a commit wrote (at most two GETs of new commit files each): never the nine before
+    assert _log_gets(requests) <= 2 * 8, _log_gets(requests)
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("x").to_pylist()) == list(range(1, 14))
+    assert DeltaTable(path).transaction_version("job") == 13 and DeltaTable(path).transaction_version("job2") == 13
+
+
+def test_checkpoints_and_log_cleanup_still_happen_through_a_kept_handle(tmp_path):
+    path = str(tmp_path / "t")
+    write_deltalake(path, pa.table({"x": [0]}), configuration={
+        "delta.checkpointInterval": "4", "delta.logRetentionDuration": "interval 0 seconds"})
+    with storage.reuse_delta_tables():
+        committer = DeltaCommitter(path)
+        for v in range(1, 10):
+            committer.append(pa.table({"x": [v]}), AppTransaction("job", v), check_committed=False)
+    log = sorted(p.name for p in (tmp_path / "t" / "_delta_log").iterdir())
+    checkpoints = [name for name in log if name.endswith(".checkpoint.parquet")]
+    assert checkpoints and int(checkpoints[-1][:20]) >= 6, log  # every 4 versions, the latest at 6 or later
+    # the commits before the latest checkpoint were cleaned up (retention 0 s): as many LISTs as checkpoints
+    assert "00000000000000000001.json" not in log and "00000000000000000005.json" not in log, log
+    assert "00000000000000000009.json" in log
+    assert DeltaTable(path).to_pyarrow_table().num_rows == 10 and DeltaTable(path).transaction_version("job") == 9
+
+
+def test_a_fresh_commit_racing_another_writer_of_its_transaction_is_refused(s3_server):
+    """A run is its job's one writer, so its chunk commits skip the "already committed" check;
+    should another writer commit the same app id meanwhile, delta-rs's conflict check refuses
+    ours (the commit fails, naming the transaction) rather than recording the version twice."""
+    bucket = s3_server.bucket()
+    path = f"s3://{bucket}/out"
+    DeltaCommitter(path).append(pa.table({"x": [1]}), AppTransaction("job", 1))
+    with storage.reuse_delta_tables():
+        committer = DeltaCommitter(path)
+        committer.append(pa.table({"x": [2]}), AppTransaction("job", 2), check_committed=False)
+        # another writer (no kept handle) commits the same app id
+        write_deltalake(path, pa.table({"x": [3]}), mode="append", storage_options=storage.delta_options(path),
+                        commit_properties=CommitProperties(app_transactions=[Transaction("job", 3)]))
+        with pytest.raises(DeltaCommitError, match=r"app transaction 'job' version 3"):
+            committer.append(pa.table({"x": [33]}), AppTransaction("job", 3), check_committed=False)
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("x").to_pylist()) == [1, 2, 3]

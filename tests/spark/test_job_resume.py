@@ -100,15 +100,19 @@ def wait_groups_gone(groups: set[int]) -> None:
 
 
 def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, chunks: int, rng: random.Random,
-                    timeout: float = 600, chunk_rows: int | None = None) -> int:
+                    timeout: float = 600, chunk_rows: int | None = None, times: dict[str, float] | None = None) -> int:
     """SIGKILL the run's whole process group inside the chunk after ``chunks`` committed chunks,
     once a random 50-85 % of that chunk's answers have been served (so that a journal that did
-    not work would lose far more than the requests in flight at the kill)."""
+    not work would lose far more than the requests in flight at the kill). ``times`` gets
+    ``committed`` (when the commits were seen: the next chunk's answers come after it) and
+    ``killed`` (``time.monotonic()``, the simulator's clock)."""
     deadline = time.monotonic() + timeout
     while committed(out) < chunks:
         assert proc.poll() is None, f"the run ended before chunk {chunks}: {proc.communicate()}"
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.02)
+    if times is not None:
+        times["committed"] = time.monotonic()
     target = sim.snapshot()["ok"] + int(rng.uniform(0.5, 0.85) * (chunk_rows or CHUNK))
     while sim.snapshot()["ok"] < target and committed(out) == chunks:
         assert proc.poll() is None, f"the run ended inside chunk {chunks + 1}: {proc.communicate()}"
@@ -116,6 +120,8 @@ def kill_group_when(proc: subprocess.Popen, out: str, sim: ProviderSimulator, ch
         time.sleep(0.002)
     groups = run_groups(proc.pid)
     assert len(groups) > 1, groups  # the pyspark daemons' groups, where the Python workers live
+    if times is not None:
+        times["killed"] = time.monotonic()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     wait_groups_gone(groups)  # the JVM, the daemons and the Python workers are gone too

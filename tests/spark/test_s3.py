@@ -17,7 +17,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from ai_query import storage
-from ai_query.batch.journal import REMOTE_FLUSH_LINES
+from ai_query.batch.journal import REMOTE_FLUSH_S
 from ai_query.testing import ProviderSimulator
 from batch_runner import JobSpec, job_status, run_incremental, write_sample_reviews
 from spark_udfs import register_delta
@@ -130,9 +130,12 @@ def test_job_on_s3_killed_then_resumed_exactly_once(tmp_path, spark, s3_server):
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     bucket = s3_server.bucket()
-    with ProviderSimulator(api_key="sk-sim", latency=("uniform", (0.02, 0.12)), seed=seed, served_log=True) as sim:
+    # a model's latency (a few answers a second per request slot), so that the journal's
+    # interval is short beside the chunk and the kill comes seconds into it
+    with ProviderSimulator(api_key="sk-sim", latency=("uniform", (0.2, 0.4)), seed=seed, served_log=True) as sim:
         job, out = _s3_job(tmp_path, sim, bucket, rows=rows, chunk=chunk)
-        killed_at = kill_group_when(start_run(job), out, sim, 1, rng, chunk_rows=chunk)
+        times: dict[str, float] = {}
+        killed_at = kill_group_when(start_run(job), out, sim, 1, rng, chunk_rows=chunk, times=times)
         assert killed_at == 1
         journaled = [k for k in s3_server.keys(bucket, "out.aiq/journal/") if k.endswith(".jsonl")]
         assert journaled, "the killed run journaled nothing in the bucket"
@@ -148,14 +151,21 @@ def test_job_on_s3_killed_then_resumed_exactly_once(tmp_path, spark, s3_server):
         usage = DeltaTable(f"{out}.aiq/endpoint_usage").to_pyarrow_table()
         billed = usage.column("databricks_request_id").to_pylist()
         assert len(set(billed)) == len(billed), "an answer is in the usage table twice"
-        answers = {a["request_id"] for a in sim.served_answers()}
-        assert set(billed) <= answers
-        # only the answers in flight at the kill (at most 2 workers x 32) and those still queued for
-        # the journal's next object (REMOTE_FLUSH_LINES per worker, plus what arrived during one
-        # write) were served and never read; the kill comes 250-425 answers into the chunk, so a
-        # journal that did not work would lose more
-        lost = served["ok"] - len(billed)
-        assert 0 <= lost <= 2 * 32 + 2 * REMOTE_FLUSH_LINES + 32, (lost, served_before, seed)
+        answers = {a["request_id"]: a["at"] for a in sim.served_answers()}
+        assert set(billed) <= set(answers)
+        # What the kill re-bought: the answers in flight at it (served after it, or just before)
+        # and those still queued for the journal's next object (served in the last REMOTE_FLUSH_S,
+        # plus a write or two and the client's own delay: 0.5 s). Every answer served before that
+        # window was journaled in the bucket and bought once; there were enough of them in the
+        # killed chunk that a journal that did not work would have lost them.
+        window = times["killed"] - (REMOTE_FLUSH_S + 0.5)
+        lost = {r: at for r, at in answers.items() if r not in set(billed)}
+        assert len(lost) == served["ok"] - len(billed)
+        early_lost = sorted(at - times["killed"] for at in lost.values() if at < window)
+        assert not early_lost, (f"{len(early_lost)} answers served before the journal's window (s before the kill: "
+                                f"{early_lost[:5]}) were bought again; seed {seed}")
+        early = sum(1 for at in answers.values() if times["committed"] < at < window)
+        assert early >= 50, f"only {early} answers of the killed chunk came before the window: no test of the journal; seed {seed}"
         assert pc.sum(table.column("aiq_prompt_tokens")).as_py() == pc.sum(usage.column("input_token_count")).as_py()
         assert not [k for k in s3_server.keys(bucket, "out.aiq/journal/") if not k.endswith("/")]  # every journaled answer is committed
         report = run_incremental(JobSpec.load(job), spark, progress=False)
