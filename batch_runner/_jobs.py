@@ -54,7 +54,7 @@ from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 
 from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
-from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, request_query, rows_of_keys
+from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, pending_rows, request_query, rows_of_keys
 from ._job_state import JobRunReport, journal_dirs, log_run
 from ._preflight import duplicate_keys_message, job_priced, preflight_job
 from ._runner import _ProgressDisplay, flatten_audit
@@ -156,6 +156,8 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
     offset = 0
     status = "finished"
     commits = _ChunkCommits(report)
+    # more than one chunk: the sources are read once, the pending rows kept for the chunks
+    rows_df = pending_rows(spark, input_df, keys, names) if keys.num_rows > spec.chunk_rows else input_df
     try:
         if display:
             display.__enter__()
@@ -173,7 +175,7 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
             size = _next_chunk_size(spec, projected)
             chunk_keys = keys.slice(offset, size)
             version += 1
-            _run_chunk(spark, spec, input_df, chunk_keys, names, req_sql, staging, version, run_id, commits, replayed, batch_ids)
+            _run_chunk(spark, spec, rows_df, chunk_keys, names, req_sql, staging, version, run_id, commits, replayed, batch_ids)
             offset += chunk_keys.num_rows
         commits.wait()
     except BaseException:
@@ -181,6 +183,8 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
         raise
     finally:
         commits.close()  # after an error: a chunk still committing lands (or fails, logged) before the run is recorded
+        if rows_df is not input_df:
+            rows_df.unpersist()
         sc.setLocalProperty(JOURNAL_PROPERTY, None)
         sc.setLocalProperty(ONLINE_ONLY_PROPERTY, None)
         if display:

@@ -40,9 +40,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_arm(spark: Any, arm: str, root: Path, bucket: str | None, rows: int, chunk_rows: int, wait_quiet: bool,
-            log: Any) -> dict[str, Any]:
+            log: Any, server_pid: int | None = None) -> dict[str, Any]:
     """One run of the job (the tests' resume job, ``tests/spark/test_job_resume.py``) on fresh paths:
-    under ``root`` locally, or (``bucket``) its source, output, payloads and state in the bucket."""
+    under ``root`` locally, or (``bucket``) its source, output, payloads and state in the bucket.
+    ``server_pid``: the S3 server's process, whose CPU during the run is reported (``store_cores``:
+    on this machine the store shares the two cores with the job, which a real S3 does not)."""
+    import psutil
     from ai_query.testing import ProviderSimulator
     from batch_runner import JobSpec, run_incremental
     from tests.spark.test_job_resume import write_job
@@ -53,16 +56,22 @@ def run_arm(spark: Any, arm: str, root: Path, bucket: str | None, rows: int, chu
         job = _s3_job(root, sim, bucket, rows, chunk_rows)[0] if bucket else write_job(root, sim, rows=rows, chunk=chunk_rows)
         spec = JobSpec.load(job)
 
-        def run() -> tuple[Any, float]:
-            t0 = time.monotonic()
-            return run_incremental(spec, spark, progress=False), time.monotonic() - t0
+        server = psutil.Process(server_pid) if server_pid else None
 
-        (report, elapsed), others, quiet = quiet_measure(run, wait_quiet=wait_quiet, log=log)
+        def run() -> tuple[Any, float, float]:
+            cpu0 = sum(server.cpu_times()[:2]) if server else 0.0
+            t0 = time.monotonic()
+            report = run_incremental(spec, spark, progress=False)
+            elapsed = time.monotonic() - t0
+            return report, elapsed, (sum(server.cpu_times()[:2]) - cpu0 if server else 0.0)
+
+        (report, elapsed, server_cpu), others, quiet = quiet_measure(run, wait_quiet=wait_quiet, log=log)
         served = sim.snapshot()["ok"]
     assert report.rows == rows and report.table_rows == rows, (report.rows, report.table_rows)
     assert served == rows, f"the simulator served {served} answers for {rows} rows"
     return {"arm": arm, "rows": report.rows, "ok": report.rows_ok, "chunks": report.chunks, "elapsed_s": elapsed,
-            "rows_per_s": report.rows / elapsed, "others_cores": others, "quiet_before": quiet}
+            "rows_per_s": report.rows / elapsed, "others_cores": others, "quiet_before": quiet,
+            "store_cores": round(server_cpu / elapsed, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,19 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     with S3Server(os.environ["AWS_ENDPOINT_URL"]) as s3, tempfile.TemporaryDirectory(prefix="aiq-storage-bench-") as local_root:
         spark = spark_udfs.build_session(app_name="ai-query-storage-bench", ui=False)
         try:
-            # a 2,000-row job on each arm first: the JVM's JIT and the Python workers warm up (the
-            # first big run of a fresh session was 20-30% slower whichever arm it was)
-            warm = min(args.rows, 2000)
+            # a job of the measured size on each arm first: the JVM's JIT and the Python workers warm
+            # up (the first big run of a fresh session was 20-30% slower whichever arm it was; after
+            # a 2,000-row warm-up the first measured round still was, and it is the local arm's)
+            warm = args.rows
             log(f"warming up (a {warm}-row job on each arm)")
             run_arm(spark, "warm-local", Path(local_root, "warm-local"), None, warm, args.chunk_rows, False, log)
             run_arm(spark, "warm-s3", Path(local_root, "warm-s3"), s3.bucket(), warm, args.chunk_rows, False, log)
             for arm, rep in alternating(("local", "s3"), args.repeats):
                 bucket = s3.bucket() if arm == "s3" else None
                 res = run_arm(spark, arm, Path(local_root, f"{arm}{rep}"), bucket, args.rows, args.chunk_rows,
-                              args.wait_quiet, log)
+                              args.wait_quiet, log, server_pid=s3.pid if bucket else None)
                 runs.append(res)
                 log(f"{arm:>5} rep {rep}: {res['rows']} rows in {res['chunks']} chunks, {res['elapsed_s']:.1f} s = "
-                    f"{res['rows_per_s']:.1f} rows/s, others {res['others_cores']:.2f} cores")
+                    f"{res['rows_per_s']:.1f} rows/s, others {res['others_cores']:.2f} cores"
+                    + (f", S3 server {res['store_cores']:.2f} cores" if bucket else ""))
         finally:
             spark.stop()
 
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     s3_runs, local_runs = [r for r in runs if r["arm"] == "s3"], [r for r in runs if r["arm"] == "local"]
     loads = [r["others_cores"] for r in runs]
     local_rates = ", ".join(f"{r['rows_per_s']:.1f}" for r in local_runs)
+    store_cores = ", ".join(f"{r['store_cores']:.2f}" for r in s3_runs)
     records = [
         Record("object_storage", "s3_over_local_rows_per_s", ratio, "ratio", ">= 0.9", 1.0, None, args.rows, None,
                values=[round(s["rows_per_s"] / l["rows_per_s"], 3) for s, l in zip(s3_runs, local_runs)], others_cores=loads,
@@ -123,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         Record("object_storage", "rows_per_s", round(s3_rate, 1), "rows/s", None, round(local_rate, 1), ratio, args.rows,
                args.rows - int(median([r["ok"] for r in s3_runs])),
                values=[round(r["rows_per_s"], 1) for r in s3_runs], others_cores=[r["others_cores"] for r in s3_runs],
-               notes=f"ours = everything on s3://, baseline = local paths (its runs: {local_rates})"),
+               notes=f"ours = everything on s3://, baseline = local paths (its runs: {local_rates}); the S3 server "
+                     f"(moto, on the same two cores) used {store_cores} cores"),
     ]
     for r in records:
         r.met = goal_met(r.value, r.goal)
@@ -137,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                             title="Object storage benchmark results",
                             preamble=[f"- workload: {setup}", "- runs (alternating):"]
                             + [f"  - {r['arm']}: {r['rows']} rows, {r['chunks']} chunks, {r['elapsed_s']:.1f} s, "
-                               f"{r['rows_per_s']:.1f} rows/s, others {r['others_cores']:.2f} cores" for r in runs])
+                               f"{r['rows_per_s']:.1f} rows/s, others {r['others_cores']:.2f} cores"
+                               + (f", the S3 server (moto, ours) {r['store_cores']:.2f} cores" if r["arm"] == "s3" else "")
+                               for r in runs])
     log(f"wrote {written[0]} and {written[1]}")
     return 0
 

@@ -55,6 +55,12 @@ class S3Server:
                 time.sleep(0.1)
         raise RuntimeError(f"moto server did not answer on {self.endpoint}")
 
+    @property
+    def pid(self) -> int:
+        """The server's process (its CPU is the store's, e.g. in bench/storage.py)."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
         self._proc.terminate()

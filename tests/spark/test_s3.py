@@ -106,8 +106,13 @@ def test_job_on_s3_runs_and_keeps_its_state_in_the_bucket(tmp_path, spark, s3_se
         job, out = _s3_job(tmp_path, sim, bucket, rows=120, chunk=50)
         spec = JobSpec.load(job)
         assert spec.state_path == f"s3://{bucket}/out.aiq"
+        s3_server.start_recording()
         report = run_incremental(spec, spark, progress=False)
         assert report.rows == 120 and report.table_rows == 120 and report.chunks == 3
+        # the source's data file is opened twice (its keys, then the pending rows, kept for the
+        # run), not once more per chunk
+        opened = [r for r in s3_server.recorded(bucket) if r["method"] == "HEAD" and "/reviews/part-" in r["url"]]
+        assert len(opened) == 2, [r["url"] for r in opened]
         table = DeltaTable(out).to_pyarrow_table()
         assert sorted(table.column("review_id").to_pylist()) == list(range(1, 121))
         usage = DeltaTable(f"{out}.aiq/endpoint_usage").to_pyarrow_table()
