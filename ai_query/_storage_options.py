@@ -154,8 +154,9 @@ def pyarrow_filesystem(scheme: str, options: Mapping[str, str]) -> Any:
     """A ``pyarrow.fs`` filesystem for ``scheme`` made from delta-rs option names (resolved values).
 
     S3: access key, secret, session token, region, endpoint (its scheme picks http or https).
-    ``None`` for other schemes: their state files keep pyarrow's own credentials (``from_uri``:
-    the environment), their tables still get the options through delta-rs."""
+    Azure (``az``, ``abfs[s]``, ...): see ``_azure_filesystem``. ``None`` for other schemes (``gs``):
+    their state files keep pyarrow's own credentials (``from_uri``: the environment), their tables
+    still get the options through delta-rs."""
     import pyarrow.fs as pafs
 
     def first(*names: str) -> str | None:
@@ -175,7 +176,51 @@ def pyarrow_filesystem(scheme: str, options: Mapping[str, str]) -> Any:
             kwargs["endpoint_override"] = host.rstrip("/")
             kwargs["scheme"] = endpoint_scheme or "https"
         return pafs.S3FileSystem(**kwargs)
+    if scheme in ("az", "azure", "abfs", "abfss", "adl"):
+        return _azure_filesystem(first)
     return None
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+"""The Azurite emulator's published account key (devstoreaccount1), as delta-rs uses it with AZURE_STORAGE_USE_EMULATOR."""
+
+
+def _azure_filesystem(first: Any) -> Any:
+    """pyarrow's AzureFileSystem from delta-rs's Azure option names (and their aliases): the account
+    name, then an account key, a SAS token or a service principal (client id, secret, tenant);
+    none of them: Azure's default credential chain. ``AZURE_STORAGE_USE_EMULATOR`` (Azurite on
+    127.0.0.1:10000, or ``AZURITE_BLOB_STORAGE_URL``) and ``AZURE_STORAGE_ENDPOINT`` point it at
+    another endpoint, as they point delta-rs."""
+    import pyarrow.fs as pafs
+
+    account = first("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT", "AZURE_ACCOUNT_NAME")
+    emulator = (first("AZURE_STORAGE_USE_EMULATOR", "AZURE_USE_EMULATOR") or "").lower() in ("1", "true", "yes")
+    endpoint = first("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT")
+    if emulator:
+        account = account or "devstoreaccount1"
+        endpoint = endpoint or os.environ.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000"  # as delta-rs
+    if not account:
+        raise ValueError("an Azure path needs the storage account: set AZURE_STORAGE_ACCOUNT_NAME (in the environment "
+                         "or the job's [storage_options]), or use abfss://<container>@<account>.dfs.core.windows.net/...")
+    kwargs: dict[str, Any] = {}
+    key = first("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY", "AZURE_STORAGE_KEY")
+    sas = first("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN")
+    if key:
+        kwargs["account_key"] = key
+    elif sas:
+        kwargs["sas_token"] = sas
+    elif emulator:
+        kwargs["account_key"] = AZURITE_KEY
+    client = first("AZURE_STORAGE_CLIENT_ID", "AZURE_CLIENT_ID")
+    if client and not kwargs:
+        kwargs.update(client_id=client, client_secret=first("AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET"),
+                      tenant_id=first("AZURE_STORAGE_TENANT_ID", "AZURE_TENANT_ID", "AZURE_STORAGE_AUTHORITY_ID"))
+    if endpoint:
+        endpoint_scheme, _, host = endpoint.rpartition("://")
+        authority = host.split("/", 1)[0]  # an emulator's URL may carry /<account>: pyarrow adds it itself
+        kwargs.update(blob_storage_authority=authority, dfs_storage_authority=authority,
+                      blob_storage_scheme=endpoint_scheme or "https", dfs_storage_scheme=endpoint_scheme or "https")
+    return pafs.AzureFileSystem(account, **kwargs)
 
 
 def secret_references(section: Mapping[str, Mapping[str, str]]) -> list[tuple[str, str, str]]:

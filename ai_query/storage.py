@@ -66,7 +66,7 @@ def _fs_for(root: str, options: tuple[tuple[str, str], ...] = ()) -> Any:
     from ._storage_options import pyarrow_filesystem
 
     scheme = root.split("://", 1)[0]
-    fs = pyarrow_filesystem(scheme, dict(options)) if options else None
+    fs = pyarrow_filesystem(scheme, dict(options)) if options or scheme in AZURE_SCHEMES else None
     if fs is not None:
         return fs
     # S3: ``allow_delayed_open`` makes a small object one PUT (not a three-request multipart upload)
@@ -89,13 +89,24 @@ def filesystem(path: str) -> tuple[Any, str]:
     if not is_remote(path):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(path))
     scheme, rest = path.split("://", 1)
-    bucket = rest.split("/", 1)[0]
+    bucket, _, key = rest.partition("/")
     options = delta_options(path)
+    if scheme in AZURE_SCHEMES:
+        # abfss://container@account.dfs.core.windows.net/key or az://container/key; on pyarrow's
+        # AzureFileSystem (the account is its root) that is container/key. Its credentials come
+        # from the same AZURE_* names delta-rs reads, from the environment and the job spec.
+        container, _, host = bucket.partition("@")
+        merged = {k: v for k, v in os.environ.items() if k.startswith("AZURE_")} | (options or {})
+        if host and not merged.get("AZURE_STORAGE_ACCOUNT_NAME"):
+            merged["AZURE_STORAGE_ACCOUNT_NAME"] = host.split(".", 1)[0]
+        fs = _fs_for(f"{scheme}://{container}", tuple(sorted(merged.items())))
+        return fs, f"{container}/{key}".rstrip("/")
     fs = _fs_for(f"{scheme}://{bucket}", tuple(sorted(options.items())) if options else ())
     return fs, rest.rstrip("/")
 
 
 S3_SCHEMES = ("s3", "s3a", "s3n")
+AZURE_SCHEMES = ("az", "azure", "abfs", "abfss", "adl")
 
 # Delta table handles kept by ``reuse_delta_tables`` (per thread: a ContextVar; None: not reusing),
 # and the app transactions read from them: (path, app_id) -> (table version read up to, txn version)

@@ -40,6 +40,15 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def azurite():
+    """An Azure Blob endpoint (``tests.azurite_server.AzuriteServer``: Azurite, from npm), started once per session."""
+    from tests.azurite_server import AzuriteServer
+
+    with AzuriteServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def spark():
     from spark_udfs._session import build_session
 
