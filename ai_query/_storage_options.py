@@ -159,10 +159,12 @@ def pyarrow_filesystem(scheme: str, options: Mapping[str, str]) -> Any:
     still get the options through delta-rs."""
     import pyarrow.fs as pafs
 
+    from .storage import AZURE_SCHEMES, S3_SCHEMES
+
     def first(*names: str) -> str | None:
         return next((options[n] for n in names if options.get(n)), None)
 
-    if scheme in ("s3", "s3a", "s3n"):
+    if scheme in S3_SCHEMES:
         kwargs: dict[str, Any] = {"allow_delayed_open": True}  # a small object: one PUT, not a multipart upload
         if first("AWS_ACCESS_KEY_ID"):
             kwargs.update(access_key=first("AWS_ACCESS_KEY_ID"), secret_key=first("AWS_SECRET_ACCESS_KEY"),
@@ -176,7 +178,7 @@ def pyarrow_filesystem(scheme: str, options: Mapping[str, str]) -> Any:
             kwargs["endpoint_override"] = host.rstrip("/")
             kwargs["scheme"] = endpoint_scheme or "https"
         return pafs.S3FileSystem(**kwargs)
-    if scheme in ("az", "azure", "abfs", "abfss", "adl"):
+    if scheme in AZURE_SCHEMES:
         return _azure_filesystem(first)
     return None
 

@@ -164,7 +164,8 @@ def test_job_on_s3_killed_then_resumed_exactly_once(tmp_path, spark, s3_server):
         # window was journaled in the bucket and bought once; there were enough of them in the
         # killed chunk that a journal that did not work would have lost them.
         window = times["killed"] - (REMOTE_FLUSH_S + 0.5)
-        lost = {r: at for r, at in answers.items() if r not in set(billed)}
+        paid_once = set(billed)
+        lost = {r: at for r, at in answers.items() if r not in paid_once}
         assert len(lost) == served["ok"] - len(billed)
         early_lost = sorted(at - times["killed"] for at in lost.values() if at < window)
         assert not early_lost, (f"{len(early_lost)} answers served before the journal's window (s before the kill: "
