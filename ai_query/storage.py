@@ -317,9 +317,20 @@ def create_exclusive(path: str) -> bool:
         except FileExistsError:
             return False
         return True
-    if exists(path):
+    if _file_exists(path):
         return False
     write_bytes(path, b"")
+    return True
+
+
+def _file_exists(path: str) -> bool:
+    """Whether an object is at the remote ``path``: one request (S3: a HEAD). ``exists`` also asks
+    whether ``path`` is a directory, which on an object store is a LIST after the HEAD misses."""
+    fs, p = filesystem(path)
+    try:
+        fs.open_input_stream(p).close()
+    except FileNotFoundError:
+        return False
     return True
 
 

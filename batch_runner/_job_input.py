@@ -125,12 +125,29 @@ def key_states(spec: JobSpec) -> pa.Table:
     return grouped.rename_columns([*names, "ok"]).select([*names, "ok"])
 
 
+def with_committed(states: pa.Table, committed: list[pa.Table], names: list[str]) -> pa.Table:
+    """``states`` (:func:`key_states` of the output when a run started) with the rows the run
+    committed since (each a table of the key columns and ``aiq_status``): what :func:`key_states`
+    reads from the output at the run's end, without reading it (a run is its job's one writer, and
+    a key's row is either new or replaces a failed one, so ``ok`` is the maximum of the two)."""
+    parts = [t.select(names).append_column("ok", pc.equal(t.column("aiq_status"), "ok")) for t in committed if t.num_rows]
+    if not parts:
+        return states
+    added = pa.concat_tables(parts, promote_options="permissive")
+    if states.num_rows:
+        added = added.cast(states.schema)
+        added = pa.concat_tables([states, added])
+    grouped = added.group_by(names).aggregate([("ok", "max")])
+    return grouped.rename_columns([*names, "ok"]).select([*names, "ok"])
+
+
 def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *, retry_failed: bool = False,
-                 limit: int | None = None, unique: bool = True) -> pa.Table:
+                 limit: int | None = None, unique: bool = True, states: pa.Table | None = None) -> pa.Table:
     """The keys still to do, ordered, at most ``limit``.
 
     ``unique``: a key with several input rows is a ``ConfigError`` (before any request is sent);
-    ``job_status`` passes ``False`` and counts such a key once.
+    ``job_status`` passes ``False`` and counts such a key once. ``states``: the output's
+    :func:`key_states`, when the caller read them already.
 
     Only the key columns travel to the driver, where the anti-join and the sort run in Arrow:
     a Spark shuffle costs more than the keys of millions of rows.
@@ -144,7 +161,7 @@ def pending_keys(spark: "SparkSession", spec: JobSpec, input_df: "DataFrame", *,
         raise ConfigError(repeated)
     if not unique:
         keys = keys.group_by(names).aggregate([])  # distinct
-    states = key_states(spec)
+    states = key_states(spec) if states is None else states
     done = states.filter(states.column("ok")) if retry_failed else states
     if done.num_rows:
         done = done.select(names).cast(keys.schema)
@@ -228,4 +245,4 @@ def request_query(spark: "SparkSession", spec: JobSpec) -> tuple[str, list[tuple
     return sql, endpoints
 
 
-__all__ = ["job_registry", "key_states", "open_job", "pending_keys", "pending_rows", "request_query", "rows_of_keys"]
+__all__ = ["job_registry", "key_states", "open_job", "pending_keys", "pending_rows", "request_query", "rows_of_keys", "with_committed"]

@@ -54,7 +54,7 @@ from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 
 from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
-from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, pending_rows, request_query, rows_of_keys
+from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, pending_rows, request_query, rows_of_keys, with_committed
 from ._job_state import JobRunReport, journal_dirs, log_run
 from ._preflight import duplicate_keys_message, job_priced, preflight_job
 from ._runner import _ProgressDisplay, flatten_audit
@@ -131,7 +131,8 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
     report.recovered_chunks = staging.recover()
 
     caps = [n for n in (limit, spec.max_rows) if n is not None]
-    keys = pending_keys(spark, spec, input_df, retry_failed=retry_failed, limit=min(caps) if caps else None)
+    states = key_states(spec)  # the output's keys, read once: the run's end adds what it committed
+    keys = pending_keys(spark, spec, input_df, retry_failed=retry_failed, limit=min(caps) if caps else None, states=states)
     report.pending_before = keys.num_rows
     log.info("job %s: %d pending rows (%.1f s)", spec.name, keys.num_rows, time.monotonic() - started)
     log_run(spec, {"run_id": run_id, "started": datetime.now(timezone.utc).isoformat(), "pending": keys.num_rows,
@@ -155,7 +156,7 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
     display = _ProgressDisplay(collector, keys.num_rows, spec.name, stream) if progress and keys.num_rows else None
     offset = 0
     status = "finished"
-    commits = _ChunkCommits(report)
+    commits = _ChunkCommits(report, names)
     # more than one chunk: the sources are read once, the pending rows kept for the chunks
     rows_df = pending_rows(spark, input_df, keys, names) if keys.num_rows > spec.chunk_rows else input_df
     try:
@@ -211,7 +212,10 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
             f"{report.pending_after} stay pending. To continue, run the job again (it resumes where it stopped), "
             "or raise the limit in [options]"
         )
-    states = key_states(spec)
+    try:
+        states = with_committed(states, commits.committed_keys, names)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # key types the output changed: read it
+        states = key_states(spec)
     report.table_rows = states.num_rows
     report.table_failed = states.num_rows - (pc.sum(states.column("ok")).as_py() or 0) if states.num_rows else 0
     return report
@@ -296,8 +300,10 @@ class _ChunkCommits:
     same as a kill at that moment).
     """
 
-    def __init__(self, report: JobRunReport) -> None:
+    def __init__(self, report: JobRunReport, names: list[str] | tuple[str, ...] = ()) -> None:
         self.report = report
+        self.names = list(names)
+        self.committed_keys: list[pa.Table] = []  # each committed chunk's key columns and aiq_status
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiq-commit")
         self._future: Future[None] | None = None
@@ -321,6 +327,7 @@ class _ChunkCommits:
                 commit()
                 with self._lock:
                     _tally(self.report, result, usage)
+                    self.committed_keys.append(result.select([*self.names, "aiq_status"]))
             finally:
                 with self._lock:
                     self._pending = None

@@ -28,6 +28,19 @@ def test_a_small_object_is_one_put_not_a_multipart_upload(s3_server):
     assert storage.read_bytes(f"s3://{bucket}/state/journal/part-1.jsonl") == b'{"a": 1}\n'
 
 
+def test_a_task_marker_is_a_head_and_a_put(s3_server):
+    """Every task of a job's query creates its marker before it sends anything (the journal's
+    first-attempt check): asking "is it a directory" as well would add a LIST to each."""
+    bucket = s3_server.bucket()
+    marker = f"s3://{bucket}/state/journal/run-1/tasks/3.0"
+    s3_server.start_recording()
+    assert storage.create_exclusive(marker)
+    assert not storage.create_exclusive(marker)  # a later attempt of the task finds it
+    requests = s3_server.recorded(bucket)
+    assert [r["method"] for r in requests] == ["HEAD", "PUT", "HEAD"], requests
+    assert storage.exists(marker)
+
+
 def test_inside_reuse_delta_tables_each_commit_is_read_once(s3_server):
     bucket = s3_server.bucket()
     path = f"s3://{bucket}/usage"

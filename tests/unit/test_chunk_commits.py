@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from batch_runner._job_state import JobRunReport
+from batch_runner._job_input import with_committed
 from batch_runner._jobs import _ChunkCommits
 
 
@@ -68,6 +69,42 @@ def test_a_failed_commit_is_raised_at_the_next_submit_and_is_not_counted():
     assert ran == [] and report.chunks == 1 and report.rows == 2  # chunk 3 never committed; chunk 2 not counted
     assert commits.projected() is report
     commits.close()
+
+
+def test_only_committed_chunks_keys_are_kept_for_the_runs_end():
+    commits = _ChunkCommits(_report(), ["id"])
+    commits.submit(lambda: None, pa.table({"id": [1, 2], "aiq_status": ["ok", "error"], "answer": ["a", None]}), [])
+
+    def refuse() -> None:
+        raise OSError("the store refused the commit")
+
+    commits.submit(refuse, pa.table({"id": [3], "aiq_status": ["ok"], "answer": ["c"]}), [])
+    with pytest.raises(OSError):
+        commits.wait()
+    commits.close()
+    assert [t.to_pydict() for t in commits.committed_keys] == [{"id": [1, 2], "aiq_status": ["ok", "error"]}]
+
+
+def _states(ids, ok, id_type=pa.int64()) -> pa.Table:
+    return pa.table({"id": pa.array(ids, id_type), "ok": pa.array(ok, pa.bool_())})
+
+
+def _as_dict(states: pa.Table) -> dict:
+    return dict(zip(states.column("id").to_pylist(), states.column("ok").to_pylist()))
+
+
+def test_the_runs_end_states_are_the_start_states_with_what_it_committed():
+    start = _states([1, 2, 3], [True, False, False], pa.int32())  # as the output stores them (int32)
+    chunks = [pa.table({"id": [2, 4], "aiq_status": ["ok", "error"]}),  # 2: a failed key retried, now ok
+              pa.table({"id": [3, 5], "aiq_status": ["error", "ok"]})]  # 3: retried, failed again
+    assert _as_dict(with_committed(start, chunks, ["id"])) == {1: True, 2: True, 3: False, 4: False, 5: True}
+    # an output that did not exist: key_states' empty table (string columns) takes the chunks' types
+    empty = pa.table({"id": pa.array([], pa.string()), "ok": pa.array([], pa.bool_())})
+    assert _as_dict(with_committed(empty, chunks, ["id"])) == {2: True, 4: False, 3: False, 5: True}
+    assert with_committed(start, [], ["id"]) is start
+    # append mode keeps every row of a key: ok when any of them is
+    appended = with_committed(_states([7], [True]), [pa.table({"id": [7, 8], "aiq_status": ["error", "error"]})], ["id"])
+    assert _as_dict(appended) == {7: True, 8: False}
 
 
 def test_a_failed_first_commit_stops_before_the_next_chunk_is_asked():
