@@ -317,15 +317,17 @@ def create_exclusive(path: str) -> bool:
         except FileExistsError:
             return False
         return True
-    if _file_exists(path):
+    if file_exists(path):
         return False
     write_bytes(path, b"")
     return True
 
 
-def _file_exists(path: str) -> bool:
-    """Whether an object is at the remote ``path``: one request (S3: a HEAD). ``exists`` also asks
-    whether ``path`` is a directory, which on an object store is a LIST after the HEAD misses."""
+def file_exists(path: str) -> bool:
+    """Whether a file (an object) is at ``path``: remotely one request (S3: a HEAD), where
+    :func:`exists` also asks whether ``path`` is a directory (a LIST after the HEAD misses)."""
+    if not is_remote(path):
+        return os.path.isfile(local_path(path))
     fs, p = filesystem(path)
     try:
         fs.open_input_stream(p).close()

@@ -45,6 +45,7 @@ import json
 import os
 import socket
 import threading
+import time
 from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
@@ -90,6 +91,7 @@ class ResponseJournal:
         self._lock = threading.Lock()
         self._file: Any = None
         self._remote: _RemoteWriter | None = None
+        self._writer_lock = threading.Lock()
         self._tasks: dict[tuple[str, str], TaskJournal] = {}
 
     @classmethod
@@ -130,10 +132,7 @@ class ResponseJournal:
             entry["task"] = task
         line = json.dumps(entry, default=str) + "\n"
         if storage.is_remote(self.write_dir):  # no append on object stores: see _RemoteWriter
-            with self._lock:
-                if self._remote is None:
-                    self._remote = _RemoteWriter(self.write_dir)
-            self._remote.add(line)
+            self._remote_writer().add(line)
             return
         with self._lock:
             if self._file is None:
@@ -164,7 +163,22 @@ class ResponseJournal:
     def _first_attempt(self, task: str) -> bool:
         if self.write_dir is None:
             return True
-        return storage.create_exclusive(storage.join(self.write_dir, "tasks", task))
+        marker = storage.join(self.write_dir, "tasks", task)
+        if not storage.is_remote(self.write_dir):
+            return storage.create_exclusive(marker)
+        # on an object store the task asks (a HEAD) and goes on; its marker is put by the writer's
+        # thread at once, and always before any line of the task (see _RemoteWriter)
+        if storage.file_exists(marker):
+            return False
+        self._remote_writer().add_marker(marker)
+        return True
+
+    def _remote_writer(self) -> "_RemoteWriter":
+        assert self.write_dir is not None
+        with self._writer_lock:  # not self._lock: for_task holds it while it asks for the marker
+            if self._remote is None:
+                self._remote = _RemoteWriter(self.write_dir)
+            return self._remote
 
 
 REMOTE_FLUSH_S = 0.5
@@ -191,12 +205,20 @@ class _RemoteWriter:
     that any kill loses anyway. And a Python worker puts at most 1 / ``REMOTE_FLUSH_S`` objects a
     second however fast answers come: a count (an object per 64 answers) made a fast endpoint's
     workers put tens a second each, every request a round trip and CPU for the store (S3 allows
-    3,500 PUTs a second per prefix, and bills each)."""
+    3,500 PUTs a second per prefix, and bills each).
+
+    A task's marker (``tasks/<stage>.<partition>``, see :meth:`ResponseJournal.for_task`) is queued
+    here too and put at once by the thread, not by the task before it sends anything (on S3 a
+    round trip at the start of every task). Every write puts the queued markers first, so no line
+    of a task is in the store before its marker: an attempt that died before its marker landed
+    journaled nothing, and the next attempt, finding no marker, has nothing to replay."""
 
     def __init__(self, write_dir: str) -> None:
         self.write_dir = write_dir
         self._lines: list[str] = []
+        self._markers: list[str] = []
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # one write at a time: a task's marker lands before its lines
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         atexit.register(self.flush)
@@ -205,40 +227,65 @@ class _RemoteWriter:
         with self._lock:
             self._lines.append(line)
             full = len(self._lines) >= REMOTE_FLUSH_LINES
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ai-query-journal", daemon=True)
-                self._thread.start()
+            self._start()
         if full:
             self._wake.set()
 
-    def flush(self) -> int:
-        """Write the queued answers as one object (nothing when none waits); returns how many."""
+    def add_marker(self, path: str) -> None:
+        """Queue a task's marker; the thread puts it now."""
         with self._lock:
-            lines, self._lines = self._lines, []
-        if lines:
-            name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
+            self._markers.append(path)
+            self._start()
+        self._wake.set()
+
+    def _start(self) -> None:
+        if self._thread is None:  # under self._lock
+            self._thread = threading.Thread(target=self._run, name="ai-query-journal", daemon=True)
+            self._thread.start()
+
+    def flush(self, markers_only: bool = False) -> int:
+        """Put the queued markers, then the queued answers as one object (nothing when none waits);
+        returns how many answers and markers were written."""
+        with self._writing:
+            with self._lock:
+                markers, self._markers = self._markers, []
+                lines = []
+                if not markers_only:
+                    lines, self._lines = self._lines, []
+            done = 0
             try:
-                storage.write_bytes(storage.join(self.write_dir, name), "".join(lines).encode())
+                for marker in markers:
+                    storage.write_bytes(marker, b"")
+                    done += 1
+                if lines:
+                    name = f"part-{socket.gethostname()}-{os.getpid()}-{next(_counter)}.jsonl"
+                    storage.write_bytes(storage.join(self.write_dir, name), "".join(lines).encode())
             except BaseException as exc:
-                with self._lock:  # kept for the next write
+                with self._lock:  # kept for the next write (a marker whose put failed, and every line)
+                    self._markers[:0] = markers[done:]
                     self._lines[:0] = lines
                 if isinstance(exc, OSError):
                     raise OSError(f"the response journal could not write {len(lines)} answer(s) to {self.write_dir}: "
                                   f"{exc}; they stay queued and are written at the next try") from exc
                 raise
-        return len(lines)
+            return len(lines) + len(markers)
 
     def _run(self) -> None:
         idle = 0.0
+        due = time.monotonic() + REMOTE_FLUSH_S
         while True:
-            self._wake.wait(REMOTE_FLUSH_S)
+            self._wake.wait(max(due - time.monotonic(), 0.0))
             self._wake.clear()
+            with self._lock:  # woken early for a marker (not for a full queue): the lines keep their interval
+                early = time.monotonic() < due and len(self._lines) < REMOTE_FLUSH_LINES
+            if not early:
+                due = time.monotonic() + REMOTE_FLUSH_S
             try:
-                wrote = self.flush()
+                wrote = self.flush(markers_only=early)
             except OSError:  # the store is unreachable for a moment: the lines wait for the next write
                 wrote = 0
             with self._lock:
-                if self._lines or wrote:
+                if self._lines or self._markers or wrote:
                     idle = 0.0
                     continue
                 idle += REMOTE_FLUSH_S
