@@ -25,8 +25,10 @@ state directory; ``UsageStaging.recover`` commits what such a run left.
 
 from __future__ import annotations
 
+import contextvars
 import getpass
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -113,7 +115,15 @@ def next_chunk_version(spec: JobSpec) -> int:
     (a kill between the two commits): the next chunk takes the version after it.
     """
     paths = [spec.output_path, spec.usage_table, *([spec.inference_path] if spec.inference_path else [])]
-    versions = [v for v in (DeltaCommitter(p).committed_version(spec.job_id) for p in paths) if v is not None]
+
+    def committed(path: str) -> int | None:
+        return DeltaCommitter(path).committed_version(spec.job_id)
+
+    # the tables at once (on an object store each is a LIST and GETs); each thread in a copy of this
+    # context, which keeps the run's Delta handles (storage.reuse_delta_tables) for its commits
+    with ThreadPoolExecutor(len(paths), thread_name_prefix="aiq-versions") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, committed, p) for p in paths]
+    versions = [v for v in (f.result() for f in futures) if v is not None]
     return max(versions) + 1 if versions else 1
 
 

@@ -19,9 +19,11 @@ value and the fix; the runner prints it as one paragraph and exits 2, and nothin
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ai_query import AIQueryError, ArgumentError, ConfigError, EndpointRegistry, SecretNotFoundError
+from ai_query import storage
 from ai_query._preflight import check_writable, preflight_endpoints
 from ai_query._storage_options import install, secret_references
 from ai_query.config import resolve_secret
@@ -56,18 +58,29 @@ def job_endpoints(spec: JobSpec) -> set[str]:
 
 
 def check_job_paths(spec: JobSpec) -> None:
-    """Every local path the job writes can be written (see ``ai_query._preflight.check_writable``)."""
+    """Every path the job writes can be written (see ``ai_query._preflight.check_writable``).
+
+    On object storage each check is a few round trips (put, then delete, a probe object), so the
+    paths are checked at once, not one after the other; a problem is raised for the first path
+    in the order below."""
     where = spec.source_file or "the job spec"
-    check_writable(spec.output_path, "output.path", f"point it at a writable directory in {where} or fix its permissions")
-    if not spec.incremental:
+    checks = [(spec.output_path, "output.path", f"point it at a writable directory in {where} or fix its permissions")]
+    if spec.incremental:
+        checks += [(spec.state_path, "the job's state directory (output.state_dir, default output.path + '.aiq')",
+                    f"set output.state_dir in {where} to a writable directory or fix its permissions"),
+                   (spec.usage_table, "output.usage_path",
+                    f"set output.usage_path in {where} to a writable directory or fix its permissions")]
+        if spec.inference_path:
+            checks.append((spec.inference_path, "output.inference_path",
+                           f"set output.inference_path in {where} to a writable directory or fix its permissions"))
+    if len(checks) == 1 or not any(storage.is_remote(path) for path, _, _ in checks):
+        for check in checks:
+            check_writable(*check)
         return
-    check_writable(spec.state_path, "the job's state directory (output.state_dir, default output.path + '.aiq')",
-                   f"set output.state_dir in {where} to a writable directory or fix its permissions")
-    check_writable(spec.usage_table, "output.usage_path",
-                   f"set output.usage_path in {where} to a writable directory or fix its permissions")
-    if spec.inference_path:
-        check_writable(spec.inference_path, "output.inference_path",
-                       f"set output.inference_path in {where} to a writable directory or fix its permissions")
+    with ThreadPoolExecutor(len(checks), thread_name_prefix="aiq-preflight") as pool:
+        futures = [pool.submit(check_writable, *check) for check in checks]
+    for future in futures:
+        future.result()
 
 
 def duplicate_keys_message(spec: JobSpec, keys: "pa.Table", where: str) -> str | None:

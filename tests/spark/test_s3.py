@@ -52,6 +52,25 @@ def test_preflight_writes_a_probe_object_on_s3(s3_server):
         check_writable("s3://no-such-bucket-aiq/out", "output.path", "fix it")
 
 
+def test_a_jobs_paths_on_s3_are_checked_together_and_the_first_bad_one_is_named(tmp_path, s3_server):
+    from ai_query import ConfigError
+    from batch_runner._preflight import check_job_paths
+
+    bucket = s3_server.bucket()
+    with ProviderSimulator(api_key="sk-sim", seed=3) as sim:
+        job = _s3_job(tmp_path, sim, bucket, rows=10, chunk=5)[0]
+    spec = JobSpec.load(job)
+    check_job_paths(spec)  # output, state, usage and payloads: four probes, all deleted
+    assert [k for k in s3_server.keys(bucket) if not k.endswith("/") and ".aiq-preflight-" in k] == []
+    text = open(job).read()
+    for bad in ('inference_path = "s3://no-such-bucket-aiq/payloads"', 'state_dir = "s3://no-such-bucket-aiq/state"'):
+        text = text.replace("[output]\n", f"[output]\n{bad}\n", 1) if bad.startswith("state") else text.replace(
+            f'inference_path = "s3://{bucket}/payloads"', bad)
+    open(job, "w").write(text)
+    with pytest.raises(ConfigError, match=r"^the job's state directory .*s3://no-such-bucket-aiq/state cannot be written"):
+        check_job_paths(JobSpec.load(job))  # both fail; the state directory comes first in the order of the checks
+
+
 def test_spark_reads_and_writes_delta_tables_on_s3(spark, s3_server):
     assert register_delta(spark) == "delta-rs"
     bucket = s3_server.bucket()
