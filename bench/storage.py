@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000, help="rows of the job (default 10,000)")
     parser.add_argument("--chunk-rows", type=int, default=1000, help="rows per chunk, one set of Delta commits each (default 1,000)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each arm, alternating (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each arm, alternating (default 5: a run varies by 10 %% and more)")
     parser.add_argument("--wait-quiet", action="store_true", help="start each run only when other processes use < 0.25 cores")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; a run with --rows "
                         "other than 10,000 writes only to --out)")
