@@ -14,6 +14,7 @@ _HOMES = {
     "Cron": "._cron",
     "CronError": "._cron",
     "JobPlan": "._plan",
+    "JobRunningError": "._job_lock",
     "JobRunReport": "._job_state",
     "JobSpec": "._spec",
     "JobStatus": "._job_state",
@@ -34,6 +35,7 @@ __all__ = sorted(_HOMES)
 if TYPE_CHECKING:
     from ._cron import Cron, CronError
     from ._job_state import JobRunReport, JobStatus, job_status
+    from ._job_lock import JobRunningError
     from ._jobs import run_incremental
     from ._plan import JobPlan, plan_job
     from ._runner import RunSummary, explain_error, flatten_audit, run_job

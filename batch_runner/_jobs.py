@@ -54,6 +54,7 @@ from ai_query.batch.provider_batches import ONLINE_ONLY_PROPERTY
 
 from ._batch_mode import batch_ids_by_request, forget_batches, run_batch_phase, with_batch_ids
 from ._job_commit import ReplayedAnswers, UsageStaging, commit_output, next_chunk_version, usage_rows
+from ._job_lock import RunLock
 from ._job_input import _INPUT_ALIAS, key_states, open_job, pending_keys, pending_rows, request_query, rows_of_keys, with_committed
 from ._job_state import JobRunReport, journal_dirs, log_run
 from ._preflight import duplicate_keys_message, job_priced, preflight_job
@@ -112,20 +113,22 @@ def run_incremental(
     progress: bool = True,
 ) -> JobRunReport:
     """Process the job's pending rows in chunks; see the module docstring."""
-    with storage.reuse_delta_tables():  # each table's log read once per run, not once per chunk and commit
-        return _run_incremental(spec, spark, retry_failed=retry_failed, limit=limit, stream=stream, progress=progress)
-
-
-def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool, limit: int | None,
-                     stream: IO[str] | None, progress: bool) -> JobRunReport:
     if not spec.incremental:
         raise ConfigError(f"job {spec.name!r} is not incremental: it needs key = [...] and output.mode 'merge' or 'append'")
     _require_classic(spark, f"job {spec.name!r}")
-    stream = stream or sys.stderr
     started = time.monotonic()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id, cost_usd=0.0 if job_priced(spec) else None)
     preflight_job(spec, probe=False)  # `ai-query run` probed the endpoints already
+    # one run of a job at a time (_job_lock); each table's log read once per run, not once per chunk and commit
+    with RunLock.acquire(spec, run_id) as lock, storage.reuse_delta_tables():
+        return _run_incremental(spec, spark, run_id, started, lock, retry_failed=retry_failed, limit=limit, stream=stream,
+                                progress=progress)
+
+
+def _run_incremental(spec: JobSpec, spark: "SparkSession", run_id: str, started: float, lock: RunLock, *,
+                     retry_failed: bool, limit: int | None, stream: IO[str] | None, progress: bool) -> JobRunReport:
+    stream = stream or sys.stderr
+    report = JobRunReport(spec.name, spec.output_path, spec.usage_table, run_id, cost_usd=0.0 if job_priced(spec) else None)
     input_df = open_job(spec, spark)
     staging = UsageStaging(spec)
     report.recovered_chunks = staging.recover()
@@ -167,6 +170,7 @@ def _run_incremental(spec: JobSpec, spark: "SparkSession", *, retry_failed: bool
             sc.setLocalProperty(ONLINE_ONLY_PROPERTY, "1")
         version = next_chunk_version(spec) - 1  # this run is the job's one writer: later versions follow in memory
         while offset < keys.num_rows:
+            lock.check()  # another run took the job over (this one was paused past its lease): stop
             projected = commits.projected()  # with the chunk still committing: it was paid
             stop = _budget_check(spec, projected)
             if stop:

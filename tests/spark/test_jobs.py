@@ -73,6 +73,37 @@ def out_rows(workdir) -> dict:
     return {r["review_id"]: r for r in DeltaTable(str(workdir / "out")).to_pyarrow_table().to_pylist()}
 
 
+def test_a_second_run_of_a_running_job_is_refused_before_any_request(spark, workdir, sim):
+    """A schedule firing while the last run still goes: the second run stops at once, sends nothing,
+    and the job runs normally once the first run's lock is gone."""
+    import subprocess
+    import sys
+
+    from batch_runner import JobRunningError
+    from batch_runner._job_lock import lock_path
+
+    write_reviews(workdir / "reviews", 30)
+    spec = job(workdir)
+    # the first run: another process on this host that holds the job's lock (it takes it as a run does)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom batch_runner import JobSpec\nfrom batch_runner._job_lock import RunLock\n"
+        f"lock = RunLock.acquire(JobSpec.load({str(workdir / 'job.toml')!r}), 'first-run')\n"
+        "print('held', flush=True)\nsys.stdin.read()\nlock.release()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobRunningError, match=rf"job 'inc' is being run by run first-run .*pid {holder.pid}"):
+            run_incremental(spec, spark, progress=False)
+        assert sim.stats.requests == 0
+        assert not (workdir / "out").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (workdir / "out.aiq" / "run.lock").exists() and lock_path(spec).endswith("run.lock")
+    report = run_incremental(spec, spark, progress=False)
+    assert report.rows == 30 and sim.stats.requests == 30
+    assert not (workdir / "out.aiq" / "run.lock").exists()  # released when the run ended
+
+
 def test_only_new_and_failed_keys_are_sent(spark, workdir, sim):
     write_reviews(workdir / "reviews", 60, hint="[[status:400]] ")
     spec = job(workdir)
