@@ -4,6 +4,7 @@ A run of a job with a ``key`` and output mode ``merge`` or ``append``:
 
 0. **preflight** (``_preflight``): paths writable, secrets set, one input row per key, before any
    request; each chunk also checks that the query returns one row per key before it is sent;
+   then the run takes the job's lock (``_job_lock``): a second run of the job meanwhile stops;
 1. **recover**: usage rows staged by a run killed between its commits are committed now (or
    dropped when their output never landed);
 2. **pending**: rows of the input whose key is not in the output (with ``retry_failed``, also
