@@ -16,8 +16,8 @@ Object stores have no append and no rename. So:
 - :func:`write_bytes` is atomic on both: locally a temporary file and ``os.replace``; remotely
   a single PUT (readers see the old object or the new one).
 - :func:`create_exclusive` is ``O_EXCL`` locally; remotely it is "exists, else put": two
-  writers racing in the same instant may both win (used only for journal task markers, where
-  the loser merely skips reading its own earlier attempts' lines).
+  writers racing in the same instant may both win (journal task markers, where the loser merely
+  skips reading its own earlier attempts' lines; a job's run lock, which reads its object back).
 """
 
 from __future__ import annotations
@@ -307,19 +307,21 @@ def write_bytes(path: str, data: bytes) -> None:
         fh.write(data)
 
 
-def create_exclusive(path: str) -> bool:
-    """Create an empty ``path``; ``False`` if it existed (remote: not atomic, see the module notes)."""
+def create_exclusive(path: str, data: bytes = b"") -> bool:
+    """Create ``path`` holding ``data``; ``False`` if it existed (remote: not atomic, see the module notes)."""
     if not is_remote(path):
         local = local_path(path)
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
         try:
-            os.close(os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         return True
     if file_exists(path):
         return False
-    write_bytes(path, b"")
+    write_bytes(path, data)
     return True
 
 

@@ -14,9 +14,9 @@ a lost driver), or at once when its holder ran on this host and its process is g
 killed with SIGKILL and started again, as the resume tests do). A run whose lock was taken over
 while it was paused (longer than ``LEASE_S`` without a heartbeat) stops before its next chunk.
 
-Local paths create the lock exclusively (``O_EXCL``): of two runs starting together one wins. An
-object store has no exclusive create through ``pyarrow.fs``: a run checks, puts its lock and reads
-it back, so of two runs starting within the same few milliseconds both may pass; their chunk
+The lock is created with ``storage.create_exclusive``: locally ``O_EXCL``, so of two runs starting
+together one wins. An object store has no exclusive create through ``pyarrow.fs``: a run checks,
+puts its lock and reads it back, so of two runs starting within the same few milliseconds both may pass; their chunk
 commits then conflict (same app transaction) and one run fails at its first commit, as without a
 lock. ``ai-query schedule`` never overlaps its own runs.
 """
@@ -135,30 +135,24 @@ class RunLock:
 
     def _take(self) -> None:
         holder = _read(self.path)
-        if holder is None and not storage.is_remote(self.path):
-            if self._create():
+        if holder is None:
+            if storage.create_exclusive(self.path, self._record()):
+                if storage.is_remote(self.path):
+                    self._confirm()  # not atomic there: another run may have put its lock meanwhile
                 return
             holder = _read(self.path) or {}  # another run created it between the read and ours
-        if holder is not None:
-            reason = stale_reason(holder)
-            if reason is None:
-                raise self._refuse(holder)
-            log.warning("job %s: taking over the lock of %s: %s", self.spec.name, _describe(holder, time.time()), reason)
+        reason = stale_reason(holder)
+        if reason is None:
+            raise self._refuse(holder)
+        log.warning("job %s: taking over the lock of %s: %s", self.spec.name, _describe(holder, time.time()), reason)
         storage.write_bytes(self.path, self._record())
-        mine = _read(self.path)
-        if not mine or mine.get("run_id") != self.run_id:  # another run wrote after us
-            raise self._refuse(mine or {})
+        self._confirm()
 
-    def _create(self) -> bool:
-        local = storage.local_path(self.path)
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-        try:
-            fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self._record())
-        return True
+    def _confirm(self) -> None:
+        """Read the lock back: a run that wrote after this one holds it."""
+        mine = _read(self.path)
+        if not mine or mine.get("run_id") != self.run_id:
+            raise self._refuse(mine or {})
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

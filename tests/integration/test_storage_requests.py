@@ -28,17 +28,17 @@ def test_a_small_object_is_one_put_not_a_multipart_upload(s3_server):
     assert storage.read_bytes(f"s3://{bucket}/state/journal/part-1.jsonl") == b'{"a": 1}\n'
 
 
-def test_a_task_marker_is_a_head_and_a_put(s3_server):
-    """Every task of a job's query creates its marker before it sends anything (the journal's
-    first-attempt check): asking "is it a directory" as well would add a LIST to each."""
+def test_an_exclusive_create_is_a_head_and_a_put(s3_server):
+    """A job's run lock (and a journal marker's check) asks whether the object is there: asking
+    "is it a directory" as well would add a LIST to each."""
     bucket = s3_server.bucket()
-    marker = f"s3://{bucket}/state/journal/run-1/tasks/3.0"
+    lock = f"s3://{bucket}/out.aiq/run.lock"
     s3_server.start_recording()
-    assert storage.create_exclusive(marker)
-    assert not storage.create_exclusive(marker)  # a later attempt of the task finds it
+    assert storage.create_exclusive(lock, b'{"run_id": "r1"}')
+    assert not storage.create_exclusive(lock, b'{"run_id": "r2"}')  # a second run finds it
     requests = s3_server.recorded(bucket)
     assert [r["method"] for r in requests] == ["HEAD", "PUT", "HEAD"], requests
-    assert storage.exists(marker)
+    assert storage.read_bytes(lock) == b'{"run_id": "r1"}'
 
 
 def test_inside_reuse_delta_tables_each_commit_is_read_once(s3_server):
