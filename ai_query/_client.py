@@ -198,6 +198,7 @@ class EndpointClient:
         outcome: Outcome = "error"
         charged = 0.0
         failure: BaseException | None = None
+        sent_at = self._clock()
         try:
             self.requests_sent += 1
             if in_process:
@@ -242,7 +243,7 @@ class EndpointClient:
             down = is_outage(failure)
             endpoints_fault = down and breaker.failed(str(failure), probe=probe, row=hash(prompt_text))
             if outcome == "ok" or (isinstance(failure, EndpointError) and not down and not isinstance(failure, EndpointTimeoutError)):
-                breaker.answered()  # any answer, even an error, says the endpoint is there
+                breaker.answered(sent_at)  # any answer, even an error, says the endpoint is there (from when it was sent)
             elif probe and not down:
                 breaker.probe_abandoned()  # a timeout or a cancelled row says nothing: probe again
             if self.quota is not None:

@@ -21,7 +21,8 @@ tells an outage from bad luck and turns it into waiting:
 - **half-open**: the probe is out, everyone else still waits. Its answer closes the breaker and
   wakes every waiter; its failure opens it again for a longer pause. Any answer from a request
   that was in flight closes it too, so a half-broken endpoint (which opens it now and then by a
-  run of bad luck) pauses only until its next answer.
+  run of bad luck) pauses only until its next answer, unless that request was sent before the
+  outage began: a server shutting down still answers what it had accepted (see ``answered``).
 
 A row waits until the endpoint has been down ``outage_wait_s`` (from the first failure of the
 outage) or until its own deadline (a served request's timeout), then fails with
@@ -98,8 +99,20 @@ class CircuitBreaker:
         self._changed: asyncio.Event | None = None
 
     # -- outcomes ----------------------------------------------------------------------------
-    def answered(self) -> None:
-        """The endpoint answered (any HTTP answer that is not an outage sign): it is there."""
+    def answered(self, sent_at: float | None = None) -> None:
+        """The endpoint answered (any HTTP answer that is not an outage sign): it is there.
+
+        ``sent_at``: when the answered request was sent. An answer to a request sent before the
+        streak's first failure says only that the endpoint was there then: a server shutting down
+        answers the requests it had accepted after it stopped taking new connections. Such an
+        answer leaves an open breaker open (its probe tells) and, while it is closed, only ends the
+        count towards opening it: the rows the streak met stay in it, so their further failures
+        are still the endpoint's (found in CI: each straggling answer closed the breaker, and a row
+        that was first to fail after two of them was charged both and failed with "gave up")."""
+        if sent_at is not None and self.down_since is not None and sent_at < self.down_since:
+            if self.state == "closed":
+                self.streak = 0
+            return
         self.streak = 0
         self._streak_rows.clear()
         self.down_since = None

@@ -72,6 +72,26 @@ def test_a_failure_of_a_request_sent_before_the_breaker_opened_does_not_count_as
     assert b.failed("reset of an older request") is True and b.state == "half_open"
 
 
+def test_an_answer_to_a_request_sent_before_the_outage_began_neither_closes_the_breaker_nor_clears_the_streaks_rows():
+    # mutations caught: answered() ignoring sent_at (the stale answer closes the breaker, or clears
+    # the rows so row 1's next failure is charged to it again); a stale answer not ending the count
+    # towards opening (a half-broken endpoint's stragglers would open it by bad luck)
+    clock = FakeClock()
+    b = breaker(clock, threshold=3)
+    before = clock.now
+    clock.now += 1
+    assert b.failed("refused", row=1) is False  # charged to row 1: its own, so far
+    b.answered(sent_at=before)
+    assert b.streak == 0 and b.down_since == before + 1
+    assert b.failed("refused", row=1) is False and b.failed("refused", row=2) is True and b.state == "closed"
+    assert b.failed("refused", row=3) is True and b.state == "open"
+    b.answered(sent_at=before)  # a straggler: the endpoint was there before it went down
+    assert b.state == "open" and b.down_since == before + 1
+    clock.now += 1
+    b.answered(sent_at=clock.now - 0.5)  # sent after the outage began: the endpoint is back
+    assert b.state == "closed" and b.streak == 0 and b.down_since is None
+
+
 def test_rows_give_up_after_outage_wait_s_from_the_outage_start_with_a_message_saying_how_to_resume():
     # mutations caught: the wait counted from the row's arrival, not the outage's first failure;
     # a due probe not going first; the message losing the duration or the resume command
@@ -274,3 +294,38 @@ def test_outage_wait_s_is_checked_at_construction():
 
     with pytest.raises(ConfigError, match=r"client_config.outage_wait_s must be >= 0, got -1"):
         endpoint(outage_wait_s=-1)
+
+
+class DrainingProvider:
+    """Goes down after ``down_after`` requests as a server shutting down gracefully does: new
+    connections are refused at once, while the requests it had accepted still get their answers,
+    each after its own latency (so the answers straggle in after the first refusals)."""
+
+    def __init__(self, clock, down_after):
+        self.clock, self.down_after = clock, down_after
+        self.accepted = 0
+        self.served = 0
+
+    async def __call__(self, request):
+        if self.accepted >= self.down_after:
+            raise ConnectFailedError("cannot connect to http://q.test: Connection refused")
+        self.accepted += 1
+        await self.clock.sleep(0.05 + (self.accepted % 8) * 0.04)
+        self.served += 1
+        return json_response(200, chat_body("ok"))
+
+
+def test_answers_to_requests_sent_before_an_outage_do_not_end_it_and_every_row_left_fails_with_the_outage_message():
+    # the CI failure of stop 25: the answers of a shutting-down server's last accepted requests each
+    # closed the breaker again, a row first to fail after two of them was charged both failures and
+    # failed with "connection error ... gave up" instead of waiting for the endpoint.
+    # mutation caught: answered() ignoring sent_at (an answer to a request sent before the outage
+    # began closing the breaker or clearing the streak's rows)
+    clock = VirtualClock()
+    provider = DrainingProvider(clock, down_after=60)
+    client = AIQueryClient(endpoint(max_attempts=2, outage_wait_s=5), transport=MockTransport(provider), clock=clock,
+                           sleep=clock.sleep)
+    results = clock.run(client.amap("q", [f"row {i}" for i in range(100)]))
+    failed = [r for r in results if not r.ok]
+    assert sum(r.ok for r in results) == provider.served == 60 and len(failed) == 40
+    assert [r.error for r in failed if "has not answered for" not in r.error] == []
