@@ -47,6 +47,7 @@ from ai_query.sinks import (
     inference_record,
     usage_record,
 )
+from spark_udfs import AUDIT_COLUMNS
 
 from ._spec import JobSpec
 
@@ -62,6 +63,7 @@ def _call_result(row: dict[str, Any], response_column: str) -> CallResult:
         usage_estimated=bool(row.get("aiq_usage_estimated")), cost_usd=row.get("aiq_cost_usd"),
         latency_ms=row.get("aiq_latency_ms") or 0.0, attempts=row.get("aiq_attempts") or 0,
         request_id=row.get("aiq_request_id"), completed_at=row.get("aiq_completed_at") or datetime.now(timezone.utc),
+        status_code=row.get("aiq_status_code"),
     )
 
 
@@ -136,9 +138,11 @@ def commit_output(spec: JobSpec, table: pa.Table, version: int, *, fresh: bool =
     skipped. A run is its job's one writer; a commit racing another writer's commit of the same
     transaction is refused by delta-rs's conflict check (an app transaction of the same id)."""
     committer = DeltaCommitter(spec.output_path)
+    # an output written by an earlier version gains the audit columns added since (aiq_status_code)
     if spec.output_mode == "merge":
-        return committer.merge(table, spec.key, chunk_transaction(spec, version), check_committed=not fresh)
-    return committer.append(table, chunk_transaction(spec, version), check_committed=not fresh)
+        return committer.merge(table, spec.key, chunk_transaction(spec, version), check_committed=not fresh,
+                               add_columns=AUDIT_COLUMNS)
+    return committer.append(table, chunk_transaction(spec, version), check_committed=not fresh, add_columns=AUDIT_COLUMNS)
 
 
 class UsageStaging:

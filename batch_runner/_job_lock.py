@@ -101,6 +101,17 @@ def _describe(holder: dict[str, Any], now: float) -> str:
             f"started {holder.get('started', '?')}, last heartbeat {seen})")
 
 
+def lock_holder(spec: JobSpec) -> dict[str, Any] | None:
+    """The run that holds ``spec``'s lock (``None``: no lock): its record, with ``description``
+    (run, host, pid, start, last heartbeat) and ``stale`` (why the next run may take it over,
+    ``None`` while its run is alive). For ``ai-query status``."""
+    holder = _read(lock_path(spec))
+    if holder is None:
+        return None
+    now = time.time()
+    return {**holder, "description": _describe(holder, now), "stale": stale_reason(holder, now)}
+
+
 class RunLock:
     """The lock of one run of ``spec``: :meth:`acquire` it, :meth:`check` it before each chunk,
     :meth:`release` it when the run ends (``with RunLock.acquire(...)`` does the last)."""
@@ -191,4 +202,4 @@ class RunLock:
         self.release()
 
 
-__all__ = ["HEARTBEAT_S", "LEASE_S", "JobRunningError", "RunLock", "lock_path", "stale_reason"]
+__all__ = ["HEARTBEAT_S", "LEASE_S", "JobRunningError", "RunLock", "lock_holder", "lock_path", "stale_reason"]

@@ -17,6 +17,7 @@ from ai_query import storage
 from ai_query.sinks import DeltaAppender
 
 from ._job_input import key_states, open_job, pending_keys
+from ._job_lock import lock_holder
 from ._preflight import job_priced
 from ._spec import JobSpec
 
@@ -134,6 +135,13 @@ class JobStatus:
     usage_prompt_tokens: int
     usage_completion_tokens: int
     usage_cost_usd: float | None
+    lock: dict[str, Any] | None = None
+    """The job's run lock, when one is held or left behind (``_job_lock.lock_holder``)."""
+
+    @property
+    def running(self) -> str | None:
+        """The id of the run going now (its lock is held and alive)."""
+        return self.lock.get("run_id") if self.lock and not self.lock.get("stale") else None
 
     def render(self, last: int = 5) -> str:
         pending = "unknown" if self.pending is None else str(self.pending)
@@ -147,12 +155,16 @@ class JobStatus:
             f"{self.usage_completion_tokens} completion tokens, {cost}",
             f"  runs          {len(self.runs)}" + (f" (last {last}):" if self.runs else ""),
         ]
+        if self.lock is not None:  # before the runs: the one going now, or the lock a killed run left
+            lines.insert(5, f"  running now   {self.lock['description']}" if self.running else
+                         f"  lock          left by {self.lock['description']}; stale ({self.lock['stale']}): "
+                         "the next run takes it over")
         if self.runs:
             lines.append(f"    {'STARTED':<19}  {'STATUS':<11} {'ROWS':>6}  {'FAILED':>6}  {'TOKENS':>8}")
         for run in self.runs[-last:]:
             state = run.get("status", "?")
-            if state == "running":
-                state = "interrupted"
+            if state == "running" and run.get("run_id") != self.running:
+                state = "interrupted"  # its run log has no end: killed, or lost with its driver
             lines.append(f"    {run.get('started', '?')[:19]:<19}  {state:<11} {run.get('rows', '-')!s:>6}  "
                          f"{run.get('failed', '-')!s:>6}  {(run.get('prompt_tokens') or 0) + (run.get('completion_tokens') or 0):>8}"
                          + (f"  ({run['stopped'][:80]})" if run.get("stopped") else ""))
@@ -188,6 +200,7 @@ def job_status(spec: JobSpec, spark: "SparkSession | None" = None) -> JobStatus:
         usage_completion_tokens=pc.sum(usage.column("output_token_count")).as_py() or 0,
         usage_cost_usd=(pc.sum(cost_col).as_py() if usage.num_rows and cost_col.null_count < usage.num_rows
                         else 0.0 if job_priced(spec) else None),
+        lock=lock_holder(spec),
     )
 
 

@@ -120,6 +120,15 @@ def flatten_audit(df: "DataFrame") -> tuple["DataFrame", str]:
     return df.select(*selected), name
 
 
+def _adds_audit_columns(path: str, columns: list[str]) -> bool:
+    """Whether the output at ``path``, written by an earlier version, lacks audit columns added
+    since (``aiq_status_code``) and nothing else: the write adds them."""
+    from ai_query import storage
+    from ai_query.sinks._delta_commit import columns_to_add
+
+    return storage.is_delta_table(path) and bool(columns_to_add(storage.delta_table(path), columns, AUDIT_COLUMNS, path))
+
+
 class _ProgressDisplay:
     """A live bar on a terminal, a log line every ``interval`` seconds otherwise."""
 
@@ -220,7 +229,8 @@ def run_job(
         if display:
             display.__enter__()
         try:
-            spark_udfs.write_delta(out_df, spec.output_path, mode=spec.output_mode, txn_app_id=app_id, txn_version=previous + 1)
+            spark_udfs.write_delta(out_df, spec.output_path, mode=spec.output_mode, txn_app_id=app_id, txn_version=previous + 1,
+                                   merge_schema=_adds_audit_columns(spec.output_path, out_df.columns))
         finally:
             if display:
                 display.__exit__(None, None, None)

@@ -320,8 +320,9 @@ reuses them instead of paying again. --no-pilot sends no request at all.
 
 STATUS_HELP = """\
 Show an incremental job's state: rows done, failed and pending (pending needs Spark only when the
-input is [input] sql), the last runs (an 'interrupted' run was killed), and the totals of its
-endpoint_usage table.
+input is [input] sql), the run going now (the holder of its run lock: run id, host, pid, last
+heartbeat), the last runs (an 'interrupted' run was killed), and the totals of its endpoint_usage
+table.
 """
 
 SCHEDULE_HELP = """\

@@ -134,13 +134,15 @@ def write_delta(
     mode: str = "append",
     txn_app_id: str | None = None,
     txn_version: int | None = None,
+    merge_schema: bool = False,
 ) -> None:
     """Write ``df`` to the Delta table at ``path`` in one commit, optionally idempotently.
 
     ``mode`` is one of append, overwrite, error/errorifexists, ignore. With ``txn_app_id`` and
     ``txn_version`` the commit records that app transaction, and a write whose version is not newer
     than the table's is skipped (check :func:`delta_txn_version` first to avoid even computing
-    ``df``). Raises :class:`DeltaWriteError` naming the problem and the fix.
+    ``df``). ``merge_schema``: columns of ``df`` the table lacks are added to it (Delta's
+    ``mergeSchema``). Raises :class:`DeltaWriteError` naming the problem and the fix.
     """
     normalized = mode.strip().lower()
     if normalized not in SAVE_MODES:
@@ -151,6 +153,8 @@ def write_delta(
     writer = df.write.format("delta")
     if txn_app_id is not None:
         writer = writer.option("txnAppId", txn_app_id).option("txnVersion", str(int(txn_version)))  # type: ignore[arg-type]
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
     if backend == "jvm" or normalized in ("append", "overwrite"):
         writer = writer.mode(normalized)
     else:

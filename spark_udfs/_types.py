@@ -45,6 +45,7 @@ AUDIT_FIELDS: list[StructField] = [
     StructField("aiq_request_id", StringType()),
     StructField("aiq_completed_at", TimestampType()),
     StructField("aiq_deduplicated", BooleanType()),
+    StructField("aiq_status_code", IntegerType()),
 ]
 AUDIT_COLUMNS: list[str] = [f.name for f in AUDIT_FIELDS]
 

@@ -318,6 +318,7 @@ def _arrow_result(spec: UDFSpec, arrow_type: pa.DataType,
                 "aiq_request_id": r.request_id,
                 "aiq_completed_at": r.completed_at,
                 "aiq_deduplicated": r.deduplicated,
+                "aiq_status_code": r.http_status,
             }
             for r, value, error in zip(results, values, errors)
         ]

@@ -54,6 +54,12 @@ class CallResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def http_status(self) -> int | None:
+        """The row's status as the endpoint usage table records it: 200 when answered (in-process
+        backends too), else ``status_code`` (``None``: no HTTP answer, e.g. a refused connection)."""
+        return 200 if self.ok and self.status_code is None else self.status_code
+
 
 def answered_result(index: int, endpoint: str, model: str | None, pricing: Any, response: ModelResponse, *,
                     latency_ms: float, attempts: int) -> CallResult:

@@ -29,12 +29,15 @@ chunk versions, a serving process its own app id). deltalake is imported inside 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import AIQueryError, DeltaCommitError
+from .._logging import get_logger
 from .. import storage
+
+log = get_logger("ai_query.sinks")
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -60,6 +63,19 @@ class AppTransaction:
             raise DeltaCommitError(f"an app transaction needs a non-empty app_id, e.g. the job's id; got {self.app_id!r}")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise DeltaCommitError(f"an app transaction's version must be an integer >= 0, got {self.version!r}")
+
+
+def columns_to_add(table: Any, columns: Sequence[str], allowed: Collection[str], path: str = "") -> list[str]:
+    """The ``columns`` the Delta ``table`` lacks, when each is one of ``allowed`` (else none):
+    columns a newer version of the writer added (an audit column), which a table written by an
+    older one gains in its next commit, NULL in its older rows. Logged when there are some."""
+    have = {field.name for field in table.schema().fields}
+    missing = [name for name in columns if name not in have]
+    if not missing or any(name not in allowed for name in missing):
+        return []
+    log.info("adding column(s) %s to the Delta table %s (written by an earlier version; its earlier rows read NULL)",
+             ", ".join(missing), path or "")
+    return missing
 
 
 class DeltaCommitter:
@@ -121,23 +137,38 @@ class DeltaCommitter:
             raise DeltaCommitError(f"the Delta commit to {self.path}{where} failed: {exc}; {fix}") from exc
         return CommitResult.COMMITTED
 
+    def _adds_columns(self, target: Any, data: "pa.Table", add_columns: Collection[str]) -> bool:
+        """Whether this commit adds columns to the table: ``data`` has columns the table lacks and
+        each is one of ``add_columns`` (columns a newer version of the writer added, e.g. an audit
+        column, which a table written by an older one gains, NULL in its older rows). Other
+        differences are left to delta-rs, as before (an append refuses them)."""
+        if not add_columns:
+            return False
+        table = target if not isinstance(target, str) else storage.delta_table(self.path) if self.exists() else None
+        return table is not None and bool(columns_to_add(table, data.column_names, add_columns, self.path))
+
     def append(self, data: "pa.Table", txn: AppTransaction | None = None, *,
-               check_committed: bool = True) -> CommitResult:
-        """Append ``data`` (the first write creates the table) in one commit recording ``txn``."""
+               check_committed: bool = True, add_columns: Collection[str] = ()) -> CommitResult:
+        """Append ``data`` (the first write creates the table) in one commit recording ``txn``.
+
+        ``add_columns``: columns of ``data`` the table may gain in this commit if it lacks them."""
         from deltalake import write_deltalake
 
         def write(props: Any) -> None:
             target = storage.delta_write_target(self.path)
-            write_deltalake(target, data, mode="append", commit_properties=props,
+            evolve = self._adds_columns(target, data, add_columns)
+            write_deltalake(target, data, mode="append", commit_properties=props, schema_mode="merge" if evolve else None,
                             post_commithook_properties=_hooks(target), storage_options=storage.delta_options(self.path))
 
         return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)
 
     def merge(self, data: "pa.Table", keys: Sequence[str], txn: AppTransaction | None = None, *,
-              check_committed: bool = True) -> CommitResult:
+              check_committed: bool = True, add_columns: Collection[str] = ()) -> CommitResult:
         """Upsert ``data`` by ``keys`` (matched rows updated, others inserted) in one commit recording ``txn``.
 
         The first write creates the table with an append: there is nothing to match yet.
+        ``add_columns``: columns of ``data`` the table may gain in this commit if it lacks them
+        (a merge without them would drop such a column's values without a word).
         """
         if not keys:
             raise DeltaCommitError(f"a merge into {self.path} needs key columns to match rows on; pass keys=[...]")
@@ -154,7 +185,7 @@ class DeltaCommitter:
             table = storage.delta_table(self.path) if isinstance(target, str) else target
             (table
              .merge(data, predicate, source_alias="s", target_alias="t", commit_properties=props,
-                    post_commithook_properties=_hooks(target))
+                    merge_schema=self._adds_columns(table, data, add_columns), post_commithook_properties=_hooks(target))
              .when_matched_update_all().when_not_matched_insert_all().execute())
 
         return self.commit_once(txn, write, changes=data.num_rows > 0, check_committed=check_committed)

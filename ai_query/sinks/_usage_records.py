@@ -91,7 +91,7 @@ def usage_record(
         "served_entity_id": served_entity_id or result.model,
         "requester": requester,
         "usage_context": dict(usage_context or {}),
-        "status_code": status_code if status_code is not None else (200 if ok else None),
+        "status_code": status_code if status_code is not None else result.http_status,
         "databricks_request_id": result.request_id,
         "client_request_id": client_request_id,
         "input_token_count": int(result.prompt_tokens),

@@ -96,12 +96,30 @@ def test_a_second_run_of_a_running_job_is_refused_before_any_request(spark, work
             run_incremental(spec, spark, progress=False)
         assert sim.stats.requests == 0
         assert not (workdir / "out").exists()
+        status = job_status(spec)  # where the refusal sends the user: it names the run going now
+        assert status.running == "first-run" and f"pid {holder.pid}" in status.render()
     finally:
         holder.communicate("", timeout=60)
     assert not (workdir / "out.aiq" / "run.lock").exists() and lock_path(spec).endswith("run.lock")
     report = run_incremental(spec, spark, progress=False)
     assert report.rows == 30 and sim.stats.requests == 30
     assert not (workdir / "out.aiq" / "run.lock").exists()  # released when the run ended
+
+
+def test_an_output_written_before_aiq_status_code_gains_the_column(spark, workdir, sim):
+    """Upgrading: a job's output written by an earlier version (no aiq_status_code) takes the next
+    run's merge with the column added, NULL in its earlier rows (a merge without schema evolution
+    drops the new column's values)."""
+    write_reviews(workdir / "reviews", 30)
+    spec = job(workdir)
+    assert run_incremental(spec, spark, progress=False, limit=20).rows == 20
+    out = str(workdir / "out")
+    earlier = DeltaTable(out).to_pyarrow_table().drop_columns(["aiq_status_code"])
+    write_deltalake(out, earlier, mode="overwrite", schema_mode="overwrite")  # as an earlier version left it
+    assert "aiq_status_code" not in DeltaTable(out).to_pyarrow_table().column_names
+    assert run_incremental(spec, spark, progress=False).rows == 10 and sim.stats.requests == 30
+    rows = out_rows(workdir)
+    assert [rows[k]["aiq_status_code"] for k in sorted(rows)] == [None] * 20 + [200] * 10
 
 
 def test_only_new_and_failed_keys_are_sent(spark, workdir, sim):
@@ -115,6 +133,10 @@ def test_only_new_and_failed_keys_are_sent(spark, workdir, sim):
     assert sorted(rows) == list(range(1, 61))
     failed = sorted(k for k, r in rows.items() if r["aiq_status"] == "error")
     assert failed == [10, 20, 30, 40, 50, 60] and second.table_failed == 6
+    # the HTTP status of each row and of each request's usage row: the failed ones' 400 too (was NULL)
+    assert {rows[k]["aiq_status_code"] for k in failed} == {400} and rows[7]["aiq_status_code"] == 200
+    usage_codes = DeltaTable(spec.usage_table).to_pyarrow_table().column("status_code").to_pylist()
+    assert sorted(usage_codes) == [200] * 54 + [400] * 6
     assert rows[7]["answer"] == " ".join(("echo: #7 " + rows[7]["review"]).split()[:6])  # max_tokens: 6 words of the echo
 
     # nothing new: no request; the failed rows stay failed without --retry-failed

@@ -109,3 +109,24 @@ def test_a_failed_commit_is_a_typed_error_naming_the_table_the_transaction_and_t
 def test_app_transactions_are_checked_at_construction(app_id, version, text):
     with pytest.raises(DeltaCommitError, match=text):
         AppTransaction(app_id, version)
+
+
+def test_a_table_written_before_a_column_was_added_gains_it_and_only_that_column(tmp_path):
+    # mutations caught: add_columns ignored (the append is refused; the merge drops the column's
+    # values without a word, which is what delta-rs does without merge_schema); any new column added
+    code = pa.array([200], pa.int32())
+    appended, merged = DeltaCommitter(str(tmp_path / "a")), DeltaCommitter(str(tmp_path / "m"))
+    for committer in (appended, merged):
+        committer.append(_rows([1, 2]), AppTransaction("job", 0))  # as an earlier version wrote it
+    newer = _rows([3]).append_column("aiq_status_code", code)
+    assert appended.append(newer, AppTransaction("job", 1), add_columns={"aiq_status_code"}) is CommitResult.COMMITTED
+    assert merged.merge(newer, ["id"], AppTransaction("job", 1), add_columns={"aiq_status_code"}) is CommitResult.COMMITTED
+    update = _rows([1], "b").append_column("aiq_status_code", pa.array([400], pa.int32()))
+    assert merged.merge(update, ["id"], AppTransaction("job", 2), add_columns={"aiq_status_code"}) is CommitResult.COMMITTED
+    for committer, codes in ((appended, [None, None, 200]), (merged, [400, None, 200])):
+        table = DeltaTable(committer.path).to_pyarrow_table().sort_by("id")
+        assert table.column("aiq_status_code").to_pylist() == codes and table.column("id").to_pylist() == [1, 2, 3]
+    other = _rows([4]).append_column("surprise", pa.array(["x"]))
+    with pytest.raises(DeltaCommitError, match="surprise|fields"):
+        appended.append(other, AppTransaction("job", 3), add_columns={"aiq_status_code"})
+    assert "surprise" not in DeltaTable(appended.path).to_pyarrow_table().column_names

@@ -97,3 +97,30 @@ def test_the_heartbeat_renews_the_lock_and_a_run_taken_over_stops(tmp_path, monk
         lock.check()
     lock.release()
     assert _holder(spec)["run_id"] == "run-2"  # not ours: left alone
+
+
+def test_status_names_the_run_going_now_and_a_lock_a_killed_run_left(tmp_path):
+    # mutations caught: the run going now listed as 'interrupted' (what status said before: the
+    # refusal told the user to look there); a stale lock shown as a run going now
+    from batch_runner._job_lock import lock_holder
+    from batch_runner._job_state import JobStatus
+
+    spec = _spec(tmp_path)
+    runs = [{"run_id": "old", "started": "2026-12-01T02:00:00", "status": "running"},
+            {"run_id": "run-1", "started": "2026-12-05T02:00:00", "status": "running"}]
+
+    def render() -> str:
+        return JobStatus("nightly", 3, 0, 5, runs, 0, 0, 0, None, lock=lock_holder(spec)).render()
+
+    assert lock_holder(spec) is None and "running now" not in render()
+    with RunLock.acquire(spec, "run-1"):
+        text = render()
+        assert f"running now   run run-1 (host {socket.gethostname()}, pid {os.getpid()}" in text, text
+        assert [line.split()[1] for line in text.splitlines() if line.startswith("    2026-")] == ["interrupted", "running"]
+    held = {"run_id": "run-1", "host": "elsewhere", "pid": 1, "started": "x", "heartbeat": time.time() - LEASE_S - 5}
+    with open(lock_path(spec), "w") as fh:
+        json.dump(held, fh)
+    text = render()
+    assert "running now" not in text and "lock          left by run run-1 (host elsewhere" in text, text
+    assert "stale (its last heartbeat was" in text and "the next run takes it over" in text
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("    2026-")] == ["interrupted", "interrupted"]

@@ -39,6 +39,10 @@ def test_usage_rows_append_once_per_transaction(tmp_path):
 def test_failed_rows_have_no_output_and_payloads_are_capped(tmp_path):
     rec = usage_record(_result(0, "error"), request=[{"role": "user", "content": "hey"}])
     assert rec["status_code"] is None and rec["output_character_count"] == 0 and rec["input_character_count"] == 3
+    # a failed request's own HTTP status (a job's usage rows had NULL for every failed one); 200 when answered
+    throttled = _result(0, "error")
+    throttled.status_code = 429
+    assert usage_record(throttled)["status_code"] == 429 and usage_record(_result(0))["status_code"] == 200
     payload = inference_record(_result(1), "é" * 10, max_payload_bytes=9)
     assert payload["request"] == "éééé" and payload["request_truncated"] and not payload["response_truncated"]
     table = DeltaAppender(str(tmp_path / "payloads"), INFERENCE_SCHEMA)
