@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import spark_udfs
 from ai_query import get_logger
@@ -270,9 +271,15 @@ def batch_ids_by_request(spec: JobSpec) -> dict[str, str]:
 
 
 def with_batch_ids(result: pa.Table, by_request: dict[str, str]) -> pa.Table:
-    """``result`` with ``aiq_batch_id``: the provider batch that answered the row (null: answered online)."""
+    """``result`` with ``aiq_batch_id``: the provider batch that answered the row (null: answered
+    online). The audit struct names it for a row whose answer carried it; the journal's record of
+    the job's batches fills in the rest."""
     ids = [by_request.get(rid) if rid else None for rid in result.column("aiq_request_id").to_pylist()]
-    return result.append_column("aiq_batch_id", pa.array(ids, pa.string()))
+    mapped = pa.array(ids, pa.string())
+    if "aiq_batch_id" not in result.column_names:
+        return result.append_column("aiq_batch_id", mapped)
+    at = result.column_names.index("aiq_batch_id")
+    return result.set_column(at, "aiq_batch_id", pc.coalesce(result.column("aiq_batch_id"), mapped))
 
 
 def forget_batches(spec: JobSpec) -> None:

@@ -230,8 +230,8 @@ def rewrite_expression(spark: "SparkSession", text: str) -> str:
 def rewrite(spark: "SparkSession", query: str, *, audit: bool = False, check_files: bool = True) -> str:
     """Validate every ``ai_query`` call in ``query`` and point it at a UDF of the right type.
 
-    With ``audit`` every call returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>``
-    and row errors are data (the batch runner uses this).
+    With ``audit`` every call returns ``STRUCT<response, aiq_endpoint, ..., aiq_batch_id>`` (the
+    fields: ``AUDIT_COLUMNS``) and row errors are data (the batch runner uses this).
     """
     state = _state(spark)
     query = rewrite_legacy_calls(query, {"ai_query"}, SIGNATURE)
@@ -400,8 +400,8 @@ def ai_query(
 
     ``returnType`` is a DDL string or a ``DataType``; ``responseFormat`` a JSON schema (text or
     dict), a ``StructType`` / ``STRUCT<...>`` string, or a Pydantic model class.
-    ``audit=True`` returns ``STRUCT<response, aiq_endpoint, ..., aiq_completed_at>`` (see
-    ``batch_runner.flatten_audit``). Checked on the driver, like the SQL form.
+    ``audit=True`` returns ``STRUCT<response, aiq_endpoint, ..., aiq_batch_id>`` (the fields:
+    ``AUDIT_COLUMNS``; see ``batch_runner.flatten_audit``). Checked on the driver, like the SQL form.
     """
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F

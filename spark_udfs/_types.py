@@ -46,6 +46,7 @@ AUDIT_FIELDS: list[StructField] = [
     StructField("aiq_completed_at", TimestampType()),
     StructField("aiq_deduplicated", BooleanType()),
     StructField("aiq_status_code", IntegerType()),
+    StructField("aiq_batch_id", StringType()),
 ]
 AUDIT_COLUMNS: list[str] = [f.name for f in AUDIT_FIELDS]
 

@@ -319,6 +319,7 @@ def _arrow_result(spec: UDFSpec, arrow_type: pa.DataType,
                 "aiq_completed_at": r.completed_at,
                 "aiq_deduplicated": r.deduplicated,
                 "aiq_status_code": r.http_status,
+                "aiq_batch_id": r.batch_id,
             }
             for r, value, error in zip(results, values, errors)
         ]

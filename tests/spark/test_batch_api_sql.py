@@ -65,6 +65,8 @@ def test_sql_rows_go_as_provider_batches_answered_once_at_the_batch_rate(spark, 
             assert f"Review {r['id']} is fine"[: len(r["r"]["response"]) - 6] in r["r"]["response"]
             assert r["r"]["aiq_cost_usd"] == pytest.approx(_cost(r, 0.5))
         assert sum(r["r"]["aiq_prompt_tokens"] for r in out) == served["batch_prompt_tokens"]
+        # each row names the batch that answered it, as a job's output does
+        assert len({r["r"]["aiq_batch_id"] for r in out}) == served["batches_created"] and all(r["r"]["aiq_batch_id"] for r in out)
 
 
 @pytest.mark.spark
@@ -86,3 +88,4 @@ def test_sql_deadline_shorter_than_the_batch_sends_the_rest_online(spark):
         assert served["requests"] == rows - served["batch_lines_ok"]  # exactly the rows no batch finished
         at_batch_rate = sum(1 for r in out if r["r"]["aiq_cost_usd"] == pytest.approx(_cost(r, 0.5)))
         assert at_batch_rate == served["batch_lines_ok"]
+        assert sum(1 for r in out if r["r"]["aiq_batch_id"]) == served["batch_lines_ok"]  # the online ones: NULL
