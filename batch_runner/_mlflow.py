@@ -86,6 +86,8 @@ def job_metrics(result: Any) -> dict[str, float]:
             counters["retries"] = counters["attempts"] - counters["requests"]
             if e.get("cost") is not None:
                 counters["cost_usd"] = float(e["cost"])
+            for status, count in sorted((e.get("by_status") or {}).items()):  # the last attempt's HTTP status
+                counters[f"status_{_METRIC_NAME.sub('_', str(status))}"] = int(count)
             for counter, value in counters.items():
                 out[f"endpoint.{_METRIC_NAME.sub('_', name)}.{counter}"] = value
             for counter in totals:

@@ -4,6 +4,7 @@ with ``MlflowClient``: the metrics are the usage table's sums for the run."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -96,6 +97,10 @@ def test_job_counters_land_in_an_mlflow_run_equal_to_the_usage_table(spark, work
     assert {k: metrics[k] for k in sums} == pytest.approx({k: float(v) for k, v in sums.items()})
     assert (metrics["rows"], metrics["rows_ok"]) == (30.0, 27.0)
     assert metrics["endpoint.sim-chat.requests"] == sums["requests"] == sim.stats.requests - sums["retries"]
+    usage = [r for r in DeltaTable(spec.usage_table).to_pyarrow_table().to_pylist() if dict(r["usage_context"])["run"] == report.run_id]
+    by_status = collections.Counter(str(r["status_code"] or "none") for r in usage)  # the failed rows' own statuses too
+    assert len(by_status) >= 2 and {f"endpoint.sim-chat.status_{k}": float(n) for k, n in by_status.items()} == {
+        k: v for k, v in metrics.items() if k.startswith("endpoint.sim-chat.status_")}
     assert metrics["seconds"] > 0 and metrics["rows_per_s"] == pytest.approx(30 / metrics["seconds"], rel=1e-3)
     params = run.data.params
     assert (params["job"], params["endpoints"], params["models"], params["rows_pending"], params["aiq_run_id"]) == (

@@ -47,6 +47,8 @@ def test_metrics_are_the_run_logs_counters():
     assert (m["requests"], m["attempts"], m["retries"], m["rows_ok"], m["rows_failed"]) == (5, 8, 3, 4, 1)
     assert (m["prompt_tokens"], m["completion_tokens"], m["total_tokens"], m["cost_usd"], m["rows_per_s"]) == (50, 20, 70, 0.01, 2.5)
     assert (m["endpoint.ep/a.retries"], m["endpoint.b.requests"], "endpoint.b.cost_usd" in m) == (3, 1, False)
+    # requests by their last HTTP status ("none": no HTTP answer), as the serving endpoint's /metrics counts them
+    assert (m["endpoint.ep/a.status_200"], m["endpoint.ep/a.status_none"], m["endpoint.b.status_200"]) == (3, 1, 1)
     idle = job_metrics(JobRunReport("m", "/out", "/usage", "r2"))  # a run with nothing pending sent nothing
     assert (idle["requests"], idle["retries"], idle["rows"]) == (0, 0, 0)
 
