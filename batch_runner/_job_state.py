@@ -87,10 +87,12 @@ class JobRunReport:
             f"output table: {self.table_rows} rows, {self.table_failed} failed; usage: {self.usage_path}",
         ]
         if self.per_endpoint:
-            lines.append(f"  {'endpoint':<22}{'rows':>8}{'tokens':>12}{'cost USD':>12}")
+            lines.append(f"  {'endpoint':<22}{'rows':>8}{'tokens':>12}{'cost USD':>12}  failed requests by HTTP status")
             for name, e in sorted(self.per_endpoint.items()):
                 c = "-" if e.get("cost") is None else f"{e['cost']:.4f}"
-                lines.append(f"  {name:<22}{int(e['rows']):>8}{int(e['tokens']):>12}{c:>12}")
+                failed = ", ".join(f"{'no HTTP answer' if status == 'none' else status}: {n}"  # refused, timed out
+                                   for status, n in sorted((e.get("by_status") or {}).items()) if status != "200") or "-"
+                lines.append(f"  {name:<22}{int(e['rows']):>8}{int(e['tokens']):>12}{c:>12}  {failed}")
         if self.batch_phase is not None:
             b = self.batch_phase
             lines.append(f"  batch API: {b.submitted} batch(es) submitted ({b.lines} requests), {b.resumed} resumed, "

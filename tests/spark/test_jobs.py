@@ -133,6 +133,7 @@ def test_only_new_and_failed_keys_are_sent(spark, workdir, sim):
     assert sorted(rows) == list(range(1, 61))
     failed = sorted(k for k, r in rows.items() if r["aiq_status"] == "error")
     assert failed == [10, 20, 30, 40, 50, 60] and second.table_failed == 6
+    assert "failed requests by HTTP status" in second.render() and "400: 2" in second.render()  # keys 50 and 60
     # the HTTP status of each row and of each request's usage row: the failed ones' 400 too (was NULL)
     assert {rows[k]["aiq_status_code"] for k in failed} == {400} and rows[7]["aiq_status_code"] == 200
     usage_codes = DeltaTable(spec.usage_table).to_pyarrow_table().column("status_code").to_pylist()
