@@ -138,7 +138,7 @@ def commit_output(spec: JobSpec, table: pa.Table, version: int, *, fresh: bool =
     skipped. A run is its job's one writer; a commit racing another writer's commit of the same
     transaction is refused by delta-rs's conflict check (an app transaction of the same id)."""
     committer = DeltaCommitter(spec.output_path)
-    # an output written by an earlier version gains the audit columns added since (aiq_status_code)
+    # an output written by an earlier version gains the audit columns added since (aiq_status_code, aiq_batch_id)
     if spec.output_mode == "merge":
         return committer.merge(table, spec.key, chunk_transaction(spec, version), check_committed=not fresh,
                                add_columns=AUDIT_COLUMNS)

@@ -122,7 +122,7 @@ def flatten_audit(df: "DataFrame") -> tuple["DataFrame", str]:
 
 def _adds_audit_columns(path: str, columns: list[str]) -> bool:
     """Whether the output at ``path``, written by an earlier version, lacks audit columns added
-    since (``aiq_status_code``) and nothing else: the write adds them."""
+    since (``aiq_status_code``, ``aiq_batch_id``) and nothing else: the write adds them."""
     from ai_query import storage
     from ai_query.sinks._delta_commit import columns_to_add
 
