@@ -10,7 +10,7 @@ import textwrap
 
 import pyarrow.compute as pc
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
 from ai_query import ConfigError
 from ai_query.testing import ProviderSimulator
@@ -87,6 +87,22 @@ def test_append_mode_adds_a_version(spark, workdir):
     dt = DeltaTable(str(workdir / "out"))
     assert dt.to_pyarrow_table().num_rows == 120
     assert dt.transaction_version("ai-query:t") == 2
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_an_output_written_before_the_newer_audit_columns_gains_them(spark, workdir, mode):
+    # mutation caught: run_job not passing merge_schema (the write is refused: columns not in the table)
+    spec = JobSpec.load(write_spec(workdir, QUERY, mode=mode))
+    run_job(spec, spark=spark, progress=False)
+    out = str(workdir / "out")
+    earlier = DeltaTable(out).to_pyarrow_table().drop_columns(["aiq_status_code", "aiq_batch_id"])
+    write_deltalake(out, earlier, mode="overwrite", schema_mode="overwrite")  # as an earlier version left it
+    run_job(spec, spark=spark, progress=False)
+    table = DeltaTable(out).to_pyarrow_table()
+    codes = table.column("aiq_status_code").to_pylist()
+    assert table.num_rows == (120 if mode == "append" else 60) and "aiq_batch_id" in table.column_names
+    assert sorted(c for c in codes if c is not None) == [200] * 57 + [400] * 3
+    assert codes.count(None) == (60 if mode == "append" else 0)
 
 
 @pytest.mark.parametrize(
